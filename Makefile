@@ -1,0 +1,39 @@
+# rayfarm: the two commands are `make demo` and `make test`; both set up first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rayfarm-setup
+
+.PHONY: setup demo test lint bench clean
+
+## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install redis-server
+setup: $(STAMP)
+	@./scripts/install-redis.sh
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "rayfarm needs Python 3.11 ($(PYTHON) not found); bpy 5.0 ships for CPython 3.11 only" >&2; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[cluster,render,dev]'
+	touch $(STAMP)
+
+## demo: start a local farm, render the example scene (frames 1-8, one frame as 2x2 tiles), download
+demo: setup
+	$(BIN)/python examples/demo.py
+
+## test: lint, type-check and run every test (slow ones included) against real Redis, Ray and bpy
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+## bench: the overhead benchmark (see BENCHMARKS.md)
+bench: setup
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

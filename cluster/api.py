@@ -1,0 +1,370 @@
+"""The HTTP API (FastAPI). Served by Ray Serve (``rayfarm.cluster.serve``) and
+usable as a plain ASGI app (``create_app``) for tools and tests.
+
+Every ``FarmError`` becomes one status and a stable ``code`` in one handler; the
+SDK turns that body back into the same class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Annotated, Any
+
+import rayfarm
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from rayfarm.blendfile import check_blend, check_version
+from rayfarm.cluster import storage as layout
+from rayfarm.cluster.settings import Settings
+from rayfarm.cluster.storage import Storage
+from rayfarm.cluster.store import JobStore
+from rayfarm.errors import (
+    FarmError,
+    FarmUnavailable,
+    FrameNotFound,
+    InvalidRequest,
+    JobNotFound,
+    PayloadTooLarge,
+)
+from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = ["AppContext", "create_app", "set_process_context"]
+
+log = logging.getLogger("rayfarm.api")
+
+_JOB_ID = re.compile(r"^[0-9a-f]{16}$")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+_MEDIA = {"png": "image/png", "exr": "image/x-exr"}
+_MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass
+class AppContext:
+    """What the routes need: settings, the job store, storage, a dispatcher nudge."""
+
+    settings: Settings
+    store: JobStore = field(init=False)
+    storage: Storage = field(init=False)
+    notify: Any = None  # callable(job_id) or None: wakes the dispatcher
+
+    def __post_init__(self) -> None:
+        self.store = JobStore.from_url(self.settings.redis_url)
+        self.storage = Storage(self.settings.storage)
+
+    def nudge(self) -> None:
+        if self.notify is not None:
+            try:
+                self.notify()
+            except Exception:  # the dispatcher also polls Redis; a lost nudge only delays
+                log.warning("could not notify the dispatcher", exc_info=True)
+
+
+_process_ctx: AppContext | None = None
+
+
+def set_process_context(ctx: AppContext) -> None:
+    """Give this process's app its context.
+
+    Ray Serve runs a pickled copy of the FastAPI app, so a Serve deployment cannot
+    reach ``app.state`` of the object it was declared with; it sets the context here.
+    """
+    global _process_ctx
+    _process_ctx = ctx
+
+
+def _ctx(request: Request) -> AppContext:
+    ctx: AppContext | None = getattr(request.app.state, "ctx", None) or _process_ctx
+    if ctx is None:
+        raise FarmUnavailable("the service is still starting")
+    return ctx
+
+
+Ctx = Annotated[AppContext, Depends(_ctx)]
+
+
+def _job_id(job_id: str) -> str:
+    if not _JOB_ID.match(job_id):
+        raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+    return job_id
+
+
+JobId = Annotated[str, Depends(_job_id)]
+
+jobs = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@jobs.post(
+    "",
+    status_code=201,
+    response_model=Job,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["scene", "spec"],
+                        "properties": {
+                            "scene": {"type": "string", "format": "binary"},
+                            "spec": {"type": "string", "description": "JobSpec as JSON"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def submit_job(request: Request, ctx: Ctx) -> Job:
+    """Upload a .blend (part ``scene``) with a JSON ``JobSpec`` (part ``spec``).
+
+    Everything is checked before anything is stored: the spec, the file's
+    header and blocks, and its Blender version against the workers'.
+    """
+    limit = ctx.settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD_BYTES:
+        raise PayloadTooLarge(
+            f"upload of {int(length)} bytes is over the farm's limit of {limit} bytes",
+            {"limit": limit},
+        )
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except Exception as exc:
+        raise InvalidRequest(f"could not read the multipart form: {exc}") from exc
+    try:
+        raw_spec = form.get("spec")
+        if not isinstance(raw_spec, str):
+            raise InvalidRequest("missing form part 'spec' (the JobSpec as JSON)")
+        spec = parse_spec(raw_spec)
+        scene = form.get("scene")
+        if not isinstance(scene, UploadFile):
+            raise InvalidRequest("missing file part 'scene' (the .blend)")
+        size = scene.size if scene.size is not None else await asyncio.to_thread(_size, scene.file)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"scene of {size} bytes is over the farm's limit of {limit} bytes",
+                {"limit": limit},
+            )
+        header = await asyncio.to_thread(_check_scene, scene.file)
+        check_version(header, ctx.settings.blender_version)
+        return await _store_job(ctx, spec, scene)
+    finally:
+        await form.close()
+
+
+def _size(f: IO[bytes]) -> int:
+    f.seek(0, 2)
+    n = f.tell()
+    f.seek(0)
+    return n
+
+
+def _check_scene(f: IO[bytes]) -> Any:
+    f.seek(0)
+    try:
+        return check_blend(f)
+    finally:
+        f.seek(0)
+
+
+async def _store_job(ctx: Ctx, spec: Any, scene: UploadFile) -> Job:
+    job_id = uuid.uuid4().hex[:16]
+    name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
+    key = layout.input_key(job_id, "scene.blend")
+    digest = await asyncio.to_thread(_put_hashed, ctx.storage, key, scene.file)
+    nx, ny = spec.tile_grid
+    frames = spec.frame_list
+    job = Job(
+        id=job_id,
+        state=JobState.PENDING,
+        owner="local",
+        spec=spec,
+        scene_file=name or "scene.blend",
+        frames_total=len(frames),
+        tasks_total=len(frames) * nx * ny,
+        created_at=datetime.now(UTC),
+    )
+    try:
+        await ctx.store.create(job, key, digest)
+    except BaseException:
+        # Nothing half-made: the job is not in Redis, so its input must go too.
+        await asyncio.to_thread(ctx.storage.delete_prefix, layout.job_prefix(job_id))
+        raise
+    ctx.nudge()
+    return job
+
+
+def _put_hashed(storage: Storage, key: str, src: IO[bytes]) -> str:
+    sha = hashlib.sha256()
+
+    class Hashing:
+        def read(self, n: int = -1) -> bytes:
+            data = src.read(n)
+            sha.update(data)
+            return data
+
+    src.seek(0)
+    storage.put_stream(key, Hashing())
+    return sha.hexdigest()
+
+
+@jobs.get("")
+async def list_jobs(
+    ctx: Ctx,
+    state: JobState | None = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict[str, Any]:
+    """Jobs, newest first; filter by ``state``; page with ``offset``/``limit``."""
+    found, total = await ctx.store.list_jobs(state, offset, limit)
+    return {"jobs": [j.model_dump(mode="json") for j in found], "total": total}
+
+
+@jobs.get("/{job_id}", response_model=Job)
+async def get_job(job_id: JobId, ctx: Ctx) -> Job:
+    return await ctx.store.get(job_id)
+
+
+@jobs.get("/{job_id}/status", response_model=JobStatus)
+async def get_status(job_id: JobId, ctx: Ctx) -> JobStatus:
+    """The compact status clients poll: state, frames and tasks done, error."""
+    return await ctx.store.status(job_id)
+
+
+@jobs.post("/{job_id}/cancel", response_model=Job)
+async def cancel_job(job_id: JobId, ctx: Ctx) -> Job:
+    """PENDING or PROCESSING -> CANCELLED; queued tasks stop at once."""
+    await ctx.store.transition(job_id, JobState.CANCELLED)
+    ctx.nudge()
+    return await ctx.store.get(job_id)
+
+
+@jobs.post("/{job_id}/retry", response_model=Job)
+async def retry_job(job_id: JobId, ctx: Ctx) -> Job:
+    """FAILED -> PENDING; only frames not yet stored are rendered again."""
+    status = await ctx.store.status(job_id)
+    check_transition(job_id, status.state, JobState.PENDING)
+    await ctx.store.reset_incomplete(job_id)
+    await ctx.store.transition(job_id, JobState.PENDING)
+    ctx.nudge()
+    return await ctx.store.get(job_id)
+
+
+@jobs.get("/{job_id}/frames")
+async def list_frames(job_id: JobId, ctx: Ctx, request: Request) -> dict[str, Any]:
+    """Stored frames with the URL each is served from."""
+    await ctx.store.status(job_id)  # 404 for an unknown job
+    stored = await ctx.store.frames_done(job_id)
+    base = str(request.base_url).rstrip("/")
+    frames = [
+        FrameInfo(frame=n, url=f"{base}/jobs/{job_id}/frames/{n}").model_dump()
+        for n in sorted(stored)
+    ]
+    return {"frames": frames}
+
+
+@jobs.get(
+    "/{job_id}/frames/{frame}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"image/png": {}, "image/x-exr": {}}}},
+)
+async def get_frame(job_id: JobId, frame: int, ctx: Ctx) -> StreamingResponse:
+    """The frame's image bytes, streamed from object storage."""
+    job = await ctx.store.get(job_id)
+    stored = await ctx.store.frames_done(job_id)
+    if frame not in stored:
+        raise FrameNotFound(
+            f"job {job_id} has no stored frame {frame}", {"job_id": job_id, "frame": frame}
+        )
+    key = stored[frame]
+    size = await asyncio.to_thread(ctx.storage.size, key)
+    return StreamingResponse(
+        ctx.storage.iter_bytes(key),
+        media_type=_MEDIA[job.spec.format],
+        headers={"Content-Length": str(size)},
+    )
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(FarmError)
+    async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(exc.to_body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        err = InvalidRequest("invalid request: " + "; ".join(problems), {"errors": problems})
+        return JSONResponse(err.to_body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"code": code, "message": str(exc.detail), "detail": {}}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        if _is_redis_down(exc):
+            err: FarmError = FarmUnavailable(f"the job store is unreachable: {exc}")
+        else:
+            err = FarmError(f"internal error: {type(exc).__name__}: {exc}")
+        return JSONResponse(err.to_body(), status_code=err.status)
+
+
+def _is_redis_down(exc: Exception) -> bool:
+    import redis.exceptions
+
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+
+
+def create_app(ctx: AppContext | None = None) -> FastAPI:
+    """The FastAPI app. Pass a context now, or set ``app.state.ctx`` before serving."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        ctx = getattr(app.state, "ctx", None) or _process_ctx
+        if ctx is not None:
+            await ctx.store.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="rayfarm",
+        version=rayfarm.__version__,
+        description="A render farm for Blender built on Ray.",
+    )
+    app.state.ctx = ctx
+    app.include_router(jobs)
+
+    @app.get("/healthz", tags=["farm"])
+    async def healthz(ctx: Ctx) -> dict[str, Any]:
+        """Liveness and versions: 200 when Redis answers, 503 otherwise."""
+        try:
+            await ctx.store.redis.ping()
+        except Exception as exc:
+            raise FarmUnavailable(f"the job store is unreachable: {exc}") from exc
+        major, minor = ctx.settings.blender_version
+        return {
+            "status": "ok",
+            "version": rayfarm.__version__,
+            "blender": f"{major}.{minor}",
+            "storage": ctx.settings.storage,
+        }
+
+    _install_handlers(app)
+    return app

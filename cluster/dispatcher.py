@@ -1,0 +1,411 @@
+"""The dispatcher: a named, detached, async Ray actor that turns queued jobs into
+(frame, tile) tasks and hands them to a pool of RenderActors.
+
+- Jobs are admitted from Redis's queue (priority, then submission time) when
+  there is spare capacity, or when they outrank the work already waiting.
+- Tasks go to an idle actor, preferring one that already holds the job's scene.
+- A failed task is retried on another actor up to the job's ``max_retries``;
+  then the job is FAILED with the reason. A scene bpy cannot open, or a spec
+  the file cannot satisfy, fails the job at once (no retry can fix it).
+- Tiles stay in Ray's object store until a frame's last tile lands; the actor
+  that rendered it stitches the frame, and the frame is written to storage
+  whole. The job is COMPLETED when every frame is stored.
+- Its state lives in Redis: a restarted dispatcher rebuilds its runs from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from rayfarm.cluster import keys
+from rayfarm.cluster import storage as layout
+from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
+from rayfarm.cluster.storage import Storage
+from rayfarm.cluster.store import JobStore, now_iso, queue_score
+from rayfarm.errors import FarmError, InvalidTransition
+from rayfarm.models import Job, JobState
+from rayfarm.render.tasks import RenderTask, TaskResult
+
+__all__ = ["Dispatcher", "get_dispatcher", "start_dispatcher"]
+
+log = logging.getLogger("rayfarm.dispatcher")
+
+POLL_INTERVAL_S = 1.0
+FATAL = "fatal"  # RenderError detail flag: no retry can fix it (see rayfarm.render.actor)
+
+
+@dataclass
+class Slot:
+    """One RenderActor and what the dispatcher knows of it."""
+
+    index: int
+    handle: Any
+    busy: bool = False
+    holds: str | None = None
+
+
+@dataclass
+class Run:
+    """A PROCESSING job inside the dispatcher."""
+
+    job: Job
+    scene_hash: str
+    scene_ref: Any
+    score: float
+    pending: deque[RenderTask] = field(default_factory=deque)
+    tiles: dict[int, dict[int, tuple[Any, Any]]] = field(default_factory=dict)
+    failed_on: dict[str, set[int]] = field(default_factory=dict)
+    device_reported: bool = False
+    stopped: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+
+class Dispatcher:
+    """Create with ``start_dispatcher``; talk to it with ``notify`` / ``stats``."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = Settings.from_dict(settings)
+        self.store = JobStore.from_url(self.settings.redis_url)
+        self.storage = Storage(self.settings.storage)
+        self.slots: list[Slot] = []
+        self.runs: dict[str, Run] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.Task[None] | None = None
+
+    # -- remote API --------------------------------------------------------------------------
+
+    async def start(self) -> dict[str, Any]:
+        """Start the pool and the loop (idempotent); return ``stats()``."""
+        self._ensure_running()
+        return await self.stats()
+
+    async def notify(self) -> None:
+        """Something changed in Redis (a job queued, cancelled, retried): look now."""
+        self._ensure_running()
+        assert self._wake is not None
+        self._wake.set()
+
+    async def stats(self) -> dict[str, Any]:
+        self._ensure_running()
+        return {
+            "actors": len(self.slots),
+            "busy": sum(s.busy for s in self.slots),
+            "runs": {r.id: len(r.pending) for r in self.runs.values()},
+        }
+
+    # -- loop --------------------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._loop is not None and not self._loop.done():
+            return
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if not self.slots:
+            self.slots = [Slot(i, h) for i, h in enumerate(self._create_actors())]
+        self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    def _create_actors(self) -> list[Any]:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        return [self._new_actor(i) for i in range(gpus or max(1, self.settings.cpu_actors))]
+
+    def _new_actor(self, index: int) -> Any:
+        """One RenderActor: a whole GPU where the cluster has GPUs, else CPU slot
+        ``index``, pinned to its share of the node's cores."""
+        from rayfarm.render.actor import RenderActor
+
+        remote = ray.remote(RenderActor)
+        if int(ray.cluster_resources().get("GPU", 0)):
+            return remote.options(num_gpus=1, num_cpus=0).remote()
+        n = max(1, self.settings.cpu_actors)
+        return remote.options(num_cpus=1).remote(self.settings.actor_threads, index, n)
+
+    def _replace_actor(self, slot: Slot) -> None:
+        ray.kill(slot.handle, no_restart=True)
+        slot.handle = self._new_actor(slot.index)
+        slot.holds = None
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        await self._resume_active()
+        while True:
+            try:
+                await self._sync_runs()
+                await self._admit()
+                self._schedule()
+            except Exception:
+                log.exception("dispatcher iteration failed; retrying")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=POLL_INTERVAL_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _resume_active(self) -> None:
+        """After a restart: pick PROCESSING jobs back up from Redis."""
+        for job_id in await self.store.active():
+            try:
+                await self.store.reset_incomplete(job_id)
+                await self._start_run(job_id)
+            except Exception:
+                log.exception("could not resume job %s", job_id)
+
+    async def _sync_runs(self) -> None:
+        """Drop runs whose job left PROCESSING (cancelled through the API)."""
+        for run in list(self.runs.values()):
+            state = await self.store.field(run.id, "state")
+            if state != JobState.PROCESSING:
+                self._stop(run)
+
+    def _stop(self, run: Run) -> None:
+        run.stopped = True
+        run.pending.clear()
+        run.tiles.clear()
+        self.runs.pop(run.id, None)
+
+    def _capacity(self) -> int:
+        idle = sum(not s.busy for s in self.slots)
+        waiting = sum(len(r.pending) for r in self.runs.values())
+        return idle - waiting
+
+    async def _admit(self) -> None:
+        queued = await self.store.redis.zrange(keys.queue(), 0, 20, withscores=True)
+        for job_id, score in queued:
+            if job_id in self.runs:
+                continue
+            best_waiting = min((r.score for r in self.runs.values() if r.pending), default=None)
+            outranks = best_waiting is not None and score < best_waiting - 1e12
+            if self._capacity() <= 0 and not outranks:
+                return
+            try:
+                await self.store.transition(job_id, JobState.PROCESSING)
+            except (InvalidTransition, FarmError):
+                continue  # cancelled or gone meanwhile
+            try:
+                await self._start_run(job_id)
+            except Exception as exc:
+                log.exception("could not start job %s", job_id)
+                await self._fail(job_id, f"could not start the job: {exc}")
+
+    async def _start_run(self, job_id: str) -> None:
+        job = await self.store.get(job_id)
+        scene_key, scene_hash = await self.store.scene(job_id)
+        data = await asyncio.to_thread(self.storage.read_bytes, scene_key)
+        run = Run(
+            job=job,
+            scene_hash=scene_hash,
+            scene_ref=ray.put(data),
+            score=queue_score(job.spec.priority, job.created_at.isoformat()),
+        )
+        done_frames = await self.store.frames_done(job_id)
+        nx, ny = job.spec.tile_grid
+        spec = job.spec
+        for frame in spec.frame_list:
+            if frame in done_frames:
+                continue
+            for tile in range(nx * ny):
+                run.pending.append(
+                    RenderTask(
+                        job_id=job_id,
+                        scene_hash=scene_hash,
+                        frame=frame,
+                        tile=tile,
+                        tiles=(nx, ny),
+                        scene=spec.scene,
+                        camera=spec.camera,
+                        samples=spec.samples,
+                        resolution_percentage=spec.resolution_percentage,
+                        format=spec.format,
+                        color_depth=spec.depth,
+                    )
+                )
+        self.runs[job_id] = run
+        await self.store.event(job_id, "started", tasks=len(run.pending))
+        if not run.pending:
+            await self._complete(run)
+
+    def _schedule(self) -> None:
+        while True:
+            idle = [s for s in self.slots if not s.busy]
+            ready = [r for r in self.runs.values() if r.pending]
+            if not idle or not ready:
+                return
+            run = min(ready, key=lambda r: r.score)
+            task = run.pending.popleft()
+            slot = self._pick(idle, run, task)
+            slot.busy = True
+            asyncio.get_running_loop().create_task(self._execute(slot, run, task))
+
+    def _pick(self, idle: list[Slot], run: Run, task: RenderTask) -> Slot:
+        avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set())
+        fresh = [s for s in idle if s.index not in avoid] or idle
+        holding = [s for s in fresh if s.holds == run.scene_hash]
+        return (holding or fresh)[0]
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    async def _execute(self, slot: Slot, run: Run, task: RenderTask) -> None:
+        assert self._wake is not None
+        try:
+            meta_ref, payload_ref = slot.handle.render.options(num_returns=2).remote(
+                task, [run.scene_ref]
+            )
+            meta: TaskResult = await meta_ref
+            slot.holds = task.scene_hash
+            if run.stopped:
+                return
+            await self._report_device(run, meta)
+            if not task.is_tiled:
+                await self._store_frame(run, task, await payload_ref)
+                return
+            await self.store.mark_task_done(run.id, keys.task_key(task.frame, task.tile))
+            tiles = run.tiles.setdefault(task.frame, {})
+            tiles[task.tile] = (meta.rect, payload_ref)
+            if len(tiles) == task.tiles[0] * task.tiles[1]:
+                try:
+                    await self._assemble(slot, run, task, tiles)
+                except Exception as exc:
+                    await self._task_failed(slot, run, task, exc, whole_frame=True)
+        except Exception as exc:
+            await self._task_failed(slot, run, task, exc)
+        finally:
+            slot.busy = False
+            self._wake.set()
+
+    async def _assemble(
+        self, slot: Slot, run: Run, task: RenderTask, tiles: dict[int, tuple[Any, Any]]
+    ) -> None:
+        order = sorted(tiles)
+        rects = [tiles[i][0] for i in order]
+        refs = [tiles[i][1] for i in order]
+        try:
+            meta_ref, image_ref = slot.handle.assemble.options(num_returns=2).remote(
+                task, [run.scene_ref], rects, *refs
+            )
+            await meta_ref
+            image = await image_ref
+        except Exception:
+            # The frame's tiles must all be rendered again (a lost tile cannot be stitched).
+            run.tiles.pop(task.frame, None)
+            stale = [keys.task_key(task.frame, i) for i in order]
+            await self.store.redis.hdel(keys.tasks(run.id), *stale)
+            raise
+        run.tiles.pop(task.frame, None)
+        if not run.stopped:
+            await self._store_frame(run, task, image)
+
+    async def _store_frame(self, run: Run, task: RenderTask, image: bytes) -> None:
+        key = layout.frame_key(run.id, task.frame, run.job.spec.extension)
+        await asyncio.to_thread(self.storage.put_bytes, key, image)
+        if not task.is_tiled:
+            await self.store.mark_task_done(run.id, keys.task_key(task.frame, 0))
+        stored = await self.store.mark_frame_done(run.id, task.frame, key)
+        await self.store.event(run.id, "frame", frame=task.frame)
+        if stored >= run.job.frames_total:
+            await self._complete(run)
+
+    async def _complete(self, run: Run) -> None:
+        frames = await self.store.frames_done(run.id)
+        manifest = {
+            "job": run.id,
+            "spec": run.job.spec.model_dump(mode="json"),
+            "frames": {str(k): frames[k] for k in sorted(frames)},
+            "completed_at": now_iso(),
+        }
+        await asyncio.to_thread(
+            self.storage.put_bytes,
+            layout.manifest_key(run.id),
+            json.dumps(manifest, indent=2).encode(),
+        )
+        try:
+            await self.store.transition(run.id, JobState.COMPLETED)
+        except InvalidTransition:
+            pass  # cancelled at the last moment: the cancel stands
+        self._stop(run)
+
+    async def _report_device(self, run: Run, meta: TaskResult) -> None:
+        if run.device_reported:
+            return
+        run.device_reported = True
+        await self.store.set_fields(run.id, device=meta.device)
+        await self.store.event(run.id, "device", device=meta.device)
+
+    async def _task_failed(
+        self, slot: Slot, run: Run, task: RenderTask, exc: Exception, whole_frame: bool = False
+    ) -> None:
+        """Retry the task (or, when a frame failed to assemble, all its tiles) elsewhere,
+        or fail the job once its retries are spent or the error is fatal."""
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        if isinstance(exc, RayActorError):
+            log.warning("render actor %d died; replacing it", slot.index)
+            self._replace_actor(slot)
+        if run.stopped:
+            return
+        key = keys.task_key(task.frame, task.tile)
+        where = f"frame {task.frame}" + (f" tile {task.tile}" if task.is_tiled else "")
+        message = f"{where}: {cause}"
+        fatal = isinstance(cause, FarmError) and bool(cause.detail.get(FATAL))
+        attempts = await self.store.add_attempt(run.id, key)
+        run.failed_on.setdefault(key, set()).add(slot.index)
+        await self.store.event(
+            run.id,
+            "task_failed",
+            frame=task.frame,
+            tile=task.tile,
+            attempt=attempts,
+            error=str(cause),
+        )
+        if fatal or attempts > run.job.spec.max_retries:
+            if not fatal:
+                message += f" (failed {attempts} times)"
+            self._stop(run)
+            await self._fail(run.id, message)
+            return
+        if whole_frame:
+            nx, ny = task.tiles
+            for tile in reversed(range(nx * ny)):
+                run.pending.appendleft(_with_tile(task, tile))
+        else:
+            run.pending.appendleft(task)
+
+    async def _fail(self, job_id: str, message: str) -> None:
+        try:
+            await self.store.transition(job_id, JobState.FAILED, error=message)
+        except InvalidTransition:
+            pass
+
+
+def _with_tile(task: RenderTask, tile: int) -> RenderTask:
+    return replace(task, tile=tile)
+
+
+def start_dispatcher(settings: Settings) -> Any:
+    """Create (or find) the detached dispatcher actor and start it."""
+    actor: Any = (
+        ray.remote(Dispatcher)
+        .options(
+            name=DISPATCHER_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=1000,
+        )
+        .remote(settings.to_dict())
+    )
+    ray.get(actor.start.remote())
+    return actor
+
+
+def get_dispatcher() -> Any:
+    return ray.get_actor(DISPATCHER_NAME, namespace=NAMESPACE)

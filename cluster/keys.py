@@ -1,0 +1,46 @@
+"""Every Redis key name rayfarm uses, built in one place.
+
+``job:{id}``            hash: id, state, owner, spec (JSON), counters, timestamps, error
+``job:{id}:tasks``      hash: task key ("f0001t03") -> "done"
+``job:{id}:frames``     hash: frame number -> stored object key
+``job:{id}:attempts``   hash: task key -> failed attempts so far
+``job:{id}:events``     stream: state changes and task events
+``jobs``                sorted set: every job id by creation time (listing)
+``queue``               sorted set: PENDING job ids by priority, then submission time
+"""
+
+from __future__ import annotations
+
+PREFIX = "rayfarm:"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def tasks(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:tasks"
+
+
+def frames(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:frames"
+
+
+def attempts(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:attempts"
+
+
+def events(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:events"
+
+
+def all_jobs() -> str:
+    return f"{PREFIX}jobs"
+
+
+def queue() -> str:
+    return f"{PREFIX}queue"
+
+
+def task_key(frame: int, tile: int) -> str:
+    return f"f{frame:07d}t{tile:03d}"

@@ -1,0 +1,43 @@
+-- Apply one job state change atomically (compare-and-set on the state field).
+--
+-- KEYS[1]  job hash            rayfarm:job:{id}
+-- KEYS[2]  queue sorted set    rayfarm:queue
+-- KEYS[3]  events stream       rayfarm:job:{id}:events
+-- ARGV[1]  job id
+-- ARGV[2]  target state
+-- ARGV[3]  allowed source states, comma-separated (from the SDK's TRANSITIONS)
+-- ARGV[4]  queue action: "add" | "rem" | ""
+-- ARGV[5]  queue score (used with "add")
+-- ARGV[6]  event stream max length
+-- ARGV[7]  event time (ISO 8601)
+-- ARGV[8..] field, value pairs to set on the job hash; an empty value deletes the field
+--
+-- Returns {1, previous state} on success, {0, ""} if the job does not exist,
+-- {-1, current state} if the transition is not allowed from the current state.
+local current = redis.call('HGET', KEYS[1], 'state')
+if not current then
+  return {0, ''}
+end
+local allowed = false
+for s in string.gmatch(ARGV[3], '[^,]+') do
+  if s == current then allowed = true end
+end
+if not allowed then
+  return {-1, current}
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
+for i = 8, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+if ARGV[4] == 'add' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+elseif ARGV[4] == 'rem' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
+  'kind', 'state', 'from', current, 'to', ARGV[2], 'at', ARGV[7])
+return {1, current}

@@ -1,0 +1,89 @@
+"""Service settings: constructor arguments first, then ``RAYFARM_*`` environment.
+
+Read once, when the service starts (never at import time), and passed to the
+Serve replicas and the dispatcher as a plain dict.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+__all__ = ["Settings", "default_data_dir", "farm_blender_version"]
+
+DISPATCHER_NAME = "dispatcher"
+NAMESPACE = "rayfarm"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("rayfarm", appauthor=False))
+
+
+def farm_blender_version() -> tuple[int, int]:
+    """The Blender version the render actors run, read from bpy's package metadata.
+
+    Reading metadata does not import bpy, so the service can check uploads
+    against the workers' version without loading Blender.
+    """
+    override = os.environ.get("RAYFARM_BLENDER_VERSION")
+    text = override or metadata.version("bpy")
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs to run; see the README's configuration table."""
+
+    redis_url: str = ""
+    storage: str = ""
+    data_dir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Render actors on a CPU-only farm (a GPU farm runs one per GPU).
+    cpu_actors: int = 1
+    #: Cycles threads per CPU actor; 0 splits the node's cores between its actors.
+    actor_threads: int = 0
+    max_upload_bytes: int = 2 * 1024**3
+    blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Build settings from ``overrides``, then ``RAYFARM_*`` / ``REDIS_URL``, then defaults."""
+        data_dir = Path(
+            overrides.pop("data_dir", None)
+            or os.environ.get("RAYFARM_DATA_DIR")
+            or default_data_dir()
+        )
+        values: dict[str, Any] = {
+            "redis_url": os.environ.get("REDIS_URL", ""),
+            "storage": os.environ.get("RAYFARM_STORAGE") or (data_dir / "storage").as_uri(),
+            "data_dir": str(data_dir),
+            "port": _env_int("RAYFARM_PORT", 8000),
+            "cpu_actors": _env_int("RAYFARM_CPU_ACTORS", 1),
+            "actor_threads": _env_int("RAYFARM_ACTOR_THREADS", 0),
+            "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        if "blender_version" in values:
+            values["blender_version"] = tuple(values["blender_version"])
+        return cls(**values)

@@ -1,0 +1,108 @@
+"""Object storage for scenes and frames over fsspec (``file://`` or ``s3://``).
+
+Layout under the root URL::
+
+    jobs/{id}/input/{scene}.blend
+    jobs/{id}/frames/0001.png
+    jobs/{id}/manifest.json        (written last)
+
+Writes are whole or nothing: on a local filesystem the data goes to a
+temporary name in the same folder and is renamed into place; on S3 a PUT is
+atomic (multipart uploads become visible only when completed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["Storage", "frame_key", "input_key", "job_prefix", "manifest_key"]
+
+CHUNK_BYTES = 1 << 20
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def input_key(job_id: str, filename: str) -> str:
+    return f"jobs/{job_id}/input/{filename}"
+
+
+def frame_key(job_id: str, frame: int, extension: str) -> str:
+    return f"jobs/{job_id}/frames/{frame:04d}.{extension}"
+
+
+def manifest_key(job_id: str) -> str:
+    return f"jobs/{job_id}/manifest.json"
+
+
+class Storage:
+    """A root URL and the fsspec filesystem behind it."""
+
+    def __init__(self, root: str, **storage_options: Any) -> None:
+        self.root = root.rstrip("/")
+        fs, path = fsspec.core.url_to_fs(self.root, **storage_options)
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.base = path.rstrip("/")
+        self.is_local = isinstance(fs, LocalFileSystem)
+        if self.is_local:
+            os.makedirs(self.base, exist_ok=True)
+
+    def path(self, key: str) -> str:
+        return f"{self.base}/{key}"
+
+    def url(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic(key, lambda f: f.write(data))
+
+    def put_stream(self, key: str, src: IO[bytes]) -> None:
+        self._atomic(key, lambda f: shutil.copyfileobj(src, f, CHUNK_BYTES))
+
+    def _atomic(self, key: str, write: Any) -> None:
+        target = self.path(key)
+        if not self.is_local:
+            with self.fs.open(target, "wb") as f:
+                write(f)
+            return
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex}.part")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def read_bytes(self, key: str) -> bytes:
+        data: bytes = self.fs.cat_file(self.path(key))
+        return data
+
+    def iter_bytes(self, key: str, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+        with self.fs.open(self.path(key), "rb") as f:
+            while block := f.read(chunk):
+                yield block
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self.path(key)))
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self.path(key)))
+
+    def delete_prefix(self, prefix: str) -> None:
+        target = self.path(prefix)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)

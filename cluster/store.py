@@ -1,0 +1,274 @@
+"""The job store: job state in Redis, every state change atomic.
+
+State changes run ``lua/transition.lua`` (a compare-and-set on the state field
+with the queue and event stream updated in the same script), with the allowed
+source states taken from the SDK's ``TRANSITIONS`` table, so a cancel racing a
+completion leaves exactly one answer.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from rayfarm.cluster import keys
+from rayfarm.errors import InvalidTransition, JobNotFound
+from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, sources_of
+
+__all__ = ["EVENTS_MAXLEN", "JobStore", "now_iso", "queue_score"]
+
+#: Approximate cap on each job's event stream.
+EVENTS_MAXLEN = 10_000
+_TRANSITION_LUA = resources.files("rayfarm.cluster").joinpath("lua/transition.lua").read_text()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def queue_score(priority: int, created_at: str) -> float:
+    """Higher priority first, then older first: (100 - priority) * 1e13 + epoch ms."""
+    ms = datetime.fromisoformat(created_at).timestamp() * 1000.0
+    return (100 - priority) * 1e13 + ms
+
+
+class JobStore:
+    """Jobs in Redis. One instance per process; safe for concurrent coroutines."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        # Typed as Any: redis-py's stubs return bytes | str unions even with
+        # decode_responses=True, which would bury the logic in casts.
+        self.redis: Any = redis
+        self._transition = redis.register_script(_TRANSITION_LUA)
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- create and read ---------------------------------------------------------------
+
+    async def create(self, job: Job, scene_key: str, scene_hash: str) -> None:
+        """Store a new PENDING job and queue it, in one MULTI/EXEC."""
+        created = job.created_at.isoformat()
+        fields = {
+            "id": job.id,
+            "state": str(job.state),
+            "owner": job.owner,
+            "spec": job.spec.model_dump_json(),
+            "scene_file": job.scene_file,
+            "scene_key": scene_key,
+            "scene_hash": scene_hash,
+            "frames_total": job.frames_total,
+            "tasks_total": job.tasks_total,
+            "created_at": created,
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(job.id), mapping=fields)
+            pipe.zadd(keys.all_jobs(), {job.id: job.created_at.timestamp()})
+            pipe.zadd(keys.queue(), {job.id: queue_score(job.spec.priority, created)})
+            pipe.xadd(
+                keys.events(job.id),
+                {"kind": "state", "from": "", "to": str(job.state), "at": created},
+                maxlen=EVENTS_MAXLEN,
+            )
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> Job:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.hlen(keys.frames(job_id))
+            pipe.hlen(keys.tasks(job_id))
+            data, frames_done, tasks_done = await pipe.execute()
+        if not data:
+            raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+        return _job_from_hash(data, frames_done, tasks_done)
+
+    async def field(self, job_id: str, name: str) -> str | None:
+        value: str | None = await self.redis.hget(keys.job(job_id), name)
+        return value
+
+    async def status(self, job_id: str) -> JobStatus:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.job(job_id), ["state", "frames_total", "tasks_total", "error"])
+            pipe.hlen(keys.frames(job_id))
+            pipe.hlen(keys.tasks(job_id))
+            (
+                (state, frames_total, tasks_total, error),
+                frames_done,
+                tasks_done,
+            ) = await pipe.execute()
+        if state is None:
+            raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+        return JobStatus(
+            id=job_id,
+            state=JobState(state),
+            frames_done=frames_done,
+            frames_total=int(frames_total),
+            tasks_done=tasks_done,
+            tasks_total=int(tasks_total),
+            error=error or None,
+        )
+
+    async def list_jobs(
+        self, state: JobState | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[list[Job], int]:
+        """Jobs newest first. With ``state``, filtered (a scan over the index)."""
+        if state is None:
+            total = await self.redis.zcard(keys.all_jobs())
+            ids = await self.redis.zrevrange(keys.all_jobs(), offset, offset + limit - 1)
+            return [await self.get(i) for i in ids], total
+        matched: list[Job] = []
+        total = 0
+        async for job_id in self._iter_ids():
+            if await self.field(job_id, "state") == state:
+                if offset <= total < offset + limit:
+                    matched.append(await self.get(job_id))
+                total += 1
+        return matched, total
+
+    async def _iter_ids(self, batch: int = 500) -> Any:
+        start = 0
+        while True:
+            ids = await self.redis.zrevrange(keys.all_jobs(), start, start + batch - 1)
+            for i in ids:
+                yield i
+            if len(ids) < batch:
+                return
+            start += batch
+
+    async def scene(self, job_id: str) -> tuple[str, str]:
+        key, digest = await self.redis.hmget(keys.job(job_id), ["scene_key", "scene_hash"])
+        if key is None:
+            raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+        return key, digest
+
+    # -- state changes ---------------------------------------------------------------------
+
+    async def transition(
+        self, job_id: str, target: JobState, error: str | None = None, **fields: str
+    ) -> JobState:
+        """Move the job to ``target`` if the table allows it from its current state.
+
+        Returns the previous state. Raises ``JobNotFound`` or ``InvalidTransition``.
+        Timestamps and the queue follow the target: PROCESSING sets ``started_at``;
+        terminal states set ``finished_at``; PENDING (retry) re-queues and clears the error.
+        """
+        now = now_iso()
+        queue_action, score = "", "0"
+        pairs: dict[str, str] = dict(fields)
+        if target is JobState.PROCESSING:
+            pairs["started_at"] = now
+            queue_action = "rem"
+        elif target.is_terminal:
+            pairs["finished_at"] = now
+            queue_action = "rem"
+            if error is not None:
+                pairs["error"] = error
+        elif target is JobState.PENDING:
+            spec, created = await self.redis.hmget(keys.job(job_id), ["spec", "created_at"])
+            if spec is not None:
+                priority = JobSpec.model_validate_json(spec).priority
+                queue_action, score = "add", repr(queue_score(priority, created))
+            pairs.update({"error": "", "finished_at": "", "started_at": ""})
+        argv: list[str] = [
+            job_id,
+            str(target),
+            ",".join(sorted(sources_of(target))),
+            queue_action,
+            score,
+            str(EVENTS_MAXLEN),
+            now,
+        ]
+        for name, value in pairs.items():
+            argv += [name, value]
+        ok, previous = await self._transition(
+            keys=[keys.job(job_id), keys.queue(), keys.events(job_id)], args=argv
+        )
+        if ok == 0:
+            raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+        if ok == -1:
+            check_transition(job_id, JobState(previous), target)
+            raise InvalidTransition(f"job {job_id}: {previous} -> {target} refused")
+        return JobState(previous)
+
+    async def reset_incomplete(self, job_id: str) -> None:
+        """Before a retry: forget tile tasks of frames that were not stored."""
+        done_frames = set(await self.redis.hkeys(keys.frames(job_id)))
+        task_keys = await self.redis.hkeys(keys.tasks(job_id))
+        stale = [k for k in task_keys if str(int(k[1:8])) not in done_frames]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if stale:
+                pipe.hdel(keys.tasks(job_id), *stale)
+            pipe.delete(keys.attempts(job_id))
+            await pipe.execute()
+
+    # -- progress ------------------------------------------------------------------------
+
+    async def frames_done(self, job_id: str) -> dict[int, str]:
+        data = await self.redis.hgetall(keys.frames(job_id))
+        return {int(k): v for k, v in data.items()}
+
+    async def tasks_done(self, job_id: str) -> set[str]:
+        return set(await self.redis.hkeys(keys.tasks(job_id)))
+
+    async def mark_task_done(self, job_id: str, task: str) -> None:
+        await self.redis.hset(keys.tasks(job_id), task, "done")
+
+    async def mark_frame_done(self, job_id: str, frame: int, object_key: str) -> int:
+        """Record a stored frame; return how many frames are stored."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.frames(job_id), str(frame), object_key)
+            pipe.hlen(keys.frames(job_id))
+            _, count = await pipe.execute()
+        return int(count)
+
+    async def add_attempt(self, job_id: str, task: str) -> int:
+        return int(await self.redis.hincrby(keys.attempts(job_id), task, 1))
+
+    async def set_fields(self, job_id: str, **fields: str) -> None:
+        await self.redis.hset(keys.job(job_id), mapping=fields)
+
+    async def event(self, job_id: str, kind: str, **fields: Any) -> None:
+        body = {"kind": kind, "at": now_iso(), **{k: str(v) for k, v in fields.items()}}
+        await self.redis.xadd(keys.events(job_id), body, maxlen=EVENTS_MAXLEN)
+
+    async def events(self, job_id: str, count: int = 1000) -> list[dict[str, str]]:
+        entries = await self.redis.xrange(keys.events(job_id), count=count)
+        return [{"id": entry_id, **fields} for entry_id, fields in entries]
+
+    async def queued(self, limit: int = 100) -> list[str]:
+        ids: list[str] = await self.redis.zrange(keys.queue(), 0, limit - 1)
+        return ids
+
+    async def active(self) -> list[str]:
+        """Ids of PROCESSING jobs (for a dispatcher rebuilding its queue)."""
+        return [j async for j in self._iter_ids() if await self.field(j, "state") == "PROCESSING"]
+
+
+def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> Job:
+    return Job(
+        id=data["id"],
+        state=JobState(data["state"]),
+        owner=data.get("owner", ""),
+        spec=JobSpec.model_validate(json.loads(data["spec"])),
+        scene_file=data.get("scene_file", ""),
+        frames_total=int(data["frames_total"]),
+        frames_done=frames_done,
+        tasks_total=int(data["tasks_total"]),
+        tasks_done=tasks_done,
+        error=data.get("error") or None,
+        device=data.get("device") or None,
+        created_at=datetime.fromisoformat(data["created_at"]),
+        started_at=_dt(data.get("started_at")),
+        finished_at=_dt(data.get("finished_at")),
+    )
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None

@@ -1,0 +1,129 @@
+"""Build a small animated Cycles scene with bpy, so no binary .blend is committed.
+
+    python examples/make_scene.py shot.blend                    # 320x240, 8 frames
+    python examples/make_scene.py shot.blend --width 96 --height 72 --samples 4
+    python examples/make_scene.py heavy.blend --heavy           # ~2.5M triangles at render
+
+``--heavy`` adds a dense mesh whose Subdivision Surface modifier is evaluated at
+render time (about 2.5 million triangles) and animates the camera, so every
+frame needs a real scene sync. ``--script-marker PATH`` adds a registered
+Python text block that would create PATH if Blender ever ran it (the farm must
+not: scenes open with auto-execution off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+
+def _material(bpy, name: str, color: tuple[float, float, float]) -> object:
+    mat = bpy.data.materials.new(name)
+    mat.use_nodes = True
+    bsdf = mat.node_tree.nodes.get("Principled BSDF")
+    bsdf.inputs["Base Color"].default_value = (*color, 1.0)
+    bsdf.inputs["Roughness"].default_value = 0.4
+    return mat
+
+
+def build(
+    path: str | Path,
+    width: int = 320,
+    height: int = 240,
+    samples: int = 16,
+    frames: int = 8,
+    heavy: bool = False,
+    script_marker: str | None = None,
+    compress: bool = False,
+) -> Path:
+    import bpy
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    scene.name = "Shot"
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = samples
+    scene.cycles.use_denoising = False
+    scene.cycles.use_adaptive_sampling = False
+    scene.render.resolution_x, scene.render.resolution_y = width, height
+    scene.render.resolution_percentage = 100
+    scene.frame_start, scene.frame_end = 1, frames
+    scene.render.image_settings.file_format = "PNG"
+
+    world = bpy.data.worlds.new("World")
+    world.use_nodes = True
+    world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.05, 0.06, 0.08, 1)
+    scene.world = world
+
+    bpy.ops.mesh.primitive_plane_add(size=20, location=(0, 0, -1))
+    bpy.context.object.data.materials.append(_material(bpy, "Ground", (0.5, 0.5, 0.45)))
+
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.8, location=(-1.5, 0, 0))
+    ball = bpy.context.object
+    ball.data.materials.append(_material(bpy, "Ball", (0.8, 0.15, 0.1)))
+    ball.keyframe_insert("location", frame=1)
+    ball.location = (1.5, 0.5, 0.3)
+    ball.keyframe_insert("location", frame=frames)
+
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.5, 1.5, -0.3))
+    cube = bpy.context.object
+    cube.data.materials.append(_material(bpy, "Cube", (0.1, 0.3, 0.8)))
+    cube.keyframe_insert("rotation_euler", frame=1)
+    cube.rotation_euler = (0, 0, math.pi / 2)
+    cube.keyframe_insert("rotation_euler", frame=frames)
+
+    bpy.ops.object.light_add(type="SUN", location=(4, -3, 6))
+    bpy.context.object.data.energy = 3.0
+    bpy.ops.object.light_add(type="POINT", location=(-3, -2, 3))
+    bpy.context.object.data.energy = 300.0
+
+    bpy.ops.object.camera_add(location=(0, -7, 2.5), rotation=(math.radians(72), 0, 0))
+    camera = bpy.context.object
+    camera.name = "MainCam"
+    scene.camera = camera
+
+    if heavy:
+        # ~625k triangles in the viewport, ~2.5M after the render-time subdivision.
+        bpy.ops.mesh.primitive_grid_add(
+            x_subdivisions=560, y_subdivisions=560, size=6, location=(0, 2.5, 0.5)
+        )
+        grid = bpy.context.object
+        grid.rotation_euler = (math.radians(80), 0, 0)
+        grid.data.materials.append(_material(bpy, "Dense", (0.6, 0.6, 0.2)))
+        sub = grid.modifiers.new("Subdivision", "SUBSURF")
+        sub.levels = 0
+        sub.render_levels = 1
+        camera.keyframe_insert("location", frame=1)
+        camera.location = (1.5, -6.5, 2.8)
+        camera.keyframe_insert("location", frame=frames)
+
+    if script_marker:
+        text = bpy.data.texts.new("farm_autorun.py")
+        text.write(f"open({script_marker!r}, 'w').write('scripts ran')\n")
+        text.use_module = True  # registered: runs on load when auto-execution is on
+
+    bpy.ops.wm.save_as_mainfile(filepath=str(path), compress=compress)
+    return Path(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path")
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--height", type=int, default=240)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--heavy", action="store_true")
+    p.add_argument("--script-marker")
+    p.add_argument("--compress", action="store_true")
+    a = p.parse_args()
+    out = build(
+        a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress
+    )
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""The RenderActor: one long-lived Blender (bpy) per GPU, or per CPU slot.
+
+It keeps the scene it has open (keyed by the file's content hash) so later
+frames and tiles of the same job neither reload the file nor rebuild the BVH
+(``render.use_persistent_data``). Scenes open with Python auto-execution off: a
+.blend is untrusted input. A file bpy fails to open raises ``SceneOpenError``
+— bpy keeps its previous scene after a failed open, and rendering that would
+be a silent wrong answer.
+
+Tiles render as cropped render borders to 32-bit float EXR and come back as
+float arrays; ``assemble`` stitches them and converts the frame to its output
+format once, through a compositor-only scene that carries the source scene's
+colour management, so the result goes through exactly the same view transform
+and dither as a full-frame render (bit-identical with denoising off).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from rayfarm.errors import RenderError, SceneOpenError
+from rayfarm.render.tasks import RenderTask, TaskResult, TileRect
+from rayfarm.render.tiles import border_fractions, split
+
+__all__ = ["FATAL", "RenderActor"]
+
+#: ``detail`` flag on a RenderError that no retry can fix (bad scene name, engine, ...).
+FATAL = "fatal"
+_GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
+_COMP_SCENE = "rayfarm_assemble"
+
+
+class RenderActor:
+    """Renders (frame, tile) tasks with bpy. Create it as a Ray actor:
+
+    ``ray.remote(num_gpus=1)(RenderActor).remote()`` on a GPU node, or with
+    ``num_cpus`` and ``threads`` on a CPU node.
+    """
+
+    def __init__(self, threads: int = 0, slot: int = 0, slots: int = 1) -> None:
+        """``slot`` of ``slots`` CPU actors on this node: the actor pins itself to its
+        share of the node's cores so actors never fight over one core. ``threads``
+        (0: one per pinned core) sets Cycles' threads."""
+        self.cores = _pin(slot, slots)
+        import bpy  # here, not at import time: only render processes load Blender
+
+        self.bpy = bpy
+        bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+        # A Cycles process with one thread and persistent data spins a whole core while
+        # idle (TBB, measured with bpy 5.0.1); two threads on one pinned core do not.
+        self.threads = max(2, threads or len(self.cores))
+        self.workdir = tempfile.mkdtemp(prefix="rayfarm-actor-")
+        self.scenes: dict[str, str] = {}  # content hash -> local .blend path
+        self.loaded: str | None = None
+        self._defaults: dict[str, dict[str, Any]] = {}
+        self.device = self._select_device()
+
+    # -- info ------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "device": self.device,
+            "blender": self.bpy.app.version_string,
+            "loaded": self.loaded,
+            "cores": self.cores,
+            "threads": self.threads,
+        }
+
+    def holds(self) -> str | None:
+        return self.loaded
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    def render(self, task: RenderTask, scene_data: list[Any]) -> tuple[TaskResult, Any]:
+        """Render one task; call with ``num_returns=2``.
+
+        Returns (result, payload): the payload is the finished image file's bytes for
+        a whole frame, or the tile's float pixels (h, w, 4), so the dispatcher can
+        leave tiles in the object store. ``scene_data`` is ``[ObjectRef]`` to the
+        .blend bytes, fetched only when this actor does not hold that scene already.
+        """
+        started = time.perf_counter()
+        self._ensure_scene(task.scene_hash, scene_data)
+        scene = self._prepare(task)
+        if not task.is_tiled:
+            image = self._write_still(scene, task, self._out_path(task, task.format))
+            return TaskResult(task.frame, 0, self.device, time.perf_counter() - started), image
+        width, height = _pixel_size(scene)
+        rect = split(width, height, *task.tiles)[task.tile]
+        pixels = self._render_tile(scene, task, rect, width, height)
+        result = TaskResult(task.frame, task.tile, self.device, time.perf_counter() - started, rect)
+        return result, pixels
+
+    def assemble(
+        self, task: RenderTask, scene_data: list[Any], rects: list[TileRect], *tiles: np.ndarray
+    ) -> tuple[TaskResult, bytes]:
+        """Stitch a frame's tiles and write it in the job's format; call with ``num_returns=2``."""
+        started = time.perf_counter()
+        self._ensure_scene(task.scene_hash, scene_data)
+        scene = self._prepare(task)
+        width, height = _pixel_size(scene)
+        frame = np.zeros((height, width, 4), dtype=np.float32)
+        for r, pixels in zip(rects, tiles, strict=True):
+            frame[r.y0 : r.y1, r.x0 : r.x1] = pixels
+        image = self._convert(scene, task, frame)
+        return TaskResult(task.frame, -1, self.device, time.perf_counter() - started), image
+
+    # -- scene handling ----------------------------------------------------------------------
+
+    def _ensure_scene(self, digest: str, scene_data: list[Any]) -> None:
+        if self.loaded == digest:
+            return
+        path = self.scenes.get(digest)
+        if path is None:
+            import ray
+
+            data = ray.get(scene_data[0])
+            path = os.path.join(self.workdir, f"{digest}.blend")
+            with open(path + ".part", "wb") as f:
+                f.write(data)
+            os.replace(path + ".part", path)
+            self.scenes[digest] = path
+        self.loaded = None
+        self._defaults.clear()
+        try:
+            self.bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
+        except RuntimeError as exc:
+            message = str(exc).strip().removeprefix("Error: ").strip()
+            raise SceneOpenError(
+                f"Blender could not open the scene: {message}", {FATAL: True}
+            ) from None
+        if os.path.realpath(self.bpy.data.filepath) != os.path.realpath(path):
+            raise SceneOpenError(
+                "Blender could not open the scene (it kept another file open)", {FATAL: True}
+            )
+        self.loaded = digest
+
+    def _prepare(self, task: RenderTask) -> Any:
+        bpy = self.bpy
+        if task.scene:
+            scene = bpy.data.scenes.get(task.scene)
+            if scene is None:
+                names = ", ".join(s.name for s in bpy.data.scenes)
+                raise RenderError(
+                    f"the file has no scene {task.scene!r} (it has: {names})", {FATAL: True}
+                )
+        else:
+            scene = bpy.context.scene
+        if scene.render.engine != "CYCLES":
+            raise RenderError(
+                f"scene {scene.name!r} uses the {scene.render.engine} engine; the farm's "
+                "headless workers render Cycles only (EEVEE and Workbench need a display)",
+                {FATAL: True},
+            )
+        defaults = self._defaults.setdefault(scene.name, _snapshot(scene))
+        if task.camera:
+            cam = bpy.data.objects.get(task.camera)
+            if cam is None or cam.type != "CAMERA":
+                cams = ", ".join(o.name for o in bpy.data.objects if o.type == "CAMERA")
+                raise RenderError(
+                    f"the file has no camera {task.camera!r} (cameras: {cams or 'none'})",
+                    {FATAL: True},
+                )
+            scene.camera = cam
+        else:
+            scene.camera = defaults["camera"]
+        if scene.camera is None:
+            raise RenderError(f"scene {scene.name!r} has no camera", {FATAL: True})
+        scene.cycles.samples = task.samples or defaults["samples"]
+        scene.render.resolution_percentage = (
+            task.resolution_percentage or defaults["resolution_percentage"]
+        )
+        scene.cycles.device = "GPU" if self.device.startswith("GPU") else "CPU"
+        scene.render.use_persistent_data = True
+        scene.render.threads_mode = "FIXED"
+        scene.render.threads = self.threads
+        scene.render.use_border = False
+        scene.render.use_crop_to_border = False
+        scene.render.use_file_extension = False
+        scene.render.use_overwrite = True
+        scene.render.use_placeholder = False
+        scene.frame_set(task.frame)
+        return scene
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _out_path(self, task: RenderTask, ext: str) -> str:
+        return os.path.join(self.workdir, f"{task.job_id}_{task.frame}_{task.tile}.{ext}")
+
+    def _write_still(self, scene: Any, task: RenderTask, path: str) -> bytes:
+        _set_format(scene.render.image_settings, task.format, task.color_depth)
+        scene.render.filepath = path
+        self.bpy.ops.render.render(write_still=True, scene=scene.name)
+        return _take(path)
+
+    def _render_tile(
+        self, scene: Any, task: RenderTask, rect: TileRect, width: int, height: int
+    ) -> np.ndarray:
+        r = scene.render
+        r.use_border = True
+        r.use_crop_to_border = True
+        r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = border_fractions(
+            rect, width, height
+        )
+        path = self._out_path(task, "exr")
+        _set_format(r.image_settings, "exr", 32)
+        r.filepath = path
+        self.bpy.ops.render.render(write_still=True, scene=scene.name)
+        try:
+            pixels = self._read_exr(path)
+        finally:
+            os.unlink(path)
+        if pixels.shape[:2] != (rect.height, rect.width):
+            raise RenderError(
+                f"tile {rect.index} rendered {pixels.shape[1]}x{pixels.shape[0]} pixels, "
+                f"expected {rect.width}x{rect.height}"
+            )
+        return pixels
+
+    def _read_exr(self, path: str) -> np.ndarray:
+        img = self.bpy.data.images.load(path)
+        try:
+            w, h = img.size
+            buf = np.empty(w * h * 4, dtype=np.float32)
+            img.pixels.foreach_get(buf)
+        finally:
+            self.bpy.data.images.remove(img)
+        return buf.reshape(h, w, 4)
+
+    def _convert(self, scene: Any, task: RenderTask, frame: np.ndarray) -> bytes:
+        """Write scene-linear ``frame`` in the task's format via a compositor-only scene.
+
+        A scene whose compositor has no Render Layers node is not rendered, only
+        composited, and its result is written by the same code (view transform,
+        dither) as a normal render.
+        """
+        bpy = self.bpy
+        height, width = frame.shape[:2]
+        img = bpy.data.images.new("rayfarm_frame", width, height, alpha=True, float_buffer=True)
+        img.pixels.foreach_set(frame.ravel())
+        comp = bpy.data.scenes.new(_COMP_SCENE)
+        tree = bpy.data.node_groups.new(_COMP_SCENE, "CompositorNodeTree")
+        try:
+            _copy_output_settings(scene, comp, width, height)
+            tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
+            node = tree.nodes.new("CompositorNodeImage")
+            node.image = img
+            out = tree.nodes.new("NodeGroupOutput")
+            tree.links.new(node.outputs["Image"], out.inputs[0])
+            comp.compositing_node_group = tree
+            comp.render.use_compositing = True
+            return self._write_still(comp, task, self._out_path(task, task.format))
+        finally:
+            bpy.data.scenes.remove(comp)
+            bpy.data.node_groups.remove(tree)
+            bpy.data.images.remove(img)
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def _select_device(self) -> str:
+        """OptiX, then CUDA, then HIP/oneAPI on a GPU Ray assigned us; else the CPU."""
+        import ray
+
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        if not gpu_ids:
+            return "CPU"
+        prefs = self.bpy.context.preferences.addons["cycles"].preferences
+        for backend in _GPU_BACKENDS:
+            try:
+                prefs.compute_device_type = backend
+            except TypeError:
+                continue
+            prefs.refresh_devices()
+            devices = [d for d in prefs.devices if d.type == backend]
+            if not devices:
+                continue
+            for d in prefs.devices:
+                d.use = d.type == backend
+            return f"GPU ({backend}: {', '.join(d.name for d in devices)})"
+        return "CPU (no usable GPU backend on this node)"
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
+
+
+def _pin(slot: int, slots: int) -> list[int]:
+    """Pin this process's main thread (and every thread it starts, Cycles' included)
+    to slot ``slot``'s share of the cores this process may use; return those cores."""
+    available = sorted(os.sched_getaffinity(0))
+    slots = max(1, min(slots, len(available)))
+    share = available[slot % slots :: slots]
+    if slots > 1:
+        os.sched_setaffinity(0, share)
+    return share
+
+
+def _pixel_size(scene: Any) -> tuple[int, int]:
+    r = scene.render
+    return (
+        r.resolution_x * r.resolution_percentage // 100,
+        r.resolution_y * r.resolution_percentage // 100,
+    )
+
+
+def _snapshot(scene: Any) -> dict[str, Any]:
+    return {
+        "camera": scene.camera,
+        "samples": scene.cycles.samples,
+        "resolution_percentage": scene.render.resolution_percentage,
+    }
+
+
+def _set_format(settings: Any, fmt: str, depth: int) -> None:
+    if hasattr(settings, "media_type"):  # 5.0: a scene may ask for video; we write images
+        settings.media_type = "IMAGE"
+    if fmt == "png":
+        settings.file_format = "PNG"
+        settings.color_depth = str(depth)
+    else:
+        settings.file_format = "OPEN_EXR"
+        settings.color_depth = str(depth)
+        settings.exr_codec = "ZIP"
+    if settings.color_mode not in ("RGB", "RGBA", "BW"):
+        settings.color_mode = "RGBA"
+
+
+def _copy_output_settings(src: Any, dst: Any, width: int, height: int) -> None:
+    dst.render.resolution_x, dst.render.resolution_y = width, height
+    dst.render.resolution_percentage = 100
+    dst.render.pixel_aspect_x = src.render.pixel_aspect_x
+    dst.render.pixel_aspect_y = src.render.pixel_aspect_y
+    dst.render.dither_intensity = src.render.dither_intensity
+    dst.render.film_transparent = src.render.film_transparent
+    dst.display_settings.display_device = src.display_settings.display_device
+    dst.view_settings.view_transform = src.view_settings.view_transform
+    dst.view_settings.look = src.view_settings.look
+    dst.view_settings.exposure = src.view_settings.exposure
+    dst.view_settings.gamma = src.view_settings.gamma
+    dst.view_settings.use_curve_mapping = src.view_settings.use_curve_mapping
+    dst.render.image_settings.color_mode = src.render.image_settings.color_mode
+    dst.render.image_settings.compression = src.render.image_settings.compression
+    dst.render.use_file_extension = False
+    dst.render.use_overwrite = True
+    dst.frame_current = src.frame_current
+    # The compositor-only scene has no camera and renders nothing: keep its stamp
+    # metadata from claiming otherwise.
+    for name in (
+        "use_stamp_camera",
+        "use_stamp_scene",
+        "use_stamp_render_time",
+        "use_stamp_memory",
+        "use_stamp_lens",
+    ):
+        setattr(dst.render, name, False)
+
+
+def _take(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)

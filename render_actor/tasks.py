@@ -1,0 +1,58 @@
+"""What the dispatcher sends to a RenderActor and what comes back. Plain data, no bpy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RenderTask", "TaskResult", "TileRect"]
+
+
+@dataclass(frozen=True)
+class TileRect:
+    """A tile in pixels, origin bottom-left as Blender's border is: [x0, x1) x [y0, y1)."""
+
+    index: int
+    x0: int
+    x1: int
+    y0: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    """One (frame, tile) of a job. ``tiles`` is the grid; (1, 1) renders the whole frame."""
+
+    job_id: str
+    scene_hash: str
+    frame: int
+    tile: int
+    tiles: tuple[int, int]
+    scene: str | None
+    camera: str | None
+    samples: int | None
+    resolution_percentage: int | None
+    format: str
+    color_depth: int
+
+    @property
+    def is_tiled(self) -> bool:
+        return self.tiles != (1, 1)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a finished task reports (its image or pixels travel separately)."""
+
+    frame: int
+    tile: int
+    device: str
+    seconds: float
+    rect: TileRect | None = None

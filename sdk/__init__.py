@@ -1,0 +1,60 @@
+"""rayfarm: a render farm for Blender built on Ray.
+
+The SDK is this package's top level; ``pip install rayfarm`` brings it and the
+``rayfarm`` CLI without Ray or bpy. The service lives in ``rayfarm.cluster``
+(extra ``[cluster]``) and the render actors in ``rayfarm.render`` (extra
+``[render]``).
+
+>>> import rayfarm
+>>> farm = rayfarm.Farm("http://127.0.0.1:8000")
+>>> job = farm.submit("shot.blend", frames="1-8", tiles="2x2")  # doctest: +SKIP
+>>> job.wait().state                                          # doctest: +SKIP
+"""
+
+from rayfarm.client import Farm
+from rayfarm.errors import (
+    FarmError,
+    FarmUnavailable,
+    FrameNotFound,
+    InvalidRequest,
+    InvalidScene,
+    InvalidSpec,
+    InvalidTransition,
+    JobNotFound,
+    NotFound,
+    PayloadTooLarge,
+    RenderError,
+    SceneOpenError,
+    SceneTooNew,
+    ServerError,
+)
+from rayfarm.frames import parse_frames
+from rayfarm.models import TRANSITIONS, FrameInfo, Job, JobSpec, JobState, JobStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TRANSITIONS",
+    "Farm",
+    "FarmError",
+    "FarmUnavailable",
+    "FrameInfo",
+    "FrameNotFound",
+    "InvalidRequest",
+    "InvalidScene",
+    "InvalidSpec",
+    "InvalidTransition",
+    "Job",
+    "JobNotFound",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "NotFound",
+    "PayloadTooLarge",
+    "RenderError",
+    "SceneOpenError",
+    "SceneTooNew",
+    "ServerError",
+    "__version__",
+    "parse_frames",
+]

@@ -1,0 +1,184 @@
+"""The ``rayfarm`` command line.
+
+Exit codes: 0 ok; 1 the job failed or was cancelled; 2 usage or bad input
+(the farm refused the request); 3 the farm could not be reached or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rayfarm.client import Farm
+from rayfarm.errors import FarmError, FarmUnavailable, ServerError
+from rayfarm.models import Job, JobState, JobStatus
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayfarm", description="A render farm for Blender on Ray.")
+    p.add_argument("--url", help="farm URL (default $RAYFARM_URL or http://127.0.0.1:8000)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a farm on this machine in the foreground")
+    up.add_argument("--port", type=int, help="HTTP port (default 8000 or $RAYFARM_PORT)")
+    up.add_argument("--storage", help="fsspec URL for outputs (file://... or s3://...)")
+    up.add_argument("--data-dir", help="where Redis, storage and logs live")
+    up.add_argument("--address", help="attach to a running Ray cluster ('auto') instead")
+    up.add_argument("--cpu-actors", type=int, help="render actors on a CPU-only farm")
+    up.add_argument("--actor-threads", type=int, help="Cycles threads per CPU actor")
+
+    s = sub.add_parser("submit", help="upload a .blend and queue a job")
+    s.add_argument("scene", help="the .blend file")
+    s.add_argument("--frames", required=True, help="e.g. 1-8, 1,3,5-7, 1-20x5")
+    s.add_argument("--tiles", default="1", help="1 or NxM (default 1)")
+    s.add_argument("--samples", type=int)
+    s.add_argument("--resolution", type=int, dest="resolution_percentage", metavar="PERCENT")
+    s.add_argument("--format", choices=["png", "exr"])
+    s.add_argument("--color-depth", type=int)
+    s.add_argument("--scene-name", dest="scene_name", help="scene in the file (default: active)")
+    s.add_argument("--camera")
+    s.add_argument("--priority", type=int)
+    s.add_argument("--max-retries", type=int)
+    s.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    s.add_argument("--json", action="store_true", help="print the job as JSON")
+
+    for name, text in [
+        ("status", "show a job's status"),
+        ("cancel", "cancel a job"),
+        ("retry", "retry a failed job"),
+        ("wait", "wait for a job to finish"),
+    ]:
+        c = sub.add_parser(name, help=text)
+        c.add_argument("job_id")
+        c.add_argument("--json", action="store_true")
+
+    ls = sub.add_parser("list", help="list recent jobs")
+    ls.add_argument("--state", choices=[s.value for s in JobState])
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("download", help="download a job's frames")
+    d.add_argument("job_id")
+    d.add_argument("directory")
+    return p
+
+
+def _print_job(job: Job, as_json: bool) -> None:
+    if as_json:
+        print(job.model_dump_json(indent=2))
+        return
+    print(
+        f"{job.id}  {job.state:<10}  frames {job.frames_done}/{job.frames_total}  "
+        f"tasks {job.tasks_done}/{job.tasks_total}  {job.scene_file}"
+        + (f"  error: {job.error}" if job.error else "")
+    )
+
+
+def _print_status(status: JobStatus, as_json: bool) -> None:
+    if as_json:
+        print(status.model_dump_json(indent=2))
+        return
+    print(
+        f"{status.id}  {status.state:<10}  frames {status.frames_done}/{status.frames_total}  "
+        f"tasks {status.tasks_done}/{status.tasks_total}"
+        + (f"  error: {status.error}" if status.error else "")
+    )
+
+
+def _outcome(state: JobState) -> int:
+    return EXIT_JOB_FAILED if state in (JobState.FAILED, JobState.CANCELLED) else EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        return _up(args)
+    farm = Farm(args.url)
+    if args.command == "submit":
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "samples": args.samples,
+                "resolution_percentage": args.resolution_percentage,
+                "format": args.format,
+                "color_depth": args.color_depth,
+                "scene": args.scene_name,
+                "camera": args.camera,
+                "priority": args.priority,
+                "max_retries": args.max_retries,
+            }.items()
+            if v is not None
+        }
+        job = farm.submit(args.scene, frames=args.frames, tiles=args.tiles, **overrides)
+        if not args.wait:
+            _print_job(job, args.json)
+            return EXIT_OK
+        print(f"submitted {job.id}; waiting", file=sys.stderr)
+        job.wait()
+        job.refresh()
+        _print_job(job, args.json)
+        return _outcome(job.state)
+    if args.command == "list":
+        for job in farm.jobs(state=args.state, limit=args.limit):
+            _print_job(job, args.json)
+        return EXIT_OK
+    if args.command == "download":
+        job = farm.job(args.job_id)
+        for path in job.download(args.directory):
+            print(path)
+        return EXIT_OK
+    job = farm.job(args.job_id)
+    if args.command == "cancel":
+        _print_job(job.cancel(), args.json)
+        return EXIT_OK
+    if args.command == "retry":
+        _print_job(job.retry(), args.json)
+        return EXIT_OK
+    status = job.wait() if args.command == "wait" else job.status()
+    _print_status(status, args.json)
+    return _outcome(status.state)
+
+
+def _up(args: argparse.Namespace) -> int:
+    try:
+        from rayfarm.cluster.local import up
+        from rayfarm.cluster.settings import Settings
+    except ImportError as exc:
+        print(
+            f"rayfarm up needs the cluster side ({exc.name} is missing): "
+            "pip install 'rayfarm[cluster,render]'",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    settings = Settings.from_env(
+        port=args.port,
+        storage=args.storage,
+        data_dir=args.data_dir,
+        cpu_actors=args.cpu_actors,
+        actor_threads=args.actor_threads,
+    )
+    up(settings, address=args.address, ready=lambda line: print(line, flush=True))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FarmUnavailable, ServerError) as exc:
+        print(f"rayfarm: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except FarmError as exc:
+        print(f"rayfarm: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if exc.status >= 500 else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

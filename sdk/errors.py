@@ -1,0 +1,149 @@
+"""Typed errors shared by the farm service and the SDK.
+
+One root, ``FarmError``. The service turns each class into one HTTP status and a
+stable ``code`` in a single handler; the SDK turns the error body back into the
+same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
+
+    FarmError
+    ├── InvalidRequest        400  malformed request (missing part, bad JSON)
+    ├── InvalidSpec           422  the job spec breaks a rule (frames, tiles, ...)
+    ├── InvalidScene          422  the upload is not a readable .blend
+    │   └── SceneTooNew       422  saved by a newer Blender than the farm's bpy
+    ├── PayloadTooLarge       413  upload over the server's size limit
+    ├── NotFound              404
+    │   ├── JobNotFound
+    │   └── FrameNotFound
+    ├── InvalidTransition     409  a state change the job model refuses
+    ├── RenderError           ---  a task failed on a render actor
+    │   └── SceneOpenError    ---  bpy could not open the scene
+    ├── FarmUnavailable       503  the farm (or its Redis) cannot be reached
+    └── ServerError           500  anything else the server reports
+
+Every constructor passes all of its arguments to ``super().__init__`` so the
+errors pickle cleanly across Ray actor boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "FarmError",
+    "FarmUnavailable",
+    "FrameNotFound",
+    "InvalidRequest",
+    "InvalidScene",
+    "InvalidSpec",
+    "InvalidTransition",
+    "JobNotFound",
+    "NotFound",
+    "PayloadTooLarge",
+    "RenderError",
+    "SceneOpenError",
+    "SceneTooNew",
+    "ServerError",
+    "error_from_body",
+]
+
+
+class FarmError(Exception):
+    """Root of every rayfarm error.
+
+    ``message`` is for people; ``detail`` is a JSON-able dict for programs
+    (the offending field, the job id, the versions involved, ...).
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "farm_error"
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message, detail)
+        self.message = message
+        self.detail: dict[str, Any] = dict(detail or {})
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body the service answers with."""
+        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
+
+
+class InvalidRequest(FarmError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidSpec(FarmError):
+    status = 422
+    code = "invalid_spec"
+
+
+class InvalidScene(FarmError):
+    status = 422
+    code = "invalid_scene"
+
+
+class SceneTooNew(InvalidScene):
+    code = "scene_too_new"
+
+
+class PayloadTooLarge(FarmError):
+    status = 413
+    code = "payload_too_large"
+
+
+class NotFound(FarmError):
+    status = 404
+    code = "not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class FrameNotFound(NotFound):
+    code = "frame_not_found"
+
+
+class InvalidTransition(FarmError):
+    status = 409
+    code = "invalid_transition"
+
+
+class RenderError(FarmError):
+    code = "render_error"
+
+
+class SceneOpenError(RenderError):
+    code = "scene_open_error"
+
+
+class FarmUnavailable(FarmError):
+    status = 503
+    code = "farm_unavailable"
+
+
+class ServerError(FarmError):
+    status = 500
+    code = "server_error"
+
+
+def _subclasses(cls: type[FarmError]) -> list[type[FarmError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[FarmError]] = {c.code: c for c in _subclasses(FarmError)}
+
+
+def error_from_body(status: int, body: Any) -> FarmError:
+    """Rebuild the typed error from a service error body (``{"error": {...}}``)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return ServerError(f"HTTP {status}: {str(body)[:500]}", {"status": status})
+    cls = _BY_CODE.get(str(err.get("code")), ServerError)
+    detail = err.get("detail") if isinstance(err.get("detail"), dict) else {}
+    return cls(str(err.get("message", f"HTTP {status}")), detail)

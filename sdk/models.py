@@ -1,0 +1,286 @@
+"""The job model: the single source of truth shared by the service and the SDK.
+
+``JobState`` and ``TRANSITIONS`` define what may happen to a job; the Redis
+store applies exactly this table atomically and the API answers anything else
+with 409. ``JobSpec`` is what a user asks for; ``Job`` is what the farm knows.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from rayfarm.errors import InvalidSpec, InvalidTransition
+from rayfarm.frames import parse_frames
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rayfarm.client import Farm
+
+__all__ = [
+    "TRANSITIONS",
+    "FrameInfo",
+    "Job",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "check_transition",
+    "parse_spec",
+    "sources_of",
+]
+
+
+class JobState(StrEnum):
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        """No work will happen without a user's action (retry)."""
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+#: Every allowed state change. Anything else is refused (HTTP 409).
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.PROCESSING, JobState.CANCELLED}),
+    JobState.PROCESSING: frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.COMPLETED: frozenset(),
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+def sources_of(target: JobState) -> frozenset[JobState]:
+    """The states from which ``target`` may be reached."""
+    return frozenset(s for s, targets in TRANSITIONS.items() if target in targets)
+
+
+def check_transition(job_id: str, current: JobState, target: JobState) -> None:
+    """Raise ``InvalidTransition`` unless ``current -> target`` is in the table."""
+    if target not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "none"
+        raise InvalidTransition(
+            f"job {job_id} is {current}; it cannot become {target} (allowed from {current}: "
+            f"{allowed})",
+            {"job_id": job_id, "state": str(current), "target": str(target)},
+        )
+
+
+_TILES = re.compile(r"^(\d+)x(\d+)$")
+MAX_TILES_PER_AXIS = 16
+
+
+class JobSpec(BaseModel):
+    """What to render. Unknown fields are refused.
+
+    >>> JobSpec(frames="1-8", tiles="2x2", samples=64).tile_grid
+    (2, 2)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    frames: str = Field(description="Frame spec: '1-8', '1,3,5-7', '1-20x5'.")
+    scene: str | None = Field(None, description="Scene name; the file's active scene if unset.")
+    camera: str | None = Field(None, description="Camera object; the scene's camera if unset.")
+    tiles: int | str = Field(1, description="1 (whole frames) or 'NxM' tiles per frame.")
+    samples: int | None = Field(None, ge=1, le=65536, description="Cycles samples override.")
+    resolution_percentage: int | None = Field(None, ge=1, le=400)
+    format: Literal["png", "exr"] = "png"
+    color_depth: int | None = Field(
+        None, description="png: 8 (default) or 16; exr: 16 (half) or 32 (float, default)."
+    )
+    priority: int = Field(50, ge=0, le=100, description="Higher renders first.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries per task before the job fails.")
+
+    @field_validator("frames", mode="before")
+    @classmethod
+    def _frames(cls, v: Any) -> str:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        try:
+            parse_frames(v)
+        except InvalidSpec as exc:
+            raise ValueError(exc.message) from exc
+        return str(v).replace(" ", "")
+
+    @field_validator("scene", "camera")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not (0 < len(v) <= 63):
+            raise ValueError("must be 1 to 63 characters (Blender's name limit)")
+        return v
+
+    @field_validator("tiles", mode="before")
+    @classmethod
+    def _tiles(cls, v: Any) -> int | str:
+        if isinstance(v, bool):
+            raise ValueError("tiles must be 1 or 'NxM'")
+        if isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()):
+            if int(v) != 1:
+                raise ValueError("tiles must be 1 or 'NxM' such as '2x2'")
+            return 1
+        if not isinstance(v, str):
+            raise ValueError("tiles must be 1 or 'NxM' such as '2x2'")
+        if v.strip().lower() == "auto":
+            raise ValueError("tiles='auto' is not supported yet: give 1 or 'NxM'")
+        m = _TILES.match(v.strip().lower())
+        if m is None:
+            raise ValueError(f"tiles {v!r} is not 1 or 'NxM' such as '2x2'")
+        nx, ny = int(m[1]), int(m[2])
+        if not (1 <= nx <= MAX_TILES_PER_AXIS and 1 <= ny <= MAX_TILES_PER_AXIS):
+            raise ValueError(f"tiles per axis must be 1 to {MAX_TILES_PER_AXIS}")
+        return 1 if (nx, ny) == (1, 1) else f"{nx}x{ny}"
+
+    @model_validator(mode="after")
+    def _depth(self) -> JobSpec:
+        allowed = {"png": (8, 16), "exr": (16, 32)}[self.format]
+        if self.color_depth is not None and self.color_depth not in allowed:
+            raise ValueError(
+                f"color_depth {self.color_depth} is not valid for {self.format}: "
+                f"use {' or '.join(map(str, allowed))}"
+            )
+        return self
+
+    @property
+    def frame_list(self) -> list[int]:
+        return parse_frames(self.frames)
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        if self.tiles == 1:
+            return (1, 1)
+        nx, ny = str(self.tiles).split("x")
+        return (int(nx), int(ny))
+
+    @property
+    def depth(self) -> int:
+        """The color depth in effect (the format's default when unset)."""
+        return self.color_depth or {"png": 8, "exr": 32}[self.format]
+
+    @property
+    def extension(self) -> str:
+        return {"png": "png", "exr": "exr"}[self.format]
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a spec (dict or JSON text); raise ``InvalidSpec`` naming each bad field."""
+    try:
+        if isinstance(data, str | bytes):
+            return JobSpec.model_validate_json(data)
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "spec"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            problems.append(f"{where}: {msg}")
+        raise InvalidSpec("invalid job spec: " + "; ".join(problems), {"errors": problems}) from exc
+
+
+class JobStatus(BaseModel):
+    """The compact view of a job that clients poll."""
+
+    id: str
+    state: JobState
+    frames_done: int
+    frames_total: int
+    tasks_done: int
+    tasks_total: int
+    error: str | None = None
+
+
+class FrameInfo(BaseModel):
+    frame: int
+    url: str
+    size: int | None = None
+
+
+class Job(BaseModel):
+    """A job as the farm knows it.
+
+    Returned by ``Farm.submit`` and ``Farm.job``; its methods talk to the farm
+    that returned it:
+
+    >>> job = farm.submit("shot.blend", frames="1-8")   # doctest: +SKIP
+    >>> job.wait().state                                # doctest: +SKIP
+    <JobState.COMPLETED: 'COMPLETED'>
+    """
+
+    id: str
+    state: JobState
+    owner: str
+    spec: JobSpec
+    scene_file: str
+    frames_total: int
+    frames_done: int = 0
+    tasks_total: int
+    tasks_done: int = 0
+    error: str | None = None
+    device: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    _farm: Farm | None = PrivateAttr(default=None)
+
+    def _bound(self) -> Farm:
+        if self._farm is None:
+            raise RuntimeError("this Job is not bound to a Farm; get it from Farm.job(id)")
+        return self._farm
+
+    def _update(self, other: Job) -> Job:
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(other, name))
+        return self
+
+    def refresh(self) -> Job:
+        """Fetch the job again and update this object in place."""
+        return self._update(self._bound()._get_job(self.id))
+
+    def status(self) -> JobStatus:
+        """The compact status (state, frames and tasks done, error)."""
+        status = self._bound()._get_status(self.id)
+        self.state = status.state
+        self.frames_done, self.tasks_done = status.frames_done, status.tasks_done
+        self.error = status.error
+        return status
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.2) -> JobStatus:
+        """Block until the job is COMPLETED, FAILED or CANCELLED; return its status.
+
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first.
+        """
+        return self._bound()._wait(self, timeout, poll_s)
+
+    def cancel(self) -> Job:
+        """Cancel the job (PENDING or PROCESSING); 409 ``InvalidTransition`` otherwise."""
+        return self._update(self._bound()._post_job(self.id, "cancel"))
+
+    def retry(self) -> Job:
+        """Put a FAILED job back in the queue; only missing frames are rendered again."""
+        return self._update(self._bound()._post_job(self.id, "retry"))
+
+    def frames(self) -> list[FrameInfo]:
+        """The frames stored so far, with their URLs."""
+        return self._bound()._get_frames(self.id)
+
+    def download(self, directory: str | Path) -> list[Path]:
+        """Download every stored frame into ``directory``; return the file paths."""
+        return self._bound()._download(self, directory)

@@ -1,0 +1,161 @@
+"""Shared fixtures: a real redis-server, real .blend files built by bpy, and a real
+local farm (`rayfarm up` in a subprocess: Ray, Redis, Serve, render actors)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from rayfarm.cluster.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MAKE_SCENE = ROOT / "examples" / "make_scene.py"
+FARM_START_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """An empty database for each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    return redis_server.url
+
+
+class SceneFactory:
+    """Builds .blend files with examples/make_scene.py (real bpy), cached per arguments."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __call__(self, *args: str) -> Path:
+        name = hashlib.sha1(" ".join(args).encode()).hexdigest()[:12] + ".blend"
+        path = self.directory / name
+        if not path.exists():
+            subprocess.run(
+                [PYTHON, str(MAKE_SCENE), str(path), *args],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        return path
+
+
+@pytest.fixture(scope="session")
+def make_scene(tmp_path_factory: pytest.TempPathFactory) -> SceneFactory:
+    return SceneFactory(tmp_path_factory.mktemp("scenes"))
+
+
+SMALL = ("--width", "64", "--height", "48", "--samples", "4", "--frames", "8")
+
+
+@pytest.fixture(scope="session")
+def small_scene(make_scene: SceneFactory) -> Path:
+    """A 64x48, 4-sample animated Cycles scene (fast to render)."""
+    return make_scene(*SMALL)
+
+
+def render_reference(scene: Path, out_dir: Path, frames: list[int]) -> dict[int, Path]:
+    """Render frames directly with bpy in a fresh process (the ground truth)."""
+    subprocess.run(
+        [PYTHON, str(ROOT / "tests" / "helpers" / "render_reference.py"), str(scene),
+         str(out_dir), *map(str, frames)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    return {f: out_dir / f"{f:04d}.png" for f in frames}
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGBA"))
+
+
+class LocalFarm:
+    """`rayfarm up` running in a subprocess with its own data dir and port."""
+
+    def __init__(self, data_dir: Path, port: int, env: dict[str, str]) -> None:
+        self.data_dir, self.port, self.env = data_dir, port, env
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = data_dir / "up.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    def start(self) -> LocalFarm:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port),
+                 "--data-dir", str(self.data_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + FARM_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rayfarm up exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"rayfarm up did not become healthy:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        # Anything the farm started and left behind (Ray workers, redis) dies with its group.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def farm_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYFARM_", "REDIS_URL"))}
+    env.update(RAYFARM_CPU_ACTORS="2", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+@pytest.fixture(scope="session")
+def local_farm(
+    tmp_path_factory: pytest.TempPathFactory, farm_env: dict[str, str]
+) -> Iterator[LocalFarm]:
+    farm = LocalFarm(tmp_path_factory.mktemp("farm"), free_port(), farm_env).start()
+    yield farm
+    farm.stop()

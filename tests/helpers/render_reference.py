@@ -1,0 +1,28 @@
+"""Render reference frames directly with bpy, the way an artist's Blender would.
+
+    python render_reference.py SCENE.blend OUT_DIR FRAME [FRAME ...]
+
+Writes OUT_DIR/NNNN.png for each frame with the scene's own settings (a plain
+``render.render(write_still=True)``), for tests to compare the farm against.
+"""
+
+import sys
+from pathlib import Path
+
+import bpy
+
+
+def main() -> None:
+    scene_path, out_dir, *frames = sys.argv[1:]
+    bpy.ops.wm.open_mainfile(filepath=scene_path, load_ui=False, use_scripts=False)
+    scene = bpy.context.scene
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for frame in map(int, frames):
+        scene.frame_set(frame)
+        scene.render.filepath = str(Path(out_dir) / f"{frame:04d}.png")
+        scene.render.use_file_extension = False
+        bpy.ops.render.render(write_still=True)
+
+
+if __name__ == "__main__":
+    main()

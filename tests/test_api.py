@@ -1,0 +1,192 @@
+"""The HTTP API as an ASGI app on a real Redis and real file storage (no Ray).
+
+Every bad input gets a precise 4xx, stores nothing, and the service stays up.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+from fastapi.testclient import TestClient
+from rayfarm import JobState
+from rayfarm.cluster.api import AppContext, create_app
+from rayfarm.cluster.settings import Settings
+
+
+@pytest.fixture
+def api(redis_url, tmp_path):
+    settings = Settings(
+        redis_url=redis_url,
+        storage=(tmp_path / "storage").as_uri(),
+        data_dir=str(tmp_path),
+        max_upload_bytes=4 * 1024 * 1024,
+        blender_version=(5, 0),
+    )
+    nudges = []
+    ctx = AppContext(settings)
+    ctx.notify = lambda: nudges.append(1)
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        client.nudges = nudges
+        client.storage_dir = tmp_path / "storage"
+        client.redis = sync_redis.Redis.from_url(redis_url)
+        yield client
+        client.redis.close()
+
+
+def submit(client, data: bytes, spec, name="shot.blend"):
+    body = spec if isinstance(spec, str) else json.dumps(spec)
+    return client.post("/jobs", files={"scene": (name, data)}, data={"spec": body})
+
+
+def assert_nothing_stored(client):
+    assert list(client.storage_dir.rglob("*.*")) == []
+    assert client.redis.keys("rayfarm:*") == []
+
+
+def assert_error(response, status, code, fragment):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert err["code"] == code
+    assert fragment in err["message"]
+
+
+def test_submit_stores_scene_and_queues_pending_job(api, small_scene: Path):
+    r = submit(api, small_scene.read_bytes(), {"frames": "1-4", "tiles": "2x2", "samples": 2})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "PENDING" and job["frames_total"] == 4 and job["tasks_total"] == 16
+    assert job["spec"]["tiles"] == "2x2" and job["scene_file"] == "shot.blend"
+    stored = api.storage_dir / "jobs" / job["id"] / "input" / "scene.blend"
+    assert stored.read_bytes() == small_scene.read_bytes()
+    assert api.nudges == [1]
+    assert api.get(f"/jobs/{job['id']}").json()["state"] == "PENDING"
+    status = api.get(f"/jobs/{job['id']}/status").json()
+    assert status == {
+        "id": job["id"], "state": "PENDING", "frames_done": 0, "frames_total": 4,
+        "tasks_done": 0, "tasks_total": 16, "error": None,
+    }  # fmt: skip
+    listed = api.get("/jobs", params={"state": "PENDING"}).json()
+    assert listed["total"] == 1 and listed["jobs"][0]["id"] == job["id"]
+    assert api.get("/jobs", params={"state": "FAILED"}).json()["total"] == 0
+    assert api.get(f"/jobs/{job['id']}/frames").json() == {"frames": []}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "code", "fragment"),
+    [
+        (lambda d: b"this is a text file, not a scene", 422, "invalid_scene", "not a .blend"),
+        (lambda d: d[: len(d) // 2], 422, "invalid_scene", "truncated"),
+        (lambda d: d[:13] + b"0501" + d[17:], 422, "scene_too_new", "Blender 5.1"),
+        (lambda d: b"", 422, "invalid_scene", "only 0 bytes"),
+    ],
+)
+def test_bad_scenes_are_refused_and_nothing_is_stored(
+    api, small_scene, mutate, status, code, fragment
+):
+    r = submit(api, mutate(small_scene.read_bytes()), {"frames": "1"})
+    assert_error(r, status, code, fragment)
+    assert_nothing_stored(api)
+    assert api.get("/healthz").status_code == 200
+
+
+def test_too_new_names_both_versions(api, small_scene):
+    data = small_scene.read_bytes()
+    r = submit(api, data[:13] + b"0600" + data[17:], {"frames": "1"})
+    assert_error(r, 422, "scene_too_new", "newer than the farm's Blender 5.0")
+    assert "6.0" in r.json()["error"]["message"]
+    assert r.json()["error"]["detail"] == {"file_version": "6.0", "farm_version": "5.0"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"frames": "8-1"}, "backwards"),
+        ({"frames": "1", "colour": "red"}, "colour: unknown field"),
+        ({"frames": "1", "tiles": "0x2"}, "tiles"),
+        ({"frames": "1", "samples": 0}, "samples"),
+        ({"frames": "1", "resolution_percentage": 0}, "resolution_percentage"),
+        ({"tiles": "2x2"}, "frames: Field required"),
+        ("{not json", "invalid job spec"),
+        ("[1, 2]", "invalid job spec"),
+    ],
+)
+def test_bad_specs_are_refused_and_nothing_is_stored(api, small_scene, spec, fragment):
+    r = submit(api, small_scene.read_bytes(), spec)
+    assert_error(r, 422, "invalid_spec", fragment)
+    assert_nothing_stored(api)
+
+
+def test_missing_parts(api, small_scene):
+    r = api.post("/jobs", data={"spec": '{"frames": "1"}'})
+    assert_error(r, 400, "invalid_request", "missing file part 'scene'")
+    r = api.post("/jobs", files={"scene": ("a.blend", small_scene.read_bytes())})
+    assert_error(r, 400, "invalid_request", "missing form part 'spec'")
+    r = api.post("/jobs", content=b"garbage", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert_nothing_stored(api)
+
+
+def test_upload_over_the_limit_is_413(api):
+    big = b"BLENDER17-01v0500" + b"\0" * (5 * 1024 * 1024)
+    r = submit(api, big, {"frames": "1"})
+    assert_error(r, 413, "payload_too_large", "over the farm's limit")
+    assert_nothing_stored(api)
+
+
+def test_unknown_jobs_are_404(api):
+    for path in [
+        "/jobs/0123456789abcdef",
+        "/jobs/not-an-id",
+        "/jobs/0123456789abcdef/status",
+        "/jobs/0123456789abcdef/frames",
+        "/jobs/0123456789abcdef/frames/1",
+    ]:
+        assert_error(api.get(path), 404, "job_not_found", "no job")
+    for action in ["cancel", "retry"]:
+        assert_error(api.post(f"/jobs/0123456789abcdef/{action}"), 404, "job_not_found", "no job")
+    assert api.get("/nowhere").status_code == 404
+
+
+def test_cancel_and_retry_follow_the_table(api, small_scene):
+    job = submit(api, small_scene.read_bytes(), {"frames": "1-2"}).json()
+    r = api.post(f"/jobs/{job['id']}/retry")
+    assert_error(r, 409, "invalid_transition", "is PENDING; it cannot become PENDING")
+    r = api.post(f"/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "CANCELLED"
+    assert r.json()["finished_at"] is not None
+    assert_error(api.post(f"/jobs/{job['id']}/cancel"), 409, "invalid_transition", "CANCELLED")
+    assert_error(api.post(f"/jobs/{job['id']}/retry"), 409, "invalid_transition", "CANCELLED")
+    assert api.redis.zrange("rayfarm:queue", 0, -1) == []
+    assert_error(api.get(f"/jobs/{job['id']}/frames/1"), 404, "frame_not_found", "no stored frame")
+
+
+def test_list_paging_and_bad_query(api, small_scene):
+    ids = [submit(api, small_scene.read_bytes(), {"frames": "1"}).json()["id"] for _ in range(3)]
+    page = api.get("/jobs", params={"offset": 1, "limit": 1}).json()
+    assert page["total"] == 3 and [j["id"] for j in page["jobs"]] == [ids[1]]
+    assert_error(api.get("/jobs", params={"limit": 0}), 400, "invalid_request", "limit")
+    assert_error(api.get("/jobs", params={"state": "DONE"}), 400, "invalid_request", "state")
+
+
+def test_openapi_enum_is_the_sdk_enum(api):
+    schema = api.get("/openapi.json").json()
+    assert schema["components"]["schemas"]["JobState"]["enum"] == [s.value for s in JobState]
+    assert api.get("/docs").status_code == 200
+
+
+def test_health_reports_versions(api):
+    body = api.get("/healthz").json()
+    assert body["status"] == "ok" and body["blender"] == "5.0"
+
+
+def test_redis_down_is_503_and_the_app_stays_up(tmp_path):
+    settings = Settings(
+        redis_url="redis://127.0.0.1:1/0",
+        storage=tmp_path.as_uri(),
+        data_dir=str(tmp_path),
+        blender_version=(5, 0),
+    )
+    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
+        assert_error(client.get("/healthz"), 503, "farm_unavailable", "unreachable")
+        assert_error(client.get("/jobs/0123456789abcdef"), 503, "farm_unavailable", "unreachable")

@@ -1,0 +1,185 @@
+"""End to end on a real local farm: `rayfarm up` (Ray, Redis, Serve, two CPU render
+actors), the SDK over HTTP, bpy rendering, frames compared with bpy's own renders."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PYTHON, pixels, render_reference
+from rayfarm import Farm, InvalidTransition, JobState
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def farm(local_farm):
+    with Farm(local_farm.url) as farm:
+        yield farm
+
+
+def _completed(job):
+    status = job.wait(timeout=WAIT_S)
+    job.refresh()
+    assert status.state is JobState.COMPLETED, job.error
+    return job
+
+
+def test_frames_equal_a_direct_bpy_render(farm, small_scene, tmp_path):
+    job = _completed(farm.submit(small_scene, frames="1-3"))
+    assert (job.frames_done, job.tasks_done) == (3, 3)
+    assert job.device == "CPU"
+    assert job.started_at is not None and job.finished_at >= job.started_at
+    got = job.download(tmp_path / "farm")
+    assert [p.name for p in got] == ["0001.png", "0002.png", "0003.png"]
+    want = render_reference(small_scene, tmp_path / "ref", [1, 2, 3])
+    for path in got:
+        frame = int(path.stem)
+        assert np.array_equal(pixels(path), pixels(want[frame])), f"frame {frame} differs"
+    # The scene is animated, so equal frames are not a coincidence of identical images.
+    assert not np.array_equal(pixels(got[0]), pixels(got[2]))
+    assert [f.frame for f in job.frames()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tiles", ["2x2", "3x3"])
+def test_tiles_equal_the_full_frame(farm, make_scene, tmp_path, tiles):
+    """Odd frame sizes included: tiles of unequal sizes stitch bit-identically."""
+    scene = make_scene("--width", "67", "--height", "45", "--samples", "4")
+    job = _completed(farm.submit(scene, frames="2,5", tiles=tiles))
+    assert job.tasks_done == 2 * int(tiles[0]) ** 2
+    got = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [2, 5])
+    for path in got:
+        a, b = pixels(path), pixels(want[int(path.stem)])
+        assert a.shape == (45, 67, 4)
+        assert np.array_equal(a, b), f"{tiles} frame {path.stem}: max diff {np.abs(a - b).max()}"
+
+
+def test_overrides_apply(farm, small_scene, tmp_path):
+    job = _completed(farm.submit(small_scene, frames="4", resolution_percentage=50,
+                                 format="png", color_depth=16))  # fmt: skip
+    (path,) = job.download(tmp_path)
+    ihdr = path.read_bytes()[16:25]  # PNG IHDR: width, height, bit depth
+    assert struct.unpack(">IIB", ihdr) == (32, 24, 16)
+
+
+def test_registered_python_does_not_run(farm, make_scene, tmp_path):
+    marker = tmp_path / "scripts-ran"
+    scene = make_scene(*("--width", "32", "--height", "24", "--samples", "2"),
+                       "--script-marker", str(marker))  # fmt: skip
+    job = _completed(farm.submit(scene, frames="1"))
+    assert job.frames_done == 1
+    assert not marker.exists()
+    # The scene is armed: opened with auto-execution on, it does create the marker.
+    subprocess.run(
+        [PYTHON, "-c", "import bpy; bpy.ops.wm.open_mainfile("
+         f"filepath={str(scene)!r}, load_ui=False, use_scripts=True)"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert marker.exists()
+
+
+def _corrupt_dna(src: Path, dst: Path) -> Path:
+    """Zero the SDNA block: the file's structure is intact, its contents unreadable."""
+    data = bytearray(src.read_bytes())
+    offset = 17
+    while True:
+        code = bytes(data[offset : offset + 4])
+        (length,) = struct.unpack("<q", data[offset + 16 : offset + 24])
+        if code == b"DNA1":
+            data[offset + 32 : offset + 32 + length] = bytes(length)
+            break
+        offset += 32 + length
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_scene_bpy_cannot_open_fails_the_job(farm, small_scene, tmp_path):
+    bad = _corrupt_dna(small_scene, tmp_path / "damaged.blend")
+    job = farm.submit(bad, frames="1-2", max_retries=3)
+    status = job.wait(timeout=WAIT_S)
+    assert status.state is JobState.FAILED
+    assert "Blender could not open the scene" in status.error
+    assert "SDNA" in status.error
+    assert status.frames_done == 0
+
+
+def test_missing_camera_fails_naming_the_choices(farm, small_scene):
+    job = farm.submit(small_scene, frames="1", camera="NoSuchCam")
+    status = job.wait(timeout=WAIT_S)
+    assert status.state is JobState.FAILED
+    assert "no camera 'NoSuchCam'" in status.error and "MainCam" in status.error
+
+
+def _wait_for(predicate, timeout_s=WAIT_S):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+def test_cancel_stops_queued_tasks(farm, small_scene):
+    job = farm.submit(small_scene, frames="1-2000")
+    _wait_for(lambda: job.status().frames_done >= 2)
+    job.cancel()
+    assert job.state is JobState.CANCELLED
+    done = job.status().frames_done
+    time.sleep(2)
+    # At most the tasks already running on the two actors finish.
+    assert job.status().frames_done <= done + 2
+    assert job.status().state is JobState.CANCELLED
+    with pytest.raises(InvalidTransition):
+        job.cancel()
+    with pytest.raises(InvalidTransition):
+        job.retry()
+
+
+def test_retry_renders_only_missing_frames(farm, local_farm, small_scene):
+    """A storage fault on one frame fails the job after its retries; once the fault
+    is gone, retry renders that frame alone and leaves the stored ones untouched."""
+    blocker = farm.submit(small_scene, frames="1-2000", priority=100)
+    _wait_for(lambda: blocker.status().state is JobState.PROCESSING)
+    victim = farm.submit(small_scene, frames="1-4", priority=0, max_retries=1)
+    assert victim.status().state is JobState.PENDING  # queued behind the blocker
+    frames_dir = local_farm.storage_dir / "jobs" / victim.id / "frames"
+    fault = frames_dir / "0003.png"
+    fault.mkdir(parents=True)  # a directory where the frame must go: the write fails
+    blocker.cancel()
+
+    status = victim.wait(timeout=WAIT_S)
+    assert status.state is JobState.FAILED
+    assert status.error.startswith("frame 3:") and "failed 2 times" in status.error
+    assert status.frames_done == 3
+    inodes = {p.name: p.stat().st_ino for p in frames_dir.glob("*.png") if p.is_file()}
+    assert sorted(inodes) == ["0001.png", "0002.png", "0004.png"]
+
+    fault.rmdir()
+    victim.retry()
+    status = victim.wait(timeout=WAIT_S)
+    assert status.state is JobState.COMPLETED and status.frames_done == 4
+    assert status.error is None
+    after = {p.name: p.stat().st_ino for p in frames_dir.glob("*.png")}
+    assert {k: after[k] for k in inodes} == inodes  # not rewritten
+    assert "0003.png" in after
+
+
+def test_priority_orders_the_queue(farm, small_scene):
+    blocker = farm.submit(small_scene, frames="1-2000", priority=100)
+    _wait_for(lambda: blocker.status().state is JobState.PROCESSING)
+    low = farm.submit(small_scene, frames="1", priority=10)
+    high = farm.submit(small_scene, frames="1", priority=90)
+    blocker.cancel()
+    assert high.wait(timeout=WAIT_S).state is JobState.COMPLETED
+    low_status = low.wait(timeout=WAIT_S)
+    assert low_status.state is JobState.COMPLETED
+    high.refresh()
+    low.refresh()
+    assert high.started_at <= low.started_at

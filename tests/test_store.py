@@ -1,0 +1,194 @@
+"""The Redis job store on a real redis-server: atomic transitions, races, AOF."""
+
+import asyncio
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+import redis as sync_redis
+from rayfarm import InvalidTransition, JobNotFound, JobSpec, JobState
+from rayfarm.cluster import keys
+from rayfarm.cluster.redis_server import RedisServer
+from rayfarm.cluster.store import JobStore
+from rayfarm.models import Job
+
+
+def _job(job_id: str, priority: int = 50, frames: str = "1-4") -> Job:
+    spec = JobSpec(frames=frames, priority=priority)
+    return Job(
+        id=job_id,
+        state=JobState.PENDING,
+        owner="tester",
+        spec=spec,
+        scene_file="shot.blend",
+        frames_total=len(spec.frame_list),
+        tasks_total=len(spec.frame_list),
+        created_at=datetime.now(UTC),
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_store(url, fn):
+    store = JobStore.from_url(url)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def test_create_get_list_and_queue(redis_url):
+    async def go(store: JobStore):
+        await store.create(_job("a" * 16, priority=10), "jobs/a/input/scene.blend", "h1")
+        await store.create(_job("b" * 16, priority=90), "jobs/b/input/scene.blend", "h2")
+        job = await store.get("a" * 16)
+        assert job.state is JobState.PENDING and job.owner == "tester"
+        assert job.spec.priority == 10 and job.frames_total == 4
+        assert await store.queued() == ["b" * 16, "a" * 16]  # priority first
+        jobs, total = await store.list_jobs()
+        assert total == 2 and [j.id for j in jobs] == ["b" * 16, "a" * 16]
+        only, n = await store.list_jobs(JobState.PENDING, 0, 1)
+        assert n == 2 and len(only) == 1
+        with pytest.raises(JobNotFound):
+            await store.get("c" * 16)
+        events = await store.events("a" * 16)
+        assert events[0]["kind"] == "state" and events[0]["to"] == "PENDING"
+
+    run(_with_store(redis_url, go))
+
+
+@pytest.mark.parametrize(
+    ("path", "target", "ok"),
+    [
+        ((), JobState.PROCESSING, True),
+        ((), JobState.CANCELLED, True),
+        ((), JobState.COMPLETED, False),
+        ((), JobState.FAILED, False),
+        ((JobState.PROCESSING,), JobState.COMPLETED, True),
+        ((JobState.PROCESSING,), JobState.PENDING, False),
+        ((JobState.PROCESSING, JobState.FAILED), JobState.PENDING, True),
+        ((JobState.PROCESSING, JobState.FAILED), JobState.CANCELLED, False),
+        ((JobState.PROCESSING, JobState.COMPLETED), JobState.CANCELLED, False),
+        ((JobState.CANCELLED,), JobState.PENDING, False),
+    ],
+)
+def test_store_applies_the_table(redis_url, path, target, ok):
+    async def go(store: JobStore):
+        await store.create(_job("d" * 16), "k", "h")
+        for step in path:
+            await store.transition(
+                "d" * 16, step, error="boom" if step is JobState.FAILED else None
+            )
+        before = await store.get("d" * 16)
+        if ok:
+            assert await store.transition("d" * 16, target) is before.state
+            after = await store.get("d" * 16)
+            assert after.state is target
+            queued = await store.queued()
+            assert (("d" * 16) in queued) == (target is JobState.PENDING)
+            if target is JobState.PENDING:
+                assert after.error is None and after.finished_at is None
+            if target.is_terminal:
+                assert after.finished_at is not None
+        else:
+            with pytest.raises(InvalidTransition):
+                await store.transition("d" * 16, target)
+            assert (await store.get("d" * 16)).state is before.state
+
+    run(_with_store(redis_url, go))
+
+
+def test_unknown_job_transition(redis_url):
+    async def go(store: JobStore):
+        with pytest.raises(JobNotFound):
+            await store.transition("e" * 16, JobState.CANCELLED)
+
+    run(_with_store(redis_url, go))
+
+
+def test_cancel_racing_completion_has_one_answer(redis_url):
+    """Many concurrent cancels and completions of the same jobs: each job ends in
+    exactly one terminal state, and exactly one transition out of PROCESSING won."""
+
+    async def go(store: JobStore):
+        ids = [f"{i:016x}" for i in range(30)]
+        for i in ids:
+            await store.create(_job(i), "k", "h")
+            await store.transition(i, JobState.PROCESSING)
+        # Several clients, each with its own connection, all racing.
+        stores = [JobStore.from_url(redis_url) for _ in range(6)]
+        targets = itertools.cycle([JobState.CANCELLED, JobState.COMPLETED, JobState.FAILED])
+
+        async def attempt(s: JobStore, job_id: str, target: JobState):
+            try:
+                await s.transition(job_id, target)
+                return target
+            except InvalidTransition:
+                return None
+
+        coros = [attempt(s, i, next(targets)) for i in ids for s in stores]
+        results = await asyncio.gather(*coros)
+        for s in stores:
+            await s.close()
+        for n, job_id in enumerate(ids):
+            won = [r for r in results[n * len(stores) : (n + 1) * len(stores)] if r]
+            assert len(won) == 1
+            job = await store.get(job_id)
+            assert job.state is won[0]
+            state_events = [e for e in await store.events(job_id) if e["kind"] == "state"]
+            assert [e["to"] for e in state_events] == ["PENDING", "PROCESSING", won[0].value]
+
+    run(_with_store(redis_url, go))
+
+
+def test_retry_resets_only_incomplete_frames(redis_url):
+    async def go(store: JobStore):
+        job_id = "f" * 16
+        await store.create(_job(job_id), "k", "h")
+        await store.transition(job_id, JobState.PROCESSING)
+        for frame in (1, 2):
+            await store.mark_task_done(job_id, keys.task_key(frame, 0))
+            await store.mark_frame_done(job_id, frame, f"jobs/{job_id}/frames/{frame:04d}.png")
+        await store.mark_task_done(job_id, keys.task_key(3, 0))  # tile done, frame not stored
+        await store.add_attempt(job_id, keys.task_key(4, 0))
+        await store.transition(job_id, JobState.FAILED, error="frame 4: boom")
+        await store.reset_incomplete(job_id)
+        assert await store.tasks_done(job_id) == {keys.task_key(1, 0), keys.task_key(2, 0)}
+        assert set(await store.frames_done(job_id)) == {1, 2}
+        status = await store.status(job_id)
+        assert (status.state, status.frames_done, status.tasks_done) == (JobState.FAILED, 2, 2)
+        assert status.error == "frame 4: boom"
+
+    run(_with_store(redis_url, go))
+
+
+def test_jobs_survive_a_redis_restart(tmp_path):
+    """AOF on: a stopped and restarted redis-server still has every job."""
+    server = RedisServer(tmp_path / "aof").start()
+    try:
+
+        async def write(store: JobStore):
+            for i in range(5):
+                await store.create(_job(f"{i:016x}"), "k", "h")
+            await store.transition(f"{0:016x}", JobState.PROCESSING)
+
+        run(_with_store(server.url, write))
+        port = server.port
+        server.stop()
+        assert (tmp_path / "aof" / "appendonlydir").is_dir()
+        server = RedisServer(tmp_path / "aof", port=port).start()
+
+        async def read(store: JobStore):
+            _, total = await store.list_jobs()
+            assert total == 5
+            assert (await store.get(f"{0:016x}")).state is JobState.PROCESSING
+            assert len(await store.queued()) == 4
+
+        run(_with_store(server.url, read))
+        client = sync_redis.Redis.from_url(server.url)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        client.close()
+    finally:
+        server.stop()
