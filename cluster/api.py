@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Annotated, Any
 
-import rayfarm
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import rayfarm
 from rayfarm.blendfile import check_blend, check_version
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.settings import Settings
@@ -36,8 +39,6 @@ from rayfarm.errors import (
     PayloadTooLarge,
 )
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = ["AppContext", "create_app", "set_process_context"]
 

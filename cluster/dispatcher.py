@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings

@@ -25,6 +25,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     """Run the farm in the foreground until SIGINT/SIGTERM; then stop what was started."""
     import ray
     from ray import serve
+
     from rayfarm.cluster.dispatcher import start_dispatcher
     from rayfarm.cluster.redis_server import RedisServer
     from rayfarm.cluster.serve import APP_NAME, build_app

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import redis
+
 from rayfarm.errors import FarmUnavailable
 
 __all__ = ["RedisServer", "free_port"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 from ray import serve
+
 from rayfarm.cluster.api import AppContext, create_app, set_process_context
 from rayfarm.cluster.dispatcher import get_dispatcher
 from rayfarm.cluster.settings import Settings

@@ -70,8 +70,16 @@ class Storage:
     def _atomic(self, key: str, write: Any) -> None:
         target = self.path(key)
         if not self.is_local:
-            with self.fs.open(target, "wb") as f:
+            # Not `with fs.open(...)`: leaving that block closes the file, which commits
+            # whatever was written even when an exception is on its way out.
+            f = self.fs.open(target, "wb")
+            try:
                 write(f)
+            except BaseException:
+                f.discard()  # abort the (multipart) upload: no partial object appears
+                f.closed = True  # discard() leaves it open; closing later would fail
+                raise
+            f.close()
             return
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)

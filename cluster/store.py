@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+
 from rayfarm.cluster import keys
 from rayfarm.errors import InvalidTransition, JobNotFound
 from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, sources_of

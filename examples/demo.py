@@ -57,8 +57,10 @@ def watch(job: rayfarm.Job, label: str) -> rayfarm.Job:
         status = job.status()
         if status.tasks_done != shown:
             shown = status.tasks_done
-            print(f"  {label}: {status.state:<10} frames {status.frames_done}/"
-                  f"{status.frames_total}  tasks {status.tasks_done}/{status.tasks_total}")  # fmt: skip
+            print(
+                f"  {label}: {status.state:<10} frames {status.frames_done}/"
+                f"{status.frames_total}  tasks {status.tasks_done}/{status.tasks_total}"
+            )
         if status.state.is_terminal:
             return job.refresh()
         time.sleep(0.2)

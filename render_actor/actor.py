@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from rayfarm.errors import RenderError, SceneOpenError
 from rayfarm.render.tasks import RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split

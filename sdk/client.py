@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from rayfarm.errors import FarmUnavailable, InvalidRequest, ServerError, error_from_body
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 

@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
 from rayfarm.errors import InvalidSpec, InvalidTransition
 from rayfarm.frames import parse_frames
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+
 from rayfarm.cluster.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,49 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushdb()
     client.close()
     return redis_server.url
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "rayfarm-test",
+    "AWS_SECRET_ACCESS_KEY": "rayfarm-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 endpoint over HTTP: moto's server, as s3fs's own tests use."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [str(Path(PYTHON).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto_server did not start:\n{log.read_text()}") from None
+            time.sleep(0.2)
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point s3fs (through botocore's AWS_ENDPOINT_URL) at the moto server."""
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
 
 
 class SceneFactory:
@@ -91,6 +135,24 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGBA"))
 
 
+_FARM_PROCESS_NAMES = ("raylet", "gcs_server", "redis-server", "ray::")
+
+
+def farm_processes() -> set[int]:
+    """Pids of Ray daemons, Ray workers and redis-servers running now."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(name in cmdline for name in _FARM_PROCESS_NAMES):
+            found.add(int(entry.name))
+    return found
+
+
 class LocalFarm:
     """`rayfarm up` running in a subprocess with its own data dir and port."""
 
@@ -105,6 +167,7 @@ class LocalFarm:
         return self.data_dir / "storage"
 
     def start(self) -> LocalFarm:
+        self.before = farm_processes()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -127,6 +190,22 @@ class LocalFarm:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"rayfarm up did not become healthy:\n{self.log.read_text()[-4000:]}")
+
+    def stop_cleanly(self, timeout_s: float = 60) -> bool:
+        """Ctrl-C, as a user would; True if `rayfarm up` exited and took everything it
+        started with it (checked by the fixture)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return False
+        deadline = time.monotonic() + 30
+        while farm_processes() - self.before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.process = None
+        return True
 
     def stop(self) -> None:
         if self.process is None:
@@ -152,10 +231,25 @@ def farm_env() -> dict[str, str]:
     return env
 
 
+def run_farm(data_dir: Path, env: dict[str, str]) -> Iterator[LocalFarm]:
+    """Start a farm, yield it, stop it with Ctrl-C and fail if it leaves anything behind."""
+    farm = LocalFarm(data_dir, free_port(), env).start()
+    yield farm
+    exited = farm.stop_cleanly()
+    left = farm_processes() - farm.before
+    if left:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pytest.fail(f"rayfarm up left processes running after Ctrl-C: {sorted(left)}")
+    assert exited, f"rayfarm up did not exit on Ctrl-C:\n{farm.log.read_text()[-3000:]}"
+
+
 @pytest.fixture(scope="session")
 def local_farm(
     tmp_path_factory: pytest.TempPathFactory, farm_env: dict[str, str]
 ) -> Iterator[LocalFarm]:
-    farm = LocalFarm(tmp_path_factory.mktemp("farm"), free_port(), farm_env).start()
-    yield farm
-    farm.stop()
+    """The embedded default: local Ray, local Redis, file:// storage, two CPU actors."""
+    yield from run_farm(tmp_path_factory.mktemp("farm"), farm_env)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 from fastapi.testclient import TestClient
+
 from rayfarm import JobState
 from rayfarm.cluster.api import AppContext, create_app
 from rayfarm.cluster.settings import Settings

@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import zstandard
+
 from rayfarm import InvalidScene, SceneTooNew
 from rayfarm.blendfile import check_blend, check_version, read_header
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, pixels, render_reference
+
 from rayfarm import Farm, InvalidTransition, JobState
+
+from conftest import PYTHON, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 

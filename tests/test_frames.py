@@ -1,4 +1,5 @@
 import pytest
+
 from rayfarm import InvalidSpec, parse_frames
 from rayfarm.frames import MAX_FRAME, MAX_FRAMES_PER_JOB
 

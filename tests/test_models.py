@@ -3,6 +3,7 @@ import pickle
 import types
 
 import pytest
+
 import rayfarm
 from rayfarm import TRANSITIONS, InvalidSpec, InvalidTransition, JobSpec, JobState
 from rayfarm.errors import FarmError, JobNotFound, SceneTooNew, error_from_body

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 import redis as sync_redis
+
 from rayfarm import InvalidTransition, JobNotFound, JobSpec, JobState
 from rayfarm.cluster import keys
 from rayfarm.cluster.redis_server import RedisServer

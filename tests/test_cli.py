@@ -1,0 +1,83 @@
+"""The `rayfarm` CLI against the real local farm: output, exit codes, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import PYTHON
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, url: str | None = None, timeout: int = 300):
+    env_url = ["--url", url] if url else []
+    return subprocess.run(
+        [PYTHON, "-m", "rayfarm", *env_url, *args], capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def test_submit_wait_json_status_list_download(local_farm, small_scene, tmp_path):
+    r = cli("submit", str(small_scene), "--frames", "2-3", "--tiles", "2x2", "--samples", "2",
+            "--wait", "--json", url=local_farm.url)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert job["state"] == "COMPLETED" and job["frames_done"] == 2 and job["tasks_done"] == 8
+    assert job["spec"]["samples"] == 2
+
+    r = cli("status", job["id"], url=local_farm.url)
+    assert r.returncode == 0 and "COMPLETED" in r.stdout and "frames 2/2" in r.stdout
+    r = cli("list", "--state", "COMPLETED", url=local_farm.url)
+    assert r.returncode == 0 and job["id"] in r.stdout
+    r = cli("download", job["id"], str(tmp_path / "out"), url=local_farm.url)
+    assert r.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0002.png", "0003.png"]
+    assert r.stdout.split() == [str(tmp_path / "out" / n) for n in ("0002.png", "0003.png")]
+
+
+def test_failed_job_exits_1(local_farm, small_scene):
+    r = cli("submit", str(small_scene), "--frames", "1", "--camera", "Nope", "--wait",
+            url=local_farm.url)  # fmt: skip
+    assert r.returncode == 1
+    assert "FAILED" in r.stdout and "no camera 'Nope'" in r.stdout
+    job_id = r.stdout.split()[0]
+    r = cli("status", job_id, url=local_farm.url)
+    assert r.returncode == 1 and "FAILED" in r.stdout
+
+
+def test_cancel_and_refused_retry(local_farm, small_scene):
+    r = cli("submit", str(small_scene), "--frames", "1-2000", "--json", url=local_farm.url)
+    job_id = json.loads(r.stdout)["id"]
+    r = cli("cancel", job_id, url=local_farm.url)
+    assert r.returncode == 0 and "CANCELLED" in r.stdout
+    r = cli("retry", job_id, url=local_farm.url)
+    assert r.returncode == 2 and "cannot become PENDING" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("status", "0123456789abcdef"), "no job 0123456789abcdef"),
+        (("submit", "/no/such/scene.blend", "--frames", "1"), "scene file not found"),
+        (("submit", "{scene}", "--frames", "5-1"), "backwards"),
+        (("submit", "{scene}", "--frames", "1", "--tiles", "2by2"), "tiles"),
+        (("submit", "{not_blend}", "--frames", "1"), "not a .blend"),
+        (("submit", "{scene}"), "--frames"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2(local_farm, small_scene, tmp_path, args, fragment):
+    not_blend = tmp_path / "notes.blend"
+    not_blend.write_text("not a scene")
+    args = tuple(a.format(scene=small_scene, not_blend=not_blend) for a in args)
+    r = cli(*args, url=local_farm.url)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert fragment in r.stderr
+
+
+def test_unreachable_farm_exits_3():
+    r = cli("list", url="http://127.0.0.1:9")
+    assert r.returncode == 3 and "cannot reach the farm" in r.stderr

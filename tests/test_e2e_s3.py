@@ -1,0 +1,57 @@
+"""A farm whose storage is S3 (s3fs against moto's server over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+import s3fs
+
+from rayfarm import Farm, JobState
+
+from conftest import S3_ENV, pixels, render_reference, run_farm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3_farm(tmp_path_factory, farm_env, s3_endpoint):
+    bucket = f"rayfarm-{uuid.uuid4().hex[:8]}"
+    fs = s3fs.S3FileSystem(
+        key=S3_ENV["AWS_ACCESS_KEY_ID"], secret=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": s3_endpoint},
+        skip_instance_cache=True,
+    )  # fmt: skip
+    fs.mkdir(bucket)
+    env = {
+        **farm_env, **S3_ENV,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "RAYFARM_STORAGE": f"s3://{bucket}/studio",
+        "RAYFARM_CPU_ACTORS": "1",
+    }  # fmt: skip
+    for farm in run_farm(tmp_path_factory.mktemp("s3farm"), env):
+        farm.fs, farm.bucket = fs, bucket
+        yield farm
+
+
+def test_frames_land_in_s3_and_come_back_through_the_api(s3_farm, small_scene, tmp_path):
+    with Farm(s3_farm.url) as farm:
+        whole = farm.submit(small_scene, frames="1-2")
+        tiled = farm.submit(small_scene, frames="3", tiles="2x2")
+        for job in (whole, tiled):
+            assert job.wait(timeout=300).state is JobState.COMPLETED, job.refresh().error
+        got = whole.download(tmp_path / "whole") + tiled.download(tmp_path / "tiled")
+    want = render_reference(small_scene, tmp_path / "ref", [1, 2, 3])
+    for path in got:
+        assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path
+    fs, prefix = s3_farm.fs, f"{s3_farm.bucket}/studio/jobs/{whole.id}"
+    fs.invalidate_cache()
+    assert sorted(fs.ls(f"{prefix}/frames")) == [f"{prefix}/frames/0001.png",
+                                                f"{prefix}/frames/0002.png"]  # fmt: skip
+    assert fs.cat(f"{prefix}/input/scene.blend") == small_scene.read_bytes()
+    manifest = json.loads(fs.cat(f"{prefix}/manifest.json"))
+    assert manifest["frames"] == {"1": f"jobs/{whole.id}/frames/0001.png",
+                                  "2": f"jobs/{whole.id}/frames/0002.png"}  # fmt: skip
+    assert not (s3_farm.data_dir / "storage").exists()  # nothing went to local disk
