@@ -45,16 +45,19 @@ class RenderActor:
 
     def __init__(self, threads: int = 0, slot: int = 0, slots: int = 1) -> None:
         """``slot`` of ``slots`` CPU actors on this node: the actor pins itself to its
-        share of the node's cores so actors never fight over one core. ``threads``
-        (0: one per pinned core) sets Cycles' threads."""
-        self.cores = _pin(slot, slots)
+        share of the node's cores (``threads`` of them when given), so actors never fight
+        over a core and Cycles runs one thread per pinned core.
+
+        Pinning also matters alone: an unpinned Cycles process with fewer threads than
+        the machine has cores and persistent data spins a core while idle (TBB; measured
+        with bpy 5.0.1 on 2 cores: 1 thread unpinned burns a core, pinned it does not).
+        """
+        self.cores = _pin(slot, slots, threads)
+        self.threads = threads or len(self.cores)
         import bpy  # here, not at import time: only render processes load Blender
 
         self.bpy = bpy
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
-        # A Cycles process with one thread and persistent data spins a whole core while
-        # idle (TBB, measured with bpy 5.0.1); two threads on one pinned core do not.
-        self.threads = max(2, threads or len(self.cores))
         self.workdir = tempfile.mkdtemp(prefix="rayfarm-actor-")
         self.scenes: dict[str, str] = {}  # content hash -> local .blend path
         self.loaded: str | None = None
@@ -96,7 +99,10 @@ class RenderActor:
             image = self._write_still(scene, task, self._out_path(task, task.format))
             return TaskResult(task.frame, 0, self.device, time.perf_counter() - started), image
         width, height = _pixel_size(scene)
-        rect = split(width, height, *task.tiles)[task.tile]
+        try:
+            rect = split(width, height, *task.tiles)[task.tile]
+        except ValueError as exc:
+            raise RenderError(str(exc), {FATAL: True}) from None
         pixels = self._render_tile(scene, task, rect, width, height)
         result = TaskResult(task.frame, task.tile, self.device, time.perf_counter() - started, rect)
         return result, pixels
@@ -293,13 +299,16 @@ class RenderActor:
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
-def _pin(slot: int, slots: int) -> list[int]:
+def _pin(slot: int, slots: int, threads: int) -> list[int]:
     """Pin this process's main thread (and every thread it starts, Cycles' included)
-    to slot ``slot``'s share of the cores this process may use; return those cores."""
+    to slot ``slot``'s share of the cores this process may use, at most ``threads`` of
+    them when ``threads`` is set; return the cores."""
     available = sorted(os.sched_getaffinity(0))
     slots = max(1, min(slots, len(available)))
     share = available[slot % slots :: slots]
-    if slots > 1:
+    if 0 < threads < len(share):
+        share = share[:threads]
+    if share != available:
         os.sched_setaffinity(0, share)
     return share
 

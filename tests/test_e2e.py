@@ -3,6 +3,8 @@ actors), the SDK over HTTP, bpy rendering, frames compared with bpy's own render
 
 from __future__ import annotations
 
+import os
+import re
 import struct
 import subprocess
 import time
@@ -13,7 +15,7 @@ import pytest
 
 from rayfarm import Farm, InvalidTransition, JobState
 
-from conftest import PYTHON, pixels, render_reference
+from conftest import PYTHON, farm_processes, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +187,49 @@ def test_priority_orders_the_queue(farm, small_scene):
     high.refresh()
     low.refresh()
     assert high.started_at <= low.started_at
+
+
+def test_more_tiles_than_pixels_fails_once_with_the_reason(farm, make_scene):
+    scene = make_scene("--width", "8", "--height", "6", "--samples", "1")
+    job = farm.submit(scene, frames="1", tiles="16x16", max_retries=5)
+    status = job.wait(timeout=WAIT_S)
+    assert status.state is JobState.FAILED
+    # Two actors fail tiles at once and the first report wins; fatal, so no retry
+    # happened (a spent retry budget would add "(failed N times)").
+    assert re.fullmatch(r"frame 1 tile \d+: a 8x6 frame cannot be split into 16x16 tiles",
+                        status.error)  # fmt: skip
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _allowed_cores(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            cores: set[int] = set()
+            for part in line.split(":")[1].strip().split(","):
+                a, _, b = part.partition("-")
+                cores.update(range(int(a), int(b or a) + 1))
+            return cores
+    raise AssertionError("no Cpus_allowed_list")
+
+
+def test_cpu_actors_are_pinned_to_disjoint_cores_and_idle_quietly(farm, local_farm, small_scene):
+    """Two CPU actors on this node share its cores without overlap; an unpinned Cycles
+    process with persistent data and fewer threads than cores spins while idle."""
+    _completed(farm.submit(small_scene, frames="1-2"))
+    actors = [
+        pid
+        for pid in farm_processes() - local_farm.before
+        if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(actors) == 2
+    first, second = (_allowed_cores(pid) for pid in actors)
+    assert first and second and not first & second
+    assert first | second == os.sched_getaffinity(0)
+    before = {pid: _cpu_seconds(pid) for pid in actors}
+    time.sleep(2)
+    used = {pid: _cpu_seconds(pid) - before[pid] for pid in actors}
+    assert all(seconds < 0.5 for seconds in used.values()), used
