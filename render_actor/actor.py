@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,8 @@ __all__ = ["FATAL", "RenderActor"]
 FATAL = "fatal"
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
 _COMP_SCENE = "rayfarm_assemble"
+#: Scenes an actor keeps on local disk for reopening without a fetch.
+SCENE_CACHE_FILES = 8
 
 
 class RenderActor:
@@ -59,7 +62,7 @@ class RenderActor:
         self.bpy = bpy
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         self.workdir = tempfile.mkdtemp(prefix="rayfarm-actor-")
-        self.scenes: dict[str, str] = {}  # content hash -> local .blend path
+        self.scenes: OrderedDict[str, str] = OrderedDict()  # content hash -> .blend, LRU
         self.loaded: str | None = None
         self._defaults: dict[str, dict[str, Any]] = {}
         self.device = self._select_device()
@@ -127,7 +130,9 @@ class RenderActor:
         if self.loaded == digest:
             return
         path = self.scenes.get(digest)
-        if path is None:
+        if path is not None:
+            self.scenes.move_to_end(digest)
+        else:
             import ray
 
             data = ray.get(scene_data[0])
@@ -136,6 +141,7 @@ class RenderActor:
                 f.write(data)
             os.replace(path + ".part", path)
             self.scenes[digest] = path
+            self._evict()
         self.loaded = None
         self._defaults.clear()
         try:
@@ -150,6 +156,13 @@ class RenderActor:
                 "Blender could not open the scene (it kept another file open)", {FATAL: True}
             )
         self.loaded = digest
+
+    def _evict(self) -> None:
+        """Keep at most SCENE_CACHE_FILES scenes on local disk (least recently used go)."""
+        while len(self.scenes) > SCENE_CACHE_FILES:
+            _, path = self.scenes.popitem(last=False)
+            if os.path.exists(path):
+                os.unlink(path)
 
     def _prepare(self, task: RenderTask) -> Any:
         bpy = self.bpy
