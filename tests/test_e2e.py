@@ -220,11 +220,7 @@ def test_cpu_actors_are_pinned_to_disjoint_cores_and_idle_quietly(farm, local_fa
     """Two CPU actors on this node share its cores without overlap; an unpinned Cycles
     process with persistent data and fewer threads than cores spins while idle."""
     _completed(farm.submit(small_scene, frames="1-2"))
-    actors = [
-        pid
-        for pid in farm_processes() - local_farm.before
-        if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+    actors = _render_actor_pids(local_farm)
     assert len(actors) == 2
     first, second = (_allowed_cores(pid) for pid in actors)
     assert first and second and not first & second
@@ -233,3 +229,24 @@ def test_cpu_actors_are_pinned_to_disjoint_cores_and_idle_quietly(farm, local_fa
     time.sleep(2)
     used = {pid: _cpu_seconds(pid) - before[pid] for pid in actors}
     assert all(seconds < 0.5 for seconds in used.values()), used
+
+
+def _render_actor_pids(local_farm) -> list[int]:
+    return [
+        pid
+        for pid in farm_processes() - local_farm.before
+        if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def test_a_killed_render_actor_is_replaced_and_the_job_completes(farm, local_farm, small_scene):
+    job = farm.submit(small_scene, frames="1-30")
+    _wait_for(lambda: job.status().frames_done >= 2)
+    victim = _render_actor_pids(local_farm)[0]
+    os.kill(victim, 9)
+    status = job.wait(timeout=WAIT_S)
+    assert status.state is JobState.COMPLETED, status.error
+    assert status.frames_done == 30
+    assert [f.frame for f in job.frames()] == list(range(1, 31))
+    pids = _render_actor_pids(local_farm)
+    assert len(pids) == 2 and victim not in pids
