@@ -48,6 +48,8 @@ _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 _MEDIA = {"png": "image/png", "exr": "image/x-exr"}
 _MULTIPART_OVERHEAD_BYTES = 64 * 1024
+#: Longest a status long-poll may wait.
+MAX_STATUS_WAIT_S = 30.0
 
 
 @dataclass
@@ -239,8 +241,21 @@ async def get_job(job_id: JobId, ctx: Ctx) -> Job:
 
 
 @jobs.get("/{job_id}/status", response_model=JobStatus)
-async def get_status(job_id: JobId, ctx: Ctx) -> JobStatus:
-    """The compact status clients poll: state, frames and tasks done, error."""
+async def get_status(
+    job_id: JobId,
+    ctx: Ctx,
+    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
+    wait_s: Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S)] = 0,
+) -> JobStatus:
+    """The compact status clients poll: state, frames and tasks done, error.
+
+    Long-poll: with ``after`` (the ``event`` of a status you have) and ``wait_s``, the
+    answer waits until the job changes or ``wait_s`` seconds pass.
+    """
+    status = await ctx.store.status(job_id)
+    if after is None or wait_s <= 0 or status.state.is_terminal or status.event != after:
+        return status
+    await ctx.store.wait_for_event(job_id, after, wait_s)
     return await ctx.store.status(job_id)
 
 

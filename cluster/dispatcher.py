@@ -266,9 +266,12 @@ class Dispatcher:
                 return
             await self._report_device(run, meta)
             if not task.is_tiled:
-                await self._store_frame(run, task, await payload_ref)
+                await self._store_frame(run, task, await payload_ref, meta)
                 return
-            await self.store.mark_task_done(run.id, keys.task_key(task.frame, task.tile))
+            await self.store.mark_task_done(
+                run.id, keys.task_key(task.frame, task.tile), frame=task.frame, tile=task.tile,
+                device=meta.device, seconds=f"{meta.seconds:.3f}",
+            )  # fmt: skip
             tiles = run.tiles.setdefault(task.frame, {})
             tiles[task.tile] = (meta.rect, payload_ref)
             if len(tiles) == task.tiles[0] * task.tiles[1]:
@@ -292,7 +295,7 @@ class Dispatcher:
             meta_ref, image_ref = slot.handle.assemble.options(num_returns=2).remote(
                 task, [run.scene_ref], rects, *refs
             )
-            await meta_ref
+            meta = await meta_ref
             image = await image_ref
         except Exception:
             # The frame's tiles must all be rendered again (a lost tile cannot be stitched).
@@ -302,13 +305,18 @@ class Dispatcher:
             raise
         run.tiles.pop(task.frame, None)
         if not run.stopped:
-            await self._store_frame(run, task, image)
+            await self._store_frame(run, task, image, meta)
 
-    async def _store_frame(self, run: Run, task: RenderTask, image: bytes) -> None:
+    async def _store_frame(
+        self, run: Run, task: RenderTask, image: bytes, meta: TaskResult
+    ) -> None:
         key = layout.frame_key(run.id, task.frame, run.job.spec.extension)
         await asyncio.to_thread(self.storage.put_bytes, key, image)
         if not task.is_tiled:
-            await self.store.mark_task_done(run.id, keys.task_key(task.frame, 0))
+            await self.store.mark_task_done(
+                run.id, keys.task_key(task.frame, 0), frame=task.frame, tile=0,
+                device=meta.device, seconds=f"{meta.seconds:.3f}",
+            )  # fmt: skip
         stored = await self.store.mark_frame_done(run.id, task.frame, key)
         await self.store.event(run.id, "frame", frame=task.frame)
         if stored >= run.job.frames_total:

@@ -28,7 +28,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
 
     from rayfarm.cluster.dispatcher import start_dispatcher
     from rayfarm.cluster.redis_server import RedisServer
-    from rayfarm.cluster.serve import APP_NAME, build_app
+    from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -49,7 +49,9 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         stack.callback(ray.shutdown)
         dispatcher = start_dispatcher(settings)
         stack.callback(lambda: ray.kill(dispatcher, no_restart=True))
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.start(
+            http_options={"host": settings.host, "port": settings.port}, logging_config=LOGGING
+        )
         stack.callback(serve.shutdown)
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
         ready(

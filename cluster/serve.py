@@ -37,7 +37,17 @@ class _Notifier:
             raise
 
 
-@serve.deployment(name="api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+#: Serve logs every request at INFO by default; on a render node that costs CPU the
+#: renders need (clients long-poll the status), so only warnings are logged.
+LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+
+
+@serve.deployment(
+    name="api",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1024,
+    logging_config=LOGGING,
+)
 @serve.ingress(app)
 class RayfarmAPI:
     def __init__(self, settings: dict[str, Any]) -> None:

@@ -95,15 +95,14 @@ class JobStore:
         return value
 
     async def status(self, job_id: str) -> JobStatus:
+        """The compact status, in one round trip; ``event`` is the job's newest event id."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(keys.job(job_id), ["state", "frames_total", "tasks_total", "error"])
             pipe.hlen(keys.frames(job_id))
             pipe.hlen(keys.tasks(job_id))
-            (
-                (state, frames_total, tasks_total, error),
-                frames_done,
-                tasks_done,
-            ) = await pipe.execute()
+            pipe.xrevrange(keys.events(job_id), count=1)
+            fields, frames_done, tasks_done, last = await pipe.execute()
+        state, frames_total, tasks_total, error = fields
         if state is None:
             raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
         return JobStatus(
@@ -114,7 +113,20 @@ class JobStore:
             tasks_done=tasks_done,
             tasks_total=int(tasks_total),
             error=error or None,
+            event=last[0][0] if last else None,
         )
+
+    async def wait_for_event(self, job_id: str, after: str, timeout_s: float) -> bool:
+        """Block until the job's event stream has an entry newer than ``after`` (an event
+        id from ``status``), or ``timeout_s`` passes; True if one arrived.
+
+        Every progress step (state change, task done, frame stored) appends an event, so
+        this is how clients long-poll the status without hammering the service.
+        """
+        found = await self.redis.xread(
+            {keys.events(job_id): after}, count=1, block=max(1, int(timeout_s * 1000))
+        )
+        return bool(found)
 
     async def list_jobs(
         self, state: JobState | None = None, offset: int = 0, limit: int = 50
@@ -218,8 +230,14 @@ class JobStore:
     async def tasks_done(self, job_id: str) -> set[str]:
         return set(await self.redis.hkeys(keys.tasks(job_id)))
 
-    async def mark_task_done(self, job_id: str, task: str) -> None:
-        await self.redis.hset(keys.tasks(job_id), task, "done")
+    async def mark_task_done(self, job_id: str, task: str, **event: Any) -> None:
+        """Record a finished task and append a ``task`` event (frame, tile, device, ...)."""
+        fields = {"kind": "task", "at": now_iso(), "task": task}
+        fields.update({k: str(v) for k, v in event.items()})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.tasks(job_id), task, "done")
+            pipe.xadd(keys.events(job_id), fields, maxlen=EVENTS_MAXLEN)
+            await pipe.execute()
 
     async def mark_frame_done(self, job_id: str, frame: int, object_key: str) -> int:
         """Record a stored frame; return how many frames are stored."""

@@ -52,18 +52,16 @@ def start_farm(port: int) -> subprocess.Popen[bytes]:
 
 
 def watch(job: rayfarm.Job, label: str) -> rayfarm.Job:
-    shown = -1
-    while True:
-        status = job.status()
-        if status.tasks_done != shown:
-            shown = status.tasks_done
-            print(
-                f"  {label}: {status.state:<10} frames {status.frames_done}/"
-                f"{status.frames_total}  tasks {status.tasks_done}/{status.tasks_total}"
-            )
-        if status.state.is_terminal:
-            return job.refresh()
-        time.sleep(0.2)
+    """Print each change as the farm reports it (a long-poll, not a busy loop)."""
+
+    def show(status: rayfarm.JobStatus) -> None:
+        print(
+            f"  {label}: {status.state:<10} frames {status.frames_done}/"
+            f"{status.frames_total}  tasks {status.tasks_done}/{status.tasks_total}"
+        )
+
+    job.wait(on_change=show)
+    return job.refresh()
 
 
 def main() -> int:

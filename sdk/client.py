@@ -25,6 +25,8 @@ from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 __all__ = ["DEFAULT_URL", "Farm"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: How long one status long-poll may wait on the server before asking again.
+LONG_POLL_S = 20.0
 
 
 class Farm:
@@ -107,8 +109,11 @@ class Farm:
         with self._request("GET", f"/jobs/{job_id}") as r:
             return Job.model_validate(r.json())
 
-    def _get_status(self, job_id: str) -> JobStatus:
-        with self._request("GET", f"/jobs/{job_id}/status") as r:
+    def _get_status(self, job_id: str, after: str | None = None, wait_s: float = 0) -> JobStatus:
+        params: dict[str, Any] = {}
+        if after is not None and wait_s > 0:
+            params = {"after": after, "wait_s": round(wait_s, 3)}
+        with self._request("GET", f"/jobs/{job_id}/status", params=params) as r:
             return JobStatus.model_validate(r.json())
 
     def _post_job(self, job_id: str, action: str) -> Job:
@@ -119,15 +124,27 @@ class Farm:
         with self._request("GET", f"/jobs/{job_id}/frames") as r:
             return [FrameInfo.model_validate(f) for f in r.json()["frames"]]
 
-    def _wait(self, job: Job, timeout: float | None, poll_s: float) -> JobStatus:
+    def _wait(self, job: Job, timeout: float | None, on_change: Any = None) -> JobStatus:
+        """Long-poll the status: one request per change (or per LONG_POLL_S when idle)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        status = job.status()
         while True:
-            status = job.status()
+            if on_change is not None:
+                on_change(status)
             if status.state.is_terminal:
                 return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job.id} is still {status.state} after {timeout} s")
-            time.sleep(poll_s)
+            wait_s = LONG_POLL_S
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - time.monotonic())
+                if wait_s <= 0:
+                    raise TimeoutError(f"job {job.id} is still {status.state} after {timeout} s")
+            if status.event is None:
+                time.sleep(min(wait_s, 0.2))  # a service without events: plain polling
+                status = job.status()
+            else:
+                status = self._get_status(job.id, after=status.event, wait_s=wait_s)
+                job.state, job.error = status.state, status.error
+                job.frames_done, job.tasks_done = status.frames_done, status.tasks_done
 
     def _download(self, job: Job, directory: str | os.PathLike[str]) -> list[Path]:
         out = Path(directory)

@@ -26,6 +26,7 @@ from rayfarm.errors import InvalidSpec, InvalidTransition
 from rayfarm.frames import parse_frames
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from rayfarm.client import Farm
@@ -205,6 +206,9 @@ class JobStatus(BaseModel):
     tasks_done: int
     tasks_total: int
     error: str | None = None
+    event: str | None = Field(
+        None, description="Newest event id; pass it as `after` to long-poll for the next change."
+    )
 
 
 class FrameInfo(BaseModel):
@@ -263,12 +267,16 @@ class Job(BaseModel):
         self.error = status.error
         return status
 
-    def wait(self, timeout: float | None = None, poll_s: float = 0.2) -> JobStatus:
+    def wait(
+        self, timeout: float | None = None, on_change: Callable[[JobStatus], Any] | None = None
+    ) -> JobStatus:
         """Block until the job is COMPLETED, FAILED or CANCELLED; return its status.
 
-        Raises ``TimeoutError`` when ``timeout`` seconds pass first.
+        The farm answers as soon as anything changes (a long-poll, not a busy loop);
+        ``on_change`` is called with each new status. Raises ``TimeoutError`` when
+        ``timeout`` seconds pass first.
         """
-        return self._bound()._wait(self, timeout, poll_s)
+        return self._bound()._wait(self, timeout, on_change)
 
     def cancel(self) -> Job:
         """Cancel the job (PENDING or PROCESSING); 409 ``InvalidTransition`` otherwise."""

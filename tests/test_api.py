@@ -4,6 +4,8 @@ Every bad input gets a precise 4xx, stores nothing, and the service stays up.
 """
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,7 @@ def test_submit_stores_scene_and_queues_pending_job(api, small_scene: Path):
     assert api.nudges == [1]
     assert api.get(f"/jobs/{job['id']}").json()["state"] == "PENDING"
     status = api.get(f"/jobs/{job['id']}/status").json()
+    assert status.pop("event")
     assert status == {
         "id": job["id"], "state": "PENDING", "frames_done": 0, "frames_total": 4,
         "tasks_done": 0, "tasks_total": 16, "error": None,
@@ -191,3 +194,33 @@ def test_redis_down_is_503_and_the_app_stays_up(tmp_path):
     with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
         assert_error(client.get("/healthz"), 503, "farm_unavailable", "unreachable")
         assert_error(client.get("/jobs/0123456789abcdef"), 503, "farm_unavailable", "unreachable")
+
+
+def test_status_long_poll_answers_on_change(api, small_scene):
+    job = submit(api, small_scene.read_bytes(), {"frames": "1-2"}).json()
+    first = api.get(f"/jobs/{job['id']}/status").json()
+    assert first["event"]
+    # Nothing happens: the long-poll runs out and returns the same status.
+    same = api.get(f"/jobs/{job['id']}/status", params={"after": first["event"], "wait_s": 0.2})
+    assert same.json() == first
+    # A change while a client waits wakes it with the new state.
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            api.get, f"/jobs/{job['id']}/status", params={"after": first["event"], "wait_s": 30}
+        )
+        time.sleep(0.2)
+        assert not waiting.done()
+        api.post(f"/jobs/{job['id']}/cancel")
+        changed = waiting.result(timeout=30).json()
+    assert changed["state"] == "CANCELLED" and changed["event"] != first["event"]
+    # A client that is behind gets the current status at once.
+    behind = api.get(f"/jobs/{job['id']}/status", params={"after": first["event"], "wait_s": 30})
+    assert behind.json()["state"] == "CANCELLED"
+    assert_error(
+        api.get(f"/jobs/{job['id']}/status", params={"after": "x", "wait_s": 1}),
+        400, "invalid_request", "after",
+    )  # fmt: skip
+    assert_error(
+        api.get(f"/jobs/{job['id']}/status", params={"after": first["event"], "wait_s": 31}),
+        400, "invalid_request", "wait_s",
+    )  # fmt: skip
