@@ -8,6 +8,7 @@ completion leaves exactly one answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from importlib import resources
@@ -23,6 +24,8 @@ __all__ = ["EVENTS_MAXLEN", "JobStore", "now_iso", "queue_score"]
 
 #: Approximate cap on each job's event stream.
 EVENTS_MAXLEN = 10_000
+#: A Redis command that takes longer than this is a dead connection.
+SOCKET_TIMEOUT_S = 10.0
 _TRANSITION_LUA = resources.files("rayfarm.cluster").joinpath("lua/transition.lua").read_text()
 
 
@@ -39,15 +42,24 @@ def queue_score(priority: int, created_at: str) -> float:
 class JobStore:
     """Jobs in Redis. One instance per process; safe for concurrent coroutines."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, block_slice_s: float = SOCKET_TIMEOUT_S / 4) -> None:
         # Typed as Any: redis-py's stubs return bytes | str unions even with
         # decode_responses=True, which would bury the logic in casts.
         self.redis: Any = redis
+        # redis-py applies the socket timeout to blocking reads too: a blocked XREAD
+        # longer than it reads as a dead server, so blocking waits go in slices.
+        self.block_slice_s = block_slice_s
         self._transition = redis.register_script(_TRANSITION_LUA)
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True))
+    def from_url(cls, url: str, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> JobStore:
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+        )
+        return cls(client, block_slice_s=socket_timeout_s / 4)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -123,10 +135,13 @@ class JobStore:
         Every progress step (state change, task done, frame stored) appends an event, so
         this is how clients long-poll the status without hammering the service.
         """
-        found = await self.redis.xread(
-            {keys.events(job_id): after}, count=1, block=max(1, int(timeout_s * 1000))
-        )
-        return bool(found)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (remaining := deadline - loop.time()) > 0:
+            block_ms = max(1, int(min(remaining, self.block_slice_s) * 1000))
+            if await self.redis.xread({keys.events(job_id): after}, count=1, block=block_ms):
+                return True
+        return False
 
     async def list_jobs(
         self, state: JobState | None = None, offset: int = 0, limit: int = 50

@@ -201,8 +201,8 @@ def test_status_long_poll_answers_on_change(api, small_scene):
     first = api.get(f"/jobs/{job['id']}/status").json()
     assert first["event"]
     # Nothing happens: the long-poll runs out and returns the same status.
-    same = api.get(f"/jobs/{job['id']}/status", params={"after": first["event"], "wait_s": 0.2})
-    assert same.json() == first
+    same = api.get(f"/jobs/{job['id']}/status", params={"after": first["event"], "wait_s": 0.3})
+    assert same.status_code == 200 and same.json() == first
     # A change while a client waits wakes it with the new state.
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(

@@ -193,3 +193,27 @@ def test_jobs_survive_a_redis_restart(tmp_path):
         client.close()
     finally:
         server.stop()
+
+
+def test_event_wait_outlasts_the_socket_timeout(redis_url):
+    """redis-py applies its socket timeout to a blocking XREAD; a long wait must not
+    read as a dead server (it did with redis-py 8's 5 s default before slicing)."""
+
+    async def go():
+        store = JobStore.from_url(redis_url, socket_timeout_s=0.4)
+        try:
+            await store.create(_job("a" * 16), "k", "h")
+            last = (await store.status("a" * 16)).event
+            assert await store.wait_for_event("a" * 16, last, timeout_s=1.0) is False
+
+            async def later():
+                await asyncio.sleep(0.6)
+                await store.transition("a" * 16, JobState.CANCELLED)
+
+            task = asyncio.create_task(later())
+            assert await store.wait_for_event("a" * 16, last, timeout_s=5.0) is True
+            await task
+        finally:
+            await store.close()
+
+    run(go())
