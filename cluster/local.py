@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
-import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,16 @@ from rayfarm.cluster.settings import NAMESPACE, Settings
 __all__ = ["up"]
 
 log = logging.getLogger("rayfarm.up")
+
+# On a one-machine farm the control plane shares the cores with the renders (Ray runs
+# workers at nice 15, its daemons at 0, so every control-plane tick preempts Cycles).
+# Measured idle on 2 cores: 12% of a core with Ray's defaults; these cut what we do not
+# use (Serve autoscaling metrics every 100 ms, a 100 ms controller loop, Ray's metrics).
+LOCAL_SERVE_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",
+}
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
 
 def up(settings: Settings, address: str | None = None, ready: Any = print) -> None:
@@ -30,9 +41,15 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     from rayfarm.cluster.redis_server import RedisServer
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
-    stop = threading.Event()
+    # A plain flag, not a threading.Event: a handler that takes a lock can deadlock with
+    # the main thread it interrupts (seen: Event.set() inside Event.wait()).
+    stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
+    if address is None:
+        # Serve's processes inherit these from the local Ray this process starts.
+        for name, value in LOCAL_SERVE_ENV.items():
+            os.environ.setdefault(name, value)
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -40,11 +57,14 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
             redis = stack.enter_context(RedisServer(data_dir / "redis"))
             settings = dataclasses.replace(settings, redis_url=redis.url)
         ray.init(
-            address=address,
+            # "local": always a new local Ray. Without it ray.init() may attach to another
+            # Ray on this machine (one still shutting down, say) and serve from that.
+            address=address or "local",
             namespace=NAMESPACE,
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=True,
+            _system_config=None if address else LOCAL_SYSTEM_CONFIG,
         )
         stack.callback(ray.shutdown)
         dispatcher = start_dispatcher(settings)
@@ -58,6 +78,6 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
             f"rayfarm is up at http://{settings.host}:{settings.port} "
             f"(storage {settings.storage}, redis {settings.redis_url}); Ctrl-C stops it"
         )
-        while not stop.wait(0.5):
-            pass
+        while not stopping:
+            time.sleep(0.2)
         ready("rayfarm: stopping")

@@ -58,7 +58,9 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C in the terminal must not stop Redis before the farm
+        # has drained; stop() shuts it down last.
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         try:
