@@ -32,14 +32,15 @@ from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore, now_iso, queue_score
 from rayfarm.errors import FarmError, InvalidTransition
 from rayfarm.models import Job, JobState
-from rayfarm.render.tasks import RenderTask, TaskResult
+from rayfarm.render.tasks import FATAL, RenderTask, TaskResult
 
 __all__ = ["Dispatcher", "get_dispatcher", "start_dispatcher"]
 
 log = logging.getLogger("rayfarm.dispatcher")
 
 POLL_INTERVAL_S = 1.0
-FATAL = "fatal"  # RenderError detail flag: no retry can fix it (see rayfarm.render.actor)
+#: Queued jobs looked at per admission round.
+ADMIT_BATCH = 20
 
 
 @dataclass
@@ -179,8 +180,7 @@ class Dispatcher:
         return idle - waiting
 
     async def _admit(self) -> None:
-        queued = await self.store.redis.zrange(keys.queue(), 0, 20, withscores=True)
-        for job_id, score in queued:
+        for job_id, score in await self.store.queue_head(ADMIT_BATCH):
             if job_id in self.runs:
                 continue
             best_waiting = min((r.score for r in self.runs.values() if r.pending), default=None)
@@ -256,6 +256,18 @@ class Dispatcher:
 
     async def _execute(self, slot: Slot, run: Run, task: RenderTask) -> None:
         assert self._wake is not None
+        wake = self._wake
+        released = False
+
+        def release() -> None:
+            """The actor's part is done: let it take its next task while the frame is
+            stored, so it never idles on storage or Redis between frames."""
+            nonlocal released
+            if not released:
+                released = True
+                slot.busy = False
+                wake.set()
+
         try:
             meta_ref, payload_ref = slot.handle.render.options(num_returns=2).remote(
                 task, [run.scene_ref]
@@ -264,48 +276,46 @@ class Dispatcher:
             slot.holds = task.scene_hash
             if run.stopped:
                 return
-            await self._report_device(run, meta)
             if not task.is_tiled:
+                release()
+                await self._report_device(run, meta)
                 await self._store_frame(run, task, await payload_ref, meta)
                 return
+            await self._report_device(run, meta)
             await self.store.mark_task_done(
                 run.id, keys.task_key(task.frame, task.tile), frame=task.frame, tile=task.tile,
                 device=meta.device, seconds=f"{meta.seconds:.3f}",
             )  # fmt: skip
             tiles = run.tiles.setdefault(task.frame, {})
             tiles[task.tile] = (meta.rect, payload_ref)
-            if len(tiles) == task.tiles[0] * task.tiles[1]:
-                try:
-                    await self._assemble(slot, run, task, tiles)
-                except Exception as exc:
-                    await self._task_failed(slot, run, task, exc, whole_frame=True)
+            if len(tiles) < task.tiles[0] * task.tiles[1]:
+                return
+            try:
+                meta, image = await self._assemble(slot, run, task, tiles)
+                release()
+                if not run.stopped:
+                    await self._store_frame(run, task, image, meta)
+            except Exception as exc:
+                await self._task_failed(slot, run, task, exc, whole_frame=True)
         except Exception as exc:
             await self._task_failed(slot, run, task, exc)
         finally:
-            slot.busy = False
-            self._wake.set()
+            release()
 
     async def _assemble(
         self, slot: Slot, run: Run, task: RenderTask, tiles: dict[int, tuple[Any, Any]]
-    ) -> None:
+    ) -> tuple[TaskResult, bytes]:
+        """Stitch a frame on ``slot`` (it rendered the last tile and holds the scene)."""
         order = sorted(tiles)
         rects = [tiles[i][0] for i in order]
         refs = [tiles[i][1] for i in order]
-        try:
-            meta_ref, image_ref = slot.handle.assemble.options(num_returns=2).remote(
-                task, [run.scene_ref], rects, *refs
-            )
-            meta = await meta_ref
-            image = await image_ref
-        except Exception:
-            # The frame's tiles must all be rendered again (a lost tile cannot be stitched).
-            run.tiles.pop(task.frame, None)
-            stale = [keys.task_key(task.frame, i) for i in order]
-            await self.store.redis.hdel(keys.tasks(run.id), *stale)
-            raise
-        run.tiles.pop(task.frame, None)
-        if not run.stopped:
-            await self._store_frame(run, task, image, meta)
+        meta_ref, image_ref = slot.handle.assemble.options(num_returns=2).remote(
+            task, [run.scene_ref], rects, *refs
+        )
+        meta: TaskResult = await meta_ref
+        image: bytes = await image_ref
+        run.tiles.pop(task.frame, None)  # the tiles' objects are freed with their refs
+        return meta, image
 
     async def _store_frame(
         self, run: Run, task: RenderTask, image: bytes, meta: TaskResult
@@ -380,7 +390,13 @@ class Dispatcher:
             await self._fail(run.id, message)
             return
         if whole_frame:
+            # A frame that failed to stitch or store: its tiles are gone or suspect, so
+            # every tile of it renders again.
             nx, ny = task.tiles
+            run.tiles.pop(task.frame, None)
+            await self.store.forget_tasks(
+                run.id, [keys.task_key(task.frame, i) for i in range(nx * ny)]
+            )
             for tile in reversed(range(nx * ny)):
                 run.pending.appendleft(_with_tile(task, tile))
         else:

@@ -277,8 +277,19 @@ class JobStore:
         return [{"id": entry_id, **fields} for entry_id, fields in entries]
 
     async def queued(self, limit: int = 100) -> list[str]:
-        ids: list[str] = await self.redis.zrange(keys.queue(), 0, limit - 1)
-        return ids
+        return [job_id for job_id, _ in await self.queue_head(limit)]
+
+    async def queue_head(self, limit: int) -> list[tuple[str, float]]:
+        """The first ``limit`` queued job ids with their scores (priority, then age)."""
+        head: list[tuple[str, float]] = await self.redis.zrange(
+            keys.queue(), 0, limit - 1, withscores=True
+        )
+        return head
+
+    async def forget_tasks(self, job_id: str, task_keys: list[str]) -> None:
+        """Mark tasks as not done (their output was lost and must be rendered again)."""
+        if task_keys:
+            await self.redis.hdel(keys.tasks(job_id), *task_keys)
 
     async def active(self) -> list[str]:
         """Ids of PROCESSING jobs (for a dispatcher rebuilding its queue)."""

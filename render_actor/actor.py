@@ -26,15 +26,22 @@ from typing import Any
 import numpy as np
 
 from rayfarm.errors import RenderError, SceneOpenError
-from rayfarm.render.tasks import RenderTask, TaskResult, TileRect
+from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split
 
-__all__ = ["FATAL", "RenderActor"]
+__all__ = ["RenderActor"]
 
-#: ``detail`` flag on a RenderError that no retry can fix (bad scene name, engine, ...).
-FATAL = "fatal"
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
 _COMP_SCENE = "rayfarm_assemble"
+_BORDER = ("border_min_x", "border_max_x", "border_min_y", "border_max_y")
+#: Render settings every task starts from (a tile task turns the border on).
+_RENDER_FLAGS = {
+    "use_border": False,
+    "use_crop_to_border": False,
+    "use_file_extension": False,
+    "use_overwrite": True,
+    "use_placeholder": False,
+}
 #: Scenes an actor keeps on local disk for reopening without a fetch.
 SCENE_CACHE_FILES = 8
 
@@ -190,25 +197,26 @@ class RenderActor:
                     f"the file has no camera {task.camera!r} (cameras: {cams or 'none'})",
                     {FATAL: True},
                 )
-            scene.camera = cam
+            _assign(scene, "camera", cam)
         else:
-            scene.camera = defaults["camera"]
+            _assign(scene, "camera", defaults["camera"])
         if scene.camera is None:
             raise RenderError(f"scene {scene.name!r} has no camera", {FATAL: True})
-        scene.cycles.samples = task.samples or defaults["samples"]
-        scene.render.resolution_percentage = (
-            task.resolution_percentage or defaults["resolution_percentage"]
-        )
-        scene.cycles.device = "GPU" if self.device.startswith("GPU") else "CPU"
-        scene.render.use_persistent_data = True
-        scene.render.threads_mode = "FIXED"
-        scene.render.threads = self.threads
-        scene.render.use_border = False
-        scene.render.use_crop_to_border = False
-        scene.render.use_file_extension = False
-        scene.render.use_overwrite = True
-        scene.render.use_placeholder = False
-        scene.frame_set(task.frame)
+        r = scene.render
+        _assign(scene.cycles, "samples", task.samples or defaults["samples"])
+        _assign(
+            r, "resolution_percentage",
+            task.resolution_percentage or defaults["resolution_percentage"],
+        )  # fmt: skip
+        _assign(scene.cycles, "device", "GPU" if self.device.startswith("GPU") else "CPU")
+        _assign(r, "use_persistent_data", True)
+        _assign(r, "threads_mode", "FIXED")
+        _assign(r, "threads", self.threads)
+        for name, value in _RENDER_FLAGS.items():
+            _assign(r, name, value)
+        # Like Blender's own `-f N`: the render evaluates the frame; frame_set() would also
+        # evaluate the viewport depsgraph first, work no render needs.
+        _assign(scene, "frame_current", task.frame)
         return scene
 
     # -- output ------------------------------------------------------------------------------
@@ -226,11 +234,11 @@ class RenderActor:
         self, scene: Any, task: RenderTask, rect: TileRect, width: int, height: int
     ) -> np.ndarray:
         r = scene.render
-        r.use_border = True
-        r.use_crop_to_border = True
-        r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = border_fractions(
-            rect, width, height
-        )
+        _assign(r, "use_border", True)
+        _assign(r, "use_crop_to_border", True)
+        borders = border_fractions(rect, width, height)
+        for name, value in zip(_BORDER, borders, strict=True):
+            _assign(r, name, value)
         path = self._out_path(task, "exr")
         _set_format(r.image_settings, "exr", 32)
         r.filepath = path
@@ -342,16 +350,24 @@ def _snapshot(scene: Any) -> dict[str, Any]:
     }
 
 
+def _assign(target: Any, name: str, value: Any) -> None:
+    """Set an RNA property only when it changes. Every assignment runs the property's
+    update callback, and some (the scene camera, for one) tag the depsgraph so that the
+    next render re-syncs the scene: measured at +0.1-0.2 s a frame on a 2.5M-triangle
+    scene with persistent data, for values that had not changed at all."""
+    if getattr(target, name) != value:
+        setattr(target, name, value)
+
+
 def _set_format(settings: Any, fmt: str, depth: int) -> None:
     if hasattr(settings, "media_type"):  # 5.0: a scene may ask for video; we write images
-        settings.media_type = "IMAGE"
+        _assign(settings, "media_type", "IMAGE")
     if fmt == "png":
-        settings.file_format = "PNG"
-        settings.color_depth = str(depth)
+        _assign(settings, "file_format", "PNG")
     else:
-        settings.file_format = "OPEN_EXR"
-        settings.color_depth = str(depth)
-        settings.exr_codec = "ZIP"
+        _assign(settings, "file_format", "OPEN_EXR")
+        _assign(settings, "exr_codec", "ZIP")
+    _assign(settings, "color_depth", str(depth))
     if settings.color_mode not in ("RGB", "RGBA", "BW"):
         settings.color_mode = "RGBA"
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["RenderTask", "TaskResult", "TileRect"]
+__all__ = ["FATAL", "RenderTask", "TaskResult", "TileRect"]
+
+#: Flag in a RenderError's ``detail``: no retry can fix it (a scene bpy cannot open,
+#: a camera the file lacks, ...); the dispatcher fails the job at once.
+FATAL = "fatal"
 
 
 @dataclass(frozen=True)
