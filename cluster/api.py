@@ -50,6 +50,8 @@ _MEDIA = {"png": "image/png", "exr": "image/x-exr"}
 _MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: Longest a status long-poll may wait.
 MAX_STATUS_WAIT_S = 30.0
+#: How long a woken long-poll gathers further events before it answers.
+STATUS_COALESCE_S = 0.05
 
 
 @dataclass
@@ -255,7 +257,10 @@ async def get_status(
     status = await ctx.store.status(job_id)
     if after is None or wait_s <= 0 or status.state.is_terminal or status.event != after:
         return status
-    await ctx.store.wait_for_event(job_id, after, wait_s)
+    if await ctx.store.wait_for_event(job_id, after, wait_s):
+        # Progress comes in bursts (a task, then its frame, ms apart): answer once for
+        # the burst rather than once for each event.
+        await asyncio.sleep(STATUS_COALESCE_S)
     return await ctx.store.status(job_id)
 
 

@@ -16,11 +16,15 @@ and dither as a full-frame render (bit-identical with denoising off).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -33,6 +37,7 @@ __all__ = ["RenderActor"]
 
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
 _COMP_SCENE = "rayfarm_assemble"
+_LIBC = ctypes.CDLL(None)
 _BORDER = ("border_min_x", "border_max_x", "border_min_y", "border_max_y")
 #: Render settings every task starts from (a tile task turns the border on).
 _RENDER_FLAGS = {
@@ -42,6 +47,8 @@ _RENDER_FLAGS = {
     "use_overwrite": True,
     "use_placeholder": False,
 }
+#: How much of Blender's output per render is kept.
+LOG_TAIL_BYTES = 16 * 1024
 #: Scenes an actor keeps on local disk for reopening without a fetch.
 SCENE_CACHE_FILES = 8
 
@@ -69,6 +76,8 @@ class RenderActor:
         self.bpy = bpy
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         self.workdir = tempfile.mkdtemp(prefix="rayfarm-actor-")
+        self.log_path = os.path.join(self.workdir, "blender.log")
+        self.last_log = ""
         self.scenes: OrderedDict[str, str] = OrderedDict()  # content hash -> .blend, LRU
         self.loaded: str | None = None
         self._defaults: dict[str, dict[str, Any]] = {}
@@ -227,7 +236,7 @@ class RenderActor:
     def _write_still(self, scene: Any, task: RenderTask, path: str) -> bytes:
         _set_format(scene.render.image_settings, task.format, task.color_depth)
         scene.render.filepath = path
-        self.bpy.ops.render.render(write_still=True, scene=scene.name)
+        self._render(scene)
         return _take(path)
 
     def _render_tile(
@@ -242,7 +251,7 @@ class RenderActor:
         path = self._out_path(task, "exr")
         _set_format(r.image_settings, "exr", 32)
         r.filepath = path
-        self.bpy.ops.render.render(write_still=True, scene=scene.name)
+        self._render(scene)
         try:
             pixels = self._read_exr(path)
         finally:
@@ -253,6 +262,15 @@ class RenderActor:
                 f"expected {rect.width}x{rect.height}"
             )
         return pixels
+
+    def _render(self, scene: Any) -> None:
+        """Render and write ``scene``, with Blender's own output captured to this actor's
+        task log (the tail is kept in ``last_log``) instead of streaming through Ray's
+        log monitor: Cycles prints a line per sample batch, and forwarding that cost CPU
+        the render needed."""
+        with _captured_output(self.log_path):
+            self.bpy.ops.render.render(write_still=True, scene=scene.name)
+        self.last_log = _tail(self.log_path, LOG_TAIL_BYTES)
 
     def _read_exr(self, path: str) -> np.ndarray:
         img = self.bpy.data.images.load(path)
@@ -400,6 +418,34 @@ def _copy_output_settings(src: Any, dst: Any, width: int, height: int) -> None:
         "use_stamp_lens",
     ):
         setattr(dst.render, name, False)
+
+
+@contextmanager
+def _captured_output(path: str) -> Iterator[None]:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, which Blender's
+    C code writes to) at ``path``, truncated, for the duration of the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        _LIBC.fflush(None)  # C stdio buffers what Blender printed: write it here, not later
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def _tail(path: str, limit: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - limit))
+        return f.read().decode(errors="replace")
 
 
 def _take(path: str) -> bytes:
