@@ -29,7 +29,7 @@ from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.storage import Storage
-from rayfarm.cluster.store import JobStore, now_iso, queue_score
+from rayfarm.cluster.store import JobStore, now_iso, outranks, queue_score
 from rayfarm.errors import FarmError, InvalidTransition
 from rayfarm.models import Job, JobState
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult
@@ -184,8 +184,8 @@ class Dispatcher:
             if job_id in self.runs:
                 continue
             best_waiting = min((r.score for r in self.runs.values() if r.pending), default=None)
-            outranks = best_waiting is not None and score < best_waiting - 1e12
-            if self._capacity() <= 0 and not outranks:
+            jumps_queue = best_waiting is not None and outranks(score, best_waiting)
+            if self._capacity() <= 0 and not jumps_queue:
                 return
             try:
                 await self.store.transition(job_id, JobState.PROCESSING)

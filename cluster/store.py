@@ -20,7 +20,7 @@ from rayfarm.cluster import keys
 from rayfarm.errors import InvalidTransition, JobNotFound
 from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, sources_of
 
-__all__ = ["EVENTS_MAXLEN", "JobStore", "now_iso", "queue_score"]
+__all__ = ["EVENTS_MAXLEN", "JobStore", "now_iso", "outranks", "queue_score"]
 
 #: Approximate cap on each job's event stream.
 EVENTS_MAXLEN = 10_000
@@ -33,10 +33,20 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+#: Queue score distance between two priorities: larger than any epoch in ms (until 2286).
+PRIORITY_STEP = 1e13
+
+
 def queue_score(priority: int, created_at: str) -> float:
-    """Higher priority first, then older first: (100 - priority) * 1e13 + epoch ms."""
+    """Higher priority first, then older first: (100 - priority) * PRIORITY_STEP + epoch ms."""
     ms = datetime.fromisoformat(created_at).timestamp() * 1000.0
-    return (100 - priority) * 1e13 + ms
+    return (100 - priority) * PRIORITY_STEP + ms
+
+
+def outranks(score: float, other: float) -> bool:
+    """True if the job scored ``score`` has a strictly higher priority than ``other``'s
+    (age alone never outranks)."""
+    return score < other - PRIORITY_STEP / 2
 
 
 class JobStore:

@@ -10,7 +10,7 @@ import redis as sync_redis
 from rayfarm import InvalidTransition, JobNotFound, JobSpec, JobState
 from rayfarm.cluster import keys
 from rayfarm.cluster.redis_server import RedisServer
-from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.store import JobStore, outranks, queue_score
 from rayfarm.models import Job
 
 
@@ -217,3 +217,12 @@ def test_event_wait_outlasts_the_socket_timeout(redis_url):
             await store.close()
 
     run(go())
+
+
+def test_queue_scores_order_priority_then_age():
+    old, new = "2026-01-01T00:00:00+00:00", "2026-11-22T00:00:00+00:00"
+    assert queue_score(90, new) < queue_score(10, old)  # priority beats age
+    assert queue_score(50, old) < queue_score(50, new)  # then older first
+    assert outranks(queue_score(51, new), queue_score(50, old))
+    assert not outranks(queue_score(50, old), queue_score(50, new))  # age never outranks
+    assert not outranks(queue_score(10, old), queue_score(90, new))
