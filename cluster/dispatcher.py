@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections import deque
@@ -41,6 +42,8 @@ log = logging.getLogger("rayfarm.dispatcher")
 POLL_INTERVAL_S = 1.0
 #: Queued jobs looked at per admission round.
 ADMIT_BATCH = 20
+#: Pending tasks of a run considered when its first ones wait for another actor.
+SCHEDULE_LOOKAHEAD = 64
 
 
 @dataclass
@@ -237,20 +240,33 @@ class Dispatcher:
     def _schedule(self) -> None:
         while True:
             idle = [s for s in self.slots if not s.busy]
-            ready = [r for r in self.runs.values() if r.pending]
-            if not idle or not ready:
+            choice = self._next_assignment(idle) if idle else None
+            if choice is None:
                 return
-            run = min(ready, key=lambda r: r.score)
-            task = run.pending.popleft()
-            slot = self._pick(idle, run, task)
+            run, task, slot = choice
+            run.pending.remove(task)
             slot.busy = True
             asyncio.get_running_loop().create_task(self._execute(slot, run, task))
 
-    def _pick(self, idle: list[Slot], run: Run, task: RenderTask) -> Slot:
-        avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set())
-        fresh = [s for s in idle if s.index not in avoid] or idle
-        holding = [s for s in fresh if s.holds == run.scene_hash]
-        return (holding or fresh)[0]
+    def _next_assignment(self, idle: list[Slot]) -> tuple[Run, RenderTask, Slot] | None:
+        """The best (run, task, idle slot): runs by priority then age, tasks in order.
+
+        A task that failed on an actor goes to another one; while the others are busy it
+        waits and the idle actor takes a later task. Only when it has failed on every
+        actor may it run on one of them again. Among eligible actors, one that already
+        holds the job's scene is preferred.
+        """
+        everyone = {s.index for s in self.slots}
+        for run in sorted((r for r in self.runs.values() if r.pending), key=lambda r: r.score):
+            for task in itertools.islice(run.pending, SCHEDULE_LOOKAHEAD):
+                avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set())
+                if avoid >= everyone:
+                    avoid = set()
+                fresh = [s for s in idle if s.index not in avoid]
+                if fresh:
+                    holding = [s for s in fresh if s.holds == run.scene_hash]
+                    return run, task, (holding or fresh)[0]
+        return None
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -279,12 +295,12 @@ class Dispatcher:
             if not task.is_tiled:
                 release()
                 await self._report_device(run, meta)
-                await self._store_frame(run, task, await payload_ref, meta)
+                await self._store_frame(run, task, await payload_ref, meta, slot)
                 return
             await self._report_device(run, meta)
             await self.store.mark_task_done(
                 run.id, keys.task_key(task.frame, task.tile), frame=task.frame, tile=task.tile,
-                device=meta.device, seconds=f"{meta.seconds:.3f}",
+                actor=slot.index, device=meta.device, seconds=f"{meta.seconds:.3f}",
             )  # fmt: skip
             tiles = run.tiles.setdefault(task.frame, {})
             tiles[task.tile] = (meta.rect, payload_ref)
@@ -294,7 +310,7 @@ class Dispatcher:
                 meta, image = await self._assemble(slot, run, task, tiles)
                 release()
                 if not run.stopped:
-                    await self._store_frame(run, task, image, meta)
+                    await self._store_frame(run, task, image, meta, slot)
             except Exception as exc:
                 await self._task_failed(slot, run, task, exc, whole_frame=True)
         except Exception as exc:
@@ -318,14 +334,14 @@ class Dispatcher:
         return meta, image
 
     async def _store_frame(
-        self, run: Run, task: RenderTask, image: bytes, meta: TaskResult
+        self, run: Run, task: RenderTask, image: bytes, meta: TaskResult, slot: Slot
     ) -> None:
         key = layout.frame_key(run.id, task.frame, run.job.spec.extension)
         await asyncio.to_thread(self.storage.put_bytes, key, image)
         if not task.is_tiled:
             await self.store.mark_task_done(
                 run.id, keys.task_key(task.frame, 0), frame=task.frame, tile=0,
-                device=meta.device, seconds=f"{meta.seconds:.3f}",
+                actor=slot.index, device=meta.device, seconds=f"{meta.seconds:.3f}",
             )  # fmt: skip
         stored = await self.store.mark_frame_done(run.id, task.frame, key)
         await self.store.event(run.id, "frame", frame=task.frame)
@@ -380,6 +396,7 @@ class Dispatcher:
             "task_failed",
             frame=task.frame,
             tile=task.tile,
+            actor=slot.index,
             attempt=attempts,
             error=str(cause),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,17 @@ class LocalFarm:
     @property
     def storage_dir(self) -> Path:
         return self.data_dir / "storage"
+
+    def events(self, job_id: str) -> list[dict[str, str]]:
+        """The job's event stream, read straight from the farm's Redis (named in the
+        line `rayfarm up` prints when it is ready)."""
+        match = re.search(r"redis (redis://\S+?)\)", self.log.read_text())
+        assert match, "rayfarm up did not print its Redis URL"
+        client = redis.Redis.from_url(match[1], decode_responses=True)
+        try:
+            return [fields for _, fields in client.xrange(f"rayfarm:job:{job_id}:events")]
+        finally:
+            client.close()
 
     def start(self) -> LocalFarm:
         self.before = farm_processes()

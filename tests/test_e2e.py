@@ -162,6 +162,9 @@ def test_retry_renders_only_missing_frames(farm, local_farm, small_scene):
     assert status.state is JobState.FAILED
     assert status.error.startswith("frame 3:") and "failed 2 times" in status.error
     assert status.frames_done == 3
+    failures = [e for e in local_farm.events(victim.id) if e["kind"] == "task_failed"]
+    assert [(e["frame"], e["attempt"]) for e in failures] == [("3", "1"), ("3", "2")]
+    assert failures[0]["actor"] != failures[1]["actor"]  # the retry ran on the other actor
     inodes = {p.name: p.stat().st_ino for p in frames_dir.glob("*.png") if p.is_file()}
     assert sorted(inodes) == ["0001.png", "0002.png", "0004.png"]
 
