@@ -69,25 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_job(job: Job, as_json: bool) -> None:
+def _print(item: Job | JobStatus, as_json: bool) -> None:
+    """One line per job (id, state, progress, scene, error), or the model as JSON."""
     if as_json:
-        print(job.model_dump_json(indent=2))
+        print(item.model_dump_json(indent=2))
         return
+    scene = f"  {item.scene_file}" if isinstance(item, Job) else ""
     print(
-        f"{job.id}  {job.state:<10}  frames {job.frames_done}/{job.frames_total}  "
-        f"tasks {job.tasks_done}/{job.tasks_total}  {job.scene_file}"
-        + (f"  error: {job.error}" if job.error else "")
-    )
-
-
-def _print_status(status: JobStatus, as_json: bool) -> None:
-    if as_json:
-        print(status.model_dump_json(indent=2))
-        return
-    print(
-        f"{status.id}  {status.state:<10}  frames {status.frames_done}/{status.frames_total}  "
-        f"tasks {status.tasks_done}/{status.tasks_total}"
-        + (f"  error: {status.error}" if status.error else "")
+        f"{item.id}  {item.state:<10}  frames {item.frames_done}/{item.frames_total}  "
+        f"tasks {item.tasks_done}/{item.tasks_total}{scene}"
+        + (f"  error: {item.error}" if item.error else "")
     )
 
 
@@ -116,16 +107,16 @@ def _run(args: argparse.Namespace) -> int:
         }
         job = farm.submit(args.scene, frames=args.frames, tiles=args.tiles, **overrides)
         if not args.wait:
-            _print_job(job, args.json)
+            _print(job, args.json)
             return EXIT_OK
         print(f"submitted {job.id}; waiting", file=sys.stderr)
         job.wait()
         job.refresh()
-        _print_job(job, args.json)
+        _print(job, args.json)
         return _outcome(job.state)
     if args.command == "list":
         for job in farm.jobs(state=args.state, limit=args.limit):
-            _print_job(job, args.json)
+            _print(job, args.json)
         return EXIT_OK
     if args.command == "download":
         job = farm.job(args.job_id)
@@ -134,13 +125,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     job = farm.job(args.job_id)
     if args.command == "cancel":
-        _print_job(job.cancel(), args.json)
+        _print(job.cancel(), args.json)
         return EXIT_OK
     if args.command == "retry":
-        _print_job(job.retry(), args.json)
+        _print(job.retry(), args.json)
         return EXIT_OK
     status = job.wait() if args.command == "wait" else job.status()
-    _print_status(status, args.json)
+    _print(status, args.json)
     return _outcome(status.state)
 
 
