@@ -19,8 +19,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -28,11 +27,12 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
+from rayfarm.cluster.runs import Run, Slot, expand
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore, now_iso, outranks, queue_score
 from rayfarm.errors import FarmError, InvalidTransition
-from rayfarm.models import Job, JobState
+from rayfarm.models import JobState
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult
 
 __all__ = ["Dispatcher", "get_dispatcher", "start_dispatcher"]
@@ -44,35 +44,6 @@ POLL_INTERVAL_S = 1.0
 ADMIT_BATCH = 20
 #: Pending tasks of a run considered when its first ones wait for another actor.
 SCHEDULE_LOOKAHEAD = 64
-
-
-@dataclass
-class Slot:
-    """One RenderActor and what the dispatcher knows of it."""
-
-    index: int
-    handle: Any
-    busy: bool = False
-    holds: str | None = None
-
-
-@dataclass
-class Run:
-    """A PROCESSING job inside the dispatcher."""
-
-    job: Job
-    scene_hash: str
-    scene_ref: Any
-    score: float
-    pending: deque[RenderTask] = field(default_factory=deque)
-    tiles: dict[int, dict[int, tuple[Any, Any]]] = field(default_factory=dict)
-    failed_on: dict[str, set[int]] = field(default_factory=dict)
-    device_reported: bool = False
-    stopped: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.job.id
 
 
 class Dispatcher:
@@ -210,28 +181,7 @@ class Dispatcher:
             scene_ref=ray.put(data),
             score=queue_score(job.spec.priority, job.created_at.isoformat()),
         )
-        done_frames = await self.store.frames_done(job_id)
-        nx, ny = job.spec.tile_grid
-        spec = job.spec
-        for frame in spec.frame_list:
-            if frame in done_frames:
-                continue
-            for tile in range(nx * ny):
-                run.pending.append(
-                    RenderTask(
-                        job_id=job_id,
-                        scene_hash=scene_hash,
-                        frame=frame,
-                        tile=tile,
-                        tiles=(nx, ny),
-                        scene=spec.scene,
-                        camera=spec.camera,
-                        samples=spec.samples,
-                        resolution_percentage=spec.resolution_percentage,
-                        format=spec.format,
-                        color_depth=spec.depth,
-                    )
-                )
+        run.pending.extend(expand(job, scene_hash, set(await self.store.frames_done(job_id))))
         self.runs[job_id] = run
         await self.store.event(job_id, "started", tasks=len(run.pending))
         if not run.pending:
@@ -415,7 +365,7 @@ class Dispatcher:
                 run.id, [keys.task_key(task.frame, i) for i in range(nx * ny)]
             )
             for tile in reversed(range(nx * ny)):
-                run.pending.appendleft(_with_tile(task, tile))
+                run.pending.appendleft(replace(task, tile=tile))
         else:
             run.pending.appendleft(task)
 
@@ -424,10 +374,6 @@ class Dispatcher:
             await self.store.transition(job_id, JobState.FAILED, error=message)
         except InvalidTransition:
             pass
-
-
-def _with_tile(task: RenderTask, tile: int) -> RenderTask:
-    return replace(task, tile=tile)
 
 
 def start_dispatcher(settings: Settings) -> Any:

@@ -16,20 +16,26 @@ and dither as a full-frame render (bit-identical with denoising off).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from rayfarm.errors import RenderError, SceneOpenError
+from rayfarm.render.blender import (
+    assign,
+    captured_output,
+    copy_output_settings,
+    pixel_size,
+    set_format,
+    snapshot,
+    tail,
+    take,
+)
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split
 
@@ -37,7 +43,6 @@ __all__ = ["RenderActor"]
 
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
 _COMP_SCENE = "rayfarm_assemble"
-_LIBC = ctypes.CDLL(None)
 _BORDER = ("border_min_x", "border_max_x", "border_min_y", "border_max_y")
 #: Render settings every task starts from (a tile task turns the border on).
 _RENDER_FLAGS = {
@@ -117,7 +122,7 @@ class RenderActor:
         if not task.is_tiled:
             image = self._write_still(scene, task, self._out_path(task, task.format))
             return TaskResult(task.frame, 0, self.device, time.perf_counter() - started), image
-        width, height = _pixel_size(scene)
+        width, height = pixel_size(scene)
         try:
             rect = split(width, height, *task.tiles)[task.tile]
         except ValueError as exc:
@@ -133,7 +138,7 @@ class RenderActor:
         started = time.perf_counter()
         self._ensure_scene(task.scene_hash, scene_data)
         scene = self._prepare(task)
-        width, height = _pixel_size(scene)
+        width, height = pixel_size(scene)
         frame = np.zeros((height, width, 4), dtype=np.float32)
         for r, pixels in zip(rects, tiles, strict=True):
             frame[r.y0 : r.y1, r.x0 : r.x1] = pixels
@@ -197,7 +202,7 @@ class RenderActor:
                 "headless workers render Cycles only (EEVEE and Workbench need a display)",
                 {FATAL: True},
             )
-        defaults = self._defaults.setdefault(scene.name, _snapshot(scene))
+        defaults = self._defaults.setdefault(scene.name, snapshot(scene))
         if task.camera:
             cam = bpy.data.objects.get(task.camera)
             if cam is None or cam.type != "CAMERA":
@@ -206,26 +211,26 @@ class RenderActor:
                     f"the file has no camera {task.camera!r} (cameras: {cams or 'none'})",
                     {FATAL: True},
                 )
-            _assign(scene, "camera", cam)
+            assign(scene, "camera", cam)
         else:
-            _assign(scene, "camera", defaults["camera"])
+            assign(scene, "camera", defaults["camera"])
         if scene.camera is None:
             raise RenderError(f"scene {scene.name!r} has no camera", {FATAL: True})
         r = scene.render
-        _assign(scene.cycles, "samples", task.samples or defaults["samples"])
-        _assign(
+        assign(scene.cycles, "samples", task.samples or defaults["samples"])
+        assign(
             r, "resolution_percentage",
             task.resolution_percentage or defaults["resolution_percentage"],
         )  # fmt: skip
-        _assign(scene.cycles, "device", "GPU" if self.device.startswith("GPU") else "CPU")
-        _assign(r, "use_persistent_data", True)
-        _assign(r, "threads_mode", "FIXED")
-        _assign(r, "threads", self.threads)
+        assign(scene.cycles, "device", "GPU" if self.device.startswith("GPU") else "CPU")
+        assign(r, "use_persistent_data", True)
+        assign(r, "threads_mode", "FIXED")
+        assign(r, "threads", self.threads)
         for name, value in _RENDER_FLAGS.items():
-            _assign(r, name, value)
+            assign(r, name, value)
         # Like Blender's own `-f N`: the render evaluates the frame; frame_set() would also
         # evaluate the viewport depsgraph first, work no render needs.
-        _assign(scene, "frame_current", task.frame)
+        assign(scene, "frame_current", task.frame)
         return scene
 
     # -- output ------------------------------------------------------------------------------
@@ -234,22 +239,22 @@ class RenderActor:
         return os.path.join(self.workdir, f"{task.job_id}_{task.frame}_{task.tile}.{ext}")
 
     def _write_still(self, scene: Any, task: RenderTask, path: str) -> bytes:
-        _set_format(scene.render.image_settings, task.format, task.color_depth)
+        set_format(scene.render.image_settings, task.format, task.color_depth)
         scene.render.filepath = path
         self._render(scene)
-        return _take(path)
+        return take(path)
 
     def _render_tile(
         self, scene: Any, task: RenderTask, rect: TileRect, width: int, height: int
     ) -> np.ndarray:
         r = scene.render
-        _assign(r, "use_border", True)
-        _assign(r, "use_crop_to_border", True)
+        assign(r, "use_border", True)
+        assign(r, "use_crop_to_border", True)
         borders = border_fractions(rect, width, height)
         for name, value in zip(_BORDER, borders, strict=True):
-            _assign(r, name, value)
+            assign(r, name, value)
         path = self._out_path(task, "exr")
-        _set_format(r.image_settings, "exr", 32)
+        set_format(r.image_settings, "exr", 32)
         r.filepath = path
         self._render(scene)
         try:
@@ -268,9 +273,9 @@ class RenderActor:
         task log (the tail is kept in ``last_log``) instead of streaming through Ray's
         log monitor: Cycles prints a line per sample batch, and forwarding that cost CPU
         the render needed."""
-        with _captured_output(self.log_path):
+        with captured_output(self.log_path):
             self.bpy.ops.render.render(write_still=True, scene=scene.name)
-        self.last_log = _tail(self.log_path, LOG_TAIL_BYTES)
+        self.last_log = tail(self.log_path, LOG_TAIL_BYTES)
 
     def _read_exr(self, path: str) -> np.ndarray:
         img = self.bpy.data.images.load(path)
@@ -296,7 +301,7 @@ class RenderActor:
         comp = bpy.data.scenes.new(_COMP_SCENE)
         tree = bpy.data.node_groups.new(_COMP_SCENE, "CompositorNodeTree")
         try:
-            _copy_output_settings(scene, comp, width, height)
+            copy_output_settings(scene, comp, width, height)
             tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
             node = tree.nodes.new("CompositorNodeImage")
             node.image = img
@@ -350,107 +355,3 @@ def _pin(slot: int, slots: int, threads: int) -> list[int]:
     if share != available:
         os.sched_setaffinity(0, share)
     return share
-
-
-def _pixel_size(scene: Any) -> tuple[int, int]:
-    r = scene.render
-    return (
-        r.resolution_x * r.resolution_percentage // 100,
-        r.resolution_y * r.resolution_percentage // 100,
-    )
-
-
-def _snapshot(scene: Any) -> dict[str, Any]:
-    return {
-        "camera": scene.camera,
-        "samples": scene.cycles.samples,
-        "resolution_percentage": scene.render.resolution_percentage,
-    }
-
-
-def _assign(target: Any, name: str, value: Any) -> None:
-    """Set an RNA property only when it changes. Every assignment runs the property's
-    update callback, and some (the scene camera, for one) tag the depsgraph so that the
-    next render re-syncs the scene: measured at +0.1-0.2 s a frame on a 2.5M-triangle
-    scene with persistent data, for values that had not changed at all."""
-    if getattr(target, name) != value:
-        setattr(target, name, value)
-
-
-def _set_format(settings: Any, fmt: str, depth: int) -> None:
-    if hasattr(settings, "media_type"):  # 5.0: a scene may ask for video; we write images
-        _assign(settings, "media_type", "IMAGE")
-    if fmt == "png":
-        _assign(settings, "file_format", "PNG")
-    else:
-        _assign(settings, "file_format", "OPEN_EXR")
-        _assign(settings, "exr_codec", "ZIP")
-    _assign(settings, "color_depth", str(depth))
-    if settings.color_mode not in ("RGB", "RGBA", "BW"):
-        settings.color_mode = "RGBA"
-
-
-def _copy_output_settings(src: Any, dst: Any, width: int, height: int) -> None:
-    dst.render.resolution_x, dst.render.resolution_y = width, height
-    dst.render.resolution_percentage = 100
-    dst.render.pixel_aspect_x = src.render.pixel_aspect_x
-    dst.render.pixel_aspect_y = src.render.pixel_aspect_y
-    dst.render.dither_intensity = src.render.dither_intensity
-    dst.render.film_transparent = src.render.film_transparent
-    dst.display_settings.display_device = src.display_settings.display_device
-    dst.view_settings.view_transform = src.view_settings.view_transform
-    dst.view_settings.look = src.view_settings.look
-    dst.view_settings.exposure = src.view_settings.exposure
-    dst.view_settings.gamma = src.view_settings.gamma
-    dst.view_settings.use_curve_mapping = src.view_settings.use_curve_mapping
-    dst.render.image_settings.color_mode = src.render.image_settings.color_mode
-    dst.render.image_settings.compression = src.render.image_settings.compression
-    dst.render.use_file_extension = False
-    dst.render.use_overwrite = True
-    dst.frame_current = src.frame_current
-    # The compositor-only scene has no camera and renders nothing: keep its stamp
-    # metadata from claiming otherwise.
-    for name in (
-        "use_stamp_camera",
-        "use_stamp_scene",
-        "use_stamp_render_time",
-        "use_stamp_memory",
-        "use_stamp_lens",
-    ):
-        setattr(dst.render, name, False)
-
-
-@contextmanager
-def _captured_output(path: str) -> Iterator[None]:
-    """Point this process's stdout and stderr (file descriptors 1 and 2, which Blender's
-    C code writes to) at ``path``, truncated, for the duration of the block."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        _LIBC.fflush(None)  # C stdio buffers what Blender printed: write it here, not later
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
-
-
-def _tail(path: str, limit: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - limit))
-        return f.read().decode(errors="replace")
-
-
-def _take(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        os.unlink(path)

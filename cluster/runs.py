@@ -1,0 +1,69 @@
+"""What the dispatcher keeps in memory: its actor slots and the jobs it is running.
+
+Everything here can be rebuilt from Redis (a restarted dispatcher does); the
+task list of a run is the job's (frame, tile) grid minus the frames already stored.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayfarm.models import Job
+from rayfarm.render.tasks import RenderTask
+
+__all__ = ["Run", "Slot", "expand"]
+
+
+@dataclass
+class Slot:
+    """One RenderActor and what the dispatcher knows of it."""
+
+    index: int
+    handle: Any
+    busy: bool = False
+    holds: str | None = None  # content hash of the scene it has open
+
+
+@dataclass
+class Run:
+    """A PROCESSING job inside the dispatcher."""
+
+    job: Job
+    scene_hash: str
+    scene_ref: Any  # ObjectRef to the .blend bytes
+    score: float  # queue score: priority, then age
+    pending: deque[RenderTask] = field(default_factory=deque)
+    tiles: dict[int, dict[int, tuple[Any, Any]]] = field(default_factory=dict)  # rect, ref
+    failed_on: dict[str, set[int]] = field(default_factory=dict)  # task key -> slot indexes
+    device_reported: bool = False
+    stopped: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+
+def expand(job: Job, scene_hash: str, done_frames: set[int]) -> Iterator[RenderTask]:
+    """The job's (frame, tile) tasks in frame order, skipping frames already stored."""
+    spec = job.spec
+    nx, ny = spec.tile_grid
+    for frame in spec.frame_list:
+        if frame in done_frames:
+            continue
+        for tile in range(nx * ny):
+            yield RenderTask(
+                job_id=job.id,
+                scene_hash=scene_hash,
+                frame=frame,
+                tile=tile,
+                tiles=(nx, ny),
+                scene=spec.scene,
+                camera=spec.camera,
+                samples=spec.samples,
+                resolution_percentage=spec.resolution_percentage,
+                format=spec.format,
+                color_depth=spec.depth,
+            )

@@ -1,0 +1,128 @@
+"""Small helpers over Blender's data and process for the RenderActor (no bpy import:
+they take bpy objects as arguments)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = [
+    "assign",
+    "captured_output",
+    "copy_output_settings",
+    "pixel_size",
+    "set_format",
+    "snapshot",
+    "tail",
+    "take",
+]
+
+_LIBC = ctypes.CDLL(None)
+
+
+def pixel_size(scene: Any) -> tuple[int, int]:
+    r = scene.render
+    return (
+        r.resolution_x * r.resolution_percentage // 100,
+        r.resolution_y * r.resolution_percentage // 100,
+    )
+
+
+def snapshot(scene: Any) -> dict[str, Any]:
+    return {
+        "camera": scene.camera,
+        "samples": scene.cycles.samples,
+        "resolution_percentage": scene.render.resolution_percentage,
+    }
+
+
+def assign(target: Any, name: str, value: Any) -> None:
+    """Set an RNA property only when it changes. Every assignment runs the property's
+    update callback, and some (the scene camera, for one) tag the depsgraph so that the
+    next render re-syncs the scene: measured at +0.1-0.2 s a frame on a 2.5M-triangle
+    scene with persistent data, for values that had not changed at all."""
+    if getattr(target, name) != value:
+        setattr(target, name, value)
+
+
+def set_format(settings: Any, fmt: str, depth: int) -> None:
+    if hasattr(settings, "media_type"):  # 5.0: a scene may ask for video; we write images
+        assign(settings, "media_type", "IMAGE")
+    if fmt == "png":
+        assign(settings, "file_format", "PNG")
+    else:
+        assign(settings, "file_format", "OPEN_EXR")
+        assign(settings, "exr_codec", "ZIP")
+    assign(settings, "color_depth", str(depth))
+    if settings.color_mode not in ("RGB", "RGBA", "BW"):
+        settings.color_mode = "RGBA"
+
+
+def copy_output_settings(src: Any, dst: Any, width: int, height: int) -> None:
+    dst.render.resolution_x, dst.render.resolution_y = width, height
+    dst.render.resolution_percentage = 100
+    dst.render.pixel_aspect_x = src.render.pixel_aspect_x
+    dst.render.pixel_aspect_y = src.render.pixel_aspect_y
+    dst.render.dither_intensity = src.render.dither_intensity
+    dst.render.film_transparent = src.render.film_transparent
+    dst.display_settings.display_device = src.display_settings.display_device
+    dst.view_settings.view_transform = src.view_settings.view_transform
+    dst.view_settings.look = src.view_settings.look
+    dst.view_settings.exposure = src.view_settings.exposure
+    dst.view_settings.gamma = src.view_settings.gamma
+    dst.view_settings.use_curve_mapping = src.view_settings.use_curve_mapping
+    dst.render.image_settings.color_mode = src.render.image_settings.color_mode
+    dst.render.image_settings.compression = src.render.image_settings.compression
+    dst.render.use_file_extension = False
+    dst.render.use_overwrite = True
+    dst.frame_current = src.frame_current
+    # The compositor-only scene has no camera and renders nothing: keep its stamp
+    # metadata from claiming otherwise.
+    for name in (
+        "use_stamp_camera",
+        "use_stamp_scene",
+        "use_stamp_render_time",
+        "use_stamp_memory",
+        "use_stamp_lens",
+    ):
+        setattr(dst.render, name, False)
+
+
+@contextmanager
+def captured_output(path: str) -> Iterator[None]:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, which Blender's
+    C code writes to) at ``path``, truncated, for the duration of the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        _LIBC.fflush(None)  # C stdio buffers what Blender printed: write it here, not later
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def tail(path: str, limit: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - limit))
+        return f.read().decode(errors="replace")
+
+
+def take(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)
