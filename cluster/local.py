@@ -10,12 +10,14 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from rayfarm.cluster.settings import NAMESPACE, Settings
+from rayfarm.errors import InvalidRequest
 
 __all__ = ["up"]
 
@@ -32,6 +34,19 @@ LOCAL_SERVE_ENV = {
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse a taken port before starting anything (Serve's proxy would only fail later,
+    in the background, with the farm half up)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InvalidRequest(
+                f"cannot serve on {host}:{port}: {exc.strerror}; choose another with --port",
+                {"host": host, "port": port},
+            ) from None
+
+
 def up(settings: Settings, address: str | None = None, ready: Any = print) -> None:
     """Run the farm in the foreground until SIGINT/SIGTERM; then stop what was started."""
     import ray
@@ -41,6 +56,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     from rayfarm.cluster.redis_server import RedisServer
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
+    _check_port(settings.host, settings.port)
     # A plain flag, not a threading.Event: a handler that takes a lock can deadlock with
     # the main thread it interrupts (seen: Event.set() inside Event.wait()).
     stopping: list[int] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 
 import pytest
@@ -81,3 +82,14 @@ def test_bad_input_exits_2(local_farm, small_scene, tmp_path, args, fragment):
 def test_unreachable_farm_exits_3():
     r = cli("list", url="http://127.0.0.1:9")
     assert r.returncode == 3 and "cannot reach the farm" in r.stderr
+
+
+def test_up_on_a_taken_port_exits_2_before_starting_anything(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = cli("up", "--port", str(port), "--data-dir", str(tmp_path / "farm"), timeout=60)
+    assert r.returncode == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+    assert not (tmp_path / "farm" / "redis").exists()
