@@ -40,6 +40,7 @@ def build(
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.context.preferences.filepaths.save_version = 0  # no shot.blend1 backups on re-runs
     scene = bpy.context.scene
     scene.name = "Shot"
     scene.render.engine = "CYCLES"
