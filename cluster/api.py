@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
-from rayfarm.blendfile import check_blend, check_version
+from rayfarm.blendfile import BlendHeader, check_blend, check_version
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
@@ -38,7 +38,15 @@ from rayfarm.errors import (
     JobNotFound,
     PayloadTooLarge,
 )
-from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
+from rayfarm.models import (
+    FrameInfo,
+    Job,
+    JobSpec,
+    JobState,
+    JobStatus,
+    check_transition,
+    parse_spec,
+)
 
 __all__ = ["AppContext", "create_app", "set_process_context"]
 
@@ -176,7 +184,7 @@ def _size(f: IO[bytes]) -> int:
     return n
 
 
-def _check_scene(f: IO[bytes]) -> Any:
+def _check_scene(f: IO[bytes]) -> BlendHeader:
     f.seek(0)
     try:
         return check_blend(f)
@@ -184,7 +192,7 @@ def _check_scene(f: IO[bytes]) -> Any:
         f.seek(0)
 
 
-async def _store_job(ctx: Ctx, spec: Any, scene: UploadFile) -> Job:
+async def _store_job(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
     job_id = uuid.uuid4().hex[:16]
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     key = layout.input_key(job_id, "scene.blend")

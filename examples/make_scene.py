@@ -4,7 +4,8 @@
     python examples/make_scene.py shot.blend --width 96 --height 72 --samples 4
     python examples/make_scene.py heavy.blend --heavy           # ~2.5M triangles at render
 
-``--heavy`` adds a dense mesh whose Subdivision Surface modifier is evaluated at
+``--grade`` sets a graded look (AgX Punchy, exposure, gamma, an RGB curve,
+transparent film). ``--heavy`` adds a dense mesh whose Subdivision Surface modifier is evaluated at
 render time (about 2.5 million triangles) and animates the camera, so every
 frame needs a real scene sync. ``--script-marker PATH`` adds a registered
 Python text block that would create PATH if Blender ever ran it (the farm must
@@ -36,6 +37,7 @@ def build(
     heavy: bool = False,
     script_marker: str | None = None,
     compress: bool = False,
+    grade: bool = False,
 ) -> Path:
     import bpy
 
@@ -100,6 +102,19 @@ def build(
         camera.location = (1.5, -6.5, 2.8)
         camera.keyframe_insert("location", frame=frames)
 
+    if grade:
+        # A graded look: every colour management setting a frame's conversion must honour.
+        view = scene.view_settings
+        view.view_transform = "AgX"
+        view.look = "AgX - Punchy"
+        view.exposure = 0.4
+        view.gamma = 1.15
+        view.use_curve_mapping = True
+        curve = view.curve_mapping.curves[3]  # the combined (C) curve
+        curve.points.new(0.5, 0.62)
+        view.curve_mapping.update()
+        scene.render.film_transparent = True
+
     if script_marker:
         text = bpy.data.texts.new("farm_autorun.py")
         text.write(f"open({script_marker!r}, 'w').write('scripts ran')\n")
@@ -119,10 +134,12 @@ def main() -> None:
     p.add_argument("--heavy", action="store_true")
     p.add_argument("--script-marker")
     p.add_argument("--compress", action="store_true")
+    p.add_argument("--grade", action="store_true", help="AgX Punchy look, exposure, curves")
     a = p.parse_args()
     out = build(
-        a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress
-    )
+        a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
+        a.grade,
+    )  # fmt: skip
     print(out)
 
 

@@ -29,8 +29,8 @@ from rayfarm.errors import RenderError, SceneOpenError
 from rayfarm.render.blender import (
     assign,
     captured_output,
-    copy_output_settings,
     pixel_size,
+    prepare_assembly,
     set_format,
     snapshot,
     tail,
@@ -298,10 +298,11 @@ class RenderActor:
         height, width = frame.shape[:2]
         img = bpy.data.images.new("rayfarm_frame", width, height, alpha=True, float_buffer=True)
         img.pixels.foreach_set(frame.ravel())
-        comp = bpy.data.scenes.new(_COMP_SCENE)
+        comp = scene.copy()  # objects are linked, not copied: cheap
+        comp.name = _COMP_SCENE
         tree = bpy.data.node_groups.new(_COMP_SCENE, "CompositorNodeTree")
         try:
-            copy_output_settings(scene, comp, width, height)
+            prepare_assembly(comp, width, height)
             tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
             node = tree.nodes.new("CompositorNodeImage")
             node.image = img

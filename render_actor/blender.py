@@ -13,8 +13,8 @@ from typing import Any
 __all__ = [
     "assign",
     "captured_output",
-    "copy_output_settings",
     "pixel_size",
+    "prepare_assembly",
     "set_format",
     "snapshot",
     "tail",
@@ -62,34 +62,21 @@ def set_format(settings: Any, fmt: str, depth: int) -> None:
         settings.color_mode = "RGBA"
 
 
-def copy_output_settings(src: Any, dst: Any, width: int, height: int) -> None:
-    dst.render.resolution_x, dst.render.resolution_y = width, height
-    dst.render.resolution_percentage = 100
-    dst.render.pixel_aspect_x = src.render.pixel_aspect_x
-    dst.render.pixel_aspect_y = src.render.pixel_aspect_y
-    dst.render.dither_intensity = src.render.dither_intensity
-    dst.render.film_transparent = src.render.film_transparent
-    dst.display_settings.display_device = src.display_settings.display_device
-    dst.view_settings.view_transform = src.view_settings.view_transform
-    dst.view_settings.look = src.view_settings.look
-    dst.view_settings.exposure = src.view_settings.exposure
-    dst.view_settings.gamma = src.view_settings.gamma
-    dst.view_settings.use_curve_mapping = src.view_settings.use_curve_mapping
-    dst.render.image_settings.color_mode = src.render.image_settings.color_mode
-    dst.render.image_settings.compression = src.render.image_settings.compression
-    dst.render.use_file_extension = False
-    dst.render.use_overwrite = True
-    dst.frame_current = src.frame_current
-    # The compositor-only scene has no camera and renders nothing: keep its stamp
-    # metadata from claiming otherwise.
-    for name in (
-        "use_stamp_camera",
-        "use_stamp_scene",
-        "use_stamp_render_time",
-        "use_stamp_memory",
-        "use_stamp_lens",
-    ):
-        setattr(dst.render, name, False)
+def prepare_assembly(scene: Any, width: int, height: int) -> None:
+    """Turn ``scene`` (a copy of the source scene, so every colour management setting,
+    curves and looks included, is the source's) into one that writes a ``width`` x
+    ``height`` frame from its compositor alone."""
+    r = scene.render
+    r.resolution_x, r.resolution_y, r.resolution_percentage = width, height, 100
+    r.use_border = False
+    r.use_crop_to_border = False
+    r.use_sequencer = False  # a strip edit would replace the compositor's output
+    r.use_compositing = True
+    r.use_file_extension = False
+    r.use_overwrite = True
+    # The copy renders nothing: keep its stamp metadata from claiming otherwise.
+    for name in ("use_stamp_scene", "use_stamp_render_time", "use_stamp_memory"):
+        setattr(r, name, False)
 
 
 @contextmanager

@@ -51,10 +51,13 @@ def test_frames_equal_a_direct_bpy_render(farm, small_scene, tmp_path):
     assert [f.frame for f in job.frames()] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("tiles", ["2x2", "3x3"])
-def test_tiles_equal_the_full_frame(farm, make_scene, tmp_path, tiles):
-    """Odd frame sizes included: tiles of unequal sizes stitch bit-identically."""
-    scene = make_scene("--width", "67", "--height", "45", "--samples", "4")
+@pytest.mark.parametrize(
+    ("tiles", "extra"), [("2x2", ()), ("3x3", ()), ("2x2", ("--grade",))], ids=str
+)
+def test_tiles_equal_the_full_frame(farm, make_scene, tmp_path, tiles, extra):
+    """Odd frame sizes included: tiles of unequal sizes stitch bit-identically, and a
+    graded scene (look, exposure, gamma, curves, transparent film) converts the same."""
+    scene = make_scene("--width", "67", "--height", "45", "--samples", "4", *extra)
     job = _completed(farm.submit(scene, frames="2,5", tiles=tiles))
     assert job.tasks_done == 2 * int(tiles[0]) ** 2
     got = job.download(tmp_path / "farm")
