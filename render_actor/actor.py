@@ -9,9 +9,9 @@ be a silent wrong answer.
 
 Tiles render as cropped render borders to 32-bit float EXR and come back as
 float arrays; ``assemble`` stitches them and converts the frame to its output
-format once, through a compositor-only scene that carries the source scene's
-colour management, so the result goes through exactly the same view transform
-and dither as a full-frame render (bit-identical with denoising off).
+format once, through a linked copy of the source scene whose compositor only
+passes the stitched image on, so the result goes through exactly the same colour
+management and dither as a full-frame render (bit-identical with denoising off).
 """
 
 from __future__ import annotations
@@ -288,11 +288,13 @@ class RenderActor:
         return buf.reshape(h, w, 4)
 
     def _convert(self, scene: Any, task: RenderTask, frame: np.ndarray) -> bytes:
-        """Write scene-linear ``frame`` in the task's format via a compositor-only scene.
+        """Write scene-linear ``frame`` in the task's format via a compositor-only copy
+        of ``scene``.
 
         A scene whose compositor has no Render Layers node is not rendered, only
-        composited, and its result is written by the same code (view transform,
-        dither) as a normal render.
+        composited, and its result is written by the same code (view transform, look,
+        curves, dither) as a normal render. A copy, not a new scene, so that every
+        colour setting is the source's without listing them.
         """
         bpy = self.bpy
         height, width = frame.shape[:2]
