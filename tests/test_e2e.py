@@ -140,8 +140,10 @@ def test_cancel_stops_queued_tasks(farm, small_scene):
     assert job.state is JobState.CANCELLED
     done = job.status().frames_done
     time.sleep(2)
-    # At most the tasks already running on the two actors finish.
-    assert job.status().frames_done <= done + 2
+    # At most what was already under way finishes: on each of the two actors one frame
+    # rendering and one rendered but still being stored (the dispatcher frees an actor
+    # before it stores the frame). Uncancelled, ~10 frames a second would land.
+    assert job.status().frames_done <= done + 4
     assert job.status().state is JobState.CANCELLED
     with pytest.raises(InvalidTransition):
         job.cancel()
