@@ -248,10 +248,7 @@ class Dispatcher:
                 await self._store_frame(run, task, await payload_ref, meta, slot)
                 return
             await self._report_device(run, meta)
-            await self.store.mark_task_done(
-                run.id, keys.task_key(task.frame, task.tile), frame=task.frame, tile=task.tile,
-                actor=slot.index, device=meta.device, seconds=f"{meta.seconds:.3f}",
-            )  # fmt: skip
+            await self._task_done(run, task, meta, slot)
             tiles = run.tiles.setdefault(task.frame, {})
             tiles[task.tile] = (meta.rect, payload_ref)
             if len(tiles) < task.tiles[0] * task.tiles[1]:
@@ -283,16 +280,19 @@ class Dispatcher:
         run.tiles.pop(task.frame, None)  # the tiles' objects are freed with their refs
         return meta, image
 
+    async def _task_done(self, run: Run, task: RenderTask, meta: TaskResult, slot: Slot) -> None:
+        await self.store.mark_task_done(
+            run.id, keys.task_key(task.frame, task.tile), frame=task.frame, tile=task.tile,
+            actor=slot.index, device=meta.device, seconds=f"{meta.seconds:.3f}",
+        )  # fmt: skip
+
     async def _store_frame(
         self, run: Run, task: RenderTask, image: bytes, meta: TaskResult, slot: Slot
     ) -> None:
         key = layout.frame_key(run.id, task.frame, run.job.spec.extension)
         await asyncio.to_thread(self.storage.put_bytes, key, image)
         if not task.is_tiled:
-            await self.store.mark_task_done(
-                run.id, keys.task_key(task.frame, 0), frame=task.frame, tile=0,
-                actor=slot.index, device=meta.device, seconds=f"{meta.seconds:.3f}",
-            )  # fmt: skip
+            await self._task_done(run, task, meta, slot)
         stored = await self.store.mark_frame_done(run.id, task.frame, key)
         await self.store.event(run.id, "frame", frame=task.frame)
         if stored >= run.job.frames_total:

@@ -142,9 +142,7 @@ class Farm:
                 time.sleep(min(wait_s, 0.2))  # a service without events: plain polling
                 status = job.status()
             else:
-                status = self._get_status(job.id, after=status.event, wait_s=wait_s)
-                job.state, job.error = status.state, status.error
-                job.frames_done, job.tasks_done = status.frames_done, status.tasks_done
+                status = job.status(after=status.event, wait_s=wait_s)
 
     def _download(self, job: Job, directory: str | os.PathLike[str]) -> list[Path]:
         out = Path(directory)

@@ -259,9 +259,13 @@ class Job(BaseModel):
         """Fetch the job again and update this object in place."""
         return self._update(self._bound()._get_job(self.id))
 
-    def status(self) -> JobStatus:
-        """The compact status (state, frames and tasks done, error)."""
-        status = self._bound()._get_status(self.id)
+    def status(self, after: str | None = None, wait_s: float = 0) -> JobStatus:
+        """The compact status (state, frames and tasks done, error, newest event id).
+
+        With ``after`` (the ``event`` of an earlier status) and ``wait_s``, the farm
+        answers as soon as the job changes, or after ``wait_s`` seconds (a long-poll).
+        """
+        status = self._bound()._get_status(self.id, after, wait_s)
         self.state = status.state
         self.frames_done, self.tasks_done = status.frames_done, status.tasks_done
         self.error = status.error
