@@ -4,7 +4,10 @@
     python examples/make_scene.py shot.blend --width 96 --height 72 --samples 4
     python examples/make_scene.py heavy.blend --heavy           # ~2.5M triangles at render
 
-``--grade`` sets a graded look (AgX Punchy, exposure, gamma, an RGB curve,
+``--denoise`` turns Cycles' denoiser (OpenImageDenoise) on. ``--glare`` adds a bright
+emissive lamp and a compositor whose Glare (bloom) node spreads it over neighbouring
+pixels. ``--passes`` enables extra passes (depth, normal, diffuse colour) and the
+denoising data passes. ``--grade`` sets a graded look (AgX Punchy, exposure, gamma, an RGB curve,
 transparent film). ``--heavy`` adds a dense mesh whose Subdivision Surface modifier is evaluated at
 render time (about 2.5 million triangles) and animates the camera, so every
 frame needs a real scene sync. ``--script-marker PATH`` adds a registered
@@ -38,6 +41,9 @@ def build(
     script_marker: str | None = None,
     compress: bool = False,
     grade: bool = False,
+    denoise: bool = False,
+    glare: bool = False,
+    passes: bool = False,
 ) -> Path:
     import bpy
 
@@ -48,7 +54,7 @@ def build(
     scene.render.engine = "CYCLES"
     scene.cycles.device = "CPU"
     scene.cycles.samples = samples
-    scene.cycles.use_denoising = False
+    scene.cycles.use_denoising = denoise
     scene.cycles.use_adaptive_sampling = False
     scene.render.resolution_x, scene.render.resolution_y = width, height
     scene.render.resolution_percentage = 100
@@ -115,6 +121,37 @@ def build(
         view.curve_mapping.update()
         scene.render.film_transparent = True
 
+    if glare:
+        bpy.ops.mesh.primitive_uv_sphere_add(radius=0.25, location=(0.2, -1.5, 0.6))
+        lamp = bpy.context.object
+        glow = bpy.data.materials.new("Glow")
+        glow.use_nodes = True
+        nodes = glow.node_tree.nodes
+        nodes.remove(nodes["Principled BSDF"])
+        emit = nodes.new("ShaderNodeEmission")
+        emit.inputs["Strength"].default_value = 40.0
+        glow.node_tree.links.new(emit.outputs[0], nodes["Material Output"].inputs["Surface"])
+        lamp.data.materials.append(glow)
+        tree = bpy.data.node_groups.new("Compositing", "CompositorNodeTree")
+        tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
+        layers = tree.nodes.new("CompositorNodeRLayers")
+        layers.scene = scene
+        node = tree.nodes.new("CompositorNodeGlare")
+        node.inputs["Type"].default_value = "Bloom"
+        node.inputs["Size"].default_value = 0.6
+        out = tree.nodes.new("NodeGroupOutput")
+        tree.links.new(layers.outputs["Image"], node.inputs["Image"])
+        tree.links.new(node.outputs["Image"], out.inputs[0])
+        scene.compositing_node_group = tree
+        scene.render.use_compositing = True
+
+    if passes:
+        layer = scene.view_layers[0]
+        layer.use_pass_z = True
+        layer.use_pass_normal = True
+        layer.use_pass_diffuse_color = True
+        layer.cycles.denoising_store_passes = True
+
     if script_marker:
         text = bpy.data.texts.new("farm_autorun.py")
         text.write(f"open({script_marker!r}, 'w').write('scripts ran')\n")
@@ -135,10 +172,13 @@ def main() -> None:
     p.add_argument("--script-marker")
     p.add_argument("--compress", action="store_true")
     p.add_argument("--grade", action="store_true", help="AgX Punchy look, exposure, curves")
+    p.add_argument("--denoise", action="store_true", help="Cycles denoising on (OIDN)")
+    p.add_argument("--glare", action="store_true", help="a bright lamp and a Glare compositor")
+    p.add_argument("--passes", action="store_true", help="depth, normal, diffuse colour passes")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
-        a.grade,
+        a.grade, a.denoise, a.glare, a.passes,
     )  # fmt: skip
     print(out)
 

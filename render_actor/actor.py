@@ -7,11 +7,13 @@ frames and tiles of the same job neither reload the file nor rebuild the BVH
 — bpy keeps its previous scene after a failed open, and rendering that would
 be a silent wrong answer.
 
-Tiles render as cropped render borders to 32-bit float EXR and come back as
-float arrays; ``assemble`` stitches them and converts the frame to its output
-format once, through a linked copy of the source scene whose compositor only
-passes the stitched image on, so the result goes through exactly the same colour
-management and dither as a full-frame render (bit-identical with denoising off).
+Tiles render as cropped render borders with every pass of every view layer, as
+float multi-layer EXR, with the compositor and the denoiser off (the denoiser's
+input passes on); the assembler stitches them per pass, and ``finish`` then does
+once, on the whole frame, what a full-frame render does after sampling:
+denoising, the scene's compositor, colour management and dither (see
+``rayfarm.render.composite``). Without denoising the result is bit-identical to
+bpy's full-frame render; with it, within 1e-5.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
-
-import numpy as np
 
 from rayfarm.errors import RenderError, SceneOpenError
 from rayfarm.render.blender import (
@@ -36,6 +38,8 @@ from rayfarm.render.blender import (
     tail,
     take,
 )
+from rayfarm.render.composite import denoise_tree, scene_tree
+from rayfarm.render.exr import Part, read_parts, write_parts
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split
 
@@ -43,6 +47,8 @@ __all__ = ["RenderActor"]
 
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
 _COMP_SCENE = "rayfarm_assemble"
+#: The part a multi-layer render writes the compositor's result to.
+_COMPOSITE = "Composite.Combined"
 _BORDER = ("border_min_x", "border_max_x", "border_min_y", "border_max_y")
 #: Render settings every task starts from (a tile task turns the border on).
 _RENDER_FLAGS = {
@@ -112,37 +118,58 @@ class RenderActor:
         """Render one task; call with ``num_returns=2``.
 
         Returns (result, payload): the payload is the finished image file's bytes for
-        a whole frame, or the tile's float pixels (h, w, 4), so the dispatcher can
-        leave tiles in the object store. ``scene_data`` is ``[ObjectRef]`` to the
-        .blend bytes, fetched only when this actor does not hold that scene already.
+        a whole frame, or the tile's passes (``{part name: Part}``, every pass of every
+        view layer, float) so the dispatcher can hand them to the assembler.
+        ``scene_data`` is ``[ObjectRef]`` to the .blend bytes, fetched only when this
+        actor does not hold that scene already.
         """
         started = time.perf_counter()
         self._ensure_scene(task.scene_hash, scene_data)
         scene = self._prepare(task)
         if not task.is_tiled:
-            image = self._write_still(scene, task, self._out_path(task, task.format))
+            image = take(self._write(scene, task.format, task.color_depth, self._path(task)))
             return TaskResult(task.frame, 0, self.device, time.perf_counter() - started), image
-        width, height = pixel_size(scene)
+        size = pixel_size(scene)
         try:
-            rect = split(width, height, *task.tiles)[task.tile]
+            rect = split(*size, *task.tiles)[task.tile]
         except ValueError as exc:
             raise RenderError(str(exc), {FATAL: True}) from None
-        pixels = self._render_tile(scene, task, rect, width, height)
-        result = TaskResult(task.frame, task.tile, self.device, time.perf_counter() - started, rect)
-        return result, pixels
+        parts = self._render_tile(scene, task, rect, size)
+        seconds = time.perf_counter() - started
+        return TaskResult(task.frame, task.tile, self.device, seconds, rect, size), parts
 
-    def assemble(
-        self, task: RenderTask, scene_data: list[Any], rects: list[TileRect], *tiles: np.ndarray
+    def finish(
+        self, task: RenderTask, scene_data: list[Any], parts: dict[str, Part]
     ) -> tuple[TaskResult, bytes]:
-        """Stitch a frame's tiles and write it in the job's format; call with ``num_returns=2``."""
+        """Finish an assembled frame and write it in the job's format; call with
+        ``num_returns=2``.
+
+        What a full-frame render does after sampling happens here, once, on the whole
+        frame: denoising (when the scene or the spec asks for it), the scene's
+        compositor, colour management and dither. ``exr`` writes every pass, as a
+        full-frame multi-layer render does (denoised combined, ``Composite.Combined``
+        first when the scene composites).
+        """
         started = time.perf_counter()
         self._ensure_scene(task.scene_hash, scene_data)
         scene = self._prepare(task)
-        width, height = pixel_size(scene)
-        frame = np.zeros((height, width, 4), dtype=np.float32)
-        for r, pixels in zip(rects, tiles, strict=True):
-            frame[r.y0 : r.y1, r.x0 : r.x1] = pixels
-        image = self._convert(scene, task, frame)
+        parts = self._denoise(scene, task, dict(parts))
+        composites = scene.render.use_compositing and scene.compositing_node_group is not None
+        if task.format == "png":
+            image = take(self._composite(scene, task, parts, "png", task.color_depth))
+        else:
+            out: dict[str, Part] = {}
+            if composites:
+                path = self._composite(scene, task, parts, "exr1", 32)
+                try:
+                    (rgba,) = read_parts(path).values()
+                finally:
+                    os.unlink(path)
+                out[_COMPOSITE] = _renamed(rgba, _COMPOSITE)
+            out.update(parts)
+            path = self._path(task, ext="exr")
+            write_parts(path, out, task.color_depth, _exr_attributes(scene, task))
+            image = take(path)
         return TaskResult(task.frame, -1, self.device, time.perf_counter() - started), image
 
     # -- scene handling ----------------------------------------------------------------------
@@ -186,6 +213,8 @@ class RenderActor:
                 os.unlink(path)
 
     def _prepare(self, task: RenderTask) -> Any:
+        """Select the task's scene and set every setting a task may change, from the
+        scene's own values (``snapshot``) plus the task's overrides."""
         bpy = self.bpy
         if task.scene:
             scene = bpy.data.scenes.get(task.scene)
@@ -222,6 +251,12 @@ class RenderActor:
             r, "resolution_percentage",
             task.resolution_percentage or defaults["resolution_percentage"],
         )  # fmt: skip
+        denoise = defaults["use_denoising"] if task.denoise is None else task.denoise
+        assign(scene.cycles, "use_denoising", denoise)
+        assign(r, "use_compositing", defaults["use_compositing"])
+        for layer in scene.view_layers:
+            store = defaults["store_passes"].get(layer.name, False)
+            assign(layer.cycles, "denoising_store_passes", store)
         assign(scene.cycles, "device", "GPU" if self.device.startswith("GPU") else "CPU")
         assign(r, "use_persistent_data", True)
         assign(r, "threads_mode", "FIXED")
@@ -235,38 +270,45 @@ class RenderActor:
 
     # -- output ------------------------------------------------------------------------------
 
-    def _out_path(self, task: RenderTask, ext: str) -> str:
-        return os.path.join(self.workdir, f"{task.job_id}_{task.frame}_{task.tile}.{ext}")
+    def _path(self, task: RenderTask, suffix: str = "", ext: str | None = None) -> str:
+        ext = ext or task.format
+        return os.path.join(self.workdir, f"{task.job_id}_{task.frame}_{task.tile}{suffix}.{ext}")
 
-    def _write_still(self, scene: Any, task: RenderTask, path: str) -> bytes:
-        set_format(scene.render.image_settings, task.format, task.color_depth)
+    def _write(self, scene: Any, fmt: str, depth: int, path: str) -> str:
+        """Render ``scene`` and write it to ``path`` in ``fmt`` (see ``set_format``)."""
+        set_format(scene.render.image_settings, fmt, depth)
+        if fmt == "exr1":
+            assign(scene.render.image_settings, "color_mode", "RGBA")
         scene.render.filepath = path
         self._render(scene)
-        return take(path)
+        return path
 
     def _render_tile(
-        self, scene: Any, task: RenderTask, rect: TileRect, width: int, height: int
-    ) -> np.ndarray:
+        self, scene: Any, task: RenderTask, rect: TileRect, size: tuple[int, int]
+    ) -> dict[str, Part]:
+        """Render one tile with every pass, as floats: the compositor and the denoiser
+        off (they run once on the assembled frame), the denoiser's input passes on."""
         r = scene.render
+        for layer in _denoised_layers(scene):
+            assign(layer.cycles, "denoising_store_passes", True)
+        assign(scene.cycles, "use_denoising", False)
+        assign(r, "use_compositing", False)
         assign(r, "use_border", True)
         assign(r, "use_crop_to_border", True)
-        borders = border_fractions(rect, width, height)
-        for name, value in zip(_BORDER, borders, strict=True):
+        for name, value in zip(_BORDER, border_fractions(rect, *size), strict=True):
             assign(r, name, value)
-        path = self._out_path(task, "exr")
-        set_format(r.image_settings, "exr", 32)
-        r.filepath = path
-        self._render(scene)
+        path = self._write(scene, "exr", 32, self._path(task, ext="exr"))
         try:
-            pixels = self._read_exr(path)
+            parts = read_parts(path)
         finally:
             os.unlink(path)
-        if pixels.shape[:2] != (rect.height, rect.width):
-            raise RenderError(
-                f"tile {rect.index} rendered {pixels.shape[1]}x{pixels.shape[0]} pixels, "
-                f"expected {rect.width}x{rect.height}"
-            )
-        return pixels
+        for name, part in parts.items():
+            if part.pixels.shape[:2] != (rect.height, rect.width):
+                raise RenderError(
+                    f"tile {rect.index} pass {name!r} rendered {part.pixels.shape[1]}x"
+                    f"{part.pixels.shape[0]} pixels, expected {rect.width}x{rect.height}"
+                )
+        return parts
 
     def _render(self, scene: Any) -> None:
         """Render and write ``scene``, with Blender's own output captured to this actor's
@@ -277,46 +319,76 @@ class RenderActor:
             self.bpy.ops.render.render(write_still=True, scene=scene.name)
         self.last_log = tail(self.log_path, LOG_TAIL_BYTES)
 
-    def _read_exr(self, path: str) -> np.ndarray:
-        img = self.bpy.data.images.load(path)
-        try:
-            w, h = img.size
-            buf = np.empty(w * h * 4, dtype=np.float32)
-            img.pixels.foreach_get(buf)
-        finally:
-            self.bpy.data.images.remove(img)
-        return buf.reshape(h, w, 4)
+    def _denoise(self, scene: Any, task: RenderTask, parts: dict[str, Part]) -> dict[str, Part]:
+        """Denoise each view layer's assembled combined pass that Cycles would have
+        denoised, and leave the passes as a full-frame render has them: a denoised layer
+        gets its "Noisy Image", and keeps the denoiser's input passes only where the
+        scene stores them."""
+        layers = [layer.name for layer in _denoised_layers(scene)]
+        if not layers:
+            return parts
+        stored = self._defaults[scene.name]["store_passes"]
+        with self._frame_image(task, parts) as image:
+            for layer in layers:
+                tree = denoise_tree(self.bpy, scene, image, layer, _COMP_SCENE)
+                path = self._run_compositor(scene, task, tree, "exr1", 32)
+                try:
+                    (denoised,) = read_parts(path).values()
+                finally:
+                    os.unlink(path)
+                combined = f"{layer}.Combined"
+                noisy = parts[combined]
+                parts[combined] = _renamed(denoised, combined)
+                parts = _with_noisy(parts, layer, noisy)
+                if not stored.get(layer):
+                    for name in [n for n in parts if n.startswith(f"{layer}.Denoising ")]:
+                        del parts[name]
+        return parts
 
-    def _convert(self, scene: Any, task: RenderTask, frame: np.ndarray) -> bytes:
-        """Write scene-linear ``frame`` in the task's format via a compositor-only copy
-        of ``scene``.
+    def _composite(
+        self, scene: Any, task: RenderTask, parts: dict[str, Part], fmt: str, depth: int
+    ) -> str:
+        """Run the scene's compositor (or a plain pass-through) on the assembled frame
+        and write the result in ``fmt``; return the file's path."""
+        default_layer = next(
+            (v.name for v in scene.view_layers if v.use), scene.view_layers[0].name
+        )
+        with self._frame_image(task, parts) as image:
+            tree = scene_tree(self.bpy, scene, image, default_layer, _COMP_SCENE)
+            return self._run_compositor(scene, task, tree, fmt, depth)
+
+    @contextmanager
+    def _frame_image(self, task: RenderTask, parts: dict[str, Part]) -> Iterator[Any]:
+        """The assembled frame as a multi-layer Blender image (written, loaded, removed)."""
+        path = self._path(task, "_frame", "exr")
+        write_parts(path, parts, 32, {"BlenderMultiChannel": "Blender V2.55.1 and newer"})
+        image = self.bpy.data.images.load(path)
+        try:
+            yield image
+        finally:
+            self.bpy.data.images.remove(image)
+            os.unlink(path)
+
+    def _run_compositor(self, scene: Any, task: RenderTask, tree: Any, fmt: str, depth: int) -> str:
+        """Write ``tree``'s output through a compositor-only copy of ``scene``.
 
         A scene whose compositor has no Render Layers node is not rendered, only
         composited, and its result is written by the same code (view transform, look,
         curves, dither) as a normal render. A copy, not a new scene, so that every
-        colour setting is the source's without listing them.
+        colour setting is the source's without listing them. Consumes ``tree``.
         """
         bpy = self.bpy
-        height, width = frame.shape[:2]
-        img = bpy.data.images.new("rayfarm_frame", width, height, alpha=True, float_buffer=True)
-        img.pixels.foreach_set(frame.ravel())
+        width, height = pixel_size(scene)
         comp = scene.copy()  # objects are linked, not copied: cheap
         comp.name = _COMP_SCENE
-        tree = bpy.data.node_groups.new(_COMP_SCENE, "CompositorNodeTree")
         try:
             prepare_assembly(comp, width, height)
-            tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
-            node = tree.nodes.new("CompositorNodeImage")
-            node.image = img
-            out = tree.nodes.new("NodeGroupOutput")
-            tree.links.new(node.outputs["Image"], out.inputs[0])
             comp.compositing_node_group = tree
             comp.render.use_compositing = True
-            return self._write_still(comp, task, self._out_path(task, task.format))
+            return self._write(comp, fmt, depth, self._path(task, "_comp", fmt[:3]))
         finally:
             bpy.data.scenes.remove(comp)
             bpy.data.node_groups.remove(tree)
-            bpy.data.images.remove(img)
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -358,3 +430,36 @@ def _pin(slot: int, slots: int, threads: int) -> list[int]:
     if share != available:
         os.sched_setaffinity(0, share)
     return share
+
+
+def _denoised_layers(scene: Any) -> list[Any]:
+    """The view layers Cycles denoises when it renders ``scene`` as it is set now."""
+    if not scene.cycles.use_denoising:
+        return []
+    return [v for v in scene.view_layers if v.use and v.cycles.use_denoising]
+
+
+def _renamed(part: Part, name: str) -> Part:
+    """``part`` with its channels named for part ``name`` (``name.R``, ``name.G``, ...)."""
+    return Part(tuple(f"{name}.{c.rsplit('.', 1)[-1]}" for c in part.channels), part.pixels)
+
+
+def _with_noisy(parts: dict[str, Part], layer: str, noisy: Part) -> dict[str, Part]:
+    """Add ``layer``'s noisy image where Blender puts it: before its denoising data."""
+    name = f"{layer}.Noisy Image"
+    out: dict[str, Part] = {}
+    for key, part in parts.items():
+        if name not in out and key.startswith(f"{layer}.Denoising "):
+            out[name] = _renamed(noisy, name)
+        out[key] = part
+    out.setdefault(name, _renamed(noisy, name))
+    return out
+
+
+def _exr_attributes(scene: Any, task: RenderTask) -> dict[str, str]:
+    return {
+        "BlenderMultiChannel": "Blender V2.55.1 and newer",
+        "Scene": scene.name,
+        "Camera": scene.camera.name,
+        "Frame": str(task.frame),
+    }

@@ -33,10 +33,15 @@ def pixel_size(scene: Any) -> tuple[int, int]:
 
 
 def snapshot(scene: Any) -> dict[str, Any]:
+    """The scene's own values of everything a task may change, taken when the file opens:
+    each task sets them from here, so no task inherits another's overrides."""
     return {
         "camera": scene.camera,
         "samples": scene.cycles.samples,
         "resolution_percentage": scene.render.resolution_percentage,
+        "use_denoising": scene.cycles.use_denoising,
+        "use_compositing": scene.render.use_compositing,
+        "store_passes": {v.name: v.cycles.denoising_store_passes for v in scene.view_layers},
     }
 
 
@@ -50,13 +55,16 @@ def assign(target: Any, name: str, value: Any) -> None:
 
 
 def set_format(settings: Any, fmt: str, depth: int) -> None:
-    if hasattr(settings, "media_type"):  # 5.0: a scene may ask for video; we write images
-        assign(settings, "media_type", "IMAGE")
+    """``png``; ``exr`` (multi-layer: every pass of every view layer, one part each); or
+    ``exr1`` (single-layer RGBA, the composited image alone)."""
+    # 5.0: a scene may ask for video; we write images (multi-layer ones for exr).
+    assign(settings, "media_type", "MULTI_LAYER_IMAGE" if fmt == "exr" else "IMAGE")
     if fmt == "png":
         assign(settings, "file_format", "PNG")
     else:
-        assign(settings, "file_format", "OPEN_EXR")
+        assign(settings, "file_format", "OPEN_EXR_MULTILAYER" if fmt == "exr" else "OPEN_EXR")
         assign(settings, "exr_codec", "ZIP")
+        assign(settings, "use_exr_interleave", False)  # one part per pass
     assign(settings, "color_depth", str(depth))
     if settings.color_mode not in ("RGB", "RGBA", "BW"):
         settings.color_mode = "RGBA"

@@ -45,6 +45,7 @@ class RenderTask:
     resolution_percentage: int | None
     format: str
     color_depth: int
+    denoise: bool | None = None  # None: as the scene says
 
     @property
     def is_tiled(self) -> bool:
@@ -60,3 +61,4 @@ class TaskResult:
     device: str
     seconds: float
     rect: TileRect | None = None
+    size: tuple[int, int] | None = None  # a tile's frame, width x height in pixels
