@@ -197,7 +197,8 @@ async def _store_job(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     key = layout.input_key(job_id, "scene.blend")
     digest = await asyncio.to_thread(_put_hashed, ctx.storage, key, scene.file)
-    nx, ny = spec.tile_grid
+    grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
+    nx, ny = grid or (1, 1)
     frames = spec.frame_list
     job = Job(
         id=job_id,
@@ -207,6 +208,7 @@ async def _store_job(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
         scene_file=name or "scene.blend",
         frames_total=len(frames),
         tasks_total=len(frames) * nx * ny,
+        tiles=None if grid is None else str(spec.tiles),
         created_at=datetime.now(UTC),
     )
     try:

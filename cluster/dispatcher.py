@@ -7,9 +7,13 @@
 - A failed task is retried on another actor up to the job's ``max_retries``;
   then the job is FAILED with the reason. A scene bpy cannot open, or a spec
   the file cannot satisfy, fails the job at once (no retry can fix it).
-- Tiles stay in Ray's object store until a frame's last tile lands; the actor
-  that rendered it stitches the frame, and the frame is written to storage
-  whole. The job is COMPLETED when every frame is stored.
+- ``tiles="auto"``: before a job's first task, an actor opens the scene and
+  reports its frame size; ``auto_grid`` picks the tiling from that and the pool.
+- Each tile goes to the TileAssembler as soon as it is rendered (and leaves the
+  object store once copied into its frame). When a frame's last tile lands, the
+  actor that rendered it finishes the frame (denoise, compositor, colour, format)
+  and the frame is written to storage whole. The job is COMPLETED when every
+  frame is stored.
 - Its state lives in Redis: a restarted dispatcher rebuilds its runs from there.
 """
 
@@ -32,8 +36,10 @@ from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore, now_iso, outranks, queue_score
 from rayfarm.errors import FarmError, InvalidTransition
-from rayfarm.models import JobState
+from rayfarm.models import JobState, grid_of
+from rayfarm.render.assembler import TileAssembler
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult
+from rayfarm.render.tiles import auto_grid
 
 __all__ = ["Dispatcher", "get_dispatcher", "start_dispatcher"]
 
@@ -55,6 +61,7 @@ class Dispatcher:
         self.storage = Storage(self.settings.storage)
         self.slots: list[Slot] = []
         self.runs: dict[str, Run] = {}
+        self.assembler: Any = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.Task[None] | None = None
 
@@ -88,6 +95,9 @@ class Dispatcher:
             self._wake = asyncio.Event()
         if not self.slots:
             self.slots = [Slot(i, h) for i, h in enumerate(self._create_actors())]
+        if self.assembler is None:
+            # Restarted with empty buffers if it dies: frames it held render again.
+            self.assembler = ray.remote(TileAssembler).options(num_cpus=0, max_restarts=-1).remote()
         self._loop = asyncio.get_running_loop().create_task(self._run())
 
     def _create_actors(self) -> list[Any]:
@@ -145,8 +155,9 @@ class Dispatcher:
     def _stop(self, run: Run) -> None:
         run.stopped = True
         run.pending.clear()
-        run.tiles.clear()
         self.runs.pop(run.id, None)
+        if run.grid != (1, 1):
+            self.assembler.drop.remote(run.id)
 
     def _capacity(self) -> int:
         idle = sum(not s.busy for s in self.slots)
@@ -181,22 +192,43 @@ class Dispatcher:
             scene_ref=ray.put(data),
             score=queue_score(job.spec.priority, job.created_at.isoformat()),
         )
-        run.pending.extend(expand(job, scene_hash, set(await self.store.frames_done(job_id))))
         self.runs[job_id] = run
-        await self.store.event(job_id, "started", tasks=len(run.pending))
+        await self.store.event(job_id, "started")
+        # Fixed, or 'auto' decided before a restart; else _schedule sends the scene to an
+        # actor to decide 'auto' (_probe).
+        grid = grid_of(job.tiles) if job.tiles else job.spec.tile_grid
+        if grid is not None:
+            await self._plan(run, grid)
+
+    async def _plan(self, run: Run, grid: tuple[int, int]) -> None:
+        done = set(await self.store.frames_done(run.id))
+        run.grid = grid
+        run.pending.extend(expand(run.job, run.scene_hash, done, grid))
+        await self.store.event(run.id, "planned", tiles=_tiles(grid), tasks=len(run.pending))
         if not run.pending:
             await self._complete(run)
 
     def _schedule(self) -> None:
         while True:
             idle = [s for s in self.slots if not s.busy]
-            choice = self._next_assignment(idle) if idle else None
+            if not idle:
+                return
+            probe = next((r for r in self._by_score() if r.grid is None and not r.probing), None)
+            if probe is not None:
+                slot = _prefer(idle, probe.scene_hash)
+                probe.probing = slot.busy = True
+                asyncio.get_running_loop().create_task(self._probe(slot, probe))
+                continue
+            choice = self._next_assignment(idle)
             if choice is None:
                 return
             run, task, slot = choice
             run.pending.remove(task)
             slot.busy = True
             asyncio.get_running_loop().create_task(self._execute(slot, run, task))
+
+    def _by_score(self) -> list[Run]:
+        return sorted(self.runs.values(), key=lambda r: r.score)
 
     def _next_assignment(self, idle: list[Slot]) -> tuple[Run, RenderTask, Slot] | None:
         """The best (run, task, idle slot): runs by priority then age, tasks in order.
@@ -207,16 +239,49 @@ class Dispatcher:
         holds the job's scene is preferred.
         """
         everyone = {s.index for s in self.slots}
-        for run in sorted((r for r in self.runs.values() if r.pending), key=lambda r: r.score):
+        for run in self._by_score():
             for task in itertools.islice(run.pending, SCHEDULE_LOOKAHEAD):
                 avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set())
                 if avoid >= everyone:
                     avoid = set()
                 fresh = [s for s in idle if s.index not in avoid]
                 if fresh:
-                    holding = [s for s in fresh if s.holds == run.scene_hash]
-                    return run, task, (holding or fresh)[0]
+                    return run, task, _prefer(fresh, run.scene_hash)
         return None
+
+    async def _probe(self, slot: Slot, run: Run) -> None:
+        """Decide ``tiles="auto"``: an actor opens the scene (and keeps it open for the
+        job's tasks) and reports the frame size; the grid follows from that and the pool."""
+        assert self._wake is not None
+        try:
+            info = await slot.handle.inspect.remote(run.template(), [run.scene_ref])
+            slot.holds = run.scene_hash
+            if run.stopped:
+                return
+            done = set(await self.store.frames_done(run.id))
+            frames = len([f for f in run.job.spec.frame_list if f not in done])
+            grid, reason = auto_grid(
+                frames, len(self.slots), info["width"], info["height"], info["samples"]
+            )
+            nx, ny = grid
+            await self.store.set_fields(
+                run.id, tiles=_tiles(grid), tasks_total=str(run.job.frames_total * nx * ny)
+            )
+            await self.store.event(run.id, "tiles", tiles=_tiles(grid), reason=reason)
+            await self._plan(run, grid)
+        except Exception as exc:
+            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+            if isinstance(exc, RayActorError):
+                self._replace_actor(slot)
+            attempts = await self.store.add_attempt(run.id, "probe")
+            fatal = isinstance(cause, FarmError) and bool(cause.detail.get(FATAL))
+            if not run.stopped and (fatal or attempts > run.job.spec.max_retries):
+                self._stop(run)
+                await self._fail(run.id, str(cause))
+        finally:
+            run.probing = False
+            slot.busy = False
+            self._wake.set()
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -248,13 +313,21 @@ class Dispatcher:
                 await self._store_frame(run, task, await payload_ref, meta, slot)
                 return
             await self._report_device(run, meta)
+            nx, ny = task.tiles
+            have = await self.assembler.add.remote(
+                run.id, task.frame, nx * ny, meta.size, meta.rect, payload_ref
+            )
+            del payload_ref  # the assembler has copied the tile: let the object store free it
             await self._task_done(run, task, meta, slot)
-            tiles = run.tiles.setdefault(task.frame, {})
-            tiles[task.tile] = (meta.rect, payload_ref)
-            if len(tiles) < task.tiles[0] * task.tiles[1]:
+            if have < nx * ny or run.stopped:
                 return
             try:
-                meta, image = await self._assemble(slot, run, task, tiles)
+                frame_ref = self.assembler.take.remote(run.id, task.frame)
+                meta_ref, image_ref = slot.handle.finish.options(num_returns=2).remote(
+                    task, [run.scene_ref], frame_ref
+                )
+                meta = await meta_ref
+                image = await image_ref
                 release()
                 if not run.stopped:
                     await self._store_frame(run, task, image, meta, slot)
@@ -264,21 +337,6 @@ class Dispatcher:
             await self._task_failed(slot, run, task, exc)
         finally:
             release()
-
-    async def _assemble(
-        self, slot: Slot, run: Run, task: RenderTask, tiles: dict[int, tuple[Any, Any]]
-    ) -> tuple[TaskResult, bytes]:
-        """Stitch a frame on ``slot`` (it rendered the last tile and holds the scene)."""
-        order = sorted(tiles)
-        rects = [tiles[i][0] for i in order]
-        refs = [tiles[i][1] for i in order]
-        meta_ref, image_ref = slot.handle.assemble.options(num_returns=2).remote(
-            task, [run.scene_ref], rects, *refs
-        )
-        meta: TaskResult = await meta_ref
-        image: bytes = await image_ref
-        run.tiles.pop(task.frame, None)  # the tiles' objects are freed with their refs
-        return meta, image
 
     async def _task_done(self, run: Run, task: RenderTask, meta: TaskResult, slot: Slot) -> None:
         await self.store.mark_task_done(
@@ -360,7 +418,7 @@ class Dispatcher:
             # A frame that failed to stitch or store: its tiles are gone or suspect, so
             # every tile of it renders again.
             nx, ny = task.tiles
-            run.tiles.pop(task.frame, None)
+            self.assembler.drop.remote(run.id, task.frame)
             await self.store.forget_tasks(
                 run.id, [keys.task_key(task.frame, i) for i in range(nx * ny)]
             )
@@ -374,6 +432,15 @@ class Dispatcher:
             await self.store.transition(job_id, JobState.FAILED, error=message)
         except InvalidTransition:
             pass
+
+
+def _prefer(slots: list[Slot], scene_hash: str) -> Slot:
+    """The first of ``slots`` that holds the scene already, else the first."""
+    return next((s for s in slots if s.holds == scene_hash), slots[0])
+
+
+def _tiles(grid: tuple[int, int]) -> str:
+    return "1" if grid == (1, 1) else f"{grid[0]}x{grid[1]}"
 
 
 def start_dispatcher(settings: Settings) -> Any:

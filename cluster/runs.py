@@ -35,8 +35,9 @@ class Run:
     scene_hash: str
     scene_ref: Any  # ObjectRef to the .blend bytes
     score: float  # queue score: priority, then age
+    grid: tuple[int, int] | None = None  # tiles per frame; None until 'auto' is decided
+    probing: bool = False  # an actor is inspecting the scene to decide 'auto'
     pending: deque[RenderTask] = field(default_factory=deque)
-    tiles: dict[int, dict[int, tuple[Any, Any]]] = field(default_factory=dict)  # rect, ref
     failed_on: dict[str, set[int]] = field(default_factory=dict)  # task key -> slot indexes
     device_reported: bool = False
     stopped: bool = False
@@ -45,11 +46,18 @@ class Run:
     def id(self) -> str:
         return self.job.id
 
+    def template(self) -> RenderTask:
+        """A whole-frame task of the job's first frame (what an actor inspects)."""
+        return next(expand(self.job, self.scene_hash, set(), (1, 1)))
 
-def expand(job: Job, scene_hash: str, done_frames: set[int]) -> Iterator[RenderTask]:
-    """The job's (frame, tile) tasks in frame order, skipping frames already stored."""
+
+def expand(
+    job: Job, scene_hash: str, done_frames: set[int], grid: tuple[int, int]
+) -> Iterator[RenderTask]:
+    """The job's (frame, tile) tasks for a ``grid`` of tiles, in frame order, skipping
+    frames already stored."""
     spec = job.spec
-    nx, ny = spec.tile_grid
+    nx, ny = grid
     for frame in spec.frame_list:
         if frame in done_frames:
             continue
@@ -66,4 +74,5 @@ def expand(job: Job, scene_hash: str, done_frames: set[int]) -> Iterator[RenderT
                 resolution_percentage=spec.resolution_percentage,
                 format=spec.format,
                 color_depth=spec.depth,
+                denoise=spec.denoise,
             )

@@ -89,6 +89,7 @@ class JobStore:
             "scene_hash": scene_hash,
             "frames_total": job.frames_total,
             "tasks_total": job.tasks_total,
+            "tiles": job.tiles or "",
             "created_at": created,
         }
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -317,6 +318,7 @@ def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> J
         frames_done=frames_done,
         tasks_total=int(data["tasks_total"]),
         tasks_done=tasks_done,
+        tiles=data.get("tiles") or None,
         error=data.get("error") or None,
         device=data.get("device") or None,
         created_at=datetime.fromisoformat(data["created_at"]),

@@ -112,6 +112,20 @@ class RenderActor:
     def holds(self) -> str | None:
         return self.loaded
 
+    def inspect(self, task: RenderTask, scene_data: list[Any]) -> dict[str, Any]:
+        """Open the task's scene (it stays open for the tasks that follow) and report what
+        the dispatcher needs to plan the job: the frame size and samples in effect."""
+        self._ensure_scene(task.scene_hash, scene_data)
+        scene = self._prepare(task)
+        width, height = pixel_size(scene)
+        return {
+            "scene": scene.name,
+            "width": width,
+            "height": height,
+            "samples": scene.cycles.samples,
+            "denoise": bool(_denoised_layers(scene)),
+        }
+
     # -- tasks -----------------------------------------------------------------------------
 
     def render(self, task: RenderTask, scene_data: list[Any]) -> tuple[TaskResult, Any]:

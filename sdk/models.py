@@ -39,6 +39,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "check_transition",
+    "grid_of",
     "parse_spec",
     "sources_of",
 ]
@@ -87,6 +88,14 @@ _TILES = re.compile(r"^(\d+)x(\d+)$")
 MAX_TILES_PER_AXIS = 16
 
 
+def grid_of(tiles: str) -> tuple[int, int]:
+    """'NxM' (or '1') as (N, M)."""
+    if tiles == "1":
+        return (1, 1)
+    nx, ny = tiles.split("x")
+    return (int(nx), int(ny))
+
+
 class JobSpec(BaseModel):
     """What to render. Unknown fields are refused.
 
@@ -99,10 +108,22 @@ class JobSpec(BaseModel):
     frames: str = Field(description="Frame spec: '1-8', '1,3,5-7', '1-20x5'.")
     scene: str | None = Field(None, description="Scene name; the file's active scene if unset.")
     camera: str | None = Field(None, description="Camera object; the scene's camera if unset.")
-    tiles: int | str = Field(1, description="1 (whole frames) or 'NxM' tiles per frame.")
+    tiles: int | str = Field(
+        1,
+        description="1 (whole frames), 'NxM' tiles per frame, or 'auto': the farm splits "
+        "frames when a job has fewer frames than render actors, into tiles large enough "
+        "to pay for themselves.",
+    )
     samples: int | None = Field(None, ge=1, le=65536, description="Cycles samples override.")
     resolution_percentage: int | None = Field(None, ge=1, le=400)
-    format: Literal["png", "exr"] = "png"
+    denoise: bool | None = Field(
+        None,
+        description="Override the scene's Cycles denoising (OpenImageDenoise). Tiled frames "
+        "are denoised once, whole, so tiles leave no seams.",
+    )
+    format: Literal["png", "exr"] = Field(
+        "png", description="png, or exr: multi-layer OpenEXR with every enabled pass."
+    )
     color_depth: int | None = Field(
         None, description="png: 8 (default) or 16; exr: 16 (half) or 32 (float, default)."
     )
@@ -130,19 +151,20 @@ class JobSpec(BaseModel):
     @field_validator("tiles", mode="before")
     @classmethod
     def _tiles(cls, v: Any) -> int | str:
+        usage = "tiles must be 1, 'NxM' such as '2x2', or 'auto'"
         if isinstance(v, bool):
-            raise ValueError("tiles must be 1 or 'NxM'")
+            raise ValueError(usage)
         if isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()):
             if int(v) != 1:
-                raise ValueError("tiles must be 1 or 'NxM' such as '2x2'")
+                raise ValueError(usage)
             return 1
         if not isinstance(v, str):
-            raise ValueError("tiles must be 1 or 'NxM' such as '2x2'")
+            raise ValueError(usage)
         if v.strip().lower() == "auto":
-            raise ValueError("tiles='auto' is not supported yet: give 1 or 'NxM'")
+            return "auto"
         m = _TILES.match(v.strip().lower())
         if m is None:
-            raise ValueError(f"tiles {v!r} is not 1 or 'NxM' such as '2x2'")
+            raise ValueError(f"tiles {v!r}: {usage}")
         nx, ny = int(m[1]), int(m[2])
         if not (1 <= nx <= MAX_TILES_PER_AXIS and 1 <= ny <= MAX_TILES_PER_AXIS):
             raise ValueError(f"tiles per axis must be 1 to {MAX_TILES_PER_AXIS}")
@@ -163,11 +185,13 @@ class JobSpec(BaseModel):
         return parse_frames(self.frames)
 
     @property
-    def tile_grid(self) -> tuple[int, int]:
+    def tile_grid(self) -> tuple[int, int] | None:
+        """(columns, rows) of tiles per frame; None for 'auto' (the farm decides)."""
         if self.tiles == 1:
             return (1, 1)
-        nx, ny = str(self.tiles).split("x")
-        return (int(nx), int(ny))
+        if self.tiles == "auto":
+            return None
+        return grid_of(str(self.tiles))
 
     @property
     def depth(self) -> int:
@@ -237,6 +261,11 @@ class Job(BaseModel):
     frames_done: int = 0
     tasks_total: int
     tasks_done: int = 0
+    tiles: str | None = Field(
+        None,
+        description="The tiling in effect: '1' or 'NxM'; for tiles='auto', None until the "
+        "farm has chosen.",
+    )
     error: str | None = None
     device: str | None = None
     created_at: datetime

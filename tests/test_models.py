@@ -51,6 +51,8 @@ def test_spec_defaults_and_normalisation():
     )  # fmt: skip
     assert JobSpec(frames="1", tiles="1x1").tiles == 1
     assert JobSpec(frames="1", tiles="3X2").tile_grid == (3, 2)
+    auto = JobSpec(frames="1", tiles=" AUTO ")
+    assert (auto.tiles, auto.tile_grid) == ("auto", None)
     assert JobSpec(frames=5).frames == "5"
     assert JobSpec(frames="1", format="exr").depth == 32
     assert JobSpec(frames="1", format="png", color_depth=16).depth == 16
@@ -64,8 +66,9 @@ def test_spec_defaults_and_normalisation():
         ({}, "frames: Field required"),
         ({"frames": "1", "tiles": "0x2"}, "tiles per axis"),
         ({"frames": "1", "tiles": "17x1"}, "tiles per axis"),
-        ({"frames": "1", "tiles": 4}, "tiles must be 1 or 'NxM'"),
-        ({"frames": "1", "tiles": "auto"}, "not supported yet"),
+        ({"frames": "1", "tiles": 4}, "tiles must be 1, 'NxM' such as '2x2', or 'auto'"),
+        ({"frames": "1", "tiles": "automatic"}, "tiles 'automatic': tiles must be 1"),
+        ({"frames": "1", "denoise": "maybe"}, "denoise: Input should be a valid boolean"),
         ({"frames": "1", "samples": 0}, "samples"),
         ({"frames": "1", "resolution_percentage": 401}, "resolution_percentage"),
         ({"frames": "1", "format": "jpeg"}, "format"),

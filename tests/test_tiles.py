@@ -1,10 +1,15 @@
-"""Tile geometry: tiles cover the frame exactly and map back to the right pixels."""
+"""Tile geometry: tiles cover the frame exactly and map back to the right pixels; the
+assembler puts every pass of every tile where it belongs; ``tiles="auto"`` picks."""
 
 import math
 
+import numpy as np
 import pytest
 
-from rayfarm.render.tiles import border_fractions, split
+from rayfarm.errors import RenderError
+from rayfarm.render.assembler import TileAssembler
+from rayfarm.render.exr import Part
+from rayfarm.render.tiles import MIN_TILE_WORK, auto_grid, border_fractions, split
 
 
 @pytest.mark.parametrize(
@@ -42,3 +47,78 @@ def test_border_fractions_truncate_back_to_the_tile(w, h, nx, ny):
 def test_more_tiles_than_pixels_is_refused():
     with pytest.raises(ValueError, match="cannot be split"):
         split(8, 6, 16, 16)
+
+
+def _frame(w, h, nch, seed):
+    return np.random.default_rng(seed).random((h, w, nch), dtype=np.float32)
+
+
+def _tile(frame, rect):
+    """``rect``'s pixels of a top-row-first frame (as EXR stores them)."""
+    h = frame.shape[0]
+    return frame[h - rect.y1 : h - rect.y0, rect.x0 : rect.x1]
+
+
+@pytest.mark.parametrize(("w", "h", "nx", "ny"), [(67, 45, 3, 3), (321, 241, 2, 3)])
+def test_the_assembler_stitches_every_pass_in_any_order(w, h, nx, ny):
+    passes = {"ViewLayer.Combined": _frame(w, h, 4, 1), "ViewLayer.Depth": _frame(w, h, 1, 2)}
+    channels = {"ViewLayer.Combined": ("R", "G", "B", "A"), "ViewLayer.Depth": ("Z",)}
+    asm = TileAssembler()
+    rects = split(w, h, nx, ny)
+    order = np.random.default_rng(3).permutation(len(rects))
+    counts = []
+    for i in order:
+        parts = {k: Part(channels[k], _tile(v, rects[i]).copy()) for k, v in passes.items()}
+        counts.append(asm.add("job", 7, len(rects), (w, h), rects[i], parts))
+    assert counts == list(range(1, len(rects) + 1))
+    assert asm.stats()["frames"] == 1
+    done = asm.take("job", 7)
+    assert list(done) == list(passes)
+    for name, want in passes.items():
+        assert done[name].channels == channels[name]
+        assert np.array_equal(done[name].pixels, want), name
+    assert asm.stats() == {"frames": 0, "bytes": 0}
+
+
+def test_the_assembler_counts_a_redelivered_tile_once_and_refuses_early_takes():
+    w, h = 20, 10
+    frame = _frame(w, h, 4, 5)
+    rects = split(w, h, 2, 1)
+    asm = TileAssembler()
+    part = {"L.Combined": Part(("R", "G", "B", "A"), _tile(frame, rects[0]).copy())}
+    assert asm.add("j", 1, 2, (w, h), rects[0], part) == 1
+    assert asm.add("j", 1, 2, (w, h), rects[0], part) == 1
+    with pytest.raises(RenderError, match=r"frame 1 is not assembled \(1 of 2 tiles\)"):
+        asm.take("j", 1)
+    other = {"L.Depth": Part(("Z",), np.zeros((rects[1].height, rects[1].width, 1), np.float32))}
+    assert asm.add("j", 2, 2, (w, h), rects[0], part) == 1
+    with pytest.raises(RenderError, match="tile 1 has passes"):
+        asm.add("j", 2, 2, (w, h), rects[1], other)
+    asm.drop("j")
+    assert asm.stats()["frames"] == 0
+
+
+def test_auto_renders_whole_frames_when_frames_keep_every_actor_busy():
+    assert auto_grid(250, 8, 1920, 1080, 128)[0] == (1, 1)
+    assert auto_grid(2, 2, 1920, 1080, 128)[0] == (1, 1)
+
+
+def test_auto_splits_a_frame_so_every_actor_has_a_tile():
+    grid, reason = auto_grid(1, 2, 960, 540, 64)
+    assert grid == (2, 1), reason
+    assert auto_grid(1, 4, 960, 540, 64)[0] == (2, 2)
+    assert auto_grid(1, 8, 1920, 1080, 256)[0] in ((4, 2), (2, 4))
+    assert auto_grid(2, 8, 1920, 1080, 256)[0] == (2, 2)
+    nx, ny = auto_grid(1, 3, 1920, 1080, 256)[0]
+    assert nx * ny == 3
+
+
+def test_auto_never_makes_tiles_too_small_to_pay_for_themselves():
+    # Enough work for exactly two tiles: eight actors still get two.
+    grid, reason = auto_grid(1, 8, 100, 100, 2 * MIN_TILE_WORK // 10_000)
+    assert grid[0] * grid[1] == 2 and "capped" in reason
+    grid, reason = auto_grid(1, 8, 64, 48, 4)
+    assert grid == (1, 1) and "too little work" in reason
+    for frames, actors, w, h, spp in [(1, 16, 640, 360, 16), (3, 16, 1280, 720, 64)]:
+        (nx, ny), _ = auto_grid(frames, actors, w, h, spp)
+        assert (w * h * spp) / (nx * ny) >= MIN_TILE_WORK
