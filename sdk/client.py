@@ -67,8 +67,9 @@ class Farm:
     ) -> Job:
         """Upload a .blend and queue a job; return it (state PENDING).
 
-        ``overrides`` are ``JobSpec`` fields: ``samples``, ``resolution_percentage``,
-        ``format``, ``color_depth``, ``scene``, ``camera``, ``priority``, ``max_retries``.
+        ``tiles`` is 1, ``"NxM"`` or ``"auto"``. ``overrides`` are ``JobSpec`` fields:
+        ``samples``, ``resolution_percentage``, ``denoise``, ``format``, ``color_depth``,
+        ``scene``, ``camera``, ``priority``, ``max_retries``.
         The spec is validated here first, so a typo fails before any upload.
         """
         spec = parse_spec({"frames": frames, "tiles": tiles, **overrides})

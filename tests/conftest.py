@@ -119,16 +119,37 @@ def small_scene(make_scene: SceneFactory) -> Path:
     return make_scene(*SMALL)
 
 
-def render_reference(scene: Path, out_dir: Path, frames: list[int]) -> dict[int, Path]:
-    """Render frames directly with bpy in a fresh process (the ground truth)."""
+def render_reference(
+    scene: Path, out_dir: Path, frames: list[int], exr: bool = False
+) -> dict[int, Path]:
+    """Render frames directly with bpy in a fresh process (the ground truth): PNG, or
+    with ``exr`` float multi-layer OpenEXR with every pass."""
     subprocess.run(
         [PYTHON, str(ROOT / "tests" / "helpers" / "render_reference.py"), str(scene),
-         str(out_dir), *map(str, frames)],
+         str(out_dir), *(["--exr"] if exr else []), *map(str, frames)],
         check=True,
         capture_output=True,
         timeout=300,
     )  # fmt: skip
-    return {f: out_dir / f"{f:04d}.png" for f in frames}
+    return {f: out_dir / f"{f:04d}.{'exr' if exr else 'png'}" for f in frames}
+
+
+def exr_parts(path: Path) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """Every part of a multi-layer EXR, read in a fresh process with the OpenImageIO
+    bpy ships (the test process never loads bpy)."""
+    out = path.with_suffix(".npz")
+    subprocess.run(
+        [PYTHON, str(ROOT / "tests" / "helpers" / "exr_parts.py"), str(path), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with np.load(out) as data:
+        names = [str(n) for n in data["names"]]
+        return {
+            name: (tuple(str(c) for c in data[f"channels{i}"]), data[f"pixels{i}"])
+            for i, name in enumerate(names)
+        }
 
 
 def pixels(path: Path) -> np.ndarray:

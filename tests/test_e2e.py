@@ -52,19 +52,24 @@ def test_frames_equal_a_direct_bpy_render(farm, small_scene, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("tiles", "extra"), [("2x2", ()), ("3x3", ()), ("2x2", ("--grade",))], ids=str
-)
-def test_tiles_equal_the_full_frame(farm, make_scene, tmp_path, tiles, extra):
+    ("tiles", "size", "extra"),
+    [("2x2", (67, 45), ()), ("3x3", (67, 45), ()), ("3x3", (321, 241), ()),
+     ("2x2", (67, 45), ("--grade",))],
+    ids=str,
+)  # fmt: skip
+def test_tiles_equal_the_full_frame(farm, make_scene, tmp_path, tiles, size, extra):
     """Odd frame sizes included: tiles of unequal sizes stitch bit-identically, and a
     graded scene (look, exposure, gamma, curves, transparent film) converts the same."""
-    scene = make_scene("--width", "67", "--height", "45", "--samples", "4", *extra)
+    w, h = size
+    scene = make_scene("--width", str(w), "--height", str(h), "--samples", "4", *extra)
     job = _completed(farm.submit(scene, frames="2,5", tiles=tiles))
     assert job.tasks_done == 2 * int(tiles[0]) ** 2
+    assert job.tiles == tiles
     got = job.download(tmp_path / "farm")
     want = render_reference(scene, tmp_path / "ref", [2, 5])
     for path in got:
         a, b = pixels(path), pixels(want[int(path.stem)])
-        assert a.shape == (45, 67, 4)
+        assert a.shape == (h, w, 4)
         assert np.array_equal(a, b), f"{tiles} frame {path.stem}: max diff {np.abs(a - b).max()}"
 
 

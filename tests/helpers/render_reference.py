@@ -1,9 +1,10 @@
 """Render reference frames directly with bpy, the way an artist's Blender would.
 
-    python render_reference.py SCENE.blend OUT_DIR FRAME [FRAME ...]
+    python render_reference.py SCENE.blend OUT_DIR [--exr] FRAME [FRAME ...]
 
 Writes OUT_DIR/NNNN.png for each frame with the scene's own settings (a plain
-``render.render(write_still=True)``), for tests to compare the farm against.
+``render.render(write_still=True)``), for tests to compare the farm against;
+with ``--exr``, OUT_DIR/NNNN.exr as 32-bit float multi-layer OpenEXR (every pass).
 """
 
 import sys
@@ -14,12 +15,19 @@ import bpy
 
 def main() -> None:
     scene_path, out_dir, *frames = sys.argv[1:]
+    exr = "--exr" in frames
+    frames = [f for f in frames if f != "--exr"]
     bpy.ops.wm.open_mainfile(filepath=scene_path, load_ui=False, use_scripts=False)
     scene = bpy.context.scene
+    if exr:
+        settings = scene.render.image_settings
+        settings.media_type = "MULTI_LAYER_IMAGE"
+        settings.color_depth = "32"
+        settings.exr_codec = "ZIP"
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for frame in map(int, frames):
         scene.frame_set(frame)
-        scene.render.filepath = str(Path(out_dir) / f"{frame:04d}.png")
+        scene.render.filepath = str(Path(out_dir) / f"{frame:04d}.{'exr' if exr else 'png'}")
         scene.render.use_file_extension = False
         bpy.ops.render.render(write_still=True)
 

@@ -1,0 +1,146 @@
+"""Split-frame rendering on a real local farm, compared with full-frame bpy renders
+made in the same run: denoised tiles without seams, the compositor run once on the
+assembled frame, multi-layer EXR passes, and tiles="auto"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rayfarm import Farm, JobState
+from rayfarm.render.tiles import MIN_TILE_WORK, split
+
+from conftest import exr_parts, pixels, render_reference
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 300
+#: The band around tile borders where a per-tile denoiser or compositor leaves seams.
+BAND = 4
+#: Target for denoised tiles vs Cycles' full-frame denoise (max abs difference).
+DENOISE_TOLERANCE = 1e-3
+#: Passes `make_scene.py --passes --denoise` enables on top of the combined image.
+EXTRA_PASSES = {
+    "ViewLayer.Depth",
+    "ViewLayer.Normal",
+    "ViewLayer.Diffuse Color",
+    "ViewLayer.Denoising Albedo",
+    "ViewLayer.Noisy Image",
+}
+
+
+@pytest.fixture(scope="module")
+def farm(local_farm):
+    with Farm(local_farm.url) as farm:
+        yield farm
+
+
+def _completed(job):
+    status = job.wait(timeout=WAIT_S)
+    job.refresh()
+    assert status.state is JobState.COMPLETED, job.error
+    return job
+
+
+def _border_band(w: int, h: int, nx: int, ny: int) -> np.ndarray:
+    """True within BAND pixels of an inner tile edge (rows top first, as EXR and PNG)."""
+    band = np.zeros((h, w), dtype=bool)
+    rects = split(w, h, nx, ny)
+    for x in {r.x0 for r in rects} - {0}:
+        band[:, max(0, x - BAND) : x + BAND] = True
+    for y in {r.y0 for r in rects} - {0}:
+        row = h - y
+        band[max(0, row - BAND) : row + BAND, :] = True
+    return band
+
+
+def test_denoised_tiles_equal_the_full_frame_denoise_without_seams(farm, make_scene, tmp_path):
+    w, h = 161, 121
+    scene = make_scene("--width", str(w), "--height", str(h), "--samples", "8", "--denoise")
+    job = _completed(farm.submit(scene, frames="3", tiles="3x3", format="exr"))
+    (got,) = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [3], exr=True)[3]
+    farm_parts, ref_parts = exr_parts(got), exr_parts(want)
+    assert list(farm_parts) == list(ref_parts) == ["ViewLayer.Combined", "ViewLayer.Noisy Image"]
+    combined = farm_parts["ViewLayer.Combined"][1]
+    error = np.abs(combined - ref_parts["ViewLayer.Combined"][1]).max(axis=2)
+    band = _border_band(w, h, 3, 3)
+    print(f"denoised 3x3 tiles vs full frame: max {error.max():.2e}, "
+          f"border band {error[band].max():.2e}, interior {error[~band].max():.2e}")  # fmt: skip
+    assert error.max() <= DENOISE_TOLERANCE
+    assert error[band].max() <= error[~band].max()
+    # The denoiser really ran (on the whole frame): the result is far from the noisy image.
+    noisy = farm_parts["ViewLayer.Noisy Image"][1]
+    assert np.array_equal(noisy, ref_parts["ViewLayer.Noisy Image"][1])
+    assert np.abs(combined - noisy).max() > 0.05
+
+
+def test_denoise_override_applies_to_tiled_png(farm, make_scene, tmp_path):
+    """The spec turns denoising on for a scene that has it off; the PNG equals bpy's own
+    denoised full-frame render to within one 8-bit level (the float result differs by
+    at most DENOISE_TOLERANCE)."""
+    scene = make_scene("--width", "96", "--height", "72", "--samples", "8")
+    job = _completed(farm.submit(scene, frames="1", tiles="2x2", denoise=True))
+    (got,) = job.download(tmp_path / "farm")
+    denoised = make_scene("--width", "96", "--height", "72", "--samples", "8", "--denoise")
+    want = render_reference(denoised, tmp_path / "ref", [1])[1]
+    noisy = render_reference(scene, tmp_path / "noisy", [1])[1]
+    diff = np.abs(pixels(got).astype(int) - pixels(want).astype(int))
+    assert diff.max() <= 1
+    assert np.abs(pixels(got).astype(int) - pixels(noisy).astype(int)).max() > 10
+
+
+def test_the_compositor_runs_once_on_the_assembled_frame(farm, make_scene, tmp_path):
+    """A bloom (Glare) spreads a bright lamp across tile borders: composited per tile it
+    would stop at each border; on the assembled frame it equals the full render."""
+    w, h = 160, 120
+    scene = make_scene("--width", str(w), "--height", str(h), "--samples", "4", "--glare")
+    png = _completed(farm.submit(scene, frames="1", tiles="2x2"))
+    exr = _completed(farm.submit(scene, frames="1", tiles="2x2", format="exr"))
+    (got_png,) = png.download(tmp_path / "png")
+    (got_exr,) = exr.download(tmp_path / "exr")
+    want_png = render_reference(scene, tmp_path / "ref", [1])[1]
+    want_exr = render_reference(scene, tmp_path / "ref", [1], exr=True)[1]
+    assert np.array_equal(pixels(got_png), pixels(want_png))
+    farm_parts, ref_parts = exr_parts(got_exr), exr_parts(want_exr)
+    assert list(farm_parts) == list(ref_parts) == ["Composite.Combined", "ViewLayer.Combined"]
+    for name in farm_parts:
+        assert np.array_equal(farm_parts[name][1], ref_parts[name][1]), name
+    # The glare reaches across the tile borders (so a per-tile compositor would cut it).
+    glow = np.abs(farm_parts["Composite.Combined"][1] - farm_parts["ViewLayer.Combined"][1])
+    assert glow[_border_band(w, h, 2, 2)].max() > 0.01
+
+
+@pytest.mark.parametrize("tiles", ["2x2", 1])
+def test_multilayer_exr_holds_every_pass_of_the_full_render(farm, make_scene, tmp_path, tiles):
+    scene = make_scene(
+        "--width", "80", "--height", "60", "--samples", "4", "--passes", "--denoise", "--glare"
+    )  # fmt: skip
+    job = _completed(farm.submit(scene, frames="2,4", tiles=tiles, format="exr"))
+    got = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [2, 4], exr=True)
+    for path in got:
+        farm_parts, ref_parts = exr_parts(path), exr_parts(want[int(path.stem)])
+        assert list(farm_parts) == list(ref_parts)
+        assert set(farm_parts) >= EXTRA_PASSES
+        for name, (channels, values) in farm_parts.items():
+            ref_channels, ref_values = ref_parts[name]
+            assert channels == ref_channels, name
+            assert values.dtype == np.float32 and values.shape == ref_values.shape, name
+            error = np.abs(values - ref_values).max()
+            assert error <= DENOISE_TOLERANCE, f"{name}: max diff {error}"
+
+
+def test_auto_splits_a_short_job_and_renders_a_long_one_whole(farm, make_scene, tmp_path):
+    """Two actors: one frame with enough work splits in two; as many frames as actors
+    render whole."""
+    w, h = 128, 96
+    samples = -(-2 * MIN_TILE_WORK // (w * h))
+    scene = make_scene("--width", str(w), "--height", str(h), "--samples", str(samples))
+    one = _completed(farm.submit(scene, frames="4", tiles="auto"))
+    assert (one.tiles, one.tasks_total, one.tasks_done) == ("2x1", 2, 2)
+    many = _completed(farm.submit(scene, frames="1-2", tiles="auto"))
+    assert (many.tiles, many.tasks_total) == ("1", 2)
+    (got,) = one.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [4])[4]
+    assert np.array_equal(pixels(got), pixels(want))
