@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-tiles clean
 
 ## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install redis-server
 setup: $(STAMP)
@@ -34,6 +34,10 @@ lint: setup
 ## bench: the overhead benchmark (see BENCHMARKS.md)
 bench: setup
 	$(BIN)/python bench/overhead.py
+
+## bench-tiles: one frame whole vs tiled 2x2 vs auto on two actors (see BENCHMARKS.md)
+bench-tiles: setup
+	$(BIN)/python bench/tiles.py --sweep
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

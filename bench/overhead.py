@@ -226,6 +226,7 @@ class LocalFarm:
         self.client: rayfarm.Farm | None = None
         self.port = 0
         self.seen: dict[int, int] = {}  # every descendant ever seen: pid -> start ticks
+        self.env: dict[str, str] = {}  # settings for this farm (RAYFARM_CPU_ACTORS, ...)
 
     @property
     def url(self) -> str:
@@ -235,6 +236,7 @@ class LocalFarm:
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if k not in FARM_ENV_DROP}
         env["RAY_ADDRESS"] = "local"  # a Ray of its own, never a cluster found on the machine
+        env.update(self.env)
         cmd = [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port)]
         self.process = self.procs.start([*cmd, "--data-dir", str(self.data_dir)], self.log, env)
         self.client = rayfarm.Farm(self.url)

@@ -7,8 +7,9 @@
 - A failed task is retried on another actor up to the job's ``max_retries``;
   then the job is FAILED with the reason. A scene bpy cannot open, or a spec
   the file cannot satisfy, fails the job at once (no retry can fix it).
-- ``tiles="auto"``: before a job's first task, an actor opens the scene and
-  reports its frame size; ``auto_grid`` picks the tiling from that and the pool.
+- ``tiles="auto"``: a job with at least as many frames as actors renders whole
+  frames; for a shorter one, an actor first opens the scene and measures its frame
+  size, render time and per-tile cost, and ``auto_grid`` picks the tiling.
 - Each tile goes to the TileAssembler as soon as it is rendered (and leaves the
   object store once copied into its frame). When a frame's last tile lands, the
   actor that rendered it finishes the frame (denoise, compositor, colour, format)
@@ -199,6 +200,23 @@ class Dispatcher:
         grid = grid_of(job.tiles) if job.tiles else job.spec.tile_grid
         if grid is not None:
             await self._plan(run, grid)
+            return
+        frames = await self._frames_left(run)
+        if frames >= len(self.slots):  # 'auto' needs no look at the scene to say "whole"
+            await self._decide(run, *auto_grid(frames, len(self.slots), 1, 1, 0.0, 0.0))
+
+    async def _frames_left(self, run: Run) -> int:
+        done = set(await self.store.frames_done(run.id))
+        return len([f for f in run.job.spec.frame_list if f not in done])
+
+    async def _decide(self, run: Run, grid: tuple[int, int], reason: str) -> None:
+        """Record the tiling chosen for ``tiles="auto"`` and plan the run with it."""
+        nx, ny = grid
+        await self.store.set_fields(
+            run.id, tiles=_tiles(grid), tasks_total=str(run.job.frames_total * nx * ny)
+        )
+        await self.store.event(run.id, "tiles", tiles=_tiles(grid), reason=reason)
+        await self._plan(run, grid)
 
     async def _plan(self, run: Run, grid: tuple[int, int]) -> None:
         done = set(await self.store.frames_done(run.id))
@@ -250,25 +268,20 @@ class Dispatcher:
         return None
 
     async def _probe(self, slot: Slot, run: Run) -> None:
-        """Decide ``tiles="auto"``: an actor opens the scene (and keeps it open for the
-        job's tasks) and reports the frame size; the grid follows from that and the pool."""
+        """Decide ``tiles="auto"`` for a job with fewer frames than actors: an actor opens
+        the scene (and keeps it open for the job's tasks) and measures the frame's size,
+        render time and per-tile cost; the grid follows from those and the pool."""
         assert self._wake is not None
         try:
             info = await slot.handle.inspect.remote(run.template(), [run.scene_ref])
             slot.holds = run.scene_hash
             if run.stopped:
                 return
-            done = set(await self.store.frames_done(run.id))
-            frames = len([f for f in run.job.spec.frame_list if f not in done])
             grid, reason = auto_grid(
-                frames, len(self.slots), info["width"], info["height"], info["samples"]
-            )
-            nx, ny = grid
-            await self.store.set_fields(
-                run.id, tiles=_tiles(grid), tasks_total=str(run.job.frames_total * nx * ny)
-            )
-            await self.store.event(run.id, "tiles", tiles=_tiles(grid), reason=reason)
-            await self._plan(run, grid)
+                await self._frames_left(run), len(self.slots), info["width"], info["height"],
+                info["frame_s"], info["tile_cost_s"],
+            )  # fmt: skip
+            await self._decide(run, grid, reason)
         except Exception as exc:
             cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
             if isinstance(exc, RayActorError):
@@ -352,7 +365,9 @@ class Dispatcher:
         if not task.is_tiled:
             await self._task_done(run, task, meta, slot)
         stored = await self.store.mark_frame_done(run.id, task.frame, key)
-        await self.store.event(run.id, "frame", frame=task.frame)
+        # A tiled frame's finish (denoise, compositor, format) is timed on its own.
+        timing = {"finish_s": f"{meta.seconds:.3f}"} if task.is_tiled else {}
+        await self.store.event(run.id, "frame", frame=task.frame, **timing)
         if stored >= run.job.frames_total:
             await self._complete(run)
 

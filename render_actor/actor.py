@@ -113,17 +113,39 @@ class RenderActor:
         return self.loaded
 
     def inspect(self, task: RenderTask, scene_data: list[Any]) -> dict[str, Any]:
-        """Open the task's scene (it stays open for the tasks that follow) and report what
-        the dispatcher needs to plan the job: the frame size and samples in effect."""
+        """Open the task's scene (it stays open for the tasks that follow) and measure
+        what the dispatcher needs to split its frames (``tiles="auto"``).
+
+        Three small renders, as tiles go (border, every pass, EXR out and in): a 16x16
+        tile at 1 sample pays the scene's first sync and BVH build (which the job's first
+        task would pay otherwise); the same again measures the fixed cost every tile
+        pays; a tile of a 16th of the frame in its middle at the job's samples gives the
+        time per pixel, from which the whole frame's render time is estimated.
+        """
         self._ensure_scene(task.scene_hash, scene_data)
         scene = self._prepare(task)
         width, height = pixel_size(scene)
+        samples = scene.cycles.samples
+        tiny = _centred(width, height, min(16, width), min(16, height))
+        sample = _centred(width, height, max(1, width // 4), max(1, height // 4))
+        assign(scene.cycles, "samples", 1)
+        self._render_tile(scene, task, tiny, (width, height))
+        started = time.perf_counter()
+        self._render_tile(scene, task, tiny, (width, height))
+        tile_cost = time.perf_counter() - started
+        assign(scene.cycles, "samples", samples)
+        started = time.perf_counter()
+        self._render_tile(scene, task, sample, (width, height))
+        per_pixel = max(0.0, time.perf_counter() - started - tile_cost) / (
+            sample.width * sample.height
+        )
         return {
             "scene": scene.name,
             "width": width,
             "height": height,
-            "samples": scene.cycles.samples,
-            "denoise": bool(_denoised_layers(scene)),
+            "samples": samples,
+            "tile_cost_s": tile_cost,
+            "frame_s": per_pixel * width * height + tile_cost,
         }
 
     # -- tasks -----------------------------------------------------------------------------
@@ -477,3 +499,8 @@ def _exr_attributes(scene: Any, task: RenderTask) -> dict[str, str]:
         "Camera": scene.camera.name,
         "Frame": str(task.frame),
     }
+
+
+def _centred(width: int, height: int, w: int, h: int) -> TileRect:
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    return TileRect(0, x0, x0 + w, y0, y0 + h)

@@ -10,6 +10,10 @@ Why this OpenImageIO: it is the build bpy itself links (same OpenEXR, same
 compression code), so it adds nothing to install and never loads a second copy of
 the libraries into a process that already has Blender in it. bpy reads EXR too, but
 only the first layer of a multi-layer file through ``Image.pixels``.
+
+``python -m rayfarm.render.exr IN.exr OUT.npz`` dumps every part of a file to numpy
+(``names``, ``channels<i>``, ``pixels<i>``), for tests and benchmarks that compare
+EXR output without loading bpy themselves.
 """
 
 from __future__ import annotations
@@ -112,3 +116,17 @@ def write_parts(
                 raise RenderError(f"cannot write {os.path.basename(path)}: {out.geterror()}")
     finally:
         out.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    src, dst = argv or sys.argv[1:]
+    parts = read_parts(src)
+    arrays: dict[str, np.ndarray] = {"names": np.array(list(parts))}
+    for i, part in enumerate(parts.values()):
+        arrays[f"channels{i}"] = np.array(part.channels)
+        arrays[f"pixels{i}"] = part.pixels
+    np.savez(dst, **arrays)
+
+
+if __name__ == "__main__":
+    main()

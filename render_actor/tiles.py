@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from rayfarm.render.tasks import TileRect
 
-__all__ = ["MIN_TILE_WORK", "auto_grid", "border_fractions", "split"]
+__all__ = ["MAX_TILE_COST_SHARE", "auto_grid", "border_fractions", "split"]
 
-#: The least work (pixels x samples) a tile of ``tiles="auto"`` gets. Every tile pays
-#: a fixed cost on top of its pixels (scene sync for the border, kernel start, the
-#: tile's EXR out and in): measured with ``bench/tiles.py`` on bpy 5.0.1, Cycles CPU,
-#: one core per actor (see BENCHMARKS.md). At this much work a tile's fixed cost is
-#: under a tenth of its render time.
-MIN_TILE_WORK = 2_000_000
+#: The most a tile's fixed cost may be of its render time under ``tiles="auto"``. Every
+#: render call pays a fixed cost on top of its pixels, and it depends on the scene far
+#: more than on the tile: measured with ``bench/tile_sweep.py`` (bpy 5.0.1, one core),
+#: 3 ms on the light example scene but 0.9 s on the heavy one, whose animated objects
+#: make Cycles rebuild the BVH of 2.5M triangles on every render, even of the same
+#: frame. So the farm measures it per scene (``RenderActor.inspect``) instead of
+#: assuming a tile size. A tenth matches the 2x2 overhead target (<= 1.10).
+MAX_TILE_COST_SHARE = 0.10
 MAX_AXIS = 16
 
 
@@ -56,25 +58,26 @@ def border_fractions(rect: TileRect, width: int, height: int) -> tuple[float, fl
 
 
 def auto_grid(
-    frames: int, actors: int, width: int, height: int, samples: int
+    frames: int, actors: int, width: int, height: int, frame_s: float, tile_cost_s: float
 ) -> tuple[tuple[int, int], str]:
     """The tiling ``tiles="auto"`` picks, and why.
 
     A job with at least as many frames as actors renders whole frames (frames already
     keep every actor busy, and a whole frame pays no tile cost). Otherwise each frame
-    is split so that every actor has a tile, into as few tiles as that takes and never
-    into tiles with less than ``MIN_TILE_WORK`` pixel-samples; among grids with that
-    many tiles, the one whose tiles are closest to square.
+    is split so that every actor has a tile, into as few tiles as that takes, and never
+    into so many that a tile's fixed cost (``tile_cost_s``, measured for the scene)
+    exceeds ``MAX_TILE_COST_SHARE`` of its share of the frame's render time
+    (``frame_s``, estimated for one actor). Among grids with that many tiles, the one
+    whose tiles are closest to square.
     """
     if frames >= actors:
         return (1, 1), f"{frames} frames for {actors} actors: whole frames"
     want = -(-actors // frames)
-    most = max(1, (width * height * samples) // MIN_TILE_WORK)
+    most = max(1, int(frame_s * MAX_TILE_COST_SHARE / max(tile_cost_s, 1e-3)))
     count = min(want, most)
+    cost = f"a tile costs {tile_cost_s:.3f} s on top of its pixels, a frame ~{frame_s:.2f} s"
     if count <= 1:
-        return (1, 1), (
-            f"a {width}x{height} frame at {samples} samples is too little work to split"
-        )
+        return (1, 1), f"too little work to split ({cost})"
     best: tuple[float, int, int] | None = None
     for nx in range(1, min(MAX_AXIS, width, count) + 1):
         ny = -(-count // nx)
@@ -87,7 +90,7 @@ def auto_grid(
     if best is None:
         return (1, 1), f"no grid of {count} tiles fits a {width}x{height} frame"
     _, nx, ny = best
-    reason = f"{frames} frame(s) for {actors} actors: {nx}x{ny} tiles of a {width}x{height} frame"
+    reason = f"{frames} frame(s) for {actors} actors: {nx}x{ny} tiles ({cost})"
     if count < want:
-        reason += f" (capped: more tiles would be under {MIN_TILE_WORK:,} pixel-samples each)"
+        reason += f"; capped so that cost stays under {MAX_TILE_COST_SHARE:.0%} of a tile"
     return (nx, ny), reason

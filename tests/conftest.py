@@ -139,7 +139,7 @@ def exr_parts(path: Path) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
     bpy ships (the test process never loads bpy)."""
     out = path.with_suffix(".npz")
     subprocess.run(
-        [PYTHON, str(ROOT / "tests" / "helpers" / "exr_parts.py"), str(path), str(out)],
+        [PYTHON, "-m", "rayfarm.render.exr", str(path), str(out)],
         check=True,
         capture_output=True,
         timeout=120,

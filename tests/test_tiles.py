@@ -9,7 +9,7 @@ import pytest
 from rayfarm.errors import RenderError
 from rayfarm.render.assembler import TileAssembler
 from rayfarm.render.exr import Part
-from rayfarm.render.tiles import MIN_TILE_WORK, auto_grid, border_fractions, split
+from rayfarm.render.tiles import MAX_TILE_COST_SHARE, auto_grid, border_fractions, split
 
 
 @pytest.mark.parametrize(
@@ -99,26 +99,30 @@ def test_the_assembler_counts_a_redelivered_tile_once_and_refuses_early_takes():
 
 
 def test_auto_renders_whole_frames_when_frames_keep_every_actor_busy():
-    assert auto_grid(250, 8, 1920, 1080, 128)[0] == (1, 1)
-    assert auto_grid(2, 2, 1920, 1080, 128)[0] == (1, 1)
+    assert auto_grid(250, 8, 1920, 1080, 60.0, 0.01)[0] == (1, 1)
+    assert auto_grid(2, 2, 1920, 1080, 60.0, 0.01)[0] == (1, 1)
 
 
 def test_auto_splits_a_frame_so_every_actor_has_a_tile():
-    grid, reason = auto_grid(1, 2, 960, 540, 64)
+    grid, reason = auto_grid(1, 2, 960, 540, 9.0, 0.005)
     assert grid == (2, 1), reason
-    assert auto_grid(1, 4, 960, 540, 64)[0] == (2, 2)
-    assert auto_grid(1, 8, 1920, 1080, 256)[0] in ((4, 2), (2, 4))
-    assert auto_grid(2, 8, 1920, 1080, 256)[0] == (2, 2)
-    nx, ny = auto_grid(1, 3, 1920, 1080, 256)[0]
+    assert auto_grid(1, 4, 960, 540, 9.0, 0.005)[0] == (2, 2)
+    assert auto_grid(1, 8, 1920, 1080, 60.0, 0.005)[0] in ((4, 2), (2, 4))
+    assert auto_grid(2, 8, 1920, 1080, 60.0, 0.005)[0] == (2, 2)
+    nx, ny = auto_grid(1, 3, 1920, 1080, 60.0, 0.005)[0]
     assert nx * ny == 3
 
 
-def test_auto_never_makes_tiles_too_small_to_pay_for_themselves():
-    # Enough work for exactly two tiles: eight actors still get two.
-    grid, reason = auto_grid(1, 8, 100, 100, 2 * MIN_TILE_WORK // 10_000)
-    assert grid[0] * grid[1] == 2 and "capped" in reason
-    grid, reason = auto_grid(1, 8, 64, 48, 4)
-    assert grid == (1, 1) and "too little work" in reason
-    for frames, actors, w, h, spp in [(1, 16, 640, 360, 16), (3, 16, 1280, 720, 64)]:
-        (nx, ny), _ = auto_grid(frames, actors, w, h, spp)
-        assert (w * h * spp) / (nx * ny) >= MIN_TILE_WORK
+@pytest.mark.parametrize(
+    ("frame_s", "tile_cost_s", "tiles"),
+    [(17.5, 0.9, 1), (40.0, 0.9, 4), (20.0, 0.9, 2), (9.0, 0.005, 8), (0.1, 0.02, 1)],
+)
+def test_auto_keeps_each_tiles_fixed_cost_under_a_tenth_of_its_time(frame_s, tile_cost_s, tiles):
+    """Measured per-tile costs: 0.9 s on the heavy example scene, 5 ms on the light one."""
+    (nx, ny), reason = auto_grid(1, 8, 960, 540, frame_s, tile_cost_s)
+    assert nx * ny == tiles, reason
+    if tiles > 1:
+        assert tile_cost_s <= MAX_TILE_COST_SHARE * frame_s / (nx * ny)
+        assert ("capped" in reason) == (tiles < 8)
+    else:
+        assert "too little work" in reason

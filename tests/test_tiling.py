@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rayfarm import Farm, JobState
-from rayfarm.render.tiles import MIN_TILE_WORK, split
+from rayfarm.render.tiles import split
 
 from conftest import exr_parts, pixels, render_reference
 
@@ -131,14 +131,16 @@ def test_multilayer_exr_holds_every_pass_of_the_full_render(farm, make_scene, tm
             assert error <= DENOISE_TOLERANCE, f"{name}: max diff {error}"
 
 
-def test_auto_splits_a_short_job_and_renders_a_long_one_whole(farm, make_scene, tmp_path):
-    """Two actors: one frame with enough work splits in two; as many frames as actors
-    render whole."""
-    w, h = 128, 96
-    samples = -(-2 * MIN_TILE_WORK // (w * h))
-    scene = make_scene("--width", str(w), "--height", str(h), "--samples", str(samples))
+def test_auto_splits_a_short_job_and_renders_a_long_one_whole(
+    farm, local_farm, make_scene, tmp_path
+):
+    """Two actors: one frame with plenty of work for its per-tile cost splits in two,
+    decided from the actor's measurements; as many frames as actors render whole."""
+    scene = make_scene("--width", "200", "--height", "150", "--samples", "64")
     one = _completed(farm.submit(scene, frames="4", tiles="auto"))
-    assert (one.tiles, one.tasks_total, one.tasks_done) == ("2x1", 2, 2)
+    (decision,) = [e for e in local_farm.events(one.id) if e["kind"] == "tiles"]
+    assert (one.tiles, one.tasks_total, one.tasks_done) == ("2x1", 2, 2), decision["reason"]
+    assert "a tile costs" in decision["reason"]
     many = _completed(farm.submit(scene, frames="1-2", tiles="auto"))
     assert (many.tiles, many.tasks_total) == ("1", 2)
     (got,) = one.download(tmp_path / "farm")

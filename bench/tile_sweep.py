@@ -1,0 +1,53 @@
+"""Per-tile fixed cost of a RenderActor: one frame rendered whole and as finer and finer
+grids of tiles, in this process, on one pinned core (as a farm CPU actor renders).
+
+    python bench/tile_sweep.py SCENE.blend GRID [GRID ...]     # GRID: 2x2, 4x4, ...
+
+Prints one JSON line per grid: the tiles' summed render seconds (border render, EXR
+out and in, as the farm does it) and the frame's whole render seconds, measured
+after a warm-up render so the scene's BVH is built once, as on a farm actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+from rayfarm.render.actor import RenderActor
+from rayfarm.render.tasks import RenderTask
+
+
+def main() -> None:
+    scene_path, *grids = sys.argv[1:]
+    with open(scene_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    actor = RenderActor(threads=1, slot=0, slots=max(1, len(actor_cores())))
+    actor.scenes[digest] = scene_path  # as if fetched: no Ray needed
+
+    def task(tile: int, grid: tuple[int, int]) -> RenderTask:
+        return RenderTask("sweep", digest, 1, tile, grid, None, None, None, None, "png", 8)
+
+    actor.render(task(0, (1, 1)), [])  # warm-up: open, sync, BVH
+    started = time.perf_counter()
+    actor.render(task(0, (1, 1)), [])
+    whole = time.perf_counter() - started
+    for spec in grids:
+        nx, ny = map(int, spec.split("x"))
+        seconds = []
+        for tile in range(nx * ny):
+            result, _ = actor.render(task(tile, (nx, ny)), [])
+            seconds.append(result.seconds)
+        print(json.dumps({"grid": spec, "tiles": nx * ny, "whole_s": whole,
+                          "tiles_s": sum(seconds)}), flush=True)  # fmt: skip
+
+
+def actor_cores() -> list[int]:
+    import os
+
+    return sorted(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    main()
