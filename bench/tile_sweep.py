@@ -6,6 +6,7 @@ grids of tiles, in this process, on one pinned core (as a farm CPU actor renders
 Prints one JSON line per grid: the tiles' summed render seconds (border render, EXR
 out and in, as the farm does it) and the frame's whole render seconds, measured
 after a warm-up render so the scene's BVH is built once, as on a farm actor.
+Denoising is off for all of it: tiles never denoise (the frame is denoised once, whole).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def main() -> None:
     actor.scenes[digest] = scene_path  # as if fetched: no Ray needed
 
     def task(tile: int, grid: tuple[int, int]) -> RenderTask:
-        return RenderTask("sweep", digest, 1, tile, grid, None, None, None, None, "png", 8)
+        # Denoising off: tiles never denoise (the finish step does, once), so a whole
+        # frame that did would not be the same work.
+        return RenderTask(
+            "sweep", digest, 1, tile, grid, None, None, None, None, "png", 8, denoise=False
+        )
 
     actor.render(task(0, (1, 1)), [])  # warm-up: open, sync, BVH
     started = time.perf_counter()

@@ -284,7 +284,7 @@ class Dispatcher:
             await self._decide(run, grid, reason)
         except Exception as exc:
             cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-            if isinstance(exc, RayActorError):
+            if _died(exc, slot):
                 self._replace_actor(slot)
             attempts = await self.store.add_attempt(run.id, "probe")
             fatal = isinstance(cause, FarmError) and bool(cause.detail.get(FATAL))
@@ -327,9 +327,14 @@ class Dispatcher:
                 return
             await self._report_device(run, meta)
             nx, ny = task.tiles
-            have = await self.assembler.add.remote(
-                run.id, task.frame, nx * ny, meta.size, meta.rect, payload_ref
-            )
+            try:
+                have = await self.assembler.add.remote(
+                    run.id, task.frame, nx * ny, meta.size, meta.rect, payload_ref
+                )
+            except RayActorError as exc:  # restarted empty: the frame's other tiles are gone
+                release()
+                await self._task_failed(slot, run, task, exc, whole_frame=True)
+                return
             del payload_ref  # the assembler has copied the tile: let the object store free it
             await self._task_done(run, task, meta, slot)
             if have < nx * ny or run.stopped:
@@ -403,7 +408,7 @@ class Dispatcher:
         """Retry the task (or, when a frame failed to assemble, all its tiles) elsewhere,
         or fail the job once its retries are spent or the error is fatal."""
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-        if isinstance(exc, RayActorError):
+        if _died(exc, slot):
             log.warning("render actor %d died; replacing it", slot.index)
             self._replace_actor(slot)
         if run.stopped:
@@ -447,6 +452,13 @@ class Dispatcher:
             await self.store.transition(job_id, JobState.FAILED, error=message)
         except InvalidTransition:
             pass
+
+
+def _died(exc: Exception, slot: Slot) -> bool:
+    """Whether ``exc`` says ``slot``'s render actor died (not the assembler, say)."""
+    if not isinstance(exc, RayActorError):
+        return False
+    return exc.actor_id in (None, slot.handle._actor_id.hex())
 
 
 def _prefer(slots: list[Slot], scene_hash: str) -> Slot:

@@ -244,11 +244,11 @@ def test_cpu_actors_are_pinned_to_disjoint_cores_and_idle_quietly(farm, local_fa
     assert all(seconds < 0.5 for seconds in used.values()), used
 
 
-def _render_actor_pids(local_farm) -> list[int]:
+def _render_actor_pids(local_farm, name: bytes = b"RenderActor") -> list[int]:
     return [
         pid
         for pid in farm_processes() - local_farm.before
-        if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if name in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
 
 
@@ -263,3 +263,21 @@ def test_a_killed_render_actor_is_replaced_and_the_job_completes(farm, local_far
     assert [f.frame for f in job.frames()] == list(range(1, 31))
     pids = _render_actor_pids(local_farm)
     assert len(pids) == 2 and victim not in pids
+
+
+def test_a_killed_tile_assembler_costs_only_its_frames(farm, local_farm, small_scene, tmp_path):
+    """The assembler restarts empty; frames whose tiles it held render again, and every
+    frame still equals bpy's own render."""
+    job = farm.submit(small_scene, frames="1-8", tiles="2x2")
+    _wait_for(lambda: job.status().frames_done >= 1)
+    (victim,) = _render_actor_pids(local_farm, b"TileAssembler")
+    os.kill(victim, 9)
+    status = job.wait(timeout=WAIT_S)
+    assert status.state is JobState.COMPLETED, status.error
+    assert [f.frame for f in job.frames()] == list(range(1, 9))
+    got = job.download(tmp_path / "farm")
+    want = render_reference(small_scene, tmp_path / "ref", list(range(1, 9)))
+    for path in got:
+        assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path.name
+    (after,) = _render_actor_pids(local_farm, b"TileAssembler")
+    assert after != victim
