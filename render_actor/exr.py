@@ -12,7 +12,7 @@ the libraries into a process that already has Blender in it. bpy reads EXR too, 
 only the first layer of a multi-layer file through ``Image.pixels``.
 
 ``python -m rayfarm.render.exr IN.exr OUT.npz`` dumps every part of a file to numpy
-(``names``, ``channels<i>``, ``pixels<i>``), for tests and benchmarks that compare
+(``names``, ``stored``, ``channels<i>``, ``pixels<i>``), for tests and benchmarks that compare
 EXR output without loading bpy themselves.
 """
 
@@ -30,6 +30,7 @@ from rayfarm.errors import RenderError
 __all__ = ["Part", "oiio", "read_parts", "write_parts"]
 
 _OIIO: Any = None
+_COLOUR = frozenset("RGBA")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Part:
 
     channels: tuple[str, ...]
     pixels: np.ndarray
+    stored: str = "float"  # how the file held it: "float" or "half" (read as float32)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -79,7 +81,7 @@ def read_parts(path: str) -> dict[str, Part]:
                 spec.height, spec.width, spec.nchannels
             )
             name = spec.get_string_attribute("name") or "Combined"
-            parts[name] = Part(tuple(spec.channelnames), pixels)
+            parts[name] = Part(tuple(spec.channelnames), pixels, str(spec.format))
             index += 1
     finally:
         inp.close()
@@ -90,12 +92,18 @@ def write_parts(
     path: str, parts: dict[str, Part], depth: int, attributes: dict[str, str] | None = None
 ) -> None:
     """Write ``parts`` as a multi-part EXR (ZIP, ``depth`` 16 = half or 32 = float), as
-    Blender writes a multi-layer file; ``attributes`` go into every part's header."""
+    Blender writes a multi-layer file; ``attributes`` go into every part's header.
+
+    As Blender does, half depth applies to colour passes only (channels R, G, B, A):
+    data passes (depth, normals, vectors: X, Y, Z, ...) stay float, where half would
+    lose what they are for.
+    """
     io = oiio()
-    fmt = "half" if depth == 16 else "float"
     specs = []
     for name, part in parts.items():
         height, width, nch = part.pixels.shape
+        colour = all(c.rsplit(".", 1)[-1] in _COLOUR for c in part.channels)
+        fmt = "half" if depth == 16 and colour else "float"
         spec = io.ImageSpec(width, height, nch, fmt)
         spec.channelnames = part.channels
         spec.attribute("name", name)
@@ -121,7 +129,10 @@ def write_parts(
 def main(argv: list[str] | None = None) -> None:
     src, dst = argv or sys.argv[1:]
     parts = read_parts(src)
-    arrays: dict[str, np.ndarray] = {"names": np.array(list(parts))}
+    arrays: dict[str, np.ndarray] = {
+        "names": np.array(list(parts)),
+        "stored": np.array([p.stored for p in parts.values()]),
+    }
     for i, part in enumerate(parts.values()):
         arrays[f"channels{i}"] = np.array(part.channels)
         arrays[f"pixels{i}"] = part.pixels

@@ -120,13 +120,13 @@ def small_scene(make_scene: SceneFactory) -> Path:
 
 
 def render_reference(
-    scene: Path, out_dir: Path, frames: list[int], exr: bool = False
+    scene: Path, out_dir: Path, frames: list[int], exr: bool = False, depth: int = 32
 ) -> dict[int, Path]:
     """Render frames directly with bpy in a fresh process (the ground truth): PNG, or
-    with ``exr`` float multi-layer OpenEXR with every pass."""
+    with ``exr`` multi-layer OpenEXR with every pass (``depth`` 32 float or 16 half)."""
     subprocess.run(
         [PYTHON, str(ROOT / "tests" / "helpers" / "render_reference.py"), str(scene),
-         str(out_dir), *(["--exr"] if exr else []), *map(str, frames)],
+         str(out_dir), *([f"--exr{depth}"] if exr else []), *map(str, frames)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -134,9 +134,10 @@ def render_reference(
     return {f: out_dir / f"{f:04d}.{'exr' if exr else 'png'}" for f in frames}
 
 
-def exr_parts(path: Path) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
-    """Every part of a multi-layer EXR, read in a fresh process with the OpenImageIO
-    bpy ships (the test process never loads bpy)."""
+def exr_parts(path: Path) -> dict[str, tuple[tuple[str, ...], np.ndarray, str]]:
+    """Every part of a multi-layer EXR (channels, float32 pixels, "half" or "float" as
+    stored), read in a fresh process with the OpenImageIO bpy ships (the test process
+    never loads bpy)."""
     out = path.with_suffix(".npz")
     subprocess.run(
         [PYTHON, "-m", "rayfarm.render.exr", str(path), str(out)],
@@ -147,7 +148,11 @@ def exr_parts(path: Path) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
     with np.load(out) as data:
         names = [str(n) for n in data["names"]]
         return {
-            name: (tuple(str(c) for c in data[f"channels{i}"]), data[f"pixels{i}"])
+            name: (
+                tuple(str(c) for c in data[f"channels{i}"]),
+                data[f"pixels{i}"],
+                str(data["stored"][i]),
+            )
             for i, name in enumerate(names)
         }
 

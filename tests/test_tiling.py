@@ -111,24 +111,31 @@ def test_the_compositor_runs_once_on_the_assembled_frame(farm, make_scene, tmp_p
     assert glow[_border_band(w, h, 2, 2)].max() > 0.01
 
 
-@pytest.mark.parametrize("tiles", ["2x2", 1])
-def test_multilayer_exr_holds_every_pass_of_the_full_render(farm, make_scene, tmp_path, tiles):
+@pytest.mark.parametrize(("tiles", "depth"), [("2x2", 32), (1, 32), ("2x2", 16)])
+def test_multilayer_exr_holds_every_pass_of_the_full_render(
+    farm, make_scene, tmp_path, tiles, depth
+):
+    """Every pass, in Blender's order, with Blender's channel names and storage (half
+    depth keeps data passes float, as Blender does)."""
     scene = make_scene(
         "--width", "80", "--height", "60", "--samples", "4", "--passes", "--denoise", "--glare"
     )  # fmt: skip
-    job = _completed(farm.submit(scene, frames="2,4", tiles=tiles, format="exr"))
+    job = _completed(farm.submit(scene, frames="2,4", tiles=tiles, format="exr", color_depth=depth))
     got = job.download(tmp_path / "farm")
-    want = render_reference(scene, tmp_path / "ref", [2, 4], exr=True)
+    want = render_reference(scene, tmp_path / "ref", [2, 4], exr=True, depth=depth)
     for path in got:
         farm_parts, ref_parts = exr_parts(path), exr_parts(want[int(path.stem)])
         assert list(farm_parts) == list(ref_parts)
         assert set(farm_parts) >= EXTRA_PASSES
-        for name, (channels, values) in farm_parts.items():
-            ref_channels, ref_values = ref_parts[name]
-            assert channels == ref_channels, name
-            assert values.dtype == np.float32 and values.shape == ref_values.shape, name
+        for name, (channels, values, stored) in farm_parts.items():
+            ref_channels, ref_values, ref_stored = ref_parts[name]
+            assert (channels, stored) == (ref_channels, ref_stored), name
+            assert values.shape == ref_values.shape, name
             error = np.abs(values - ref_values).max()
             assert error <= DENOISE_TOLERANCE, f"{name}: max diff {error}"
+        if depth == 16:
+            assert farm_parts["ViewLayer.Depth"][2] == "float"
+            assert farm_parts["ViewLayer.Combined"][2] == "half"
 
 
 def test_auto_splits_a_short_job_and_renders_a_long_one_whole(
