@@ -28,8 +28,8 @@ wall time for K > 1 actors.
 
 ``--sweep`` also measures the fixed cost of a tile (``bench/tile_sweep.py``: the
 frame whole and as 4x4 and 16x16 tiles in one pinned process) and the work per
-tile at which that cost is a tenth of the tile's render time, the basis of
-``MIN_TILE_WORK`` for ``tiles="auto"``.
+tile at which that cost is ``MAX_TILE_COST_SHARE`` of the tile's render time, the
+bound ``tiles="auto"`` applies to the cost it measures per scene.
 
     python bench/tiles.py                             # make bench-tiles
     python bench/tiles.py --repeat 3 --sweep --json bench/results/tiles.json
@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 import rayfarm
+from rayfarm.render.tiles import MAX_TILE_COST_SHARE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (  # the sibling bench: process and farm handling
@@ -146,9 +147,9 @@ def _sweep(procs: Processes, scene: Path, out: Path, pixel_samples: int) -> list
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     for row in rows:
         row["per_tile_s"] = (row["tiles_s"] - row["whole_s"]) / row["tiles"]
-        # Work at which the fixed cost is a tenth of a tile's render time.
+        # Work at which the fixed cost is MAX_TILE_COST_SHARE of a tile's render time.
         per_ps = row["whole_s"] / pixel_samples
-        row["threshold"] = max(0.0, 10 * row["per_tile_s"] / per_ps)
+        row["threshold"] = max(0.0, row["per_tile_s"] / MAX_TILE_COST_SHARE / per_ps)
     return rows
 
 
@@ -262,7 +263,8 @@ def report(result: dict[str, Any]) -> None:
     for row in result.get("sweep", []):
         print(f"sweep {row['grid']}: {row['tiles_s']:.2f} s in {row['tiles']} tiles vs "
               f"{row['whole_s']:.2f} s whole: {1000 * row['per_tile_s']:.1f} ms per tile; "
-              f"a tenth of a tile's time at {row['threshold']:,.0f} pixel-samples")  # fmt: skip
+              f"{MAX_TILE_COST_SHARE:.0%} of a tile's time at {row['threshold']:,.0f} "
+              "pixel-samples")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -119,15 +119,16 @@ class RenderActor:
         Three small renders, as tiles go (border, every pass, EXR out and in): a 16x16
         tile at 1 sample pays the scene's first sync and BVH build (which the job's first
         task would pay otherwise); the same again measures the fixed cost every tile
-        pays; a tile of a 16th of the frame in its middle at the job's samples gives the
-        time per pixel, from which the whole frame's render time is estimated.
+        pays; a tile of a 64th of the frame in its middle at the job's samples gives the
+        time per pixel, from which the whole frame's render time is estimated. The cost
+        beyond the first: twice the fixed cost and a 64th of the frame.
         """
         self._ensure_scene(task.scene_hash, scene_data)
         scene = self._prepare(task)
         width, height = pixel_size(scene)
         samples = scene.cycles.samples
         tiny = _centred(width, height, min(16, width), min(16, height))
-        sample = _centred(width, height, max(1, width // 4), max(1, height // 4))
+        sample = _centred(width, height, max(1, width // 8), max(1, height // 8))
         assign(scene.cycles, "samples", 1)
         self._render_tile(scene, task, tiny, (width, height))
         started = time.perf_counter()

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from rayfarm.render.tasks import TileRect
 
-__all__ = ["MAX_TILE_COST_SHARE", "auto_grid", "border_fractions", "split"]
+__all__ = ["MAX_TILE_COST_SHARE", "TILES_PER_ACTOR", "auto_grid", "border_fractions", "split"]
 
 #: The most a tile's fixed cost may be of its render time under ``tiles="auto"``. Every
 #: render call pays a fixed cost on top of its pixels, and it depends on the scene far
 #: more than on the tile: measured with ``bench/tile_sweep.py`` (bpy 5.0.1, one core),
-#: 3 ms on the light example scene but 0.9 s on the heavy one, whose animated objects
-#: make Cycles rebuild the BVH of 2.5M triangles on every render, even of the same
-#: frame. So the farm measures it per scene (``RenderActor.inspect``) instead of
-#: assuming a tile size. A tenth matches the 2x2 overhead target (<= 1.10).
-MAX_TILE_COST_SHARE = 0.10
+#: 5-11 ms on the light example scene but 0.9 s on the heavy one, whose animated
+#: objects make Cycles rebuild the BVH of 2.5M triangles on every render, even of the
+#: same frame. So the farm measures it per scene (``RenderActor.inspect``) instead of
+#: assuming a tile size. The bound is also the most the split may add to the frame's
+#: total render time: 'auto' splits only frames of jobs too short to keep every actor
+#: busy, so it spends idle actors' time to finish the frame sooner, and a quarter keeps
+#: the sync from dominating any tile (the heavy scene at 960x540 still splits in two).
+MAX_TILE_COST_SHARE = 0.25
+#: Tiles per actor ``tiles="auto"`` aims for: one each leaves the actor with the cheaper
+#: half idle while the other finishes (bench/tiles.py: 2x2 beat 2x1 on two actors).
+TILES_PER_ACTOR = 2
 MAX_AXIS = 16
 
 
@@ -64,15 +70,16 @@ def auto_grid(
 
     A job with at least as many frames as actors renders whole frames (frames already
     keep every actor busy, and a whole frame pays no tile cost). Otherwise each frame
-    is split so that every actor has a tile, into as few tiles as that takes, and never
-    into so many that a tile's fixed cost (``tile_cost_s``, measured for the scene)
-    exceeds ``MAX_TILE_COST_SHARE`` of its share of the frame's render time
-    (``frame_s``, estimated for one actor). Among grids with that many tiles, the one
-    whose tiles are closest to square.
+    is split into ``TILES_PER_ACTOR`` tiles for every actor (so that no actor idles
+    while another finishes a costlier part of the frame), but never into so many that a
+    tile's fixed cost (``tile_cost_s``, measured for the scene) exceeds
+    ``MAX_TILE_COST_SHARE`` of its share of the frame's render time (``frame_s``,
+    estimated for one actor). Among grids with that many tiles, the one whose tiles are
+    closest to square.
     """
     if frames >= actors:
         return (1, 1), f"{frames} frames for {actors} actors: whole frames"
-    want = -(-actors // frames)
+    want = -(-actors * TILES_PER_ACTOR // frames)
     most = max(1, int(frame_s * MAX_TILE_COST_SHARE / max(tile_cost_s, 1e-3)))
     count = min(want, most)
     cost = f"a tile costs {tile_cost_s:.3f} s on top of its pixels, a frame ~{frame_s:.2f} s"

@@ -141,12 +141,13 @@ def test_multilayer_exr_holds_every_pass_of_the_full_render(
 def test_auto_splits_a_short_job_and_renders_a_long_one_whole(
     farm, local_farm, make_scene, tmp_path
 ):
-    """Two actors: one frame with plenty of work for its per-tile cost splits in two,
-    decided from the actor's measurements; as many frames as actors render whole."""
+    """Two actors: one frame with plenty of work for its per-tile cost splits into two
+    tiles an actor, decided from the actor's measurements; as many frames as actors
+    render whole."""
     scene = make_scene("--width", "200", "--height", "150", "--samples", "64")
     one = _completed(farm.submit(scene, frames="4", tiles="auto"))
     (decision,) = [e for e in local_farm.events(one.id) if e["kind"] == "tiles"]
-    assert (one.tiles, one.tasks_total, one.tasks_done) == ("2x1", 2, 2), decision["reason"]
+    assert (one.tiles, one.tasks_total, one.tasks_done) == ("2x2", 4, 4), decision["reason"]
     assert "a tile costs" in decision["reason"]
     many = _completed(farm.submit(scene, frames="1-2", tiles="auto"))
     assert (many.tiles, many.tasks_total) == ("1", 2)
