@@ -116,30 +116,36 @@ class RenderActor:
         """Open the task's scene (it stays open for the tasks that follow) and measure
         what the dispatcher needs to split its frames (``tiles="auto"``).
 
-        Three small renders, as tiles go (border, every pass, EXR out and in): a 16x16
-        tile at 1 sample pays the scene's first sync and BVH build (which the job's first
-        task would pay otherwise); the same again measures the fixed cost every tile
-        pays; a tile of a 64th of the frame in its middle at the job's samples gives the
-        time per pixel, from which the whole frame's render time is estimated. The cost
-        beyond the first: twice the fixed cost and a 64th of the frame.
+        Two tiles render in the middle of the frame, as tiles go (border, every pass,
+        EXR out and in) at the job's samples: a 256th and a 64th of the frame. Their
+        times, fixed cost plus pixels each, give the fixed cost every tile pays and the
+        time per pixel, so the frame's render time. A scene this actor did not have
+        open first renders a 16x16 tile at 1 sample, to pay the first sync and BVH
+        build outside the measurement (the job's first task would pay it otherwise).
         """
+        held = self.loaded == task.scene_hash
         self._ensure_scene(task.scene_hash, scene_data)
         scene = self._prepare(task)
-        width, height = pixel_size(scene)
+        size = width, height = pixel_size(scene)
         samples = scene.cycles.samples
-        tiny = _centred(width, height, min(16, width), min(16, height))
-        sample = _centred(width, height, max(1, width // 8), max(1, height // 8))
-        assign(scene.cycles, "samples", 1)
-        self._render_tile(scene, task, tiny, (width, height))
-        started = time.perf_counter()
-        self._render_tile(scene, task, tiny, (width, height))
-        tile_cost = time.perf_counter() - started
-        assign(scene.cycles, "samples", samples)
-        started = time.perf_counter()
-        self._render_tile(scene, task, sample, (width, height))
-        per_pixel = max(0.0, time.perf_counter() - started - tile_cost) / (
-            sample.width * sample.height
-        )
+        if not held:
+            assign(scene.cycles, "samples", 1)
+            self._render_tile(
+                scene, task, _centred(width, height, min(16, width), min(16, height)), size
+            )
+            assign(scene.cycles, "samples", samples)
+        timed = []
+        for share in (16, 8):
+            rect = _centred(width, height, max(1, width // share), max(1, height // share))
+            started = time.perf_counter()
+            self._render_tile(scene, task, rect, size)
+            timed.append((rect.width * rect.height, time.perf_counter() - started))
+        (small, t_small), (large, t_large) = timed
+        if large > small:
+            per_pixel = max(0.0, (t_large - t_small) / (large - small))
+            tile_cost = max(0.0, t_small - per_pixel * small)
+        else:  # a frame too small to tell the two apart: too small to split anyway
+            per_pixel, tile_cost = 0.0, t_large
         return {
             "scene": scene.name,
             "width": width,

@@ -36,10 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="upload a .blend and queue a job")
     s.add_argument("scene", help="the .blend file")
     s.add_argument("--frames", required=True, help="e.g. 1-8, 1,3,5-7, 1-20x5")
-    s.add_argument("--tiles", default="1", help="1 or NxM (default 1)")
+    s.add_argument("--tiles", default="1", help="1, NxM or auto (default 1)")
     s.add_argument("--samples", type=int)
     s.add_argument("--resolution", type=int, dest="resolution_percentage", metavar="PERCENT")
-    s.add_argument("--format", choices=["png", "exr"])
+    s.add_argument(
+        "--denoise",
+        action=argparse.BooleanOptionalAction,
+        help="override the scene's Cycles denoising (default: as the scene says)",
+    )
+    s.add_argument("--format", choices=["png", "exr"], help="png, or exr: multi-layer OpenEXR")
     s.add_argument("--color-depth", type=int)
     s.add_argument("--scene-name", dest="scene_name", help="scene in the file (default: active)")
     s.add_argument("--camera")
@@ -96,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
             for k, v in {
                 "samples": args.samples,
                 "resolution_percentage": args.resolution_percentage,
+                "denoise": args.denoise,
                 "format": args.format,
                 "color_depth": args.color_depth,
                 "scene": args.scene_name,

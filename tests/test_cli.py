@@ -23,11 +23,11 @@ def cli(*args: str, url: str | None = None, timeout: int = 300):
 
 def test_submit_wait_json_status_list_download(local_farm, small_scene, tmp_path):
     r = cli("submit", str(small_scene), "--frames", "2-3", "--tiles", "2x2", "--samples", "2",
-            "--wait", "--json", url=local_farm.url)  # fmt: skip
+            "--denoise", "--wait", "--json", url=local_farm.url)  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)
     assert job["state"] == "COMPLETED" and job["frames_done"] == 2 and job["tasks_done"] == 8
-    assert job["spec"]["samples"] == 2
+    assert (job["spec"]["samples"], job["spec"]["denoise"], job["tiles"]) == (2, True, "2x2")
 
     r = cli("status", job["id"], url=local_farm.url)
     assert r.returncode == 0 and "COMPLETED" in r.stdout and "frames 2/2" in r.stdout
@@ -65,6 +65,7 @@ def test_cancel_and_refused_retry(local_farm, small_scene):
         (("submit", "/no/such/scene.blend", "--frames", "1"), "scene file not found"),
         (("submit", "{scene}", "--frames", "5-1"), "backwards"),
         (("submit", "{scene}", "--frames", "1", "--tiles", "2by2"), "tiles"),
+        (("submit", "{scene}", "--frames", "1", "--denoise", "yes"), "unrecognized arguments"),
         (("submit", "{not_blend}", "--frames", "1"), "not a .blend"),
         (("submit", "{scene}"), "--frames"),
         (("frobnicate",), "invalid choice"),
