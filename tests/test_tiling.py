@@ -131,8 +131,11 @@ def test_multilayer_exr_holds_every_pass_of_the_full_render(
             ref_channels, ref_values, ref_stored = ref_parts[name]
             assert (channels, stored) == (ref_channels, ref_stored), name
             assert values.shape == ref_values.shape, name
-            error = np.abs(values - ref_values).max()
-            assert error <= DENOISE_TOLERANCE, f"{name}: max diff {error}"
+            # Half floats: the denoised float values (within DENOISE_TOLERANCE of Cycles')
+            # may round to neighbouring halves, a step of up to 2^-10 of the value.
+            bound = DENOISE_TOLERANCE + (2**-10 * np.abs(ref_values) if depth == 16 else 0)
+            excess = (np.abs(values - ref_values) - bound).max()
+            assert excess <= 0, f"{name}: off by {excess} more than allowed"
         if depth == 16:
             assert farm_parts["ViewLayer.Depth"][2] == "float"
             assert farm_parts["ViewLayer.Combined"][2] == "half"
