@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +28,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
 from rayfarm.blendfile import BlendHeader, check_blend, check_version
-from rayfarm.cluster import storage as layout
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
@@ -47,6 +48,7 @@ from rayfarm.models import (
     check_transition,
     parse_spec,
 )
+from rayfarm.render.inputs import InputFile, Inputs, blob_key, check_path
 
 __all__ = ["AppContext", "create_app", "set_process_context"]
 
@@ -56,6 +58,14 @@ _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 _MEDIA = {"png": "image/png", "exr": "image/x-exr"}
 _MULTIPART_OVERHEAD_BYTES = 64 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHUNK_BYTES = 1 << 20
+#: Most files one job's input folder may hold, and most hashes one question may ask.
+MAX_INPUT_FILES = 10_000
+#: Largest JSON body a job submission (spec and file listing) may have.
+MAX_MANIFEST_BYTES = 8 * 1024**2
+#: Uploads up to this size stay in memory while their hash is checked; larger spill to disk.
+SPOOL_BYTES = 8 * 1024**2
 #: Longest a status long-poll may wait.
 MAX_STATUS_WAIT_S = 30.0
 #: How long a woken long-poll gathers further events before it answers.
@@ -125,6 +135,28 @@ jobs = APIRouter(prefix="/jobs", tags=["jobs"])
         "requestBody": {
             "required": True,
             "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["spec", "main", "files"],
+                        "properties": {
+                            "spec": {"type": "object", "description": "JobSpec"},
+                            "main": {"type": "string", "description": "the .blend to open"},
+                            "files": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["path", "sha256", "size"],
+                                    "properties": {
+                                        "path": {"type": "string"},
+                                        "sha256": {"type": "string"},
+                                        "size": {"type": "integer"},
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
@@ -134,17 +166,26 @@ jobs = APIRouter(prefix="/jobs", tags=["jobs"])
                             "spec": {"type": "string", "description": "JobSpec as JSON"},
                         },
                     }
-                }
+                },
             },
         }
     },
 )
 async def submit_job(request: Request, ctx: Ctx) -> Job:
-    """Upload a .blend (part ``scene``) with a JSON ``JobSpec`` (part ``spec``).
+    """Queue a job: a scene folder uploaded as blobs, or a single .blend.
 
-    Everything is checked before anything is stored: the spec, the file's
-    header and blocks, and its Blender version against the workers'.
+    JSON (``application/json``): ``spec``, ``main`` (the .blend to open) and ``files``
+    (``path``, ``sha256``, ``size``) naming blobs uploaded with ``PUT /blobs/{sha256}``
+    (``POST /blobs/missing`` says which the farm lacks). Every path must stay inside
+    the job's folder; every blob must be stored.
+
+    Multipart: a .blend (part ``scene``) with a JSON ``JobSpec`` (part ``spec``).
+
+    Everything is checked before anything is stored: the spec, the paths, the main
+    file's header and blocks, and its Blender version against the workers'.
     """
+    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        return await _submit_folder(request, ctx)
     limit = ctx.settings.max_upload_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD_BYTES:
@@ -177,6 +218,104 @@ async def submit_job(request: Request, ctx: Ctx) -> Job:
         await form.close()
 
 
+async def _submit_folder(request: Request, ctx: Ctx) -> Job:
+    body = await _read_limited(request, MAX_MANIFEST_BYTES, "job description")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object with spec, main and files")
+    unknown = sorted(set(data) - {"spec", "main", "files"})
+    if unknown:
+        raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
+    spec = parse_spec(data.get("spec"))
+    inputs = _check_listing(ctx, data.get("main"), data.get("files"))
+    await asyncio.to_thread(_check_stored, ctx, inputs)
+    return await _create_job(ctx, spec, inputs)
+
+
+def _check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
+    if not isinstance(files, list) or not files:
+        raise InvalidRequest("files must be a non-empty list of {path, sha256, size}")
+    if len(files) > MAX_INPUT_FILES:
+        raise PayloadTooLarge(
+            f"{len(files)} input files is over the farm's limit of {MAX_INPUT_FILES}",
+            {"limit": MAX_INPUT_FILES},
+        )
+    seen: dict[str, str] = {}
+    listed = []
+    total = 0
+    for item in files:
+        if not isinstance(item, dict) or set(item) != {"path", "sha256", "size"}:
+            raise InvalidRequest("each file must be exactly {path, sha256, size}")
+        path, digest, size = item["path"], item["sha256"], item["size"]
+        check_path(path)
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise InvalidRequest(f"input {path!r}: sha256 must be 64 lowercase hex digits")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidRequest(f"input {path!r}: size must be a non-negative integer")
+        folded = path.casefold()
+        if folded in seen:
+            raise InvalidRequest(
+                f"input {path!r} is listed twice (as {seen[folded]!r}; paths are compared "
+                "ignoring case, as Windows and macOS artists' disks do)",
+                {"path": path},
+            )
+        seen[folded] = path
+        total += size
+        listed.append(InputFile(path, digest, size))
+    if total > ctx.settings.max_job_bytes:
+        raise PayloadTooLarge(
+            f"input files of {total} bytes are over the farm's limit of "
+            f"{ctx.settings.max_job_bytes} bytes",
+            {"limit": ctx.settings.max_job_bytes},
+        )
+    if not isinstance(main, str) or main not in {f.path for f in listed}:
+        raise InvalidRequest(f"main {main!r} is not one of the listed files")
+    if not main.lower().endswith(".blend"):
+        raise InvalidRequest(f"main {main!r} is not a .blend file")
+    return Inputs(ctx.settings.storage, main, tuple(listed))
+
+
+def _check_stored(ctx: AppContext, inputs: Inputs) -> None:
+    """Every blob stored with the listed size; the main file a .blend the workers open."""
+    missing = []
+    for f in inputs.files:
+        key = blob_key(f.sha256)
+        if not ctx.storage.exists(key):
+            missing.append(f.path)
+        elif ctx.storage.size(key) != f.size:
+            raise InvalidRequest(
+                f"input {f.path!r}: the stored blob has {ctx.storage.size(key)} bytes, "
+                f"not {f.size}",
+                {"path": f.path},
+            )
+    if missing:
+        raise InvalidRequest(
+            f"{len(missing)} input file(s) not uploaded: {', '.join(missing[:20])}"
+            + (" ..." if len(missing) > 20 else "")
+            + " (PUT /blobs/{sha256} first)",
+            {"missing": missing},
+        )
+    main = next(f for f in inputs.files if f.path == inputs.main)
+    with ctx.storage.fs.open(ctx.storage.path(blob_key(main.sha256)), "rb") as f:
+        header = check_blend(f)
+    check_version(header, ctx.settings.blender_version)
+
+
+async def _read_limited(request: Request, limit: int, what: str) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{what} is over the farm's limit of {limit} bytes", {"limit": limit}
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _size(f: IO[bytes]) -> int:
     f.seek(0, 2)
     n = f.tell()
@@ -193,10 +332,18 @@ def _check_scene(f: IO[bytes]) -> BlendHeader:
 
 
 async def _store_job(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
-    job_id = uuid.uuid4().hex[:16]
+    """A single-.blend upload: the file becomes a blob and the job's input folder
+    holds just it."""
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
-    key = layout.input_key(job_id, "scene.blend")
-    digest = await asyncio.to_thread(_put_hashed, ctx.storage, key, scene.file)
+    if not name.lower().endswith(".blend"):
+        name = (name or "scene") + ".blend"
+    digest, size = await asyncio.to_thread(_put_blob, ctx.storage, scene.file)
+    inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
+    return await _create_job(ctx, spec, inputs)
+
+
+async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs) -> Job:
+    job_id = uuid.uuid4().hex[:16]
     grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
     nx, ny = grid or (1, 1)
     frames = spec.frame_list
@@ -205,34 +352,90 @@ async def _store_job(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
         state=JobState.PENDING,
         owner="local",
         spec=spec,
-        scene_file=name or "scene.blend",
+        scene_file=inputs.main,
         frames_total=len(frames),
         tasks_total=len(frames) * nx * ny,
         tiles=None if grid is None else str(spec.tiles),
         created_at=datetime.now(UTC),
     )
-    try:
-        await ctx.store.create(job, key, digest)
-    except BaseException:
-        # Nothing half-made: the job is not in Redis, so its input must go too.
-        await asyncio.to_thread(ctx.storage.delete_prefix, layout.job_prefix(job_id))
-        raise
+    # Blobs are shared by content, never a job's own: nothing to undo if this fails.
+    await ctx.store.create(job, inputs.to_json(), inputs.digest)
     ctx.nudge()
     return job
 
 
-def _put_hashed(storage: Storage, key: str, src: IO[bytes]) -> str:
+def _put_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
+    """Store a local file as a blob (unless stored already); return (sha256, size)."""
     sha = hashlib.sha256()
-
-    class Hashing:
-        def read(self, n: int = -1) -> bytes:
-            data = src.read(n)
-            sha.update(data)
-            return data
-
+    size = 0
     src.seek(0)
-    storage.put_stream(key, Hashing())
-    return sha.hexdigest()
+    while block := src.read(CHUNK_BYTES):
+        sha.update(block)
+        size += len(block)
+    digest = sha.hexdigest()
+    key = blob_key(digest)
+    if not storage.exists(key) or storage.size(key) != size:
+        src.seek(0)
+        storage.put_stream(key, src)
+    return digest, size
+
+
+blobs = APIRouter(prefix="/blobs", tags=["blobs"])
+
+
+@blobs.post("/missing")
+async def missing_blobs(request: Request, ctx: Ctx) -> dict[str, list[str]]:
+    """Which of ``{"hashes": [sha256, ...]}`` the farm does not have (upload those)."""
+    try:
+        data = json.loads(await _read_limited(request, MAX_MANIFEST_BYTES, "the question"))
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    hashes = data.get("hashes") if isinstance(data, dict) else None
+    if not isinstance(hashes, list) or len(hashes) > MAX_INPUT_FILES:
+        raise InvalidRequest(f"hashes must be a list of at most {MAX_INPUT_FILES} sha256s")
+    for h in hashes:
+        if not isinstance(h, str) or not _SHA256.match(h):
+            raise InvalidRequest(f"{h!r} is not a sha256 (64 lowercase hex digits)")
+    unique = list(dict.fromkeys(hashes))
+    stored = await asyncio.to_thread(lambda: [ctx.storage.exists(blob_key(h)) for h in unique])
+    return {"missing": [h for h, ok in zip(unique, stored, strict=True) if not ok]}
+
+
+@blobs.put("/{sha256}", status_code=201)
+async def put_blob(sha256: str, request: Request, ctx: Ctx) -> dict[str, Any]:
+    """Upload one file by its SHA-256, streamed (the body is the file's bytes).
+
+    The body spills to disk past a few MB, its hash is checked before it is stored,
+    and it is refused (413) the moment it passes the upload limit.
+    """
+    if not _SHA256.match(sha256):
+        raise InvalidRequest(f"{sha256!r} is not a sha256 (64 lowercase hex digits)")
+    limit = ctx.settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(
+            f"upload of {int(length)} bytes is over the farm's limit of {limit} bytes",
+            {"limit": limit},
+        )
+    sha = hashlib.sha256()
+    size = 0
+    with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"upload is over the farm's limit of {limit} bytes", {"limit": limit}
+                )
+            sha.update(chunk)
+            spool.write(chunk)
+        if sha.hexdigest() != sha256:
+            raise InvalidRequest(
+                f"the uploaded bytes hash to {sha.hexdigest()}, not {sha256}",
+                {"sha256": sha256},
+            )
+        spool.seek(0)
+        digest, _ = await asyncio.to_thread(_put_blob, ctx.storage, spool)
+    return {"sha256": digest, "size": size}
 
 
 @jobs.get("")
@@ -381,6 +584,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     )
     app.state.ctx = ctx
     app.include_router(jobs)
+    app.include_router(blobs)
 
     @app.get("/healthz", tags=["farm"])
     async def healthz(ctx: Ctx) -> dict[str, Any]:

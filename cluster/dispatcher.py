@@ -39,6 +39,7 @@ from rayfarm.cluster.store import JobStore, now_iso, outranks, queue_score
 from rayfarm.errors import FarmError, InvalidTransition
 from rayfarm.models import JobState, grid_of
 from rayfarm.render.assembler import TileAssembler
+from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult
 from rayfarm.render.tiles import auto_grid
 
@@ -185,12 +186,11 @@ class Dispatcher:
 
     async def _start_run(self, job_id: str) -> None:
         job = await self.store.get(job_id)
-        scene_key, scene_hash = await self.store.scene(job_id)
-        data = await asyncio.to_thread(self.storage.read_bytes, scene_key)
+        inputs = Inputs.from_json(self.settings.storage, await self.store.inputs(job_id))
         run = Run(
             job=job,
-            scene_hash=scene_hash,
-            scene_ref=ray.put(data),
+            scene_hash=inputs.digest,
+            inputs=inputs,
             score=queue_score(job.spec.priority, job.created_at.isoformat()),
         )
         self.runs[job_id] = run
@@ -273,7 +273,7 @@ class Dispatcher:
         render time and per-tile cost; the grid follows from those and the pool."""
         assert self._wake is not None
         try:
-            info = await slot.handle.inspect.remote(run.template(), [run.scene_ref])
+            info = await slot.handle.inspect.remote(run.template(), run.inputs)
             slot.holds = run.scene_hash
             if run.stopped:
                 return
@@ -314,7 +314,7 @@ class Dispatcher:
 
         try:
             meta_ref, payload_ref = slot.handle.render.options(num_returns=2).remote(
-                task, [run.scene_ref]
+                task, run.inputs
             )
             meta: TaskResult = await meta_ref
             slot.holds = task.scene_hash
@@ -342,7 +342,7 @@ class Dispatcher:
             try:
                 frame_ref = self.assembler.take.remote(run.id, task.frame)
                 meta_ref, image_ref = slot.handle.finish.options(num_returns=2).remote(
-                    task, [run.scene_ref], frame_ref
+                    task, run.inputs, frame_ref
                 )
                 meta = await meta_ref
                 image = await image_ref

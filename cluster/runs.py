@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayfarm.models import Job
+from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import RenderTask
 
 __all__ = ["Run", "Slot", "expand"]
@@ -32,8 +33,8 @@ class Run:
     """A PROCESSING job inside the dispatcher."""
 
     job: Job
-    scene_hash: str
-    scene_ref: Any  # ObjectRef to the .blend bytes
+    scene_hash: str  # the input folder's digest
+    inputs: Inputs
     score: float  # queue score: priority, then age
     grid: tuple[int, int] | None = None  # tiles per frame; None until 'auto' is decided
     probing: bool = False  # an actor is inspecting the scene to decide 'auto'
@@ -75,4 +76,5 @@ def expand(
                 format=spec.format,
                 color_depth=spec.depth,
                 denoise=spec.denoise,
+                allow_missing=spec.allow_missing,
             )

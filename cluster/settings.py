@@ -55,6 +55,7 @@ class Settings:
     #: Cycles threads per CPU actor; 0 splits the node's cores between its actors.
     actor_threads: int = 0
     max_upload_bytes: int = 2 * 1024**3
+    max_job_bytes: int = 64 * 1024**3
     blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
 
     @classmethod
@@ -73,6 +74,7 @@ class Settings:
             "cpu_actors": _env_int("RAYFARM_CPU_ACTORS", 1),
             "actor_threads": _env_int("RAYFARM_ACTOR_THREADS", 0),
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),
+            "max_job_bytes": _env_int("RAYFARM_MAX_JOB_BYTES", 64 * 1024**3),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -2,7 +2,8 @@
 
 Layout under the root URL::
 
-    jobs/{id}/input/{scene}.blend
+    blobs/sha256/ab/ab12...        (job inputs, by content: scenes, textures, caches;
+                                    shared by every job that uses them)
     jobs/{id}/frames/0001.png
     jobs/{id}/manifest.json        (written last)
 

@@ -76,8 +76,9 @@ class JobStore:
 
     # -- create and read ---------------------------------------------------------------
 
-    async def create(self, job: Job, scene_key: str, scene_hash: str) -> None:
-        """Store a new PENDING job and queue it, in one MULTI/EXEC."""
+    async def create(self, job: Job, inputs: str, scene_hash: str) -> None:
+        """Store a new PENDING job and queue it, in one MULTI/EXEC. ``inputs`` is the
+        input folder's listing (``Inputs.to_json``), ``scene_hash`` its digest."""
         created = job.created_at.isoformat()
         fields = {
             "id": job.id,
@@ -85,7 +86,7 @@ class JobStore:
             "owner": job.owner,
             "spec": job.spec.model_dump_json(),
             "scene_file": job.scene_file,
-            "scene_key": scene_key,
+            "inputs": inputs,
             "scene_hash": scene_hash,
             "frames_total": job.frames_total,
             "tasks_total": job.tasks_total,
@@ -181,11 +182,12 @@ class JobStore:
                 return
             start += batch
 
-    async def scene(self, job_id: str) -> tuple[str, str]:
-        key, digest = await self.redis.hmget(keys.job(job_id), ["scene_key", "scene_hash"])
-        if key is None:
+    async def inputs(self, job_id: str) -> str:
+        """The job's input folder listing (``Inputs.to_json``)."""
+        text = await self.redis.hget(keys.job(job_id), "inputs")
+        if text is None:
             raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
-        return key, digest
+        return str(text)
 
     # -- state changes ---------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from rayfarm.errors import RenderError, SceneOpenError
 from rayfarm.render.blender import (
     assign,
     captured_output,
+    missing_files,
     pixel_size,
     prepare_assembly,
     set_format,
@@ -40,6 +41,7 @@ from rayfarm.render.blender import (
 )
 from rayfarm.render.composite import denoise_tree, scene_tree
 from rayfarm.render.exr import Part, read_parts, write_parts
+from rayfarm.render.inputs import Inputs, materialize
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split
 
@@ -60,7 +62,7 @@ _RENDER_FLAGS = {
 }
 #: How much of Blender's output per render is kept.
 LOG_TAIL_BYTES = 16 * 1024
-#: Scenes an actor keeps on local disk for reopening without a fetch.
+#: Input folders an actor keeps on local disk for reopening without a fetch.
 SCENE_CACHE_FILES = 8
 
 
@@ -112,7 +114,7 @@ class RenderActor:
     def holds(self) -> str | None:
         return self.loaded
 
-    def inspect(self, task: RenderTask, scene_data: list[Any]) -> dict[str, Any]:
+    def inspect(self, task: RenderTask, inputs: Inputs) -> dict[str, Any]:
         """Open the task's scene (it stays open for the tasks that follow) and measure
         what the dispatcher needs to split its frames (``tiles="auto"``).
 
@@ -124,7 +126,7 @@ class RenderActor:
         build outside the measurement (the job's first task would pay it otherwise).
         """
         held = self.loaded == task.scene_hash
-        self._ensure_scene(task.scene_hash, scene_data)
+        self._ensure_scene(task, inputs)
         scene = self._prepare(task)
         size = width, height = pixel_size(scene)
         samples = scene.cycles.samples
@@ -157,17 +159,16 @@ class RenderActor:
 
     # -- tasks -----------------------------------------------------------------------------
 
-    def render(self, task: RenderTask, scene_data: list[Any]) -> tuple[TaskResult, Any]:
+    def render(self, task: RenderTask, inputs: Inputs) -> tuple[TaskResult, Any]:
         """Render one task; call with ``num_returns=2``.
 
         Returns (result, payload): the payload is the finished image file's bytes for
         a whole frame, or the tile's passes (``{part name: Part}``, every pass of every
         view layer, float) so the dispatcher can hand them to the assembler.
-        ``scene_data`` is ``[ObjectRef]`` to the .blend bytes, fetched only when this
-        actor does not hold that scene already.
+        ``inputs`` is the job's input folder (laid out on this node once).
         """
         started = time.perf_counter()
-        self._ensure_scene(task.scene_hash, scene_data)
+        self._ensure_scene(task, inputs)
         scene = self._prepare(task)
         if not task.is_tiled:
             image = take(self._write(scene, task.format, task.color_depth, self._path(task)))
@@ -182,7 +183,7 @@ class RenderActor:
         return TaskResult(task.frame, task.tile, self.device, seconds, rect, size), parts
 
     def finish(
-        self, task: RenderTask, scene_data: list[Any], parts: dict[str, Part]
+        self, task: RenderTask, inputs: Inputs, parts: dict[str, Part]
     ) -> tuple[TaskResult, bytes]:
         """Finish an assembled frame and write it in the job's format; call with
         ``num_returns=2``.
@@ -194,7 +195,7 @@ class RenderActor:
         first when the scene composites).
         """
         started = time.perf_counter()
-        self._ensure_scene(task.scene_hash, scene_data)
+        self._ensure_scene(task, inputs)
         scene = self._prepare(task)
         parts = self._denoise(scene, task, dict(parts))
         composites = scene.render.use_compositing and scene.compositing_node_group is not None
@@ -217,22 +218,24 @@ class RenderActor:
 
     # -- scene handling ----------------------------------------------------------------------
 
-    def _ensure_scene(self, digest: str, scene_data: list[Any]) -> None:
+    def _ensure_scene(self, task: RenderTask, inputs: Inputs) -> None:
+        """Open the task's input folder's main .blend, unless it is open already.
+
+        The folder is laid out on local disk from storage (each blob fetched once),
+        so the scene's relative paths resolve; a dependency the scene names but the
+        folder lacks fails the task naming it, unless the job allows missing files.
+        """
+        digest = task.scene_hash
         if self.loaded == digest:
             return
-        path = self.scenes.get(digest)
-        if path is not None:
+        folder = self.scenes.get(digest)
+        if folder is not None:
             self.scenes.move_to_end(digest)
         else:
-            import ray
-
-            data = ray.get(scene_data[0])
-            path = os.path.join(self.workdir, f"{digest}.blend")
-            with open(path + ".part", "wb") as f:
-                f.write(data)
-            os.replace(path + ".part", path)
-            self.scenes[digest] = path
+            folder = os.path.join(self.workdir, "inputs", digest)
+            self.scenes[digest] = folder
             self._evict()
+        path = materialize(inputs, folder, os.path.join(self.workdir, "blobs"))
         self.loaded = None
         self._defaults.clear()
         try:
@@ -246,14 +249,29 @@ class RenderActor:
             raise SceneOpenError(
                 "Blender could not open the scene (it kept another file open)", {FATAL: True}
             )
+        missing = missing_files(self.bpy)
+        if missing and not task.allow_missing:
+            shown = ", ".join(missing[:20]) + (
+                f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            )
+            raise RenderError(
+                f"the scene uses files that were not uploaded with it: {shown} "
+                "(pack them with the scene, or submit with allow_missing to render anyway)",
+                {FATAL: True, "missing": missing},
+            )
         self.loaded = digest
 
     def _evict(self) -> None:
-        """Keep at most SCENE_CACHE_FILES scenes on local disk (least recently used go)."""
+        """Keep at most SCENE_CACHE_FILES input folders on local disk (least recently
+        used go, with the blobs no other kept folder links)."""
         while len(self.scenes) > SCENE_CACHE_FILES:
-            _, path = self.scenes.popitem(last=False)
-            if os.path.exists(path):
-                os.unlink(path)
+            _, folder = self.scenes.popitem(last=False)
+            shutil.rmtree(folder, ignore_errors=True)
+            blobs = os.path.join(self.workdir, "blobs")
+            for name in os.listdir(blobs) if os.path.isdir(blobs) else []:
+                blob = os.path.join(blobs, name)
+                if os.stat(blob).st_nlink == 1:
+                    os.unlink(blob)
 
     def _prepare(self, task: RenderTask) -> Any:
         """Select the task's scene and set every setting a task may change, from the

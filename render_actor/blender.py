@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "assign",
     "captured_output",
+    "missing_files",
     "pixel_size",
     "prepare_assembly",
     "set_format",
@@ -22,6 +23,39 @@ __all__ = [
 ]
 
 _LIBC = ctypes.CDLL(None)
+
+
+#: ID collections whose items may name an external file, and how a file-less one says so.
+_FILE_USERS = ("images", "libraries", "sounds", "fonts", "movieclips", "volumes", "cache_files")
+
+
+def missing_files(bpy: Any) -> list[str]:
+    """Paths the open file names that do not exist (packed data and generated images
+    excluded), as the file names them. UDIM images count as missing when no tile is."""
+    missing = []
+    for collection in _FILE_USERS:
+        for item in getattr(bpy.data, collection):
+            filepath = getattr(item, "filepath", "")
+            if not filepath or getattr(item, "packed_file", None) is not None:
+                continue
+            if collection == "images" and item.source not in ("FILE", "SEQUENCE", "TILED"):
+                continue
+            if collection == "fonts" and filepath == "<builtin>":
+                continue
+            if getattr(item, "library", None) is not None:
+                continue  # linked data: its library is checked instead
+            path = bpy.path.abspath(filepath)
+            if collection == "images" and item.source in ("SEQUENCE", "TILED"):
+                import glob
+                import re
+
+                pattern = re.sub(r"<UDIM>|<UVTILE>|\d+(?=\.[^.]+$)", "*", path)
+                if glob.glob(pattern):
+                    continue
+            elif os.path.exists(path):
+                continue
+            missing.append(filepath)
+    return sorted(set(missing))
 
 
 def pixel_size(scene: Any) -> tuple[int, int]:

@@ -46,6 +46,7 @@ class RenderTask:
     format: str
     color_depth: int
     denoise: bool | None = None  # None: as the scene says
+    allow_missing: bool = False  # render even when the scene's files were not all uploaded
 
     @property
     def is_tiled(self) -> bool:

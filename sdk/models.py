@@ -127,6 +127,12 @@ class JobSpec(BaseModel):
     color_depth: int | None = Field(
         None, description="png: 8 (default) or 16; exr: 16 (half) or 32 (float, default)."
     )
+    allow_missing: bool = Field(
+        False,
+        description="Render even when files the scene uses are missing (they render as "
+        "Blender's missing-texture pink); by default such a job is refused before upload "
+        "and fails on the farm naming the files.",
+    )
     priority: int = Field(50, ge=0, le=100, description="Higher renders first.")
     max_retries: int = Field(2, ge=0, le=10, description="Retries per task before the job fails.")
 

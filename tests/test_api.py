@@ -3,6 +3,7 @@
 Every bad input gets a precise 4xx, stores nothing, and the service stays up.
 """
 
+import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ def submit(client, data: bytes, spec, name="shot.blend"):
 
 
 def assert_nothing_stored(client):
-    assert list(client.storage_dir.rglob("*.*")) == []
+    assert [p for p in client.storage_dir.rglob("*") if p.is_file()] == []
     assert client.redis.keys("rayfarm:*") == []
 
 
@@ -60,8 +61,14 @@ def test_submit_stores_scene_and_queues_pending_job(api, small_scene: Path):
     job = r.json()
     assert job["state"] == "PENDING" and job["frames_total"] == 4 and job["tasks_total"] == 16
     assert job["spec"]["tiles"] == "2x2" and job["scene_file"] == "shot.blend"
-    stored = api.storage_dir / "jobs" / job["id"] / "input" / "scene.blend"
+    digest = hashlib.sha256(small_scene.read_bytes()).hexdigest()
+    stored = api.storage_dir / "blobs" / "sha256" / digest[:2] / digest
     assert stored.read_bytes() == small_scene.read_bytes()
+    inputs = json.loads(api.redis.hget(f"rayfarm:job:{job['id']}", "inputs"))
+    assert inputs == {
+        "main": "shot.blend",
+        "files": [["shot.blend", digest, stored.stat().st_size]],
+    }
     assert api.nudges == [1]
     assert api.get(f"/jobs/{job['id']}").json()["state"] == "PENDING"
     status = api.get(f"/jobs/{job['id']}/status").json()
@@ -224,3 +231,120 @@ def test_status_long_poll_answers_on_change(api, small_scene):
         api.get(f"/jobs/{job['id']}/status", params={"after": first["event"], "wait_s": 31}),
         400, "invalid_request", "wait_s",
     )  # fmt: skip
+
+
+# -- scene folders: content-addressed blobs and a listing ---------------------------------
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def put_blob(client, data: bytes, digest: str | None = None):
+    return client.put(f"/blobs/{digest or _sha(data)}", content=data)
+
+
+def submit_folder(client, spec, main, files):
+    body = {"spec": spec, "main": main, "files": files}
+    return client.post("/jobs", json=body)
+
+
+def test_blobs_upload_once_and_a_folder_job_names_them(api, small_scene: Path):
+    scene, texture = small_scene.read_bytes(), b"\x89PNG fake texture bytes"
+    hashes = [_sha(scene), _sha(texture)]
+    assert api.post("/blobs/missing", json={"hashes": hashes}).json() == {"missing": hashes}
+    for data in (scene, texture):
+        r = put_blob(api, data)
+        assert r.status_code == 201 and r.json() == {"sha256": _sha(data), "size": len(data)}
+    assert api.post("/blobs/missing", json={"hashes": hashes}).json() == {"missing": []}
+    assert put_blob(api, texture).status_code == 201  # idempotent
+    files = [
+        {"path": "shots/a/shot.blend", "sha256": hashes[0], "size": len(scene)},
+        {"path": "textures/wood.png", "sha256": hashes[1], "size": len(texture)},
+    ]
+    r = submit_folder(api, {"frames": "1"}, "shots/a/shot.blend", files)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["scene_file"] == "shots/a/shot.blend" and api.nudges == [1]
+    inputs = json.loads(api.redis.hget(f"rayfarm:job:{job['id']}", "inputs"))
+    assert inputs["files"][1] == ["textures/wood.png", hashes[1], len(texture)]
+
+
+def test_a_blob_whose_bytes_do_not_match_its_hash_is_refused_and_not_stored(api):
+    r = put_blob(api, b"what was sent", _sha(b"what was promised"))
+    assert_error(r, 400, "invalid_request", "hash to")
+    assert_nothing_stored(api)
+    assert_error(api.put("/blobs/not-a-hash", content=b"x"), 400, "invalid_request", "sha256")
+
+
+def test_an_oversize_blob_is_refused_while_it_streams(api):
+    data = b"\0" * (4 * 1024 * 1024 + 1)
+
+    def chunks():  # no Content-Length: the server must count as it reads
+        for i in range(0, len(data), 65536):
+            yield data[i : i + 65536]
+
+    r = api.put(f"/blobs/{_sha(data)}", content=chunks())
+    assert_error(r, 413, "payload_too_large", "over the farm's limit")
+    assert_nothing_stored(api)
+    assert api.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../escape.png", "textures/../../etc/passwd", "/etc/passwd", "C:/Users/a/tex.png",
+     "textures\\wood.png", "textures//wood.png", "./wood.png", "tex/\x00.png", ""],
+)  # fmt: skip
+def test_a_path_that_could_leave_the_input_folder_is_refused_naming_it(api, small_scene, path):
+    scene = small_scene.read_bytes()
+    assert put_blob(api, scene).status_code == 201
+    files = [
+        {"path": "shot.blend", "sha256": _sha(scene), "size": len(scene)},
+        {"path": path, "sha256": _sha(scene), "size": len(scene)},
+    ]
+    r = submit_folder(api, {"frames": "1"}, "shot.blend", files)
+    assert_error(r, 400, "invalid_request", f"input path {path!r}")
+    assert r.json()["error"]["detail"] == {"path": path}
+    assert api.redis.keys("rayfarm:*") == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda f: [*f, dict(f[0], path="SHOT.blend")], "listed twice"),
+        (lambda f: [dict(f[0], size=f[0]["size"] + 1)], "the stored blob has"),
+        (lambda f: [*f, {"path": "t.png", "sha256": "ab" * 32, "size": 3}], "not uploaded: t.png"),
+        (lambda f: [dict(f[0], sha256="AB" * 32)], "64 lowercase hex"),
+        (lambda f: [dict(f[0], extra=1)], "exactly {path, sha256, size}"),
+        (lambda f: [], "non-empty list"),
+    ],
+)  # fmt: skip
+def test_a_bad_listing_is_refused_and_nothing_is_queued(api, small_scene, mutate, fragment):
+    scene = small_scene.read_bytes()
+    assert put_blob(api, scene).status_code == 201
+    files = mutate([{"path": "shot.blend", "sha256": _sha(scene), "size": len(scene)}])
+    r = submit_folder(api, {"frames": "1"}, "shot.blend", files)
+    assert_error(r, 400, "invalid_request", fragment)
+    assert api.redis.keys("rayfarm:*") == []
+
+
+def test_a_folder_job_checks_its_main_file_and_spec(api, small_scene):
+    scene, text = small_scene.read_bytes(), b"not a blend"
+    for data in (scene, text):
+        assert put_blob(api, data).status_code == 201
+    files = [
+        {"path": "shot.blend", "sha256": _sha(scene), "size": len(scene)},
+        {"path": "fake.blend", "sha256": _sha(text), "size": len(text)},
+        {"path": "notes.txt", "sha256": _sha(text), "size": len(text)},
+    ]
+    assert_error(submit_folder(api, {"frames": "1"}, "notes.txt", files), 400,
+                 "invalid_request", "is not a .blend")  # fmt: skip
+    assert_error(submit_folder(api, {"frames": "1"}, "other.blend", files), 400,
+                 "invalid_request", "is not one of the listed files")  # fmt: skip
+    r = submit_folder(api, {"frames": "1"}, "fake.blend", files)
+    assert r.status_code == 422 and "not a .blend" in r.json()["error"]["message"]
+    assert_error(submit_folder(api, {"frames": "x"}, "shot.blend", files), 422,
+                 "invalid_spec", "frames")  # fmt: skip
+    r = api.post("/jobs", content=b"{nope", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_request", "not JSON")
+    assert api.redis.keys("rayfarm:*") == []
