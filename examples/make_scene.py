@@ -4,8 +4,11 @@
     python examples/make_scene.py shot.blend --width 96 --height 72 --samples 4
     python examples/make_scene.py heavy.blend --heavy           # ~2.5M triangles at render
 
-``--denoise`` turns Cycles' denoiser (OpenImageDenoise) on. ``--glare`` adds a bright
-emissive lamp and a compositor whose Glare (bloom) node spreads it over neighbouring
+``--texture`` gives the ground a checker image texture saved beside the scene in
+``textures/checker.png`` (a relative ``//textures/...`` path); ``--abs-texture PATH``
+gives the cube one saved at PATH, referenced by its absolute path. ``--denoise``
+turns Cycles' denoiser (OpenImageDenoise) on. ``--glare`` adds a bright emissive
+lamp and a compositor whose Glare (bloom) node spreads it over neighbouring
 pixels. ``--passes`` enables extra passes (depth, normal, diffuse colour) and the
 denoising data passes. ``--grade`` sets a graded look (AgX Punchy, exposure, gamma, an RGB curve,
 transparent film). ``--heavy`` adds a dense mesh whose Subdivision Surface modifier is evaluated at
@@ -31,6 +34,34 @@ def _material(bpy, name: str, color: tuple[float, float, float]) -> object:
     return mat
 
 
+def _checker(bpy, path: Path, color: tuple[float, float, float]) -> Path:
+    """Save a 64x64 checker PNG at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = bpy.data.images.new(path.stem, 64, 64)
+    pixels = []
+    for y in range(64):
+        for x in range(64):
+            on = (x // 8 + y // 8) % 2
+            pixels.extend((*color, 1.0) if on else (0.05, 0.05, 0.05, 1.0))
+    image.pixels.foreach_set(pixels)
+    image.filepath_raw = str(path)
+    image.file_format = "PNG"
+    image.save()
+    bpy.data.images.remove(image)
+    return path
+
+
+def _textured(bpy, material, file: Path, filepath: str) -> None:
+    """Feed ``material``'s base colour from the image at ``file``, named as ``filepath``."""
+    nodes = material.node_tree.nodes
+    tex = nodes.new("ShaderNodeTexImage")
+    tex.image = bpy.data.images.load(str(file))
+    tex.image.filepath = filepath
+    material.node_tree.links.new(
+        tex.outputs["Color"], nodes["Principled BSDF"].inputs["Base Color"]
+    )
+
+
 def build(
     path: str | Path,
     width: int = 320,
@@ -44,6 +75,8 @@ def build(
     denoise: bool = False,
     glare: bool = False,
     passes: bool = False,
+    texture: bool = False,
+    abs_texture: str | None = None,
 ) -> Path:
     import bpy
 
@@ -67,7 +100,11 @@ def build(
     scene.world = world
 
     bpy.ops.mesh.primitive_plane_add(size=20, location=(0, 0, -1))
-    bpy.context.object.data.materials.append(_material(bpy, "Ground", (0.5, 0.5, 0.45)))
+    ground = _material(bpy, "Ground", (0.5, 0.5, 0.45))
+    bpy.context.object.data.materials.append(ground)
+    if texture:
+        target = Path(path).resolve().parent / "textures" / "checker.png"
+        _textured(bpy, ground, _checker(bpy, target, (0.9, 0.6, 0.1)), "//textures/checker.png")
 
     bpy.ops.mesh.primitive_uv_sphere_add(radius=0.8, location=(-1.5, 0, 0))
     ball = bpy.context.object
@@ -78,7 +115,11 @@ def build(
 
     bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.5, 1.5, -0.3))
     cube = bpy.context.object
-    cube.data.materials.append(_material(bpy, "Cube", (0.1, 0.3, 0.8)))
+    cube_material = _material(bpy, "Cube", (0.1, 0.3, 0.8))
+    cube.data.materials.append(cube_material)
+    if abs_texture:
+        target = Path(abs_texture).resolve()
+        _textured(bpy, cube_material, _checker(bpy, target, (0.1, 0.8, 0.3)), str(target))
     cube.keyframe_insert("rotation_euler", frame=1)
     cube.rotation_euler = (0, 0, math.pi / 2)
     cube.keyframe_insert("rotation_euler", frame=frames)
@@ -175,10 +216,12 @@ def main() -> None:
     p.add_argument("--denoise", action="store_true", help="Cycles denoising on (OIDN)")
     p.add_argument("--glare", action="store_true", help="a bright lamp and a Glare compositor")
     p.add_argument("--passes", action="store_true", help="depth, normal, diffuse colour passes")
+    p.add_argument("--texture", action="store_true", help="a relative image texture")
+    p.add_argument("--abs-texture", help="an image texture saved here, by absolute path")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
-        a.grade, a.denoise, a.glare, a.passes,
+        a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture,
     )  # fmt: skip
     print(out)
 

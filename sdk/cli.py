@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--scene-name", dest="scene_name", help="scene in the file (default: active)")
     s.add_argument("--camera")
     s.add_argument("--priority", type=int)
+    s.add_argument(
+        "--project", help="the folder whose layout the farm reproduces (default: the scene's)"
+    )
+    s.add_argument(
+        "--allow-missing",
+        action="store_true",
+        default=None,
+        help="submit even when files the scene uses are missing (they render pink)",
+    )
     s.add_argument("--max-retries", type=int)
     s.add_argument("--wait", action="store_true", help="wait for the job to finish")
     s.add_argument("--json", action="store_true", help="print the job as JSON")
@@ -108,10 +117,22 @@ def _run(args: argparse.Namespace) -> int:
                 "camera": args.camera,
                 "priority": args.priority,
                 "max_retries": args.max_retries,
+                "allow_missing": args.allow_missing,
             }.items()
             if v is not None
         }
-        job = farm.submit(args.scene, frames=args.frames, tiles=args.tiles, **overrides)
+        job = farm.submit(
+            args.scene, frames=args.frames, tiles=args.tiles, project=args.project, **overrides
+        )
+        up = farm.last_upload
+        if up is not None:
+            print(
+                f"packed {up.files} file(s), {up.bytes_total} bytes; sent {up.files_sent} "
+                f"({up.bytes_sent} bytes), the farm had the rest",
+                file=sys.stderr,
+            )
+            if up.missing:
+                print(f"warning: missing here: {', '.join(up.missing)}", file=sys.stderr)
         if not args.wait:
             _print(job, args.json)
             return EXIT_OK

@@ -14,19 +14,34 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from rayfarm.errors import FarmUnavailable, InvalidRequest, ServerError, error_from_body
+from rayfarm.errors import FarmUnavailable, ServerError, error_from_body
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
+from rayfarm.pack import Pack, pack_scene
 
-__all__ = ["DEFAULT_URL", "Farm"]
+__all__ = ["DEFAULT_URL", "Farm", "UploadReport"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: How long one status long-poll may wait on the server before asking again.
 LONG_POLL_S = 20.0
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    """What one ``Farm.submit`` sent: ``files`` packed (``bytes_total``), of which
+    ``files_sent`` (``bytes_sent``) the farm lacked; ``missing``: files the scene names
+    that were not found here (only with ``allow_missing``)."""
+
+    files: int
+    bytes_total: int
+    files_sent: int
+    bytes_sent: int
+    missing: list[str]
 
 
 class Farm:
@@ -43,6 +58,7 @@ class Farm:
         self.token = token if token is not None else os.environ.get("RAYFARM_TOKEN")
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        self.last_upload: UploadReport | None = None
 
     def __repr__(self) -> str:
         return f"Farm({self.url!r})"
@@ -63,24 +79,60 @@ class Farm:
         path: str | os.PathLike[str],
         frames: str | int,
         tiles: int | str = 1,
+        *,
+        project: str | os.PathLike[str] | None = None,
         **overrides: Any,
     ) -> Job:
-        """Upload a .blend and queue a job; return it (state PENDING).
+        """Pack a .blend with everything it uses, upload what the farm lacks, and queue
+        a job; return it (state PENDING).
 
         ``tiles`` is 1, ``"NxM"`` or ``"auto"``. ``overrides`` are ``JobSpec`` fields:
         ``samples``, ``resolution_percentage``, ``denoise``, ``format``, ``color_depth``,
-        ``scene``, ``camera``, ``priority``, ``max_retries``.
-        The spec is validated here first, so a typo fails before any upload.
+        ``scene``, ``camera``, ``priority``, ``max_retries``, ``allow_missing``.
+        ``project`` (default: the scene's folder) is the root whose layout the farm
+        reproduces; files outside it are packed too (see ``rayfarm.pack``).
+
+        The spec is validated first, so a typo fails before any packing; a file the
+        scene uses that is missing here raises ``MissingDependencies`` before any upload
+        unless ``allow_missing=True``. Files go up by content hash, once: an unchanged
+        re-submit sends no file bytes. ``last_upload`` says what was sent.
         """
         spec = parse_spec({"frames": frames, "tiles": tiles, **overrides})
-        scene = Path(path)
-        if not scene.is_file():
-            raise InvalidRequest(f"scene file not found: {scene}", {"path": str(scene)})
-        with open(scene, "rb") as f:
-            files = {"scene": (scene.name, f, "application/x-blender")}
-            data = {"spec": spec.model_dump_json(exclude_none=True)}
-            with self._request("POST", "/jobs", files=files, data=data) as r:
+        with pack_scene(path, project, spec.allow_missing) as packed:
+            self.last_upload = self._upload(packed)
+            body = {
+                "spec": spec.model_dump(mode="json", exclude_none=True),
+                "main": packed.main,
+                "files": [
+                    {"path": f.path, "sha256": f.sha256, "size": f.size} for f in packed.files
+                ],
+            }
+            with self._request("POST", "/jobs", json=body) as r:
                 return self._bind(Job.model_validate(r.json()))
+
+    def _upload(self, packed: Pack) -> UploadReport:
+        """Send the blobs the farm lacks, each streamed from disk."""
+        unique = {f.sha256: f for f in packed.files}
+        with self._request("POST", "/blobs/missing", json={"hashes": list(unique)}) as r:
+            missing = r.json()["missing"]
+        sent = 0
+        for digest in missing:
+            f = unique[digest]
+            with open(f.source, "rb") as body:
+                headers = {"content-type": "application/octet-stream"}
+                content = iter(lambda b=body: b.read(1 << 20), b"")  # type: ignore[misc]
+                with self._request(
+                    "PUT", f"/blobs/{digest}", content=content,
+                    headers={**headers, "content-length": str(f.size)},
+                ):  # fmt: skip
+                    sent += f.size
+        return UploadReport(
+            files=len(packed.files),
+            bytes_total=packed.size,
+            files_sent=len(missing),
+            bytes_sent=sent,
+            missing=list(packed.missing),
+        )
 
     def job(self, job_id: str) -> Job:
         """The job with this id (``JobNotFound`` if there is none)."""

@@ -8,7 +8,8 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     ├── InvalidRequest        400  malformed request (missing part, bad JSON)
     ├── InvalidSpec           422  the job spec breaks a rule (frames, tiles, ...)
     ├── InvalidScene          422  the upload is not a readable .blend
-    │   └── SceneTooNew       422  saved by a newer Blender than the farm's bpy
+    │   ├── SceneTooNew       422  saved by a newer Blender than the farm's bpy
+    │   └── MissingDependencies    files the scene uses are missing (before upload)
     ├── PayloadTooLarge       413  upload over the server's size limit
     ├── NotFound              404
     │   ├── JobNotFound
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidSpec",
     "InvalidTransition",
     "JobNotFound",
+    "MissingDependencies",
     "NotFound",
     "PayloadTooLarge",
     "RenderError",
@@ -86,6 +88,12 @@ class InvalidScene(FarmError):
 
 class SceneTooNew(InvalidScene):
     code = "scene_too_new"
+
+
+class MissingDependencies(InvalidScene):
+    """Files the scene uses are missing on the submitting machine (raised before upload)."""
+
+    code = "missing_dependencies"
 
 
 class PayloadTooLarge(FarmError):

@@ -10,10 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
-from rayfarm import Farm, InvalidTransition, JobState
+from rayfarm import Farm, InvalidScene, InvalidTransition, JobState
 
 from conftest import PYTHON, farm_processes, pixels, render_reference
 
@@ -112,9 +113,18 @@ def _corrupt_dna(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_scene_bpy_cannot_open_fails_the_job(farm, small_scene, tmp_path):
+def test_scene_bpy_cannot_open_fails_the_job(farm, local_farm, small_scene, tmp_path):
+    """The SDK refuses such a file before upload (it cannot trace it); a plain upload
+    reaches the farm, where bpy's failure to open it fails the job."""
     bad = _corrupt_dna(small_scene, tmp_path / "damaged.blend")
-    job = farm.submit(bad, frames="1-2", max_retries=3)
+    with pytest.raises(InvalidScene, match=r"cannot trace the files damaged\.blend uses"):
+        farm.submit(bad, frames="1-2")
+    with open(bad, "rb") as f:
+        spec = '{"frames": "1-2", "max_retries": 3}'
+        r = httpx.post(f"{local_farm.url}/jobs", files={"scene": ("damaged.blend", f)},
+                       data={"spec": spec}, timeout=60)  # fmt: skip
+    assert r.status_code == 201, r.text
+    job = farm.job(r.json()["id"])
     status = job.wait(timeout=WAIT_S)
     assert status.state is JobState.FAILED
     assert "Blender could not open the scene" in status.error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
@@ -50,7 +51,9 @@ def test_frames_land_in_s3_and_come_back_through_the_api(s3_farm, small_scene, t
     fs.invalidate_cache()
     assert sorted(fs.ls(f"{prefix}/frames")) == [f"{prefix}/frames/0001.png",
                                                 f"{prefix}/frames/0002.png"]  # fmt: skip
-    assert fs.cat(f"{prefix}/input/scene.blend") == small_scene.read_bytes()
+    digest = hashlib.sha256(small_scene.read_bytes()).hexdigest()
+    blob = f"{s3_farm.bucket}/studio/blobs/sha256/{digest[:2]}/{digest}"
+    assert fs.cat(blob) == small_scene.read_bytes()  # the input, stored once by content
     manifest = json.loads(fs.cat(f"{prefix}/manifest.json"))
     assert manifest["frames"] == {"1": f"jobs/{whole.id}/frames/0001.png",
                                   "2": f"jobs/{whole.id}/frames/0002.png"}  # fmt: skip

@@ -1,0 +1,136 @@
+"""Pack a scene with everything it uses, for upload: blender-asset-tracer (BAT).
+
+BAT follows a .blend's references — textures, image sequences and UDIM tiles,
+linked libraries (recursively), caches, fonts, sounds, movie clips, volumes — and
+copies them into a folder laid out as the project is, rewriting paths in the
+copied .blend files where needed so the scene resolves from that folder: files
+outside the project (absolute paths, other drives, ``..`` above the project) go
+under ``_outside_project/`` instead of being dropped. Every packed file is then
+hashed (SHA-256), so the farm is sent only what it lacks.
+
+A dependency missing on this machine stops the submission before anything is
+uploaded (``MissingDependencies``, naming the files), unless the job says
+``allow_missing=True``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from rayfarm.blendfile import check_blend
+from rayfarm.errors import InvalidRequest, InvalidScene, MissingDependencies
+
+__all__ = ["Pack", "PackedFile", "pack_scene"]
+
+#: BAT's note about the pack (it holds the time it was made): not a render input.
+_BAT_INFO = "pack-info.txt"
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PackedFile:
+    path: str  # relative, POSIX, as the farm lays it out
+    source: Path  # where its bytes are on this machine
+    sha256: str
+    size: int
+
+
+@dataclass
+class Pack:
+    """A packed scene in a temporary folder; ``close()`` (or ``with``) removes it."""
+
+    main: str
+    files: list[PackedFile]
+    missing: list[str]
+    folder: Path
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def close(self) -> None:
+        if not self._closed:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._closed = True
+
+    def __enter__(self) -> Pack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pack_scene(
+    scene: str | os.PathLike[str],
+    project: str | os.PathLike[str] | None = None,
+    allow_missing: bool = False,
+) -> Pack:
+    """Pack ``scene`` and its dependencies; ``project`` (default: the scene's folder)
+    is the root whose layout the farm reproduces."""
+    from blender_asset_tracer.blendfile import close_all_cached
+    from blender_asset_tracer.blendfile.exceptions import BlendFileError
+    from blender_asset_tracer.pack import Packer
+
+    path = Path(scene).resolve()
+    if not path.is_file():
+        raise InvalidRequest(f"scene file not found: {scene}", {"path": str(scene)})
+    check_blend(path)  # a precise error for a file that is not a whole .blend
+    root = Path(project).resolve() if project is not None else path.parent
+    if root not in path.parents:
+        raise InvalidRequest(f"the scene {path} is not inside the project folder {root}")
+    folder = Path(tempfile.mkdtemp(prefix="rayfarm-pack-"))
+    try:
+        # BAT logs each missing file as a warning; we report them ourselves.
+        logging.getLogger("blender_asset_tracer").setLevel(logging.ERROR)
+        with Packer(path, root, str(folder)) as packer:
+            packer.strategise()
+            missing = sorted(str(p) for p in packer.missing_files)
+            if missing and not allow_missing:
+                shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+                raise MissingDependencies(
+                    f"{len(missing)} file(s) the scene uses are missing here: {shown} "
+                    "(fix the paths, or submit with allow_missing=True to render anyway)",
+                    {"missing": missing},
+                )
+            packer.execute()
+            main = PurePosixPath(Path(packer.output_path).relative_to(folder)).as_posix()
+        files = [
+            _hashed(folder, p)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != _BAT_INFO
+        ]
+        return Pack(main, files, missing, folder)
+    except BlendFileError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        # BAT leaves the file it failed to parse open (its constructor raises after
+        # opening it): let it be collected here, quietly, not as a stray warning later.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            exc.__traceback__ = None
+            gc.collect()
+        raise InvalidScene(
+            f"cannot trace the files {path.name} uses: {exc}", {"path": str(path)}
+        ) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        close_all_cached()  # BAT keeps every .blend it read open otherwise
+
+
+def _hashed(folder: Path, path: Path) -> PackedFile:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            sha.update(block)
+    rel = path.relative_to(folder).as_posix()
+    return PackedFile(rel, path, sha.hexdigest(), path.stat().st_size)
