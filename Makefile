@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
 
-.PHONY: setup demo test lint bench bench-tiles clean
+.PHONY: setup demo test lint bench bench-tiles bench-upload clean
 
 ## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install redis-server
 setup: $(STAMP)
@@ -38,6 +38,10 @@ bench: setup
 ## bench-tiles: one frame whole vs tiled 2x2 vs auto on two actors (see BENCHMARKS.md)
 bench-tiles: setup
 	$(BIN)/python bench/tiles.py --sweep
+
+## bench-upload: first submit vs unchanged re-submit vs one texture changed (~200 MB of textures)
+bench-upload: setup
+	$(BIN)/python bench/upload.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,9 @@
 
 ``--texture`` gives the ground a checker image texture saved beside the scene in
 ``textures/checker.png`` (a relative ``//textures/...`` path); ``--abs-texture PATH``
-gives the cube one saved at PATH, referenced by its absolute path. ``--denoise``
+gives the cube one saved at PATH, referenced by its absolute path; ``--texture-dir
+DIR`` puts every PNG in DIR on a small plane of its own (relative paths: DIR should
+be beside the scene). ``--denoise``
 turns Cycles' denoiser (OpenImageDenoise) on. ``--glare`` adds a bright emissive
 lamp and a compositor whose Glare (bloom) node spreads it over neighbouring
 pixels. ``--passes`` enables extra passes (depth, normal, diffuse colour) and the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 
@@ -77,6 +80,7 @@ def build(
     passes: bool = False,
     texture: bool = False,
     abs_texture: str | None = None,
+    texture_dir: str | None = None,
 ) -> Path:
     import bpy
 
@@ -162,6 +166,13 @@ def build(
         view.curve_mapping.update()
         scene.render.film_transparent = True
 
+    for i, png in enumerate(sorted(Path(texture_dir).glob("*.png")) if texture_dir else []):
+        bpy.ops.mesh.primitive_plane_add(size=0.4, location=(-3 + 0.45 * i, 2.5, 1.5))
+        card = _material(bpy, f"Card{i}", (0.5, 0.5, 0.5))
+        bpy.context.object.data.materials.append(card)
+        rel = os.path.relpath(png.resolve(), Path(path).resolve().parent)
+        _textured(bpy, card, png, "//" + Path(rel).as_posix())
+
     if glare:
         bpy.ops.mesh.primitive_uv_sphere_add(radius=0.25, location=(0.2, -1.5, 0.6))
         lamp = bpy.context.object
@@ -218,10 +229,11 @@ def main() -> None:
     p.add_argument("--passes", action="store_true", help="depth, normal, diffuse colour passes")
     p.add_argument("--texture", action="store_true", help="a relative image texture")
     p.add_argument("--abs-texture", help="an image texture saved here, by absolute path")
+    p.add_argument("--texture-dir", help="put every PNG in this folder on a plane")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
-        a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture,
+        a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture, a.texture_dir,
     )  # fmt: skip
     print(out)
 
