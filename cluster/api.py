@@ -22,7 +22,7 @@ from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -501,11 +501,17 @@ async def list_frames(job_id: JobId, ctx: Ctx, request: Request) -> dict[str, An
     """Stored frames with the URL each is served from."""
     await ctx.store.status(job_id)  # 404 for an unknown job
     stored = await ctx.store.frames_done(job_id)
+    meta = await ctx.store.frame_meta(job_id)
     base = str(request.base_url).rstrip("/")
-    frames = [
-        FrameInfo(frame=n, url=f"{base}/jobs/{job_id}/frames/{n}").model_dump()
-        for n in sorted(stored)
-    ]
+    frames = []
+    for n in sorted(stored):
+        m = meta.get(n, {})
+        size = m.get("size") if isinstance(m.get("size"), int) and m["size"] >= 0 else None
+        info = FrameInfo(
+            frame=n, url=f"{base}/jobs/{job_id}/frames/{n}", size=size,
+            sha256=m.get("sha256") or None,
+        )  # fmt: skip
+        frames.append(info.model_dump())
     return {"frames": frames}
 
 
@@ -514,8 +520,12 @@ async def list_frames(job_id: JobId, ctx: Ctx, request: Request) -> dict[str, An
     response_class=StreamingResponse,
     responses={200: {"content": {"image/png": {}, "image/x-exr": {}}}},
 )
-async def get_frame(job_id: JobId, frame: int, ctx: Ctx) -> StreamingResponse:
-    """The frame's image bytes, streamed from object storage."""
+async def get_frame(job_id: JobId, frame: int, ctx: Ctx, request: Request) -> Response:
+    """The frame's image bytes, streamed from object storage.
+
+    Supports one byte range (``Range: bytes=START-[END]`` or ``bytes=-SUFFIX``): 206 with
+    ``Content-Range``, 416 when it lies outside the file; the ETag is the SHA-256.
+    """
     job = await ctx.store.get(job_id)
     stored = await ctx.store.frames_done(job_id)
     if frame not in stored:
@@ -524,11 +534,42 @@ async def get_frame(job_id: JobId, frame: int, ctx: Ctx) -> StreamingResponse:
         )
     key = stored[frame]
     size = await asyncio.to_thread(ctx.storage.size, key)
+    digest = (await ctx.store.frame_meta(job_id)).get(frame, {}).get("sha256")
+    headers = {"Accept-Ranges": "bytes", **({"ETag": f'"{digest}"'} if digest else {})}
+    media = _MEDIA[job.spec.format]
+    wanted = request.headers.get("range")
+    if wanted is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(ctx.storage.iter_bytes(key), media_type=media, headers=headers)
+    span = _byte_range(wanted, size)
+    if span is None:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    start, end = span
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
     return StreamingResponse(
-        ctx.storage.iter_bytes(key),
-        media_type=_MEDIA[job.spec.format],
-        headers={"Content-Length": str(size)},
+        ctx.storage.iter_bytes(key, start=start, end=end),
+        status_code=206,
+        media_type=media,
+        headers=headers,
     )
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """[start, end) for one ``bytes=`` range of a ``size``-byte file, or None when it
+    cannot be satisfied. Several ranges are not served (None too)."""
+    m = _RANGE.match(header.strip())
+    if m is None or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # the last N bytes
+        n = int(m[2])
+        return (max(0, size - n), size) if n > 0 and size > 0 else None
+    start = int(m[1])
+    end = min(size, int(m[2]) + 1) if m[2] else size
+    return (start, end) if start < end else None
 
 
 def _install_handlers(app: FastAPI) -> None:

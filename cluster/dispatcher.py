@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -369,7 +370,8 @@ class Dispatcher:
         await asyncio.to_thread(self.storage.put_bytes, key, image)
         if not task.is_tiled:
             await self._task_done(run, task, meta, slot)
-        stored = await self.store.mark_frame_done(run.id, task.frame, key)
+        digest = hashlib.sha256(image).hexdigest()
+        stored = await self.store.mark_frame_done(run.id, task.frame, key, digest, len(image))
         # A tiled frame's finish (denoise, compositor, format) is timed on its own.
         timing = {"finish_s": f"{meta.seconds:.3f}"} if task.is_tiled else {}
         await self.store.event(run.id, "frame", frame=task.frame, **timing)
@@ -378,10 +380,14 @@ class Dispatcher:
 
     async def _complete(self, run: Run) -> None:
         frames = await self.store.frames_done(run.id)
+        meta = await self.store.frame_meta(run.id)
         manifest = {
             "job": run.id,
             "spec": run.job.spec.model_dump(mode="json"),
             "frames": {str(k): frames[k] for k in sorted(frames)},
+            "files": {
+                frames[k]: meta.get(k, {}) for k in sorted(frames)
+            },  # key -> {"sha256", "size"}
             "completed_at": now_iso(),
         }
         await asyncio.to_thread(

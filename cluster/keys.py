@@ -26,6 +26,11 @@ def frames(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:frames"
 
 
+def frame_meta(job_id: str) -> str:
+    """Per stored frame: its SHA-256 and size, as JSON."""
+    return f"{PREFIX}job:{job_id}:frame_meta"
+
+
 def attempts(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:attempts"
 

@@ -100,9 +100,20 @@ class Storage:
         data: bytes = self.fs.cat_file(self.path(key))
         return data
 
-    def iter_bytes(self, key: str, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def iter_bytes(
+        self, key: str, chunk: int = CHUNK_BYTES, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
+        """The object's bytes ``[start, end)`` (to the end when ``end`` is None)."""
         with self.fs.open(self.path(key), "rb") as f:
-            while block := f.read(chunk):
+            if start:
+                f.seek(start)
+            left = None if end is None else end - start
+            while left is None or left > 0:
+                block = f.read(chunk if left is None else min(chunk, left))
+                if not block:
+                    break
+                if left is not None:
+                    left -= len(block)
                 yield block
 
     def size(self, key: str) -> int:

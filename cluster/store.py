@@ -267,13 +267,22 @@ class JobStore:
             pipe.xadd(keys.events(job_id), fields, maxlen=EVENTS_MAXLEN)
             await pipe.execute()
 
-    async def mark_frame_done(self, job_id: str, frame: int, object_key: str) -> int:
-        """Record a stored frame; return how many frames are stored."""
+    async def mark_frame_done(
+        self, job_id: str, frame: int, object_key: str, sha256: str = "", size: int = -1
+    ) -> int:
+        """Record a stored frame (with its hash and size); return how many are stored."""
+        meta = json.dumps({"sha256": sha256, "size": size})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.frames(job_id), str(frame), object_key)
+            pipe.hset(keys.frame_meta(job_id), str(frame), meta)
             pipe.hlen(keys.frames(job_id))
-            _, count = await pipe.execute()
+            *_, count = await pipe.execute()
         return int(count)
+
+    async def frame_meta(self, job_id: str) -> dict[int, dict[str, Any]]:
+        """Each stored frame's ``{"sha256", "size"}``."""
+        data = await self.redis.hgetall(keys.frame_meta(job_id))
+        return {int(k): json.loads(v) for k, v in data.items()}
 
     async def add_attempt(self, job_id: str, task: str) -> int:
         return int(await self.redis.hincrby(keys.attempts(job_id), task, 1))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from rayfarm.errors import FarmUnavailable, ServerError, error_from_body
+from rayfarm.errors import FarmError, FarmUnavailable, ServerError, error_from_body
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 from rayfarm.pack import Pack, pack_scene
 
@@ -198,19 +199,44 @@ class Farm:
                 status = job.status(after=status.event, wait_s=wait_s)
 
     def _download(self, job: Job, directory: str | os.PathLike[str]) -> list[Path]:
+        """Fetch every stored frame into ``directory``; see ``Job.download``."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
         for info in job.frames():
             target = out / f"{info.frame:04d}.{job.spec.extension}"
-            part = target.with_name(target.name + ".part")
-            url = f"/jobs/{job.id}/frames/{info.frame}"
-            with self._request("GET", url, stream=True) as r, open(part, "wb") as f:
-                for chunk in r.iter_bytes(1 << 20):
-                    f.write(chunk)
-            part.replace(target)  # a frame on disk is whole or absent
+            if not (info.sha256 and target.exists() and _sha256(target) == info.sha256):
+                self._fetch(f"/jobs/{job.id}/frames/{info.frame}", target, info)
             paths.append(target)
         return paths
+
+    def _fetch(self, url: str, target: Path, info: FrameInfo) -> None:
+        """Download to ``target`` through ``target.part``: a ``.part`` left by an
+        interrupted download is resumed with a Range request; the result must match the
+        farm's SHA-256 (a mismatch deletes it and raises ``ServerError``)."""
+        part = target.with_name(target.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        if info.size is not None and have > info.size:
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with self._request("GET", url, stream=True, headers=headers) as r:
+                mode = "ab" if r.status_code == 206 else "wb"
+                with open(part, mode) as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+        except FarmError as exc:
+            if have and exc.detail.get("status") == 416:  # the .part is not of this frame
+                part.unlink()
+                return self._fetch(url, target, info)
+            raise
+        if info.sha256 and _sha256(part) != info.sha256:
+            part.unlink()
+            raise ServerError(
+                f"{target.name} does not match the farm's SHA-256 {info.sha256}; removed it",
+                {"frame": info.frame},
+            )
+        part.replace(target)  # a frame on disk is whole and verified, or absent
 
     @contextmanager
     def _request(
@@ -237,3 +263,11 @@ class Farm:
             raise ServerError(f"{method} {path} failed: {exc}") from exc
         finally:
             response.close()
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()

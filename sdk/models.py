@@ -245,6 +245,7 @@ class FrameInfo(BaseModel):
     frame: int
     url: str
     size: int | None = None
+    sha256: str | None = Field(None, description="Of the stored image; downloads check it.")
 
 
 class Job(BaseModel):
@@ -330,5 +331,10 @@ class Job(BaseModel):
         return self._bound()._get_frames(self.id)
 
     def download(self, directory: str | Path) -> list[Path]:
-        """Download every stored frame into ``directory``; return the file paths."""
+        """Download every stored frame into ``directory``; return the file paths.
+
+        Each frame is checked against the farm's SHA-256; a frame already there with the
+        right hash is not fetched again, and an interrupted download (``NNNN.ext.part``)
+        resumes where it stopped.
+        """
         return self._bound()._download(self, directory)

@@ -291,3 +291,28 @@ def test_a_killed_tile_assembler_costs_only_its_frames(farm, local_farm, small_s
         assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path.name
     (after,) = _render_actor_pids(local_farm, b"TileAssembler")
     assert after != victim
+
+
+def test_download_verifies_skips_and_resumes(farm, local_farm, small_scene, tmp_path):
+    job = _completed(farm.submit(small_scene, frames="1-2"))
+    infos = job.frames()
+    assert all(len(i.sha256 or "") == 64 and i.size for i in infos)
+    first = job.download(tmp_path)
+    data = [p.read_bytes() for p in first]
+    # Resume: half of frame 1 left as .part; a corrupted frame 2 is fetched again.
+    first[0].unlink()
+    part = first[0].with_name(first[0].name + ".part")
+    part.write_bytes(data[0][: len(data[0]) // 2])
+    first[1].write_bytes(b"not the frame")
+    again = job.download(tmp_path)
+    assert [p.read_bytes() for p in again] == data and not part.exists()
+    # The farm serves byte ranges of a frame.
+    url = f"{local_farm.url}/jobs/{job.id}/frames/1"
+    r = httpx.get(url, headers={"Range": "bytes=10-19"})
+    assert r.status_code == 206 and r.content == data[0][10:20]
+    assert r.headers["content-range"] == f"bytes 10-19/{len(data[0])}"
+    assert r.headers["etag"] == f'"{infos[0].sha256}"'
+    r = httpx.get(url, headers={"Range": "bytes=-5"})
+    assert r.status_code == 206 and r.content == data[0][-5:]
+    r = httpx.get(url, headers={"Range": f"bytes={len(data[0])}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(data[0])}"
