@@ -36,8 +36,11 @@ from rayfarm.errors import (
     FarmUnavailable,
     FrameNotFound,
     InvalidRequest,
+    InvalidScene,
+    InvalidSpec,
     JobNotFound,
     PayloadTooLarge,
+    SceneNotFound,
 )
 from rayfarm.models import (
     FrameInfo,
@@ -80,6 +83,7 @@ class AppContext:
     store: JobStore = field(init=False)
     storage: Storage = field(init=False)
     notify: Any = None  # callable(job_id) or None: wakes the dispatcher
+    inspect: Any = None  # async callable(Inputs) -> catalogue dict, or None (no Ray here)
 
     def __post_init__(self) -> None:
         self.store = JobStore.from_url(self.settings.redis_url)
@@ -342,7 +346,53 @@ async def _store_job(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
     return await _create_job(ctx, spec, inputs)
 
 
+async def _catalogue(ctx: AppContext, inputs: Inputs) -> dict[str, Any] | None:
+    """The scene's catalogue entry: stored, or made now by the farm's inspector (once
+    per scene folder); None where the service runs without a farm to inspect with."""
+    info = await ctx.store.scene_info(inputs.digest)
+    if info is not None or ctx.inspect is None:
+        return info
+    try:
+        info = await ctx.inspect(inputs)
+    except Exception as exc:
+        cause: BaseException = exc
+        while getattr(cause, "cause", None) is not None:  # Ray wraps, once per actor hop
+            cause = cause.cause  # type: ignore[attr-defined]
+        if isinstance(cause, FarmError):
+            raise InvalidScene(str(cause.message), {"scene": inputs.main}) from None
+        raise
+    assert info is not None
+    await ctx.store.set_scene_info(inputs.digest, info)
+    return info
+
+
+def _check_names(spec: JobSpec, info: dict[str, Any]) -> None:
+    """Refuse a spec naming a scene or camera the file lacks, listing the choices."""
+    scenes = {s["name"]: s for s in info["scenes"]}
+    name = spec.scene or info["active_scene"]
+    if name not in scenes:
+        raise InvalidSpec(
+            f"the file has no scene {name!r} (it has: {', '.join(scenes)})",
+            {"field": "scene", "choices": list(scenes)},
+        )
+    cameras = scenes[name]["cameras"]
+    if spec.camera is not None and spec.camera not in cameras:
+        raise InvalidSpec(
+            f"scene {name!r} has no camera {spec.camera!r} (cameras: "
+            f"{', '.join(cameras) or 'none'})",
+            {"field": "camera", "choices": cameras},
+        )
+
+
 async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs) -> Job:
+    try:
+        info = await _catalogue(ctx, inputs)
+    except InvalidScene:
+        # bpy cannot open it: the job fails on the farm with the same message, so a
+        # scene that only the farm's Blender refuses is reported where jobs report.
+        info = None
+    if info is not None:
+        _check_names(spec, info)
     job_id = uuid.uuid4().hex[:16]
     grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
     nx, ny = grid or (1, 1)
@@ -378,6 +428,39 @@ def _put_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
         src.seek(0)
         storage.put_stream(key, src)
     return digest, size
+
+
+scenes = APIRouter(prefix="/scenes", tags=["scenes"])
+
+
+@scenes.post("", status_code=201)
+async def inspect_scene(request: Request, ctx: Ctx) -> dict[str, Any]:
+    """Catalogue a scene folder (JSON ``{"main", "files"}`` of uploaded blobs, as for a
+    job): Blender version, scenes with cameras, frame ranges, resolution, engine,
+    samples, view layers and passes, and its files. Made once per folder, with bpy and
+    scripts off; its ``id`` is the folder's digest."""
+    body = await _read_limited(request, MAX_MANIFEST_BYTES, "scene description")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict) or set(data) != {"main", "files"}:
+        raise InvalidRequest("the body must be a JSON object with exactly main and files")
+    inputs = _check_listing(ctx, data["main"], data["files"])
+    await asyncio.to_thread(_check_stored, ctx, inputs)
+    info = await _catalogue(ctx, inputs)
+    if info is None:
+        raise FarmUnavailable("this service has no render actor to inspect scenes with")
+    return info
+
+
+@scenes.get("/{scene_id}")
+async def get_scene(scene_id: str, ctx: Ctx) -> dict[str, Any]:
+    """A catalogued scene, by id."""
+    info = await ctx.store.scene_info(scene_id) if _SHA256.match(scene_id) else None
+    if info is None:
+        raise SceneNotFound(f"no catalogued scene {scene_id}", {"scene_id": scene_id})
+    return info
 
 
 blobs = APIRouter(prefix="/blobs", tags=["blobs"])
@@ -626,6 +709,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     app.state.ctx = ctx
     app.include_router(jobs)
     app.include_router(blobs)
+    app.include_router(scenes)
 
     @app.get("/healthz", tags=["farm"])
     async def healthz(ctx: Ctx) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class Dispatcher:
         self.slots: list[Slot] = []
         self.runs: dict[str, Run] = {}
         self.assembler: Any = None
+        self.inspector: Any = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.Task[None] | None = None
 
@@ -80,6 +81,18 @@ class Dispatcher:
         self._ensure_running()
         assert self._wake is not None
         self._wake.set()
+
+    async def inspect(self, inputs: Inputs) -> dict[str, Any]:
+        """Catalogue an uploaded scene with bpy, in a RenderActor kept for this (it
+        reserves no CPU and never renders, so an inspection never waits behind frames)."""
+        if self.inspector is None:
+            from rayfarm.render.actor import SceneInspector
+
+            self.inspector = (
+                ray.remote(SceneInspector).options(num_cpus=0, max_restarts=-1).remote(threads=1)
+            )
+        result: dict[str, Any] = await self.inspector.catalogue.remote(inputs)
+        return result
 
     async def stats(self) -> dict[str, Any]:
         self._ensure_running()

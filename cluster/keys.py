@@ -39,6 +39,11 @@ def events(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:events"
 
 
+def scene(scene_id: str) -> str:
+    """The catalogue entry of an uploaded scene (JSON), by its folder digest."""
+    return f"{PREFIX}scene:{scene_id}"
+
+
 def all_jobs() -> str:
     return f"{PREFIX}jobs"
 

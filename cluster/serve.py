@@ -37,6 +37,23 @@ class _Notifier:
             raise
 
 
+class _Inspector:
+    """Asks the dispatcher's inspector actor to catalogue a scene folder."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    async def __call__(self, inputs: Any) -> dict[str, Any]:
+        if self._handle is None:
+            self._handle = get_dispatcher()
+        try:
+            result: dict[str, Any] = await self._handle.inspect.remote(inputs)
+            return result
+        except ray.exceptions.RayActorError:
+            self._handle = None
+            raise
+
+
 #: Serve logs every request at INFO by default; on a render node that costs CPU the
 #: renders need (clients long-poll the status), so only warnings are logged.
 LOGGING = {"log_level": "WARNING", "enable_access_log": False}
@@ -53,6 +70,7 @@ class RayfarmAPI:
     def __init__(self, settings: dict[str, Any]) -> None:
         ctx = AppContext(Settings.from_dict(settings))
         ctx.notify = _Notifier()
+        ctx.inspect = _Inspector()
         set_process_context(ctx)
 
 

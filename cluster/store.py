@@ -182,6 +182,13 @@ class JobStore:
                 return
             start += batch
 
+    async def scene_info(self, scene_id: str) -> dict[str, Any] | None:
+        text = await self.redis.get(keys.scene(scene_id))
+        return None if text is None else dict(json.loads(text))
+
+    async def set_scene_info(self, scene_id: str, info: dict[str, Any]) -> None:
+        await self.redis.set(keys.scene(scene_id), json.dumps(info))
+
     async def inputs(self, job_id: str) -> str:
         """The job's input folder listing (``Inputs.to_json``)."""
         text = await self.redis.hget(keys.job(job_id), "inputs")

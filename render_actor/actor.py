@@ -45,7 +45,7 @@ from rayfarm.render.inputs import Inputs, materialize
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split
 
-__all__ = ["RenderActor"]
+__all__ = ["RenderActor", "SceneInspector"]
 
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
 _COMP_SCENE = "rayfarm_assemble"
@@ -155,6 +155,28 @@ class RenderActor:
             "samples": samples,
             "tile_cost_s": tile_cost,
             "frame_s": per_pixel * width * height + tile_cost,
+        }
+
+    def catalogue(self, inputs: Inputs) -> dict[str, Any]:
+        """What the farm keeps about an uploaded scene (opened with scripts off): the
+        Blender that saved it, each scene's cameras, frame range, resolution, engine,
+        samples, view layers and passes, and the folder's files (with hashes) and any
+        the scene names that are not among them."""
+        task = RenderTask(
+            job_id="catalogue", scene_hash=inputs.digest, frame=1, tile=0, tiles=(1, 1),
+            scene=None, camera=None, samples=None, resolution_percentage=None, format="png",
+            color_depth=8, allow_missing=True,
+        )  # fmt: skip
+        self._ensure_scene(task, inputs)
+        bpy = self.bpy
+        return {
+            "id": inputs.digest,
+            "main": inputs.main,
+            "saved_by": ".".join(map(str, bpy.data.version)),
+            "active_scene": bpy.context.scene.name,
+            "scenes": [_describe(scene) for scene in bpy.data.scenes],
+            "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in inputs.files],
+            "missing": missing_files(bpy),
         }
 
     # -- tasks -----------------------------------------------------------------------------
@@ -529,3 +551,42 @@ def _exr_attributes(scene: Any, task: RenderTask) -> dict[str, str]:
 def _centred(width: int, height: int, w: int, h: int) -> TileRect:
     x0, y0 = (width - w) // 2, (height - h) // 2
     return TileRect(0, x0, x0 + w, y0, y0 + h)
+
+
+class SceneInspector(RenderActor):
+    """A RenderActor that only catalogues scenes (``catalogue``): one per farm, reserving
+    no CPU, so an inspection never waits behind a render. A class of its own so that
+    process lists and Ray's dashboard tell it from the render pool."""
+
+
+def _describe(scene: Any) -> dict[str, Any]:
+    r = scene.render
+    cycles = scene.cycles if r.engine == "CYCLES" else None
+    return {
+        "name": scene.name,
+        "camera": scene.camera.name if scene.camera else None,
+        "cameras": sorted(o.name for o in scene.objects if o.type == "CAMERA"),
+        "frame_start": scene.frame_start,
+        "frame_end": scene.frame_end,
+        "frame_step": scene.frame_step,
+        "fps": r.fps / r.fps_base,
+        "resolution": [r.resolution_x, r.resolution_y, r.resolution_percentage],
+        "engine": r.engine,
+        "samples": cycles.samples if cycles else None,
+        "denoise": bool(cycles and cycles.use_denoising),
+        "compositing": bool(r.use_compositing and scene.compositing_node_group),
+        "view_layers": [
+            {
+                "name": layer.name,
+                "use": layer.use,
+                "passes": sorted(
+                    name.removeprefix("use_pass_")
+                    for holder in (layer, getattr(layer, "cycles", None))
+                    if holder is not None
+                    for name in dir(holder)
+                    if name.startswith("use_pass_") and getattr(holder, name) is True
+                ),
+            }
+            for layer in scene.view_layers
+        ],
+    }

@@ -7,6 +7,7 @@ Exit codes: 0 ok; 1 the job failed or was cancelled; 2 usage or bad input
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -77,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--json", action="store_true")
 
+    i = sub.add_parser("inspect", help="what the farm finds in a scene (uploads it)")
+    i.add_argument("scene", help="the .blend file")
+    i.add_argument("--project", help="the folder whose layout the farm reproduces")
+    i.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+
     d = sub.add_parser("download", help="download a job's frames")
     d.add_argument("job_id")
     d.add_argument("directory")
@@ -144,6 +150,25 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         for job in farm.jobs(state=args.state, limit=args.limit):
             _print(job, args.json)
+        return EXIT_OK
+    if args.command == "inspect":
+        info = farm.inspect(args.scene, project=args.project)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return EXIT_OK
+        print(f"scene {info['id']}  saved by Blender {info['saved_by']}  ({info['main']})")
+        for sc in info["scenes"]:
+            x, y, pct = sc["resolution"]
+            mark = "*" if sc["name"] == info["active_scene"] else " "
+            print(
+                f"{mark} {sc['name']}: {sc['engine']}, {x}x{y} at {pct}%, frames "
+                f"{sc['frame_start']}-{sc['frame_end']}, samples {sc['samples']}, camera "
+                f"{sc['camera']} (cameras: {', '.join(sc['cameras']) or 'none'}), view layers: "
+                f"{', '.join(v['name'] for v in sc['view_layers'])}"
+            )
+        print(f"{len(info['files'])} file(s)")
+        for path in info["missing"]:
+            print(f"missing: {path}")
         return EXIT_OK
     if args.command == "download":
         job = farm.job(args.job_id)

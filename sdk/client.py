@@ -111,6 +111,26 @@ class Farm:
             with self._request("POST", "/jobs", json=body) as r:
                 return self._bind(Job.model_validate(r.json()))
 
+    def inspect(
+        self, path: str | os.PathLike[str], project: str | os.PathLike[str] | None = None
+    ) -> dict[str, Any]:
+        """The farm's catalogue of a scene: packs and uploads it as ``submit`` does (only
+        what the farm lacks), and returns what the farm found opening it with bpy:
+        ``saved_by``, ``active_scene``, ``scenes`` (cameras, frame range, resolution,
+        engine, samples, view layers and passes), ``files`` and ``missing``. Its ``id``
+        serves ``GET /scenes/{id}``."""
+        with pack_scene(path, project, allow_missing=True) as packed:
+            self.last_upload = self._upload(packed)
+            body = {
+                "main": packed.main,
+                "files": [
+                    {"path": f.path, "sha256": f.sha256, "size": f.size} for f in packed.files
+                ],
+            }
+            with self._request("POST", "/scenes", json=body) as r:
+                info: dict[str, Any] = r.json()
+                return info
+
     def _upload(self, packed: Pack) -> UploadReport:
         """Send the blobs the farm lacks, each streamed from disk."""
         unique = {f.sha256: f for f in packed.files}

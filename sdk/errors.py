@@ -13,7 +13,8 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     ├── PayloadTooLarge       413  upload over the server's size limit
     ├── NotFound              404
     │   ├── JobNotFound
-    │   └── FrameNotFound
+    │   ├── FrameNotFound
+    │   └── SceneNotFound
     ├── InvalidTransition     409  a state change the job model refuses
     ├── RenderError           ---  a task failed on a render actor
     │   └── SceneOpenError    ---  bpy could not open the scene
@@ -41,6 +42,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RenderError",
+    "SceneNotFound",
     "SceneOpenError",
     "SceneTooNew",
     "ServerError",
@@ -112,6 +114,10 @@ class JobNotFound(NotFound):
 
 class FrameNotFound(NotFound):
     code = "frame_not_found"
+
+
+class SceneNotFound(NotFound):
+    code = "scene_not_found"
 
 
 class InvalidTransition(FarmError):

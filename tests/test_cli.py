@@ -40,10 +40,11 @@ def test_submit_wait_json_status_list_download(local_farm, small_scene, tmp_path
 
 
 def test_failed_job_exits_1(local_farm, small_scene):
-    r = cli("submit", str(small_scene), "--frames", "1", "--camera", "Nope", "--wait",
-            url=local_farm.url)  # fmt: skip
+    # A 6x4 frame (10 %) cannot be split into 16x16 tiles: the farm fails the job.
+    r = cli("submit", str(small_scene), "--frames", "1", "--resolution", "10", "--tiles",
+            "16x16", "--wait", url=local_farm.url)  # fmt: skip
     assert r.returncode == 1
-    assert "FAILED" in r.stdout and "no camera 'Nope'" in r.stdout
+    assert "FAILED" in r.stdout and "cannot be split into 16x16 tiles" in r.stdout
     job_id = r.stdout.split()[0]
     r = cli("status", job_id, url=local_farm.url)
     assert r.returncode == 1 and "FAILED" in r.stdout
@@ -66,6 +67,7 @@ def test_cancel_and_refused_retry(local_farm, small_scene):
         (("submit", "{scene}", "--frames", "5-1"), "backwards"),
         (("submit", "{scene}", "--frames", "1", "--tiles", "2by2"), "tiles"),
         (("submit", "{scene}", "--frames", "1", "--denoise", "yes"), "unrecognized arguments"),
+        (("submit", "{scene}", "--frames", "1", "--camera", "Nope"), "no camera 'Nope'"),
         (("submit", "{not_blend}", "--frames", "1"), "not a .blend"),
         (("submit", "{scene}"), "--frames"),
         (("frobnicate",), "invalid choice"),
@@ -94,3 +96,11 @@ def test_up_on_a_taken_port_exits_2_before_starting_anything(tmp_path):
     assert r.returncode == 2
     assert f"cannot serve on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
     assert not (tmp_path / "farm" / "redis").exists()
+
+
+def test_inspect_prints_the_catalogue(local_farm, small_scene):
+    r = cli("inspect", str(small_scene), url=local_farm.url)
+    assert r.returncode == 0, r.stderr
+    assert "* Shot: CYCLES, 64x48 at 100%, frames 1-8, samples 4, camera MainCam" in r.stdout
+    r = cli("inspect", str(small_scene), "--json", url=local_farm.url)
+    assert r.returncode == 0 and json.loads(r.stdout)["scenes"][0]["cameras"] == ["MainCam"]

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from rayfarm import Farm, InvalidScene, InvalidTransition, JobState
+from rayfarm import Farm, InvalidScene, InvalidSpec, InvalidTransition, JobState
 
 from conftest import PYTHON, farm_processes, pixels, render_reference
 
@@ -132,11 +132,30 @@ def test_scene_bpy_cannot_open_fails_the_job(farm, local_farm, small_scene, tmp_
     assert status.frames_done == 0
 
 
-def test_missing_camera_fails_naming_the_choices(farm, small_scene):
-    job = farm.submit(small_scene, frames="1", camera="NoSuchCam")
-    status = job.wait(timeout=WAIT_S)
-    assert status.state is JobState.FAILED
-    assert "no camera 'NoSuchCam'" in status.error and "MainCam" in status.error
+def test_a_camera_or_scene_the_file_lacks_is_refused_before_queueing(farm, small_scene):
+    before = len(farm.jobs(limit=500))
+    with pytest.raises(InvalidSpec) as err:
+        farm.submit(small_scene, frames="1", camera="NoSuchCam")
+    assert "no camera 'NoSuchCam'" in str(err.value) and "MainCam" in str(err.value)
+    assert err.value.detail["choices"] == ["MainCam"]
+    with pytest.raises(InvalidSpec, match=r"no scene 'Nope' \(it has: Shot\)"):
+        farm.submit(small_scene, frames="1", scene="Nope")
+    assert len(farm.jobs(limit=500)) == before
+
+
+def test_the_catalogue_describes_an_uploaded_scene(farm, local_farm, small_scene):
+    info = farm.inspect(small_scene)
+    (shot,) = info["scenes"]
+    assert (info["active_scene"], shot["name"], shot["camera"]) == ("Shot", "Shot", "MainCam")
+    assert shot["resolution"] == [64, 48, 100] and shot["samples"] == 4
+    assert (shot["frame_start"], shot["frame_end"], shot["engine"]) == (1, 8, "CYCLES")
+    assert [v["name"] for v in shot["view_layers"]] == ["ViewLayer"]
+    assert "combined" in shot["view_layers"][0]["passes"]
+    assert info["saved_by"].startswith("5.0") and info["missing"] == []
+    assert [f["path"] for f in info["files"]] == [small_scene.name]
+    assert httpx.get(f"{local_farm.url}/scenes/{info['id']}").json() == info
+    r = httpx.get(f"{local_farm.url}/scenes/{'0' * 64}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "scene_not_found"
 
 
 def _wait_for(predicate, timeout_s=WAIT_S):
