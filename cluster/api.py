@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
 from rayfarm.blendfile import BlendHeader, check_blend, check_version
+from rayfarm.cluster import storage as layout
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
@@ -636,6 +637,42 @@ async def get_frame(job_id: JobId, frame: int, ctx: Ctx, request: Request) -> Re
         media_type=media,
         headers=headers,
     )
+
+
+@jobs.get(
+    "/{job_id}/frames/{frame}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+async def get_thumbnail(job_id: JobId, frame: int, ctx: Ctx) -> Response:
+    """A PNG preview of a stored frame (at most 512 pixels on its longer side; EXR frames
+    through the scene's view transform), made when the frame landed."""
+    await ctx.store.status(job_id)  # 404 for an unknown job
+    key = layout.thumbnail_key(job_id, frame)
+    try:
+        data = await asyncio.to_thread(ctx.storage.read_bytes, key)
+    except FileNotFoundError:
+        raise FrameNotFound(
+            f"job {job_id} has no preview of frame {frame}", {"job_id": job_id, "frame": frame}
+        ) from None
+    return Response(data, media_type="image/png")
+
+
+@jobs.get("/{job_id}/outputs")
+async def list_outputs(job_id: JobId, ctx: Ctx, request: Request) -> dict[str, Any]:
+    """What the job's post-processing made (video, ...), with sizes and URLs; frame
+    previews are under ``frames/{n}/thumbnail`` instead."""
+    await ctx.store.status(job_id)
+    prefix = layout.outputs_prefix(job_id)
+    found = await asyncio.to_thread(ctx.storage.list, prefix)
+    base = str(request.base_url).rstrip("/")
+    outputs = []
+    for key, size in found:
+        name = key.removeprefix(prefix + "/")
+        if name.startswith("thumbnails/"):
+            continue
+        outputs.append({"name": name, "size": size, "url": f"{base}/jobs/{job_id}/outputs/{name}"})
+    return {"outputs": outputs}
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -380,6 +380,9 @@ class Dispatcher:
         self, run: Run, task: RenderTask, image: bytes, meta: TaskResult, slot: Slot
     ) -> None:
         key = layout.frame_key(run.id, task.frame, run.job.spec.extension)
+        if meta.preview:
+            thumb = layout.thumbnail_key(run.id, task.frame)
+            await asyncio.to_thread(self.storage.put_bytes, thumb, meta.preview)
         await asyncio.to_thread(self.storage.put_bytes, key, image)
         if not task.is_tiled:
             await self._task_done(run, task, meta, slot)

@@ -5,6 +5,8 @@ Layout under the root URL::
     blobs/sha256/ab/ab12...        (job inputs, by content: scenes, textures, caches;
                                     shared by every job that uses them)
     jobs/{id}/frames/0001.png
+    jobs/{id}/outputs/thumbnails/0001.png   (a preview of each frame, when it lands)
+    jobs/{id}/outputs/...          (post-processing results)
     jobs/{id}/manifest.json        (written last)
 
 Writes are whole or nothing: on a local filesystem the data goes to a
@@ -23,7 +25,15 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["Storage", "frame_key", "input_key", "job_prefix", "manifest_key"]
+__all__ = [
+    "Storage",
+    "frame_key",
+    "input_key",
+    "job_prefix",
+    "manifest_key",
+    "outputs_prefix",
+    "thumbnail_key",
+]
 
 CHUNK_BYTES = 1 << 20
 
@@ -38,6 +48,14 @@ def input_key(job_id: str, filename: str) -> str:
 
 def frame_key(job_id: str, frame: int, extension: str) -> str:
     return f"jobs/{job_id}/frames/{frame:04d}.{extension}"
+
+
+def thumbnail_key(job_id: str, frame: int) -> str:
+    return f"jobs/{job_id}/outputs/thumbnails/{frame:04d}.png"
+
+
+def outputs_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/outputs"
 
 
 def manifest_key(job_id: str) -> str:
@@ -121,6 +139,20 @@ class Storage:
 
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self.path(key)))
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under ``prefix``, sorted; none if it is absent."""
+        target = self.path(prefix)
+        try:
+            found = self.fs.find(target, detail=True)
+        except FileNotFoundError:
+            return []
+        base = self.base + "/"
+        return sorted(
+            (str(name).removeprefix(base), int(info.get("size", 0)))
+            for name, info in found.items()
+            if info.get("type") == "file" and not os.path.basename(str(name)).startswith(".")
+        )
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.path(prefix)

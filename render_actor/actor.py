@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from rayfarm.errors import RenderError, SceneOpenError
 from rayfarm.render.blender import (
     assign,
@@ -62,6 +64,8 @@ _RENDER_FLAGS = {
 }
 #: How much of Blender's output per render is kept.
 LOG_TAIL_BYTES = 16 * 1024
+#: Longer side of a frame's preview (thumbnail), in pixels.
+PREVIEW_PIXELS = 512
 #: Input folders an actor keeps on local disk for reopening without a fetch.
 SCENE_CACHE_FILES = 8
 
@@ -193,8 +197,11 @@ class RenderActor:
         self._ensure_scene(task, inputs)
         scene = self._prepare(task)
         if not task.is_tiled:
-            image = take(self._write(scene, task.format, task.color_depth, self._path(task)))
-            return TaskResult(task.frame, 0, self.device, time.perf_counter() - started), image
+            path = self._write(scene, task.format, task.color_depth, self._path(task))
+            preview = self._preview(scene, path, task)
+            image = take(path)
+            seconds = time.perf_counter() - started
+            return TaskResult(task.frame, 0, self.device, seconds, preview=preview), image
         size = pixel_size(scene)
         try:
             rect = split(*size, *task.tiles)[task.tile]
@@ -222,7 +229,7 @@ class RenderActor:
         parts = self._denoise(scene, task, dict(parts))
         composites = scene.render.use_compositing and scene.compositing_node_group is not None
         if task.format == "png":
-            image = take(self._composite(scene, task, parts, "png", task.color_depth))
+            path = self._composite(scene, task, parts, "png", task.color_depth)
         else:
             out: dict[str, Part] = {}
             if composites:
@@ -235,8 +242,10 @@ class RenderActor:
             out.update(parts)
             path = self._path(task, ext="exr")
             write_parts(path, out, task.color_depth, _exr_attributes(scene, task))
-            image = take(path)
-        return TaskResult(task.frame, -1, self.device, time.perf_counter() - started), image
+        preview = self._preview(scene, path, task)
+        image = take(path)
+        seconds = time.perf_counter() - started
+        return TaskResult(task.frame, -1, self.device, seconds, preview=preview), image
 
     # -- scene handling ----------------------------------------------------------------------
 
@@ -392,6 +401,39 @@ class RenderActor:
                     f"{part.pixels.shape[0]} pixels, expected {rect.width}x{rect.height}"
                 )
         return parts
+
+    def _preview(self, scene: Any, path: str, task: RenderTask) -> bytes:
+        """A PNG of the finished frame at ``path``, at most PREVIEW_PIXELS on its longer
+        side: a PNG frame scaled down; an EXR frame's first part (the composite, else
+        the combined pass) through the scene's view transform, as Blender shows it."""
+        bpy = self.bpy
+        if task.format == "png":
+            image = bpy.data.images.load(path)
+        else:
+            first = next(iter(read_parts(path).values())).pixels
+            h, w, nch = first.shape
+            rgba = np.ones((h, w, 4), dtype=np.float32)
+            rgba[..., : min(nch, 4)] = first[..., :4]
+            image = bpy.data.images.new("rayfarm_preview", w, h, alpha=True, float_buffer=True)
+            image.pixels.foreach_set(np.ascontiguousarray(rgba[::-1]).ravel())  # rows bottom-up
+        out = self._path(task, "_preview", "png")
+        try:
+            w, h = image.size
+            scale = min(1.0, PREVIEW_PIXELS / max(w, h, 1))
+            if scale < 1.0:
+                image.scale(max(1, round(w * scale)), max(1, round(h * scale)))
+            if task.format == "png":
+                image.filepath_raw = out
+                image.file_format = "PNG"
+                image.save()
+            else:
+                settings = scene.render.image_settings
+                set_format(settings, "png", 8)
+                assign(settings, "color_mode", "RGBA")
+                image.save_render(out, scene=scene)
+            return take(out)
+        finally:
+            bpy.data.images.remove(image)
 
     def _render(self, scene: Any) -> None:
         """Render and write ``scene``, with Blender's own output captured to this actor's

@@ -63,3 +63,4 @@ class TaskResult:
     seconds: float
     rect: TileRect | None = None
     size: tuple[int, int] | None = None  # a tile's frame, width x height in pixels
+    preview: bytes | None = None  # a finished frame's PNG thumbnail

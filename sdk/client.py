@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -21,7 +22,13 @@ from typing import Any
 
 import httpx
 
-from rayfarm.errors import FarmError, FarmUnavailable, ServerError, error_from_body
+from rayfarm.errors import (
+    FarmError,
+    FarmUnavailable,
+    InvalidRequest,
+    ServerError,
+    error_from_body,
+)
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 from rayfarm.pack import Pack, pack_scene
 
@@ -217,6 +224,26 @@ class Farm:
                 status = job.status()
             else:
                 status = job.status(after=status.event, wait_s=wait_s)
+
+    def _show(self, job: Job, frame: int) -> Any:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise InvalidRequest("Job.show needs Pillow: pip install pillow") from None
+        url = f"/jobs/{job.id}/frames/{frame}"
+        if job.spec.format != "png":
+            url += "/thumbnail"
+        with self._request("GET", url) as r:
+            image = Image.open(io.BytesIO(r.content))
+            image.load()
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            return image
+        if get_ipython() is not None:
+            display(image)
+        return image
 
     def _download(self, job: Job, directory: str | os.PathLike[str]) -> list[Path]:
         """Fetch every stored frame into ``directory``; see ``Job.download``."""

@@ -330,6 +330,15 @@ class Job(BaseModel):
         """The frames stored so far, with their URLs."""
         return self._bound()._get_frames(self.id)
 
+    def show(self, frame: int) -> Any:
+        """Frame ``frame`` as a PIL image, displayed inline when called in a notebook.
+
+        A PNG frame is shown whole; an EXR frame (scene-linear, many passes) as its
+        preview, through the scene's view transform. Needs Pillow (``pip install
+        pillow``).
+        """
+        return self._bound()._show(self, frame)
+
     def download(self, directory: str | Path) -> list[Path]:
         """Download every stored frame into ``directory``; return the file paths.
 

@@ -335,3 +335,24 @@ def test_download_verifies_skips_and_resumes(farm, local_farm, small_scene, tmp_
     assert r.status_code == 206 and r.content == data[0][-5:]
     r = httpx.get(url, headers={"Range": f"bytes={len(data[0])}-"})
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(data[0])}"
+
+
+def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, small_scene, tmp_path):
+    png = _completed(farm.submit(small_scene, frames="3"))
+    exr = _completed(farm.submit(small_scene, frames="3", tiles="2x2", format="exr"))
+    (frame,) = png.download(tmp_path / "png")
+    thumb = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/3/thumbnail")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    (tmp_path / "thumb.png").write_bytes(thumb.content)
+    # A 64x48 frame is under the preview size: its preview is the frame itself.
+    assert np.array_equal(pixels(tmp_path / "thumb.png"), pixels(frame))
+    # An EXR frame's preview goes through the scene's view transform, as the PNG does
+    # (only the PNG's dither noise differs).
+    shown = exr.show(3)
+    assert shown.size == (64, 48)
+    diff = np.abs(np.asarray(shown.convert("RGBA"), dtype=int) - pixels(frame).astype(int))
+    assert diff.mean() < 1.5 and diff.max() <= 8, (diff.mean(), diff.max())
+    assert png.show(3).size == (64, 48)
+    r = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/99/thumbnail")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "frame_not_found"
+    assert httpx.get(f"{local_farm.url}/jobs/{png.id}/outputs").json() == {"outputs": []}
