@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import tempfile
 import uuid
@@ -40,6 +41,7 @@ from rayfarm.errors import (
     InvalidScene,
     InvalidSpec,
     JobNotFound,
+    NotFound,
     PayloadTooLarge,
     SceneNotFound,
 )
@@ -673,6 +675,25 @@ async def list_outputs(job_id: JobId, ctx: Ctx, request: Request) -> dict[str, A
             continue
         outputs.append({"name": name, "size": size, "url": f"{base}/jobs/{job_id}/outputs/{name}"})
     return {"outputs": outputs}
+
+
+_OUTPUT_MEDIA = {".mp4": "video/mp4", ".png": "image/png", ".json": "application/json"}
+
+
+@jobs.get("/{job_id}/outputs/{name:path}", response_class=StreamingResponse)
+async def get_output(job_id: JobId, name: str, ctx: Ctx) -> StreamingResponse:
+    """One post-processing output's bytes (``video.mp4``, ...), streamed."""
+    await ctx.store.status(job_id)
+    check_path(name)
+    key = f"{layout.outputs_prefix(job_id)}/{name}"
+    try:
+        size = await asyncio.to_thread(ctx.storage.size, key)
+    except FileNotFoundError:
+        raise NotFound(f"job {job_id} has no output {name!r}", {"name": name}) from None
+    media = _OUTPUT_MEDIA.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
+    return StreamingResponse(
+        ctx.storage.iter_bytes(key), media_type=media, headers={"Content-Length": str(size)}
+    )
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -33,6 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
+from rayfarm.cluster.post import encode_video
 from rayfarm.cluster.runs import Run, Slot, expand
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.storage import Storage
@@ -395,8 +396,27 @@ class Dispatcher:
             await self._complete(run)
 
     async def _complete(self, run: Run) -> None:
+        """Every frame is stored: post-process (video), write the manifest, COMPLETED.
+        A post-processing failure fails the job with its message; the frames stay."""
         frames = await self.store.frames_done(run.id)
         meta = await self.store.frame_meta(run.id)
+        outputs: dict[str, str] = {}
+        video = run.job.spec.post.video if run.job.spec.post else None
+        if video is not None and not run.stopped:
+            await self.store.event(run.id, "post", step="video", frames=len(frames))
+            try:
+                key, count, seconds = await asyncio.to_thread(
+                    encode_video, self.storage, run.id, frames, video
+                )
+            except Exception as exc:
+                log.warning("job %s: video encoding failed: %s", run.id, exc)
+                self._stop(run)
+                await self._fail(run.id, f"video encoding failed (frames kept): {exc}")
+                return
+            outputs["video"] = key
+            await self.store.event(
+                run.id, "output", name="video", key=key, frames=count, seconds=f"{seconds:.2f}"
+            )
         manifest = {
             "job": run.id,
             "spec": run.job.spec.model_dump(mode="json"),
@@ -404,6 +424,7 @@ class Dispatcher:
             "files": {
                 frames[k]: meta.get(k, {}) for k in sorted(frames)
             },  # key -> {"sha256", "size"}
+            "outputs": outputs,
             "completed_at": now_iso(),
         }
         await asyncio.to_thread(

@@ -38,6 +38,8 @@ __all__ = [
     "JobSpec",
     "JobState",
     "JobStatus",
+    "PostSpec",
+    "VideoSpec",
     "check_transition",
     "grid_of",
     "parse_spec",
@@ -96,6 +98,33 @@ def grid_of(tiles: str) -> tuple[int, int]:
     return (int(nx), int(ny))
 
 
+class VideoSpec(BaseModel):
+    """Encode the finished frames to an MP4 (``outputs/video.mp4``) with FFmpeg."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fps: float = Field(24, gt=0, le=240, description="Frames per second of the video.")
+    codec: Literal["h264", "h265", "av1"] = Field("h264", description="Video codec.")
+    trim: tuple[int, int] | None = Field(
+        None, description="[first, last] frame numbers to include (both included)."
+    )
+
+    @field_validator("trim")
+    @classmethod
+    def _trim(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"trim [{v[0]}, {v[1]}] ends before it starts")
+        return v
+
+
+class PostSpec(BaseModel):
+    """What happens after the last frame is stored, as the job's final step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    video: VideoSpec | None = None
+
+
 class JobSpec(BaseModel):
     """What to render. Unknown fields are refused.
 
@@ -134,6 +163,11 @@ class JobSpec(BaseModel):
         "and fails on the farm naming the files.",
     )
     priority: int = Field(50, ge=0, le=100, description="Higher renders first.")
+    post: PostSpec | None = Field(
+        None,
+        description="Post-processing once every frame is stored, e.g. "
+        "{'video': {'fps': 24, 'codec': 'h264', 'trim': [1, 100]}}.",
+    )
     max_retries: int = Field(2, ge=0, le=10, description="Retries per task before the job fails.")
 
     @field_validator("frames", mode="before")
@@ -175,6 +209,19 @@ class JobSpec(BaseModel):
         if not (1 <= nx <= MAX_TILES_PER_AXIS and 1 <= ny <= MAX_TILES_PER_AXIS):
             raise ValueError(f"tiles per axis must be 1 to {MAX_TILES_PER_AXIS}")
         return 1 if (nx, ny) == (1, 1) else f"{nx}x{ny}"
+
+    @model_validator(mode="after")
+    def _video(self) -> JobSpec:
+        video = self.post.video if self.post else None
+        if video is None:
+            return self
+        if self.format != "png":
+            raise ValueError("post.video is encoded from PNG frames: use format 'png'")
+        if video.trim is not None:
+            first, last = video.trim
+            if not any(first <= f <= last for f in parse_frames(self.frames)):
+                raise ValueError(f"post.video.trim [{first}, {last}] holds none of the frames")
+        return self
 
     @model_validator(mode="after")
     def _depth(self) -> JobSpec:
