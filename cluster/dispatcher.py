@@ -351,6 +351,7 @@ class Dispatcher:
                 await self._task_failed(slot, run, task, exc, whole_frame=True)
                 return
             del payload_ref  # the assembler has copied the tile: let the object store free it
+            run.render_s[task.frame] = run.render_s.get(task.frame, 0.0) + meta.seconds
             await self._task_done(run, task, meta, slot)
             if have < nx * ny or run.stopped:
                 return
@@ -388,7 +389,12 @@ class Dispatcher:
         if not task.is_tiled:
             await self._task_done(run, task, meta, slot)
         digest = hashlib.sha256(image).hexdigest()
-        stored = await self.store.mark_frame_done(run.id, task.frame, key, digest, len(image))
+        # Render seconds of the frame: its task, or its tiles and the finish step.
+        seconds = run.render_s.pop(task.frame, 0.0) + meta.seconds
+        stored = await self.store.mark_frame_done(
+            run.id, task.frame, key, digest, len(image),
+            render_s=round(seconds, 3), device=meta.device,
+        )  # fmt: skip
         # A tiled frame's finish (denoise, compositor, format) is timed on its own.
         timing = {"finish_s": f"{meta.seconds:.3f}"} if task.is_tiled else {}
         await self.store.event(run.id, "frame", frame=task.frame, **timing)
@@ -423,7 +429,7 @@ class Dispatcher:
             "frames": {str(k): frames[k] for k in sorted(frames)},
             "files": {
                 frames[k]: meta.get(k, {}) for k in sorted(frames)
-            },  # key -> {"sha256", "size"}
+            },  # key -> {"sha256", "size", "render_s", "device"}
             "outputs": outputs,
             "completed_at": now_iso(),
         }

@@ -40,6 +40,7 @@ class Run:
     probing: bool = False  # an actor is inspecting the scene to decide 'auto'
     pending: deque[RenderTask] = field(default_factory=deque)
     failed_on: dict[str, set[int]] = field(default_factory=dict)  # task key -> slot indexes
+    render_s: dict[int, float] = field(default_factory=dict)  # frame -> its tiles' seconds
     device_reported: bool = False
     stopped: bool = False
 

@@ -275,10 +275,17 @@ class JobStore:
             await pipe.execute()
 
     async def mark_frame_done(
-        self, job_id: str, frame: int, object_key: str, sha256: str = "", size: int = -1
+        self,
+        job_id: str,
+        frame: int,
+        object_key: str,
+        sha256: str = "",
+        size: int = -1,
+        **stats: Any,
     ) -> int:
-        """Record a stored frame (with its hash and size); return how many are stored."""
-        meta = json.dumps({"sha256": sha256, "size": size})
+        """Record a stored frame (with its hash, size and render ``stats``); return how
+        many are stored."""
+        meta = json.dumps({"sha256": sha256, "size": size, **stats})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.frames(job_id), str(frame), object_key)
             pipe.hset(keys.frame_meta(job_id), str(frame), meta)

@@ -8,7 +8,8 @@
 ``textures/checker.png`` (a relative ``//textures/...`` path); ``--abs-texture PATH``
 gives the cube one saved at PATH, referenced by its absolute path; ``--texture-dir
 DIR`` puts every PNG in DIR on a small plane of its own (relative paths: DIR should
-be beside the scene). ``--denoise``
+be beside the scene); ``--library PATH`` saves a prop (a torus with its own
+material) to the .blend at PATH and links it into the scene. ``--denoise``
 turns Cycles' denoiser (OpenImageDenoise) on. ``--glare`` adds a bright emissive
 lamp and a compositor whose Glare (bloom) node spreads it over neighbouring
 pixels. ``--passes`` enables extra passes (depth, normal, diffuse colour) and the
@@ -65,6 +66,17 @@ def _textured(bpy, material, file: Path, filepath: str) -> None:
     )
 
 
+def _make_library(bpy, path: Path) -> None:
+    """A .blend holding one object, "Prop": a torus with a material of its own."""
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.ops.mesh.primitive_torus_add(location=(-0.2, -1.2, -0.4), major_radius=0.5)
+    prop = bpy.context.object
+    prop.name = "Prop"
+    prop.data.materials.append(_material(bpy, "PropPaint", (0.9, 0.85, 0.2)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(path))
+
+
 def build(
     path: str | Path,
     width: int = 320,
@@ -81,8 +93,12 @@ def build(
     texture: bool = False,
     abs_texture: str | None = None,
     texture_dir: str | None = None,
+    library: str | None = None,
 ) -> Path:
     import bpy
+
+    if library:
+        _make_library(bpy, Path(library))
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.context.preferences.filepaths.save_version = 0  # no shot.blend1 backups on re-runs
@@ -173,6 +189,12 @@ def build(
         rel = os.path.relpath(png.resolve(), Path(path).resolve().parent)
         _textured(bpy, card, png, "//" + Path(rel).as_posix())
 
+    if library:
+        with bpy.data.libraries.load(str(Path(library).resolve()), link=True) as (_, linked):
+            linked.objects = ["Prop"]
+        for obj in linked.objects:
+            scene.collection.objects.link(obj)
+
     if glare:
         bpy.ops.mesh.primitive_uv_sphere_add(radius=0.25, location=(0.2, -1.5, 0.6))
         lamp = bpy.context.object
@@ -230,10 +252,12 @@ def main() -> None:
     p.add_argument("--texture", action="store_true", help="a relative image texture")
     p.add_argument("--abs-texture", help="an image texture saved here, by absolute path")
     p.add_argument("--texture-dir", help="put every PNG in this folder on a plane")
+    p.add_argument("--library", help="save a prop to this .blend and link it in")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
         a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture, a.texture_dir,
+        a.library,
     )  # fmt: skip
     print(out)
 

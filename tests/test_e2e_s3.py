@@ -58,3 +58,42 @@ def test_frames_land_in_s3_and_come_back_through_the_api(s3_farm, small_scene, t
     assert manifest["frames"] == {"1": f"jobs/{whole.id}/frames/0001.png",
                                   "2": f"jobs/{whole.id}/frames/0002.png"}  # fmt: skip
     assert not (s3_farm.data_dir / "storage").exists()  # nothing went to local disk
+
+
+def test_a_textured_scene_and_its_video_go_through_s3(s3_farm, tmp_path):
+    """Packed inputs as blobs in S3 (fetched by the actor), frames, previews and the
+    video all in the bucket; nothing on local disk."""
+    import subprocess
+
+    from conftest import MAKE_SCENE, PYTHON
+
+    scene = tmp_path / "project" / "shot.blend"
+    scene.parent.mkdir()
+    subprocess.run(
+        [PYTHON, str(MAKE_SCENE), str(scene), "--width", "64", "--height", "48",
+         "--samples", "2", "--frames", "3", "--texture"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    with Farm(s3_farm.url) as farm:
+        job = farm.submit(scene, frames="1-3", post={"video": {"fps": 3}})
+        assert farm.last_upload.files_sent == 2
+        assert job.wait(timeout=300).state is JobState.COMPLETED, job.refresh().error
+        got = job.download(tmp_path / "farm")
+        assert job.show(2).size == (64, 48)
+    want = render_reference(scene, tmp_path / "ref", [1, 2, 3])
+    for path in got:
+        assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path
+    fs, prefix = s3_farm.fs, f"{s3_farm.bucket}/studio/jobs/{job.id}"
+    fs.invalidate_cache()
+    assert fs.size(f"{prefix}/outputs/video.mp4") > 0
+    assert sorted(fs.ls(f"{prefix}/outputs/thumbnails")) == [
+        f"{prefix}/outputs/thumbnails/{n:04d}.png" for n in (1, 2, 3)
+    ]
+    manifest = json.loads(fs.cat(f"{prefix}/manifest.json"))
+    assert manifest["outputs"] == {"video": f"jobs/{job.id}/outputs/video.mp4"}
+    for n, path in zip((1, 2, 3), got, strict=True):
+        entry = manifest["files"][f"jobs/{job.id}/frames/{n:04d}.png"]
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["size"] == path.stat().st_size
+        assert entry["render_s"] > 0 and entry["device"] == "CPU"
+    assert not (s3_farm.data_dir / "storage").exists()

@@ -107,3 +107,31 @@ def test_the_render_actor_fails_a_scene_whose_files_were_not_sent(farm, local_fa
     status = job.wait(timeout=WAIT_S)
     assert status.state is JobState.FAILED
     assert "not uploaded with it" in status.error and "//textures/checker.png" in status.error
+
+
+def test_a_linked_library_outside_the_project_is_packed_and_renders(farm, tmp_path):
+    """The prop comes from a .blend linked from outside the project (``//../library``):
+    it travels under _outside_project/ with the link rewritten, and renders."""
+    import subprocess
+
+    from conftest import MAKE_SCENE
+
+    scene = tmp_path / "project" / "shot.blend"
+    scene.parent.mkdir()
+    library = tmp_path / "library" / "props.blend"
+    subprocess.run(
+        [PYTHON, str(MAKE_SCENE), str(scene), *SCENE, "--library", str(library)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    info = farm.inspect(scene)
+    paths = [f["path"] for f in info["files"]]
+    assert "shot.blend" in paths and any(p.endswith("library/props.blend") for p in paths)
+    assert info["missing"] == []
+    job = _completed(farm.submit(scene, frames="1"))
+    (got,) = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [1])[1]
+    assert np.array_equal(pixels(got), pixels(want))
+    # The prop is really there: without its library the scene renders differently.
+    library.unlink()
+    without = render_reference(scene, tmp_path / "without", [1])[1]
+    assert not np.array_equal(pixels(without), pixels(want))
