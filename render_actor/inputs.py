@@ -106,8 +106,12 @@ def materialize(inputs: Inputs, folder: str, blob_cache: str) -> str:
         return main
     os.makedirs(blob_cache, exist_ok=True)
     fs: Any = None
+    real = os.path.realpath(folder)
     for f in inputs.files:
-        check_path(f.path)
+        try:
+            check_path(f.path)
+        except InvalidRequest as exc:
+            raise RenderError(exc.message, {FATAL: True}) from None
         if not _SHA256.match(f.sha256):
             raise RenderError(f"input {f.path!r} has a malformed hash", {FATAL: True})
         blob = os.path.join(blob_cache, f.sha256)
@@ -118,7 +122,7 @@ def materialize(inputs: Inputs, folder: str, blob_cache: str) -> str:
                 fs, root = fsspec.core.url_to_fs(inputs.storage)
             _fetch(fs, f"{root.rstrip('/')}/{blob_key(f.sha256)}", blob, f)
         target = os.path.join(folder, *f.path.split("/"))
-        if os.path.commonpath([folder, os.path.realpath(target)]) != os.path.realpath(folder):
+        if os.path.commonpath([real, os.path.realpath(target)]) != real:
             raise RenderError(f"input {f.path!r} leaves the input folder", {FATAL: True})
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.lexists(target):
