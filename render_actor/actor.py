@@ -42,7 +42,7 @@ from rayfarm.render.blender import (
     take,
 )
 from rayfarm.render.composite import denoise_tree, scene_tree
-from rayfarm.render.exr import Part, read_parts, write_parts
+from rayfarm.render.exr import Part, oiio, read_parts, write_parts
 from rayfarm.render.inputs import Inputs, materialize
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split
@@ -404,33 +404,28 @@ class RenderActor:
 
     def _preview(self, scene: Any, path: str, task: RenderTask) -> bytes:
         """A PNG of the finished frame at ``path``, at most PREVIEW_PIXELS on its longer
-        side: a PNG frame scaled down; an EXR frame's first part (the composite, else
-        the combined pass) through the scene's view transform, as Blender shows it."""
-        bpy = self.bpy
+        side: a PNG frame as it is, or scaled down (with OpenImageIO, outside Blender's
+        data: adding and removing an image datablock makes the next render re-sync the
+        whole scene); an EXR frame's first part (the composite, else the combined pass)
+        through the scene's view transform, as Blender shows it."""
         if task.format == "png":
-            image = bpy.data.images.load(path)
-        else:
-            first = next(iter(read_parts(path).values())).pixels
-            h, w, nch = first.shape
-            rgba = np.ones((h, w, 4), dtype=np.float32)
-            rgba[..., : min(nch, 4)] = first[..., :4]
-            image = bpy.data.images.new("rayfarm_preview", w, h, alpha=True, float_buffer=True)
-            image.pixels.foreach_set(np.ascontiguousarray(rgba[::-1]).ravel())  # rows bottom-up
+            return _scaled_png(path, self._path(task, "_preview", "png"))
+        bpy = self.bpy
+        first = next(iter(read_parts(path).values())).pixels
+        h, w, nch = first.shape
+        rgba = np.ones((h, w, 4), dtype=np.float32)
+        rgba[..., : min(nch, 4)] = first[..., :4]
+        image = bpy.data.images.new("rayfarm_preview", w, h, alpha=True, float_buffer=True)
         out = self._path(task, "_preview", "png")
         try:
-            w, h = image.size
+            image.pixels.foreach_set(np.ascontiguousarray(rgba[::-1]).ravel())  # bottom-up
             scale = min(1.0, PREVIEW_PIXELS / max(w, h, 1))
             if scale < 1.0:
                 image.scale(max(1, round(w * scale)), max(1, round(h * scale)))
-            if task.format == "png":
-                image.filepath_raw = out
-                image.file_format = "PNG"
-                image.save()
-            else:
-                settings = scene.render.image_settings
-                set_format(settings, "png", 8)
-                assign(settings, "color_mode", "RGBA")
-                image.save_render(out, scene=scene)
+            settings = scene.render.image_settings
+            set_format(settings, "png", 8)
+            assign(settings, "color_mode", "RGBA")
+            image.save_render(out, scene=scene)
             return take(out)
         finally:
             bpy.data.images.remove(image)
@@ -632,3 +627,19 @@ def _describe(scene: Any) -> dict[str, Any]:
             for layer in scene.view_layers
         ],
     }
+
+
+def _scaled_png(path: str, out: str) -> bytes:
+    """The PNG at ``path`` if it fits PREVIEW_PIXELS, else scaled down to fit."""
+    io = oiio()
+    buf = io.ImageBuf(path)
+    spec = buf.spec()
+    scale = PREVIEW_PIXELS / max(spec.width, spec.height, 1)
+    if scale >= 1.0:
+        with open(path, "rb") as f:
+            return f.read()
+    w, h = max(1, round(spec.width * scale)), max(1, round(spec.height * scale))
+    small = io.ImageBufAlgo.resize(buf, roi=io.ROI(0, w, 0, h, 0, 1, 0, spec.nchannels))
+    if not small.write(out):
+        raise RenderError(f"cannot write a preview: {small.geterror()}")
+    return take(out)

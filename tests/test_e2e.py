@@ -3,6 +3,7 @@ actors), the SDK over HTTP, bpy rendering, frames compared with bpy's own render
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -356,3 +357,14 @@ def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, smal
     r = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/99/thumbnail")
     assert r.status_code == 404 and r.json()["error"]["code"] == "frame_not_found"
     assert httpx.get(f"{local_farm.url}/jobs/{png.id}/outputs").json() == {"outputs": []}
+
+
+def test_a_large_frames_preview_is_scaled_to_fit(farm, make_scene):
+    scene = make_scene("--width", "1030", "--height", "40", "--samples", "1", "--frames", "1")
+    job = _completed(farm.submit(scene, frames="1"))
+    assert job.show(1).size == (1030, 40)  # a PNG frame is shown whole
+    from PIL import Image
+
+    r = httpx.get(f"{farm.url}/jobs/{job.id}/frames/1/thumbnail")
+    with Image.open(io.BytesIO(r.content)) as thumb:
+        assert thumb.size == (512, 20)
