@@ -96,9 +96,10 @@ class Farm:
 
         ``tiles`` is 1, ``"NxM"`` or ``"auto"``. ``overrides`` are ``JobSpec`` fields:
         ``samples``, ``resolution_percentage``, ``denoise``, ``format``, ``color_depth``,
-        ``scene``, ``camera``, ``priority``, ``max_retries``, ``allow_missing``.
-        ``project`` (default: the scene's folder) is the root whose layout the farm
-        reproduces; files outside it are packed too (see ``rayfarm.pack``).
+        ``scene``, ``camera``, ``priority``, ``max_retries``, ``allow_missing``, ``post``
+        (``{"video": {"fps": 24}}``). ``project`` (default: the scene's folder) is the
+        root whose layout the farm reproduces; files outside it are packed too (see
+        ``rayfarm.pack``).
 
         The spec is validated first, so a typo fails before any packing; a file the
         scene uses that is missing here raises ``MissingDependencies`` before any upload
