@@ -31,7 +31,7 @@ import rayfarm
 from rayfarm.blendfile import BlendHeader, check_blend, check_version
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.settings import Settings
-from rayfarm.cluster.storage import Storage
+from rayfarm.cluster.storage import CHUNK_BYTES, Storage
 from rayfarm.cluster.store import JobStore
 from rayfarm.errors import (
     FarmError,
@@ -54,7 +54,7 @@ from rayfarm.models import (
     check_transition,
     parse_spec,
 )
-from rayfarm.render.inputs import InputFile, Inputs, blob_key, check_path
+from rayfarm.render.inputs import SHA256, InputFile, Inputs, blob_key, check_path
 
 __all__ = ["AppContext", "create_app", "set_process_context"]
 
@@ -64,8 +64,6 @@ _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 _MEDIA = {"png": "image/png", "exr": "image/x-exr"}
 _MULTIPART_OVERHEAD_BYTES = 64 * 1024
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-CHUNK_BYTES = 1 << 20
 #: Most files one job's input folder may hold, and most hashes one question may ask.
 MAX_INPUT_FILES = 10_000
 #: Largest JSON body a job submission (spec and file listing) may have.
@@ -226,11 +224,7 @@ async def submit_job(request: Request, ctx: Ctx) -> Job:
 
 
 async def _submit_folder(request: Request, ctx: Ctx) -> Job:
-    body = await _read_limited(request, MAX_MANIFEST_BYTES, "job description")
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    data = await _read_json(request, "job description")
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object with spec, main and files")
     unknown = sorted(set(data) - {"spec", "main", "files"})
@@ -258,7 +252,7 @@ def _check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
             raise InvalidRequest("each file must be exactly {path, sha256, size}")
         path, digest, size = item["path"], item["sha256"], item["size"]
         check_path(path)
-        if not isinstance(digest, str) or not _SHA256.match(digest):
+        if not isinstance(digest, str) or not SHA256.match(digest):
             raise InvalidRequest(f"input {path!r}: sha256 must be 64 lowercase hex digits")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidRequest(f"input {path!r}: size must be a non-negative integer")
@@ -311,16 +305,32 @@ def _check_stored(ctx: AppContext, inputs: Inputs) -> None:
     check_version(header, ctx.settings.blender_version)
 
 
-async def _read_limited(request: Request, limit: int, what: str) -> bytes:
-    chunks, size = [], 0
+async def _limited(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
+    """The request body's chunks, refused (413) by its Content-Length when that says it
+    is too big, else the moment it passes ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(
+            f"{what} of {int(length)} bytes is over the farm's limit of {limit} bytes",
+            {"limit": limit},
+        )
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(
                 f"{what} is over the farm's limit of {limit} bytes", {"limit": limit}
             )
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def _read_json(request: Request, what: str) -> Any:
+    """The body as JSON, at most MAX_MANIFEST_BYTES (400 when it is not JSON)."""
+    body = b"".join([c async for c in _limited(request, MAX_MANIFEST_BYTES, what)])
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not JSON: {exc}") from None
 
 
 def _size(f: IO[bytes]) -> int:
@@ -442,11 +452,7 @@ async def inspect_scene(request: Request, ctx: Ctx) -> dict[str, Any]:
     job): Blender version, scenes with cameras, frame ranges, resolution, engine,
     samples, view layers and passes, and its files. Made once per folder, with bpy and
     scripts off; its ``id`` is the folder's digest."""
-    body = await _read_limited(request, MAX_MANIFEST_BYTES, "scene description")
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    data = await _read_json(request, "scene description")
     if not isinstance(data, dict) or set(data) != {"main", "files"}:
         raise InvalidRequest("the body must be a JSON object with exactly main and files")
     inputs = _check_listing(ctx, data["main"], data["files"])
@@ -460,7 +466,7 @@ async def inspect_scene(request: Request, ctx: Ctx) -> dict[str, Any]:
 @scenes.get("/{scene_id}")
 async def get_scene(scene_id: str, ctx: Ctx) -> dict[str, Any]:
     """A catalogued scene, by id."""
-    info = await ctx.store.scene_info(scene_id) if _SHA256.match(scene_id) else None
+    info = await ctx.store.scene_info(scene_id) if SHA256.match(scene_id) else None
     if info is None:
         raise SceneNotFound(f"no catalogued scene {scene_id}", {"scene_id": scene_id})
     return info
@@ -472,15 +478,12 @@ blobs = APIRouter(prefix="/blobs", tags=["blobs"])
 @blobs.post("/missing")
 async def missing_blobs(request: Request, ctx: Ctx) -> dict[str, list[str]]:
     """Which of ``{"hashes": [sha256, ...]}`` the farm does not have (upload those)."""
-    try:
-        data = json.loads(await _read_limited(request, MAX_MANIFEST_BYTES, "the question"))
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    data = await _read_json(request, "the question")
     hashes = data.get("hashes") if isinstance(data, dict) else None
     if not isinstance(hashes, list) or len(hashes) > MAX_INPUT_FILES:
         raise InvalidRequest(f"hashes must be a list of at most {MAX_INPUT_FILES} sha256s")
     for h in hashes:
-        if not isinstance(h, str) or not _SHA256.match(h):
+        if not isinstance(h, str) or not SHA256.match(h):
             raise InvalidRequest(f"{h!r} is not a sha256 (64 lowercase hex digits)")
     unique = list(dict.fromkeys(hashes))
     stored = await asyncio.to_thread(lambda: [ctx.storage.exists(blob_key(h)) for h in unique])
@@ -494,24 +497,13 @@ async def put_blob(sha256: str, request: Request, ctx: Ctx) -> dict[str, Any]:
     The body spills to disk past a few MB, its hash is checked before it is stored,
     and it is refused (413) the moment it passes the upload limit.
     """
-    if not _SHA256.match(sha256):
+    if not SHA256.match(sha256):
         raise InvalidRequest(f"{sha256!r} is not a sha256 (64 lowercase hex digits)")
-    limit = ctx.settings.max_upload_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(
-            f"upload of {int(length)} bytes is over the farm's limit of {limit} bytes",
-            {"limit": limit},
-        )
     sha = hashlib.sha256()
     size = 0
     with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
-        async for chunk in request.stream():
+        async for chunk in _limited(request, ctx.settings.max_upload_bytes, "upload"):
             size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"upload is over the farm's limit of {limit} bytes", {"limit": limit}
-                )
             sha.update(chunk)
             spool.write(chunk)
         if sha.hexdigest() != sha256:

@@ -25,9 +25,10 @@ from typing import Any
 from rayfarm.errors import InvalidRequest, RenderError
 from rayfarm.render.tasks import FATAL
 
-__all__ = ["InputFile", "Inputs", "blob_key", "check_path", "materialize"]
+__all__ = ["SHA256", "InputFile", "Inputs", "blob_key", "check_path", "materialize"]
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: A SHA-256 as the farm writes it: 64 lowercase hex digits.
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FORBIDDEN = re.compile(r'[\x00-\x1f\x7f\\:*?"<>|]')
 MAX_PATH_CHARS = 1024
 MAX_COMPONENT_CHARS = 255
@@ -112,7 +113,7 @@ def materialize(inputs: Inputs, folder: str, blob_cache: str) -> str:
             check_path(f.path)
         except InvalidRequest as exc:
             raise RenderError(exc.message, {FATAL: True}) from None
-        if not _SHA256.match(f.sha256):
+        if not SHA256.match(f.sha256):
             raise RenderError(f"input {f.path!r} has a malformed hash", {FATAL: True})
         blob = os.path.join(blob_cache, f.sha256)
         if not os.path.exists(blob):
