@@ -43,10 +43,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,7 +54,7 @@ from typing import Any
 import numpy as np
 
 import rayfarm
-from rayfarm.render.tiles import MAX_TILE_COST_SHARE
+from rayfarm.render.tiles import MAX_TILE_COST_SHARE, border_band
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (  # the sibling bench: process and farm handling
@@ -66,6 +64,7 @@ from overhead import (  # the sibling bench: process and farm handling
     Processes,
     machine,
     make_scene,
+    run_bench,
 )
 
 SWEEP = Path(__file__).resolve().parent / "tile_sweep.py"
@@ -127,18 +126,10 @@ def _combined(procs: Processes, path: Path, log: Path) -> np.ndarray:
 
 
 def _band(w: int, h: int, grid: str) -> np.ndarray:
-    from rayfarm.render.tiles import split
-
-    band = np.zeros((h, w), dtype=bool)
     if grid in ("1", "?"):
-        return band
+        return np.zeros((h, w), dtype=bool)
     nx, ny = map(int, grid.split("x"))
-    rects = split(w, h, nx, ny)
-    for x in {r.x0 for r in rects} - {0}:
-        band[:, max(0, x - BAND) : x + BAND] = True
-    for y in {r.y0 for r in rects} - {0}:
-        band[max(0, h - y - BAND) : h - y + BAND, :] = True
-    return band
+    return border_band(w, h, nx, ny, BAND)
 
 
 def _sweep(procs: Processes, scene: Path, out: Path, pixel_samples: int) -> list[dict[str, Any]]:
@@ -269,26 +260,13 @@ def report(result: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    out = (args.out or Path(tempfile.mkdtemp(prefix="rayfarm-tiles-"))).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    procs = Processes()
-    try:
+
+    def work(procs: Processes, out: Path) -> dict[str, Any]:
         result = measure(args, procs, out)
         report(result)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-            print(f"results: {args.json}")
-        return 0
-    except (BenchError, rayfarm.FarmError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        procs.kill_all()
+        return result
+
+    return run_bench(args.out, args.json, "rayfarm-tiles-", work)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from rayfarm.render.tasks import TileRect
 
-__all__ = ["MAX_TILE_COST_SHARE", "TILES_PER_ACTOR", "auto_grid", "border_fractions", "split"]
+__all__ = [
+    "MAX_TILE_COST_SHARE",
+    "TILES_PER_ACTOR",
+    "auto_grid",
+    "border_band",
+    "border_fractions",
+    "split",
+]
 
 #: The most a tile's fixed cost may be of its render time under ``tiles="auto"``. Every
 #: render call pays a fixed cost on top of its pixels, and it depends on the scene far
@@ -51,6 +60,20 @@ def _edge(px: int, size: int) -> float:
     if px >= size:
         return 1.0
     return (px + 0.25) / size
+
+
+def border_band(width: int, height: int, nx: int, ny: int, band: int) -> np.ndarray:
+    """A (height, width) mask, rows top first (as EXR and PNG store them): True within
+    ``band`` pixels of an inner edge of the ``nx`` x ``ny`` grid, where a per-tile
+    denoiser or compositor would leave a seam."""
+    mask = np.zeros((height, width), dtype=bool)
+    rects = split(width, height, nx, ny)
+    for x in {r.x0 for r in rects} - {0}:
+        mask[:, max(0, x - band) : x + band] = True
+    for y in {r.y0 for r in rects} - {0}:
+        row = height - y
+        mask[max(0, row - band) : row + band, :] = True
+    return mask
 
 
 def border_fractions(rect: TileRect, width: int, height: int) -> tuple[float, float, float, float]:

@@ -19,6 +19,7 @@ import pytest
 import redis
 from PIL import Image
 
+from rayfarm import Farm, Job, JobState
 from rayfarm.cluster.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,6 +284,25 @@ def run_farm(data_dir: Path, env: dict[str, str]) -> Iterator[LocalFarm]:
                 pass
         pytest.fail(f"rayfarm up left processes running after Ctrl-C: {sorted(left)}")
     assert exited, f"rayfarm up did not exit on Ctrl-C:\n{farm.log.read_text()[-3000:]}"
+
+
+#: Longest a test waits for a job on the local farm.
+WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def farm(local_farm: LocalFarm) -> Iterator[Farm]:
+    """An SDK client of the session's local farm."""
+    with Farm(local_farm.url) as client:
+        yield client
+
+
+def completed(job: Job) -> Job:
+    """Wait for ``job`` and fail the test unless it COMPLETED; return it refreshed."""
+    status = job.wait(timeout=WAIT_S)
+    job.refresh()
+    assert status.state is JobState.COMPLETED, job.error
+    return job
 
 
 @pytest.fixture(scope="session")

@@ -15,30 +15,15 @@ import httpx
 import numpy as np
 import pytest
 
-from rayfarm import Farm, InvalidScene, InvalidSpec, InvalidTransition, JobState
+from rayfarm import InvalidScene, InvalidSpec, InvalidTransition, JobState
 
-from conftest import PYTHON, farm_processes, pixels, render_reference
+from conftest import PYTHON, WAIT_S, completed, farm_processes, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 
-WAIT_S = 300
-
-
-@pytest.fixture(scope="module")
-def farm(local_farm):
-    with Farm(local_farm.url) as farm:
-        yield farm
-
-
-def _completed(job):
-    status = job.wait(timeout=WAIT_S)
-    job.refresh()
-    assert status.state is JobState.COMPLETED, job.error
-    return job
-
 
 def test_frames_equal_a_direct_bpy_render(farm, small_scene, tmp_path):
-    job = _completed(farm.submit(small_scene, frames="1-3"))
+    job = completed(farm.submit(small_scene, frames="1-3"))
     assert (job.frames_done, job.tasks_done) == (3, 3)
     assert job.device == "CPU"
     assert job.started_at is not None and job.finished_at >= job.started_at
@@ -64,7 +49,7 @@ def test_tiles_equal_the_full_frame(farm, make_scene, tmp_path, tiles, size, ext
     graded scene (look, exposure, gamma, curves, transparent film) converts the same."""
     w, h = size
     scene = make_scene("--width", str(w), "--height", str(h), "--samples", "4", *extra)
-    job = _completed(farm.submit(scene, frames="2,5", tiles=tiles))
+    job = completed(farm.submit(scene, frames="2,5", tiles=tiles))
     assert job.tasks_done == 2 * int(tiles[0]) ** 2
     assert job.tiles == tiles
     got = job.download(tmp_path / "farm")
@@ -76,7 +61,7 @@ def test_tiles_equal_the_full_frame(farm, make_scene, tmp_path, tiles, size, ext
 
 
 def test_overrides_apply(farm, small_scene, tmp_path):
-    job = _completed(farm.submit(small_scene, frames="4", resolution_percentage=50,
+    job = completed(farm.submit(small_scene, frames="4", resolution_percentage=50,
                                  format="png", color_depth=16))  # fmt: skip
     (path,) = job.download(tmp_path)
     ihdr = path.read_bytes()[16:25]  # PNG IHDR: width, height, bit depth
@@ -87,7 +72,7 @@ def test_registered_python_does_not_run(farm, make_scene, tmp_path):
     marker = tmp_path / "scripts-ran"
     scene = make_scene(*("--width", "32", "--height", "24", "--samples", "2"),
                        "--script-marker", str(marker))  # fmt: skip
-    job = _completed(farm.submit(scene, frames="1"))
+    job = completed(farm.submit(scene, frames="1"))
     assert job.frames_done == 1
     assert not marker.exists()
     # The scene is armed: opened with auto-execution on, it does create the marker.
@@ -262,7 +247,7 @@ def _allowed_cores(pid: int) -> set[int]:
 def test_cpu_actors_are_pinned_to_disjoint_cores_and_idle_quietly(farm, local_farm, small_scene):
     """Two CPU actors on this node share its cores without overlap; an unpinned Cycles
     process with persistent data and fewer threads than cores spins while idle."""
-    _completed(farm.submit(small_scene, frames="1-2"))
+    completed(farm.submit(small_scene, frames="1-2"))
     actors = _render_actor_pids(local_farm)
     assert len(actors) == 2
     first, second = (_allowed_cores(pid) for pid in actors)
@@ -314,7 +299,7 @@ def test_a_killed_tile_assembler_costs_only_its_frames(farm, local_farm, small_s
 
 
 def test_download_verifies_skips_and_resumes(farm, local_farm, small_scene, tmp_path):
-    job = _completed(farm.submit(small_scene, frames="1-2"))
+    job = completed(farm.submit(small_scene, frames="1-2"))
     infos = job.frames()
     assert all(len(i.sha256 or "") == 64 and i.size for i in infos)
     first = job.download(tmp_path)
@@ -339,8 +324,8 @@ def test_download_verifies_skips_and_resumes(farm, local_farm, small_scene, tmp_
 
 
 def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, small_scene, tmp_path):
-    png = _completed(farm.submit(small_scene, frames="3"))
-    exr = _completed(farm.submit(small_scene, frames="3", tiles="2x2", format="exr"))
+    png = completed(farm.submit(small_scene, frames="3"))
+    exr = completed(farm.submit(small_scene, frames="3", tiles="2x2", format="exr"))
     (frame,) = png.download(tmp_path / "png")
     thumb = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/3/thumbnail")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
@@ -361,7 +346,7 @@ def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, smal
 
 def test_a_large_frames_preview_is_scaled_to_fit(farm, make_scene):
     scene = make_scene("--width", "1030", "--height", "40", "--samples", "1", "--frames", "1")
-    job = _completed(farm.submit(scene, frames="1"))
+    job = completed(farm.submit(scene, frames="1"))
     assert job.show(1).size == (1030, 40)  # a PNG frame is shown whole
     from PIL import Image
 

@@ -10,20 +10,13 @@ import httpx
 import numpy as np
 import pytest
 
-from rayfarm import Farm, JobState, MissingDependencies
+from rayfarm import JobState, MissingDependencies
 
-from conftest import PYTHON, pixels, render_reference
+from conftest import PYTHON, WAIT_S, completed, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 
-WAIT_S = 300
 SCENE = ("--width", "64", "--height", "48", "--samples", "4", "--frames", "2")
-
-
-@pytest.fixture(scope="module")
-def farm(local_farm):
-    with Farm(local_farm.url) as farm:
-        yield farm
 
 
 @pytest.fixture
@@ -44,15 +37,8 @@ def project(tmp_path):
     return scene
 
 
-def _completed(job):
-    status = job.wait(timeout=WAIT_S)
-    job.refresh()
-    assert status.state is JobState.COMPLETED, job.error
-    return job
-
-
 def test_a_textured_scene_renders_as_it_does_where_it_was_made(farm, project, tmp_path):
-    job = _completed(farm.submit(project, frames="1-2"))
+    job = completed(farm.submit(project, frames="1-2"))
     report = farm.last_upload
     assert report is not None and report.files == 3 and report.missing == []
     want = render_reference(project, tmp_path / "ref", [1, 2])
@@ -77,7 +63,7 @@ def test_an_unchanged_resubmit_uploads_no_file_bytes(farm, project, tmp_path):
     report = farm.last_upload
     assert (report.files_sent, report.bytes_sent) == (1, texture.stat().st_size)
     for job in (first, again, changed):
-        _completed(job)
+        completed(job)
 
 
 def test_a_missing_dependency_stops_the_submission_before_upload(farm, project):
@@ -88,7 +74,7 @@ def test_a_missing_dependency_stops_the_submission_before_upload(farm, project):
     assert "checker.png" in str(err.value)
     assert any(p.endswith("checker.png") for p in err.value.detail["missing"])
     assert len(farm.jobs(limit=500)) == len(before)
-    job = _completed(farm.submit(project, frames="1", allow_missing=True))
+    job = completed(farm.submit(project, frames="1", allow_missing=True))
     assert farm.last_upload.missing and job.spec.allow_missing
 
 
@@ -127,7 +113,7 @@ def test_a_linked_library_outside_the_project_is_packed_and_renders(farm, tmp_pa
     paths = [f["path"] for f in info["files"]]
     assert "shot.blend" in paths and any(p.endswith("library/props.blend") for p in paths)
     assert info["missing"] == []
-    job = _completed(farm.submit(scene, frames="1"))
+    job = completed(farm.submit(scene, frames="1"))
     (got,) = job.download(tmp_path / "farm")
     want = render_reference(scene, tmp_path / "ref", [1])[1]
     assert np.array_equal(pixels(got), pixels(want))

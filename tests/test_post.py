@@ -11,17 +11,11 @@ import httpx
 import imageio_ffmpeg
 import pytest
 
-from rayfarm import Farm, JobState
+from rayfarm import JobState
+
+from conftest import WAIT_S
 
 pytestmark = pytest.mark.slow
-
-WAIT_S = 300
-
-
-@pytest.fixture(scope="module")
-def farm(local_farm):
-    with Farm(local_farm.url) as farm:
-        yield farm
 
 
 def _probe(path) -> tuple[int, float]:

@@ -9,7 +9,13 @@ import pytest
 from rayfarm.errors import RenderError
 from rayfarm.render.assembler import TileAssembler
 from rayfarm.render.exr import Part
-from rayfarm.render.tiles import MAX_TILE_COST_SHARE, auto_grid, border_fractions, split
+from rayfarm.render.tiles import (
+    MAX_TILE_COST_SHARE,
+    auto_grid,
+    border_band,
+    border_fractions,
+    split,
+)
 
 
 @pytest.mark.parametrize(
@@ -126,3 +132,13 @@ def test_auto_keeps_each_tiles_fixed_cost_under_a_quarter_of_its_time(frame_s, t
         assert ("capped" in reason) == (tiles < 16)
     else:
         assert "too little work" in reason
+
+
+def test_the_border_band_marks_pixels_beside_inner_tile_edges_only():
+    mask = border_band(10, 8, 2, 2, 1)  # cuts at x=5 and y=4 (rows top first: row 4)
+    assert mask[:, 4:6].all() and mask[3:5, :].all()
+    outside = np.ones((8, 10), dtype=bool)
+    outside[:, 4:6] = False
+    outside[3:5, :] = False
+    assert not mask[outside].any()
+    assert not border_band(10, 8, 1, 1, 3).any()

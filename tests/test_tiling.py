@@ -7,14 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rayfarm import Farm, JobState
-from rayfarm.render.tiles import split
+from rayfarm.render.tiles import border_band
 
-from conftest import exr_parts, pixels, render_reference
+from conftest import completed, exr_parts, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 
-WAIT_S = 300
 #: The band around tile borders where a per-tile denoiser or compositor leaves seams.
 BAND = 4
 #: Target for denoised tiles vs Cycles' full-frame denoise (max abs difference).
@@ -29,42 +27,17 @@ EXTRA_PASSES = {
 }
 
 
-@pytest.fixture(scope="module")
-def farm(local_farm):
-    with Farm(local_farm.url) as farm:
-        yield farm
-
-
-def _completed(job):
-    status = job.wait(timeout=WAIT_S)
-    job.refresh()
-    assert status.state is JobState.COMPLETED, job.error
-    return job
-
-
-def _border_band(w: int, h: int, nx: int, ny: int) -> np.ndarray:
-    """True within BAND pixels of an inner tile edge (rows top first, as EXR and PNG)."""
-    band = np.zeros((h, w), dtype=bool)
-    rects = split(w, h, nx, ny)
-    for x in {r.x0 for r in rects} - {0}:
-        band[:, max(0, x - BAND) : x + BAND] = True
-    for y in {r.y0 for r in rects} - {0}:
-        row = h - y
-        band[max(0, row - BAND) : row + BAND, :] = True
-    return band
-
-
 def test_denoised_tiles_equal_the_full_frame_denoise_without_seams(farm, make_scene, tmp_path):
     w, h = 161, 121
     scene = make_scene("--width", str(w), "--height", str(h), "--samples", "8", "--denoise")
-    job = _completed(farm.submit(scene, frames="3", tiles="3x3", format="exr"))
+    job = completed(farm.submit(scene, frames="3", tiles="3x3", format="exr"))
     (got,) = job.download(tmp_path / "farm")
     want = render_reference(scene, tmp_path / "ref", [3], exr=True)[3]
     farm_parts, ref_parts = exr_parts(got), exr_parts(want)
     assert list(farm_parts) == list(ref_parts) == ["ViewLayer.Combined", "ViewLayer.Noisy Image"]
     combined = farm_parts["ViewLayer.Combined"][1]
     error = np.abs(combined - ref_parts["ViewLayer.Combined"][1]).max(axis=2)
-    band = _border_band(w, h, 3, 3)
+    band = border_band(w, h, 3, 3, BAND)
     print(f"denoised 3x3 tiles vs full frame: max {error.max():.2e}, "
           f"border band {error[band].max():.2e}, interior {error[~band].max():.2e}")  # fmt: skip
     assert error.max() <= DENOISE_TOLERANCE
@@ -80,7 +53,7 @@ def test_denoise_override_applies_to_tiled_png(farm, make_scene, tmp_path):
     denoised full-frame render to within one 8-bit level (the float result differs by
     at most DENOISE_TOLERANCE)."""
     scene = make_scene("--width", "96", "--height", "72", "--samples", "8")
-    job = _completed(farm.submit(scene, frames="1", tiles="2x2", denoise=True))
+    job = completed(farm.submit(scene, frames="1", tiles="2x2", denoise=True))
     (got,) = job.download(tmp_path / "farm")
     denoised = make_scene("--width", "96", "--height", "72", "--samples", "8", "--denoise")
     want = render_reference(denoised, tmp_path / "ref", [1])[1]
@@ -95,8 +68,8 @@ def test_the_compositor_runs_once_on_the_assembled_frame(farm, make_scene, tmp_p
     would stop at each border; on the assembled frame it equals the full render."""
     w, h = 160, 120
     scene = make_scene("--width", str(w), "--height", str(h), "--samples", "4", "--glare")
-    png = _completed(farm.submit(scene, frames="1", tiles="2x2"))
-    exr = _completed(farm.submit(scene, frames="1", tiles="2x2", format="exr"))
+    png = completed(farm.submit(scene, frames="1", tiles="2x2"))
+    exr = completed(farm.submit(scene, frames="1", tiles="2x2", format="exr"))
     (got_png,) = png.download(tmp_path / "png")
     (got_exr,) = exr.download(tmp_path / "exr")
     want_png = render_reference(scene, tmp_path / "ref", [1])[1]
@@ -108,7 +81,7 @@ def test_the_compositor_runs_once_on_the_assembled_frame(farm, make_scene, tmp_p
         assert np.array_equal(farm_parts[name][1], ref_parts[name][1]), name
     # The glare reaches across the tile borders (so a per-tile compositor would cut it).
     glow = np.abs(farm_parts["Composite.Combined"][1] - farm_parts["ViewLayer.Combined"][1])
-    assert glow[_border_band(w, h, 2, 2)].max() > 0.01
+    assert glow[border_band(w, h, 2, 2, BAND)].max() > 0.01
 
 
 @pytest.mark.parametrize(("tiles", "depth"), [("2x2", 32), (1, 32), ("2x2", 16)])
@@ -120,7 +93,7 @@ def test_multilayer_exr_holds_every_pass_of_the_full_render(
     scene = make_scene(
         "--width", "80", "--height", "60", "--samples", "4", "--passes", "--denoise", "--glare"
     )  # fmt: skip
-    job = _completed(farm.submit(scene, frames="2,4", tiles=tiles, format="exr", color_depth=depth))
+    job = completed(farm.submit(scene, frames="2,4", tiles=tiles, format="exr", color_depth=depth))
     got = job.download(tmp_path / "farm")
     want = render_reference(scene, tmp_path / "ref", [2, 4], exr=True, depth=depth)
     for path in got:
@@ -148,11 +121,11 @@ def test_auto_splits_a_short_job_and_renders_a_long_one_whole(
     tiles an actor, decided from the actor's measurements; as many frames as actors
     render whole."""
     scene = make_scene("--width", "200", "--height", "150", "--samples", "64")
-    one = _completed(farm.submit(scene, frames="4", tiles="auto"))
+    one = completed(farm.submit(scene, frames="4", tiles="auto"))
     (decision,) = [e for e in local_farm.events(one.id) if e["kind"] == "tiles"]
     assert (one.tiles, one.tasks_total, one.tasks_done) == ("2x2", 4, 4), decision["reason"]
     assert "a tile costs" in decision["reason"]
-    many = _completed(farm.submit(scene, frames="1-2", tiles="auto"))
+    many = completed(farm.submit(scene, frames="1-2", tiles="auto"))
     assert (many.tiles, many.tasks_total) == ("1", 2)
     (got,) = one.download(tmp_path / "farm")
     want = render_reference(scene, tmp_path / "ref", [4])[4]
