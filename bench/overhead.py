@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -721,6 +721,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bench.farm is not None:
             bench.farm.stop()
         bench.procs.kill_all()
+
+
+def run_bench(
+    out: Path | None,
+    json_path: Path | None,
+    prefix: str,
+    work: Callable[[Processes, Path], dict[str, Any]],
+) -> int:
+    """A sibling bench's main: ``work(procs, out)`` measures and reports, into ``out``
+    (a fresh temp dir when None); its result goes to ``json_path``. Exit 0 when it ran,
+    1 when something broke, 130 on Ctrl-C or SIGTERM; every process stopped."""
+    folder = (out or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    procs = Processes()
+    try:
+        result = work(procs, folder)
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            print(f"results: {json_path}")
+        return 0
+    except (BenchError, rayfarm.FarmError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.kill_all()
 
 
 if __name__ == "__main__":

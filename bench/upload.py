@@ -23,10 +23,7 @@ Exit status: 0 when the measurement ran, 1 when something broke, 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +41,7 @@ from overhead import (  # the sibling bench: process and farm handling
     Processes,
     machine,
     make_scene,
+    run_bench,
 )
 
 
@@ -113,25 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    out = (args.out or Path(tempfile.mkdtemp(prefix="rayfarm-upload-"))).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    procs = Processes()
-    try:
+
+    def work(procs: Processes, out: Path) -> dict[str, Any]:
         result = measure(args, procs, out)
         report(result)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        return 0
-    except (BenchError, rayfarm.FarmError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        procs.kill_all()
+        return result
+
+    return run_bench(args.out, args.json, "rayfarm-upload-", work)
 
 
 if __name__ == "__main__":
