@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -30,7 +29,7 @@ from rayfarm.errors import (
     error_from_body,
 )
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
-from rayfarm.pack import Pack, pack_scene
+from rayfarm.pack import Pack, pack_scene, sha256_file
 
 __all__ = ["DEFAULT_URL", "Farm", "UploadReport"]
 
@@ -253,7 +252,7 @@ class Farm:
         paths = []
         for info in job.frames():
             target = out / f"{info.frame:04d}.{job.spec.extension}"
-            if not (info.sha256 and target.exists() and _sha256(target) == info.sha256):
+            if not (info.sha256 and target.exists() and sha256_file(target) == info.sha256):
                 self._fetch(f"/jobs/{job.id}/frames/{info.frame}", target, info)
             paths.append(target)
         return paths
@@ -278,7 +277,7 @@ class Farm:
                 part.unlink()
                 return self._fetch(url, target, info)
             raise
-        if info.sha256 and _sha256(part) != info.sha256:
+        if info.sha256 and sha256_file(part) != info.sha256:
             part.unlink()
             raise ServerError(
                 f"{target.name} does not match the farm's SHA-256 {info.sha256}; removed it",
@@ -311,11 +310,3 @@ class Farm:
             raise ServerError(f"{method} {path} failed: {exc}") from exc
         finally:
             response.close()
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from rayfarm.blendfile import check_blend
 from rayfarm.errors import InvalidRequest, InvalidScene, MissingDependencies
 
-__all__ = ["Pack", "PackedFile", "pack_scene"]
+__all__ = ["Pack", "PackedFile", "pack_scene", "sha256_file"]
 
 #: BAT's note about the pack (it holds the time it was made): not a render input.
 _BAT_INFO = "pack-info.txt"
@@ -127,10 +127,15 @@ def pack_scene(
         close_all_cached()  # BAT keeps every .blend it read open otherwise
 
 
-def _hashed(folder: Path, path: Path) -> PackedFile:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, read in chunks."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK_BYTES):
             sha.update(block)
+    return sha.hexdigest()
+
+
+def _hashed(folder: Path, path: Path) -> PackedFile:
     rel = path.relative_to(folder).as_posix()
-    return PackedFile(rel, path, sha.hexdigest(), path.stat().st_size)
+    return PackedFile(rel, path, sha256_file(path), path.stat().st_size)
