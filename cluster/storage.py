@@ -28,22 +28,12 @@ from fsspec.implementations.local import LocalFileSystem
 __all__ = [
     "Storage",
     "frame_key",
-    "input_key",
-    "job_prefix",
     "manifest_key",
     "outputs_prefix",
     "thumbnail_key",
 ]
 
 CHUNK_BYTES = 1 << 20
-
-
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}"
-
-
-def input_key(job_id: str, filename: str) -> str:
-    return f"jobs/{job_id}/input/{filename}"
 
 
 def frame_key(job_id: str, frame: int, extension: str) -> str:

@@ -8,7 +8,8 @@ import uuid
 import pytest
 import s3fs
 
-from rayfarm.cluster.storage import Storage, frame_key, input_key, manifest_key
+from rayfarm.cluster.storage import Storage, frame_key, manifest_key, thumbnail_key
+from rayfarm.render.inputs import blob_key
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -22,7 +23,8 @@ def storage(request, tmp_path):
 
 
 def test_layout_keys():
-    assert input_key("j", "scene.blend") == "jobs/j/input/scene.blend"
+    assert blob_key("ab" * 32) == f"blobs/sha256/ab/{'ab' * 32}"
+    assert thumbnail_key("j", 7) == "jobs/j/outputs/thumbnails/0007.png"
     assert frame_key("j", 7, "png") == "jobs/j/frames/0007.png"
     assert frame_key("j", 12345, "exr") == "jobs/j/frames/12345.exr"
     assert manifest_key("j") == "jobs/j/manifest.json"
