@@ -1,12 +1,16 @@
 """Every Redis key name rayfarm uses, built in one place.
 
-``job:{id}``            hash: id, state, owner, spec (JSON), counters, timestamps, error
+``job:{id}``            hash: id, state, owner, spec (JSON), counters, timestamps, error,
+                        state_event (id of the event that set the current state)
 ``job:{id}:tasks``      hash: task key ("f0001t03") -> "done"
 ``job:{id}:frames``     hash: frame number -> stored object key
-``job:{id}:attempts``   hash: task key -> failed attempts so far
-``job:{id}:events``     stream: state changes and task events
+``job:{id}:attempts``   hash: task key -> failed attempts so far (reset by a retry)
+``job:{id}:tries``      hash: task key -> times started, ever (numbers its logs)
+``job:{id}:events``     stream: the execution log (state changes, task events, progress)
 ``jobs``                sorted set: every job id by creation time (listing)
+``jobs:{STATE}``        sorted set: the job ids in one state, by creation time
 ``queue``               sorted set: PENDING job ids by priority, then submission time
+``metrics``             hash: farm-wide counters (tasks, render seconds, uploads)
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ def attempts(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:attempts"
 
 
+def tries(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:tries"
+
+
 def events(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:events"
 
@@ -46,6 +54,15 @@ def scene(scene_id: str) -> str:
 
 def all_jobs() -> str:
     return f"{PREFIX}jobs"
+
+
+def jobs_in(state: str) -> str:
+    """Job ids in ``state`` by creation time (kept by the transition script)."""
+    return f"{PREFIX}jobs:{state}"
+
+
+def metrics() -> str:
+    return f"{PREFIX}metrics"
 
 
 def queue() -> str:

@@ -50,12 +50,18 @@ class Settings:
     data_dir: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
+    #: gRPC port of Serve's gRPC proxy (rayfarm.v1.RayfarmService); 0 serves no gRPC.
+    #: Serve's gRPC proxy binds every interface and the farm has no accounts yet: off
+    #: (0) unless asked for.
+    grpc_port: int = 0
     #: Render actors on a CPU-only farm (a GPU farm runs one per GPU).
     cpu_actors: int = 1
     #: Cycles threads per CPU actor; 0 splits the node's cores between its actors.
     actor_threads: int = 0
     max_upload_bytes: int = 2 * 1024**3
     max_job_bytes: int = 64 * 1024**3
+    #: Events kept per job (its execution log), oldest trimmed first.
+    events_maxlen: int = 100_000
     blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
 
     @classmethod
@@ -71,10 +77,12 @@ class Settings:
             "storage": os.environ.get("RAYFARM_STORAGE") or (data_dir / "storage").as_uri(),
             "data_dir": str(data_dir),
             "port": _env_int("RAYFARM_PORT", 8000),
+            "grpc_port": _env_int("RAYFARM_GRPC_PORT", 0),
             "cpu_actors": _env_int("RAYFARM_CPU_ACTORS", 1),
             "actor_threads": _env_int("RAYFARM_ACTOR_THREADS", 0),
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),
             "max_job_bytes": _env_int("RAYFARM_MAX_JOB_BYTES", 64 * 1024**3),
+            "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -7,6 +7,7 @@ Layout under the root URL::
     jobs/{id}/frames/0001.png
     jobs/{id}/outputs/thumbnails/0001.png   (a preview of each frame, when it lands)
     jobs/{id}/outputs/...          (post-processing results)
+    jobs/{id}/logs/{task}/01.log   (Blender's output for each attempt at a task)
     jobs/{id}/manifest.json        (written last)
 
 Writes are whole or nothing: on a local filesystem the data goes to a
@@ -30,6 +31,8 @@ __all__ = [
     "frame_key",
     "manifest_key",
     "outputs_prefix",
+    "task_log_key",
+    "task_logs_prefix",
     "thumbnail_key",
 ]
 
@@ -46,6 +49,14 @@ def thumbnail_key(job_id: str, frame: int) -> str:
 
 def outputs_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/outputs"
+
+
+def task_logs_prefix(job_id: str, task: str) -> str:
+    return f"jobs/{job_id}/logs/{task}"
+
+
+def task_log_key(job_id: str, task: str, attempt: int) -> str:
+    return f"{task_logs_prefix(job_id, task)}/{attempt:02d}.log"
 
 
 def manifest_key(job_id: str) -> str:

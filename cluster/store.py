@@ -8,7 +8,6 @@ completion leaves exactly one answer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 from importlib import resources
@@ -20,10 +19,19 @@ from rayfarm.cluster import keys
 from rayfarm.errors import InvalidTransition, JobNotFound
 from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, sources_of
 
-__all__ = ["EVENTS_MAXLEN", "JobStore", "now_iso", "outranks", "queue_score"]
+__all__ = [
+    "EVENTS_MAXLEN",
+    "RENDER_S_BUCKETS",
+    "JobStore",
+    "now_iso",
+    "outranks",
+    "queue_score",
+]
 
-#: Approximate cap on each job's event stream.
-EVENTS_MAXLEN = 10_000
+#: Default approximate cap on each job's event stream (its execution log), in events.
+EVENTS_MAXLEN = 100_000
+#: Upper bounds (seconds) of the render-time histogram's buckets (+Inf is implied).
+RENDER_S_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 #: A Redis command that takes longer than this is a dead connection.
 SOCKET_TIMEOUT_S = 10.0
 _TRANSITION_LUA = resources.files("rayfarm.cluster").joinpath("lua/transition.lua").read_text()
@@ -52,24 +60,31 @@ def outranks(score: float, other: float) -> bool:
 class JobStore:
     """Jobs in Redis. One instance per process; safe for concurrent coroutines."""
 
-    def __init__(self, redis: aioredis.Redis, block_slice_s: float = SOCKET_TIMEOUT_S / 4) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        events_maxlen: int = EVENTS_MAXLEN,
+    ) -> None:
         # Typed as Any: redis-py's stubs return bytes | str unions even with
         # decode_responses=True, which would bury the logic in casts.
         self.redis: Any = redis
-        # redis-py applies the socket timeout to blocking reads too: a blocked XREAD
-        # longer than it reads as a dead server, so blocking waits go in slices.
-        self.block_slice_s = block_slice_s
+        self.events_maxlen = events_maxlen
         self._transition = redis.register_script(_TRANSITION_LUA)
 
     @classmethod
-    def from_url(cls, url: str, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> JobStore:
+    def from_url(
+        cls,
+        url: str,
+        socket_timeout_s: float = SOCKET_TIMEOUT_S,
+        events_maxlen: int = EVENTS_MAXLEN,
+    ) -> JobStore:
         client = aioredis.Redis.from_url(
             url,
             decode_responses=True,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
         )
-        return cls(client, block_slice_s=socket_timeout_s / 4)
+        return cls(client, events_maxlen=events_maxlen)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -96,11 +111,13 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job(job.id), mapping=fields)
             pipe.zadd(keys.all_jobs(), {job.id: job.created_at.timestamp()})
+            pipe.zadd(keys.jobs_in(str(job.state)), {job.id: job.created_at.timestamp()})
             pipe.zadd(keys.queue(), {job.id: queue_score(job.spec.priority, created)})
+            pipe.hincrby(keys.metrics(), "jobs_submitted_total", 1)
             pipe.xadd(
                 keys.events(job.id),
                 {"kind": "state", "from": "", "to": str(job.state), "at": created},
-                maxlen=EVENTS_MAXLEN,
+                maxlen=self.events_maxlen,
             )
             await pipe.execute()
 
@@ -140,47 +157,22 @@ class JobStore:
             event=last[0][0] if last else None,
         )
 
-    async def wait_for_event(self, job_id: str, after: str, timeout_s: float) -> bool:
-        """Block until the job's event stream has an entry newer than ``after`` (an event
-        id from ``status``), or ``timeout_s`` passes; True if one arrived.
-
-        Every progress step (state change, task done, frame stored) appends an event, so
-        this is how clients long-poll the status without hammering the service.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while (remaining := deadline - loop.time()) > 0:
-            block_ms = max(1, int(min(remaining, self.block_slice_s) * 1000))
-            if await self.redis.xread({keys.events(job_id): after}, count=1, block=block_ms):
-                return True
-        return False
-
     async def list_jobs(
         self, state: JobState | None = None, offset: int = 0, limit: int = 50
     ) -> tuple[list[Job], int]:
-        """Jobs newest first. With ``state``, filtered (a scan over the index)."""
-        if state is None:
-            total = await self.redis.zcard(keys.all_jobs())
-            ids = await self.redis.zrevrange(keys.all_jobs(), offset, offset + limit - 1)
-            return [await self.get(i) for i in ids], total
-        matched: list[Job] = []
-        total = 0
-        async for job_id in self._iter_ids():
-            if await self.field(job_id, "state") == state:
-                if offset <= total < offset + limit:
-                    matched.append(await self.get(job_id))
-                total += 1
-        return matched, total
-
-    async def _iter_ids(self, batch: int = 500) -> Any:
-        start = 0
-        while True:
-            ids = await self.redis.zrevrange(keys.all_jobs(), start, start + batch - 1)
-            for i in ids:
-                yield i
-            if len(ids) < batch:
-                return
-            start += batch
+        """Jobs newest first, optionally only those in ``state`` (its own index)."""
+        index = keys.all_jobs() if state is None else keys.jobs_in(str(state))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(index)
+            pipe.zrevrange(index, offset, offset + limit - 1)
+            total, ids = await pipe.execute()
+        found = []
+        for job_id in ids:
+            try:
+                found.append(await self.get(job_id))
+            except JobNotFound:
+                total -= 1  # removed between the two reads
+        return found, total
 
     async def scene_info(self, scene_id: str) -> dict[str, Any] | None:
         text = await self.redis.get(keys.scene(scene_id))
@@ -230,13 +222,22 @@ class JobStore:
             ",".join(sorted(sources_of(target))),
             queue_action,
             score,
-            str(EVENTS_MAXLEN),
+            str(self.events_maxlen),
             now,
+            ",".join(JobState),
+            error or "",
         ]
         for name, value in pairs.items():
             argv += [name, value]
         ok, previous = await self._transition(
-            keys=[keys.job(job_id), keys.queue(), keys.events(job_id)], args=argv
+            keys=[
+                keys.job(job_id),
+                keys.queue(),
+                keys.events(job_id),
+                keys.all_jobs(),
+                *(keys.jobs_in(str(s)) for s in JobState),
+            ],
+            args=argv,
         )
         if ok == 0:
             raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
@@ -265,14 +266,48 @@ class JobStore:
     async def tasks_done(self, job_id: str) -> set[str]:
         return set(await self.redis.hkeys(keys.tasks(job_id)))
 
-    async def mark_task_done(self, job_id: str, task: str, **event: Any) -> None:
-        """Record a finished task and append a ``task`` event (frame, tile, device, ...)."""
-        fields = {"kind": "task", "at": now_iso(), "task": task}
+    async def mark_task_done(self, job_id: str, task: str, seconds: float, **event: Any) -> None:
+        """Record a finished task, append its ``task_done`` event (frame, tile, actor,
+        node, device, ...) and count it in the farm's metrics, in one round trip."""
+        fields = {"kind": "task_done", "at": now_iso(), "task": task, "seconds": f"{seconds:.3f}"}
         fields.update({k: str(v) for k, v in event.items()})
+        bucket = next((f"{b:g}" for b in RENDER_S_BUCKETS if seconds <= b), "+Inf")
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.tasks(job_id), task, "done")
-            pipe.xadd(keys.events(job_id), fields, maxlen=EVENTS_MAXLEN)
+            pipe.xadd(keys.events(job_id), fields, maxlen=self.events_maxlen)
+            pipe.hincrby(keys.metrics(), "tasks_done_total", 1)
+            pipe.hincrby(keys.metrics(), f"render_s_bucket:{bucket}", 1)
+            pipe.hincrbyfloat(keys.metrics(), "render_s_sum", seconds)
             await pipe.execute()
+
+    async def start_task(self, job_id: str, task: str, **event: Any) -> int:
+        """Record that ``task`` started and log its ``task_started`` event; return the
+        attempt's number, counted over the job's whole life (retries and dispatcher
+        restarts included), so each attempt's log keeps its own name."""
+        attempt = int(await self.redis.hincrby(keys.tries(job_id), task, 1))
+        await self.event(job_id, "task_started", task=task, attempt=attempt, **event)
+        return attempt
+
+    async def count(self, **amounts: int) -> None:
+        """Add to farm-wide counters (``tasks_failed_total=1``; see ``metrics``)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, amount in amounts.items():
+                pipe.hincrby(keys.metrics(), name, amount)
+            await pipe.execute()
+
+    async def metrics(self) -> dict[str, Any]:
+        """Farm-wide counters, jobs by state and the queue's depth, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.metrics())
+            pipe.zcard(keys.queue())
+            for state in JobState:
+                pipe.zcard(keys.jobs_in(str(state)))
+            counters, queued, *by_state = await pipe.execute()
+        return {
+            "counters": {k: float(v) for k, v in counters.items()},
+            "queue_depth": int(queued),
+            "jobs": dict(zip(JobState, map(int, by_state), strict=True)),
+        }
 
     async def mark_frame_done(
         self,
@@ -289,6 +324,7 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.frames(job_id), str(frame), object_key)
             pipe.hset(keys.frame_meta(job_id), str(frame), meta)
+            pipe.hincrby(keys.metrics(), "frames_stored_total", 1)
             pipe.hlen(keys.frames(job_id))
             *_, count = await pipe.execute()
         return int(count)
@@ -304,13 +340,35 @@ class JobStore:
     async def set_fields(self, job_id: str, **fields: str) -> None:
         await self.redis.hset(keys.job(job_id), mapping=fields)
 
-    async def event(self, job_id: str, kind: str, **fields: Any) -> None:
+    async def event(self, job_id: str, kind: str, **fields: Any) -> str:
+        """Append one event to the job's execution log; return its id."""
         body = {"kind": kind, "at": now_iso(), **{k: str(v) for k, v in fields.items()}}
-        await self.redis.xadd(keys.events(job_id), body, maxlen=EVENTS_MAXLEN)
+        event_id: str = await self.redis.xadd(keys.events(job_id), body, maxlen=self.events_maxlen)
+        return event_id
+
+    async def add_events(self, job_id: str, kind: str, items: list[dict[str, Any]]) -> None:
+        """Append many events of one ``kind`` in one round trip (a plan's queued tasks)."""
+        at = now_iso()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fields in items:
+                body = {"kind": kind, "at": at, **{k: str(v) for k, v in fields.items()}}
+                pipe.xadd(keys.events(job_id), body, maxlen=self.events_maxlen)
+            await pipe.execute()
 
     async def events(self, job_id: str, count: int = 1000) -> list[dict[str, str]]:
         entries = await self.redis.xrange(keys.events(job_id), count=count)
         return [{"id": entry_id, **fields} for entry_id, fields in entries]
+
+    async def events_after(
+        self, job_id: str, after: str | None, count: int = 500
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` events newer than the event id ``after`` (all from the start
+        when None), oldest first."""
+        start = "-" if after is None else f"({after}"
+        entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(
+            keys.events(job_id), min=start, count=count
+        )
+        return entries
 
     async def queued(self, limit: int = 100) -> list[str]:
         return [job_id for job_id, _ in await self.queue_head(limit)]
@@ -329,7 +387,8 @@ class JobStore:
 
     async def active(self) -> list[str]:
         """Ids of PROCESSING jobs (for a dispatcher rebuilding its queue)."""
-        return [j async for j in self._iter_ids() if await self.field(j, "state") == "PROCESSING"]
+        ids: list[str] = await self.redis.zrange(keys.jobs_in(str(JobState.PROCESSING)), 0, -1)
+        return ids
 
 
 def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> Job:

@@ -3,6 +3,8 @@
 -- KEYS[1]  job hash            rayfarm:job:{id}
 -- KEYS[2]  queue sorted set    rayfarm:queue
 -- KEYS[3]  events stream       rayfarm:job:{id}:events
+-- KEYS[4]  all jobs index      rayfarm:jobs (creation time scores)
+-- KEYS[5..] per-state indexes  rayfarm:jobs:{STATE}, in the order of ARGV[8]
 -- ARGV[1]  job id
 -- ARGV[2]  target state
 -- ARGV[3]  allowed source states, comma-separated (from the SDK's TRANSITIONS)
@@ -10,7 +12,9 @@
 -- ARGV[5]  queue score (used with "add")
 -- ARGV[6]  event stream max length
 -- ARGV[7]  event time (ISO 8601)
--- ARGV[8..] field, value pairs to set on the job hash; an empty value deletes the field
+-- ARGV[8]  every state, comma-separated, in the order of KEYS[5..]
+-- ARGV[9]  the error message for the event ("" for none)
+-- ARGV[10..] field, value pairs to set on the job hash; an empty value deletes the field
 --
 -- Returns {1, previous state} on success, {0, ""} if the job does not exist,
 -- {-1, current state} if the transition is not allowed from the current state.
@@ -26,7 +30,7 @@ if not allowed then
   return {-1, current}
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2])
-for i = 8, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   if ARGV[i + 1] == '' then
     redis.call('HDEL', KEYS[1], ARGV[i])
   else
@@ -38,6 +42,21 @@ if ARGV[4] == 'add' then
 elseif ARGV[4] == 'rem' then
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
-  'kind', 'state', 'from', current, 'to', ARGV[2], 'at', ARGV[7])
+local created = redis.call('ZSCORE', KEYS[4], ARGV[1]) or 0
+local index = 5
+for s in string.gmatch(ARGV[8], '[^,]+') do
+  if s == current then redis.call('ZREM', KEYS[index], ARGV[1]) end
+  if s == ARGV[2] then redis.call('ZADD', KEYS[index], created, ARGV[1]) end
+  index = index + 1
+end
+local event_id
+if ARGV[9] ~= '' then
+  event_id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
+    'kind', 'state', 'from', current, 'to', ARGV[2], 'at', ARGV[7], 'error', ARGV[9])
+else
+  event_id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
+    'kind', 'state', 'from', current, 'to', ARGV[2], 'at', ARGV[7])
+end
+-- Followers of the event stream end at the event that made the job's current state.
+redis.call('HSET', KEYS[1], 'state_event', event_id)
 return {1, current}

@@ -1,0 +1,199 @@
+"""Watching the farm: a job's live event stream (SSE), its execution log, each task's
+Blender output, and the farm's Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+
+from rayfarm.cluster import storage as layout
+from rayfarm.cluster.context import AppContext, Ctx, JobId
+from rayfarm.cluster.events import decode, follow, sse
+from rayfarm.cluster.store import RENDER_S_BUCKETS
+from rayfarm.errors import InvalidRequest, NotFound
+from rayfarm.events import format_event
+from rayfarm.models import JobState
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["progress"])
+
+EVENT_ID = r"^\d+-\d+$"
+_EVENT_ID = re.compile(EVENT_ID)
+_TASK = re.compile(r"^f\d{7}t\d{3}$")
+#: Client reconnect delay the SSE stream asks for, in milliseconds.
+SSE_RETRY_MS = 2000
+#: Most events one ``/logs`` answer holds (page on with ``after``).
+MAX_LOG_EVENTS = 10_000
+#: How long ``/metrics`` waits for the dispatcher's view of the actors.
+STATS_TIMEOUT_S = 2.0
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def stream_events(
+    job_id: JobId,
+    ctx: Ctx,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[str | None, Query(pattern=EVENT_ID)] = None,
+) -> StreamingResponse:
+    """The job's execution log as Server-Sent Events, live: every event so far (or those
+    after ``Last-Event-ID`` / ``after``), then each new one as it happens.
+
+    Each message has ``id`` (reconnect with it as ``Last-Event-ID`` to get exactly what
+    you missed), ``event`` (the kind: ``state``, ``task_queued``, ``task_started``,
+    ``progress``, ``task_done``, ``task_failed``, ``task_retried``, ``frame``,
+    ``warning``, ...) and JSON ``data``. A comment every 15 s keeps idle connections
+    open. After the job's terminal state the stream sends ``event: end`` and closes.
+    """
+    start = last_event_id.strip() if last_event_id else after
+    if start is not None and not _EVENT_ID.match(start):
+        raise InvalidRequest(f"Last-Event-ID {start!r} is not an event id (such as 1-0)")
+    await ctx.store.status(job_id)  # 404 before the stream starts
+
+    async def body() -> AsyncIterator[bytes]:
+        yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+        async for event in follow(ctx.store, ctx.hub, job_id, start):
+            yield sse(event)
+        state = await ctx.store.field(job_id, "state")
+        yield f'event: end\ndata: {{"state": "{state}"}}\n\n'.encode()
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/jobs/{job_id}/logs", response_model=None)
+async def job_log(
+    job_id: JobId,
+    ctx: Ctx,
+    after: Annotated[str | None, Query(pattern=EVENT_ID)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LOG_EVENTS)] = MAX_LOG_EVENTS,
+    format: Literal["text", "json"] = "text",
+) -> Response | dict[str, Any]:
+    """The job's execution log so far: one line per event (``format=json``: the events
+    as the event stream sends them, with ``next`` to page on with ``after``)."""
+    await ctx.store.status(job_id)
+    entries = await ctx.store.events_after(job_id, after, limit)
+    events = [decode(i, f) for i, f in entries]
+    if format == "json":
+        return {"events": events, "next": events[-1]["id"] if events else after}
+    return PlainTextResponse("".join(format_event(e) + "\n" for e in events))
+
+
+@router.get("/jobs/{job_id}/tasks/{task}/log", response_class=PlainTextResponse)
+async def task_log(job_id: JobId, task: str, ctx: Ctx) -> PlainTextResponse:
+    """Blender's own output while rendering ``task`` (``f0000012t003``: frame 12, tile
+    3), every attempt in order, each under a header line."""
+    if not _TASK.match(task):
+        raise InvalidRequest(f"{task!r} is not a task id (such as f0000001t000)")
+    await ctx.store.status(job_id)
+    found = await asyncio.to_thread(ctx.storage.list, layout.task_logs_prefix(job_id, task))
+    if not found:
+        raise NotFound(f"job {job_id} has no log for task {task}", {"task": task})
+    parts = []
+    for key, _ in found:
+        attempt = int(key.rsplit("/", 1)[-1].split(".")[0])
+        text = (await asyncio.to_thread(ctx.storage.read_bytes, key)).decode(errors="replace")
+        parts.append(f"===== {task} attempt {attempt} =====\n{text.rstrip()}\n")
+    return PlainTextResponse("".join(parts))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["farm"])
+async def metrics(ctx: Ctx) -> Response:
+    """The farm in Prometheus's text format: jobs by state, queue depth, tasks done and
+    failed (rate() gives tasks per second), a histogram of render seconds per task,
+    render actors by device and state, bytes uploaded, open event streams."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    snapshot = await ctx.store.metrics()
+    stats = await _dispatcher_stats(ctx)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(snapshot, stats, ctx.hub.waiting))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _dispatcher_stats(ctx: AppContext) -> dict[str, Any] | None:
+    if ctx.stats is None:
+        return None
+    try:
+        stats: dict[str, Any] = await asyncio.wait_for(ctx.stats(), STATS_TIMEOUT_S)
+        return stats
+    except Exception:
+        return None  # the dispatcher restarting: the metrics say so with rayfarm_up 0
+
+
+class _Collector:
+    """One scrape's worth of metrics, from a Redis snapshot and the dispatcher's stats."""
+
+    def __init__(self, snapshot: dict[str, Any], stats: dict[str, Any] | None, streams: int):
+        self.snapshot, self.stats, self.streams = snapshot, stats, streams
+
+    def collect(self) -> Any:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        counters: dict[str, float] = self.snapshot["counters"]
+        jobs = GaugeMetricFamily("rayfarm_jobs", "Jobs by state.", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([str(state)], self.snapshot["jobs"][state])
+        yield jobs
+        yield GaugeMetricFamily(
+            "rayfarm_queue_depth", "Jobs waiting in the queue.", value=self.snapshot["queue_depth"]
+        )
+        for name, help_text in (
+            ("jobs_submitted", "Jobs accepted."),
+            ("tasks_done", "Render tasks (frames or tiles) finished."),
+            ("tasks_failed", "Render task attempts that failed."),
+            ("frames_stored", "Frames written to storage."),
+            ("upload_bytes", "Bytes of scene files uploaded (new blobs only)."),
+            ("upload_blobs", "Scene files uploaded (new blobs only)."),
+        ):
+            yield CounterMetricFamily(
+                f"rayfarm_{name}", help_text, value=counters.get(f"{name}_total", 0.0)
+            )
+        buckets, cumulative = [], 0.0
+        for bound in [*(f"{b:g}" for b in RENDER_S_BUCKETS), "+Inf"]:
+            cumulative += counters.get(f"render_s_bucket:{bound}", 0.0)
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "rayfarm_task_render_seconds",
+            "Seconds each finished render task took on its actor.",
+            buckets=buckets,
+            sum_value=counters.get("render_s_sum", 0.0),
+        )
+        up = GaugeMetricFamily("rayfarm_dispatcher_up", "1 when the dispatcher answered.")
+        up.add_metric([], 0.0 if self.stats is None else 1.0)
+        yield up
+        actors = GaugeMetricFamily(
+            "rayfarm_actors", "Render actors by device and state.", labels=["device", "state"]
+        )
+        pending = GaugeMetricFamily("rayfarm_tasks_pending", "Tasks waiting for an actor.")
+        if self.stats is not None:
+            counts: dict[tuple[str, str], int] = {}
+            for actor in self.stats["actors"]:
+                key = (actor["device"] or "starting", "busy" if actor["busy"] else "idle")
+                counts[key] = counts.get(key, 0) + 1
+            for (device, state), n in sorted(counts.items()):
+                actors.add_metric([device, state], n)
+            pending.add_metric([], self.stats["pending"])
+        yield actors
+        yield pending
+        yield GaugeMetricFamily(
+            "rayfarm_event_waits", "Event streams and long-polls open on this replica.",
+            value=self.streams,
+        )  # fmt: skip

@@ -1,0 +1,238 @@
+"""Taking a job in: the checks every submission passes before anything is stored
+(spec, file listing, stored blobs, the main file's header and Blender version, scene
+and camera names against the scene's catalogue), and the job's creation.
+
+Used by ``POST /jobs`` (JSON listing or multipart .blend) and by the gRPC
+``SubmitJob``, so both answer the same input with the same error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from starlette.datastructures import UploadFile
+
+from rayfarm.blendfile import BlendHeader, check_blend, check_version
+from rayfarm.cluster.context import AppContext
+from rayfarm.cluster.storage import CHUNK_BYTES, Storage
+from rayfarm.errors import (
+    FarmError,
+    InvalidRequest,
+    InvalidScene,
+    InvalidSpec,
+    PayloadTooLarge,
+)
+from rayfarm.models import Job, JobSpec, JobState, parse_spec
+from rayfarm.render.inputs import SHA256, InputFile, Inputs, blob_key, check_path
+
+__all__ = [
+    "MAX_INPUT_FILES",
+    "catalogue",
+    "check_listing",
+    "check_scene",
+    "check_stored",
+    "store_blob",
+    "store_single",
+    "submit_listing",
+]
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+#: Most files one job's input folder may hold, and most hashes one question may ask.
+MAX_INPUT_FILES = 10_000
+
+
+async def submit_listing(ctx: AppContext, data: Any) -> Job:
+    """Queue a job described as ``{"spec", "main", "files"}`` (blobs already uploaded)."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object with spec, main and files")
+    unknown = sorted(set(data) - {"spec", "main", "files"})
+    if unknown:
+        raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
+    spec = parse_spec(data.get("spec"))
+    inputs = check_listing(ctx, data.get("main"), data.get("files"))
+    await asyncio.to_thread(check_stored, ctx, inputs)
+    return await _create_job(ctx, spec, inputs)
+
+
+def check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
+    if not isinstance(files, list) or not files:
+        raise InvalidRequest("files must be a non-empty list of {path, sha256, size}")
+    if len(files) > MAX_INPUT_FILES:
+        raise PayloadTooLarge(
+            f"{len(files)} input files is over the farm's limit of {MAX_INPUT_FILES}",
+            {"limit": MAX_INPUT_FILES},
+        )
+    seen: dict[str, str] = {}
+    listed = []
+    total = 0
+    for item in files:
+        if not isinstance(item, dict) or set(item) != {"path", "sha256", "size"}:
+            raise InvalidRequest("each file must be exactly {path, sha256, size}")
+        path, digest, size = item["path"], item["sha256"], item["size"]
+        check_path(path)
+        if not isinstance(digest, str) or not SHA256.match(digest):
+            raise InvalidRequest(f"input {path!r}: sha256 must be 64 lowercase hex digits")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidRequest(f"input {path!r}: size must be a non-negative integer")
+        folded = path.casefold()
+        if folded in seen:
+            raise InvalidRequest(
+                f"input {path!r} is listed twice (as {seen[folded]!r}; paths are compared "
+                "ignoring case, as Windows and macOS artists' disks do)",
+                {"path": path},
+            )
+        seen[folded] = path
+        total += size
+        listed.append(InputFile(path, digest, size))
+    if total > ctx.settings.max_job_bytes:
+        raise PayloadTooLarge(
+            f"input files of {total} bytes are over the farm's limit of "
+            f"{ctx.settings.max_job_bytes} bytes",
+            {"limit": ctx.settings.max_job_bytes},
+        )
+    if not isinstance(main, str) or main not in {f.path for f in listed}:
+        raise InvalidRequest(f"main {main!r} is not one of the listed files")
+    if not main.lower().endswith(".blend"):
+        raise InvalidRequest(f"main {main!r} is not a .blend file")
+    return Inputs(ctx.settings.storage, main, tuple(listed))
+
+
+def check_stored(ctx: AppContext, inputs: Inputs) -> None:
+    """Every blob stored with the listed size; the main file a .blend the workers open."""
+    missing = []
+    for f in inputs.files:
+        key = blob_key(f.sha256)
+        if not ctx.storage.exists(key):
+            missing.append(f.path)
+        elif ctx.storage.size(key) != f.size:
+            raise InvalidRequest(
+                f"input {f.path!r}: the stored blob has {ctx.storage.size(key)} bytes, "
+                f"not {f.size}",
+                {"path": f.path},
+            )
+    if missing:
+        raise InvalidRequest(
+            f"{len(missing)} input file(s) not uploaded: {', '.join(missing[:20])}"
+            + (" ..." if len(missing) > 20 else "")
+            + " (PUT /blobs/{sha256} first)",
+            {"missing": missing},
+        )
+    main = next(f for f in inputs.files if f.path == inputs.main)
+    with ctx.storage.fs.open(ctx.storage.path(blob_key(main.sha256)), "rb") as f:
+        header = check_blend(f)
+    check_version(header, ctx.settings.blender_version)
+
+
+def file_size(f: IO[bytes]) -> int:
+    f.seek(0, 2)
+    n = f.tell()
+    f.seek(0)
+    return n
+
+
+def check_scene(f: IO[bytes]) -> BlendHeader:
+    f.seek(0)
+    try:
+        return check_blend(f)
+    finally:
+        f.seek(0)
+
+
+async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
+    """A single-.blend upload: the file becomes a blob and the job's input folder
+    holds just it."""
+    name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
+    if not name.lower().endswith(".blend"):
+        name = (name or "scene") + ".blend"
+    digest, size = await asyncio.to_thread(store_blob, ctx.storage, scene.file)
+    inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
+    return await _create_job(ctx, spec, inputs)
+
+
+async def catalogue(ctx: AppContext, inputs: Inputs) -> dict[str, Any] | None:
+    """The scene's catalogue entry: stored, or made now by the farm's inspector (once
+    per scene folder); None where the service runs without a farm to inspect with."""
+    info = await ctx.store.scene_info(inputs.digest)
+    if info is not None or ctx.inspect is None:
+        return info
+    try:
+        info = await ctx.inspect(inputs)
+    except Exception as exc:
+        cause: BaseException = exc
+        while getattr(cause, "cause", None) is not None:  # Ray wraps, once per actor hop
+            cause = cause.cause  # type: ignore[attr-defined]
+        if isinstance(cause, FarmError):
+            raise InvalidScene(str(cause.message), {"scene": inputs.main}) from None
+        raise
+    assert info is not None
+    await ctx.store.set_scene_info(inputs.digest, info)
+    return info
+
+
+def _check_names(spec: JobSpec, info: dict[str, Any]) -> None:
+    """Refuse a spec naming a scene or camera the file lacks, listing the choices."""
+    scenes = {s["name"]: s for s in info["scenes"]}
+    name = spec.scene or info["active_scene"]
+    if name not in scenes:
+        raise InvalidSpec(
+            f"the file has no scene {name!r} (it has: {', '.join(scenes)})",
+            {"field": "scene", "choices": list(scenes)},
+        )
+    cameras = scenes[name]["cameras"]
+    if spec.camera is not None and spec.camera not in cameras:
+        raise InvalidSpec(
+            f"scene {name!r} has no camera {spec.camera!r} (cameras: "
+            f"{', '.join(cameras) or 'none'})",
+            {"field": "camera", "choices": cameras},
+        )
+
+
+async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs) -> Job:
+    try:
+        info = await catalogue(ctx, inputs)
+    except InvalidScene:
+        # bpy cannot open it: the job fails on the farm with the same message, so a
+        # scene that only the farm's Blender refuses is reported where jobs report.
+        info = None
+    if info is not None:
+        _check_names(spec, info)
+    job_id = uuid.uuid4().hex[:16]
+    grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
+    nx, ny = grid or (1, 1)
+    frames = spec.frame_list
+    job = Job(
+        id=job_id,
+        state=JobState.PENDING,
+        owner="local",
+        spec=spec,
+        scene_file=inputs.main,
+        frames_total=len(frames),
+        tasks_total=len(frames) * nx * ny,
+        tiles=None if grid is None else str(spec.tiles),
+        created_at=datetime.now(UTC),
+    )
+    # Blobs are shared by content, never a job's own: nothing to undo if this fails.
+    await ctx.store.create(job, inputs.to_json(), inputs.digest)
+    ctx.nudge()
+    return job
+
+
+def store_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
+    """Store a local file as a blob (unless stored already); return (sha256, size)."""
+    sha = hashlib.sha256()
+    size = 0
+    src.seek(0)
+    while block := src.read(CHUNK_BYTES):
+        sha.update(block)
+        size += len(block)
+    digest = sha.hexdigest()
+    key = blob_key(digest)
+    if not storage.exists(key) or storage.size(key) != size:
+        src.seek(0)
+        storage.put_stream(key, src)
+    return digest, size
