@@ -95,11 +95,22 @@ class Dispatcher:
         result: dict[str, Any] = await self.inspector.catalogue.remote(inputs)
         return result
 
+    async def progress(self, job_id: str, frame: int, tile: int, samples: int, of: int) -> None:
+        """A render actor's report of Cycles' samples done inside a running task."""
+        run = self.runs.get(job_id)
+        if run is None or run.stopped:
+            return
+        await self.store.event(
+            job_id, "progress", task=keys.task_key(frame, tile), frame=frame, tile=tile,
+            samples=samples, of=of,
+        )  # fmt: skip
+
     async def stats(self) -> dict[str, Any]:
+        """The pool (each actor's index, device, node, host, busy) and the work waiting."""
         self._ensure_running()
         return {
-            "actors": len(self.slots),
-            "busy": sum(s.busy for s in self.slots),
+            "actors": [{"index": s.index, "busy": s.busy, **_where(s)} for s in self.slots],
+            "pending": sum(len(r.pending) for r in self.runs.values()),
             "runs": {r.id: len(r.pending) for r in self.runs.values()},
         }
 
@@ -127,15 +138,16 @@ class Dispatcher:
         from rayfarm.render.actor import RenderActor
 
         remote = ray.remote(RenderActor)
+        me = ray.get_runtime_context().current_actor  # receives the actors' progress
         if int(ray.cluster_resources().get("GPU", 0)):
-            return remote.options(num_gpus=1, num_cpus=0).remote()
+            return remote.options(num_gpus=1, num_cpus=0).remote(reporter=me)
         n = max(1, self.settings.cpu_actors)
-        return remote.options(num_cpus=1).remote(self.settings.actor_threads, index, n)
+        return remote.options(num_cpus=1).remote(self.settings.actor_threads, index, n, me)
 
     def _replace_actor(self, slot: Slot) -> None:
         ray.kill(slot.handle, no_restart=True)
         slot.handle = self._new_actor(slot.index)
-        slot.holds = None
+        slot.holds = slot.node = slot.host = slot.device = None
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -238,6 +250,11 @@ class Dispatcher:
         run.grid = grid
         run.pending.extend(expand(run.job, run.scene_hash, done, grid))
         await self.store.event(run.id, "planned", tiles=_tiles(grid), tasks=len(run.pending))
+        await self.store.add_events(
+            run.id, "task_queued",
+            [{"task": keys.task_key(t.frame, t.tile), "frame": t.frame, "tile": t.tile}
+             for t in run.pending],
+        )  # fmt: skip
         if not run.pending:
             await self._complete(run)
 
@@ -328,6 +345,7 @@ class Dispatcher:
                 wake.set()
 
         try:
+            await self._started(slot, run, task)
             meta_ref, payload_ref = slot.handle.render.options(num_returns=2).remote(
                 task, run.inputs
             )
@@ -372,11 +390,39 @@ class Dispatcher:
         finally:
             release()
 
+    async def _started(self, slot: Slot, run: Run, task: RenderTask) -> None:
+        """Learn the actor's node and device (once; it answers after loading Blender)
+        and log the task's start."""
+        if slot.node is None:
+            info = await slot.handle.info.remote()
+            slot.node, slot.host, slot.device = info["node_id"], info["host"], info["device"]
+        key = keys.task_key(task.frame, task.tile)
+        run.tries[key] = await self.store.start_task(
+            run.id, key, frame=task.frame, tile=task.tile, **_where(slot)
+        )
+
     async def _task_done(self, run: Run, task: RenderTask, meta: TaskResult, slot: Slot) -> None:
+        key = keys.task_key(task.frame, task.tile)
+        attempt = run.tries.get(key, 1)
         await self.store.mark_task_done(
-            run.id, keys.task_key(task.frame, task.tile), frame=task.frame, tile=task.tile,
-            actor=slot.index, device=meta.device, seconds=f"{meta.seconds:.3f}",
+            run.id, key, meta.seconds, frame=task.frame, tile=task.tile, attempt=attempt,
+            **_where(slot),
         )  # fmt: skip
+        await self._keep_log(run, key, attempt, meta.log)
+        for warning in meta.warnings:
+            if warning not in run.warned:
+                run.warned.add(warning)
+                await self.store.event(run.id, "warning", message=warning, task=key)
+
+    async def _keep_log(self, run: Run, key: str, attempt: int, text: str) -> None:
+        """Store Blender's output for one attempt at a task (``GET .../tasks/{key}/log``)."""
+        if not text:
+            return
+        where = layout.task_log_key(run.id, key, attempt)
+        try:
+            await asyncio.to_thread(self.storage.put_bytes, where, text.encode())
+        except Exception:
+            log.warning("job %s: could not store the log of %s", run.id, key, exc_info=True)
 
     async def _store_frame(
         self, run: Run, task: RenderTask, image: bytes, meta: TaskResult, slot: Slot
@@ -457,27 +503,38 @@ class Dispatcher:
         """Retry the task (or, when a frame failed to assemble, all its tiles) elsewhere,
         or fail the job once its retries are spent or the error is fatal."""
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-        if _died(exc, slot):
+        key = keys.task_key(task.frame, task.tile)
+        where_ = _where(slot)
+        died = _died(exc, slot)
+        if not died and not run.stopped:
+            try:
+                text = await asyncio.wait_for(slot.handle.task_log.remote(), 10)
+                await self._keep_log(run, key, run.tries.get(key, 1), text)
+            except Exception:
+                pass  # the log is a courtesy; the failure is reported either way
+        if died:
             log.warning("render actor %d died; replacing it", slot.index)
             self._replace_actor(slot)
         if run.stopped:
             return
-        key = keys.task_key(task.frame, task.tile)
         where = f"frame {task.frame}" + (f" tile {task.tile}" if task.is_tiled else "")
         message = f"{where}: {cause}"
         fatal = isinstance(cause, FarmError) and bool(cause.detail.get(FATAL))
         attempts = await self.store.add_attempt(run.id, key)
         run.failed_on.setdefault(key, set()).add(slot.index)
+        retry = not fatal and attempts <= run.job.spec.max_retries
+        attempt = run.tries.get(key, 1)
+        await self.store.count(tasks_failed_total=1)
         await self.store.event(
-            run.id,
-            "task_failed",
-            frame=task.frame,
-            tile=task.tile,
-            actor=slot.index,
-            attempt=attempts,
-            error=str(cause),
-        )
-        if fatal or attempts > run.job.spec.max_retries:
+            run.id, "task_failed", task=key, frame=task.frame, tile=task.tile,
+            attempt=attempt, error=str(cause), retry=retry, **where_,
+        )  # fmt: skip
+        if retry:
+            await self.store.event(
+                run.id, "task_retried", task=key, frame=task.frame, tile=task.tile,
+                attempt=attempt + 1,
+            )  # fmt: skip
+        if not retry:
             if not fatal:
                 message += f" (failed {attempts} times)"
             self._stop(run)
@@ -508,6 +565,16 @@ def _died(exc: Exception, slot: Slot) -> bool:
     if not isinstance(exc, RayActorError):
         return False
     return exc.actor_id in (None, slot.handle._actor_id.hex())
+
+
+def _where(slot: Slot) -> dict[str, Any]:
+    """Where a task runs, as its events say: actor, node, host, device."""
+    return {
+        "actor": slot.index,
+        "node": slot.node or "",
+        "host": slot.host or "",
+        "device": slot.device or "",
+    }
 
 
 def _prefer(slots: list[Slot], scene_hash: str) -> Slot:

@@ -26,6 +26,9 @@ class Slot:
     handle: Any
     busy: bool = False
     holds: str | None = None  # content hash of the scene it has open
+    node: str | None = None  # Ray node id, host name and device, once the actor has said
+    host: str | None = None
+    device: str | None = None
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Run:
     probing: bool = False  # an actor is inspecting the scene to decide 'auto'
     pending: deque[RenderTask] = field(default_factory=deque)
     failed_on: dict[str, set[int]] = field(default_factory=dict)  # task key -> slot indexes
+    tries: dict[str, int] = field(default_factory=dict)  # task key -> its current attempt
+    warned: set[str] = field(default_factory=set)  # warnings already in the job's events
     render_s: dict[int, float] = field(default_factory=dict)  # frame -> its tiles' seconds
     device_reported: bool = False
     stopped: bool = False

@@ -18,7 +18,8 @@ transparent film). ``--heavy`` adds a dense mesh whose Subdivision Surface modif
 render time (about 2.5 million triangles) and animates the camera, so every
 frame needs a real scene sync. ``--script-marker PATH`` adds a registered
 Python text block that would create PATH if Blender ever ran it (the farm must
-not: scenes open with auto-execution off).
+not: scenes open with auto-execution off). ``--py-driver`` gives the cube a driver
+whose expression needs Python (the farm warns that it evaluates to 0).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def build(
     abs_texture: str | None = None,
     texture_dir: str | None = None,
     library: str | None = None,
+    py_driver: bool = False,
 ) -> Path:
     import bpy
 
@@ -226,6 +228,12 @@ def build(
         layer.use_pass_diffuse_color = True
         layer.cycles.denoising_store_passes = True
 
+    if py_driver:
+        # A driver whose expression needs Python: with scripts off it evaluates to 0.
+        fcurve = cube.driver_add("location", 2)
+        fcurve.driver.type = "SCRIPTED"
+        fcurve.driver.expression = "__import__('math').sin(frame) * 0.1"
+
     if script_marker:
         text = bpy.data.texts.new("farm_autorun.py")
         text.write(f"open({script_marker!r}, 'w').write('scripts ran')\n")
@@ -253,11 +261,12 @@ def main() -> None:
     p.add_argument("--abs-texture", help="an image texture saved here, by absolute path")
     p.add_argument("--texture-dir", help="put every PNG in this folder on a plane")
     p.add_argument("--library", help="save a prop to this .blend and link it in")
+    p.add_argument("--py-driver", action="store_true", help="a driver that needs Python")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
         a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture, a.texture_dir,
-        a.library,
+        a.library, a.py_driver,
     )  # fmt: skip
     print(out)
 

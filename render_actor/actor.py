@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,7 @@ from rayfarm.render.blender import (
     missing_files,
     pixel_size,
     prepare_assembly,
+    script_warnings,
     set_format,
     snapshot,
     tail,
@@ -44,6 +47,7 @@ from rayfarm.render.blender import (
 from rayfarm.render.composite import denoise_tree, scene_tree
 from rayfarm.render.exr import Part, oiio, read_parts, write_parts
 from rayfarm.render.inputs import Inputs, materialize
+from rayfarm.render.progress import SampleProgress
 from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
 from rayfarm.render.tiles import border_fractions, split
 
@@ -77,10 +81,13 @@ class RenderActor:
     ``num_cpus`` and ``threads`` on a CPU node.
     """
 
-    def __init__(self, threads: int = 0, slot: int = 0, slots: int = 1) -> None:
+    def __init__(
+        self, threads: int = 0, slot: int = 0, slots: int = 1, reporter: Any = None
+    ) -> None:
         """``slot`` of ``slots`` CPU actors on this node: the actor pins itself to its
         share of the node's cores (``threads`` of them when given), so actors never fight
-        over a core and Cycles runs one thread per pinned core.
+        over a core and Cycles runs one thread per pinned core. ``reporter`` (the
+        dispatcher) receives Cycles' sample progress during renders.
 
         Pinning also matters alone: an unpinned Cycles process with fewer threads than
         the machine has cores and persistent data spins a core while idle (TBB; measured
@@ -95,6 +102,8 @@ class RenderActor:
         self.workdir = tempfile.mkdtemp(prefix="rayfarm-actor-")
         self.log_path = os.path.join(self.workdir, "blender.log")
         self.last_log = ""
+        self.progress = SampleProgress(bpy, reporter)
+        self.warnings: tuple[str, ...] = ()  # about the open scene (scripts off, ...)
         self.scenes: OrderedDict[str, str] = OrderedDict()  # content hash -> .blend, LRU
         self.loaded: str | None = None
         self._defaults: dict[str, dict[str, Any]] = {}
@@ -107,6 +116,7 @@ class RenderActor:
 
         return {
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "device": self.device,
             "blender": self.bpy.app.version_string,
@@ -117,6 +127,10 @@ class RenderActor:
 
     def holds(self) -> str | None:
         return self.loaded
+
+    def task_log(self) -> str:
+        """Blender's output during the last task (its tail), kept for a failed one."""
+        return self.last_log
 
     def inspect(self, task: RenderTask, inputs: Inputs) -> dict[str, Any]:
         """Open the task's scene (it stays open for the tasks that follow) and measure
@@ -129,6 +143,10 @@ class RenderActor:
         open first renders a 16x16 tile at 1 sample, to pay the first sync and BVH
         build outside the measurement (the job's first task would pay it otherwise).
         """
+        with self._captured():
+            return self._inspect(task, inputs)
+
+    def _inspect(self, task: RenderTask, inputs: Inputs) -> dict[str, Any]:
         held = self.loaded == task.scene_hash
         self._ensure_scene(task, inputs)
         scene = self._prepare(task)
@@ -191,8 +209,14 @@ class RenderActor:
         Returns (result, payload): the payload is the finished image file's bytes for
         a whole frame, or the tile's passes (``{part name: Part}``, every pass of every
         view layer, float) so the dispatcher can hand them to the assembler.
-        ``inputs`` is the job's input folder (laid out on this node once).
+        ``inputs`` is the job's input folder (laid out on this node once). Blender's
+        output during the task comes back in the result's ``log``.
         """
+        with self._captured(task):
+            result, payload = self._render_task(task, inputs)
+        return replace(result, log=self.last_log, warnings=self.warnings), payload
+
+    def _render_task(self, task: RenderTask, inputs: Inputs) -> tuple[TaskResult, Any]:
         started = time.perf_counter()
         self._ensure_scene(task, inputs)
         scene = self._prepare(task)
@@ -223,6 +247,12 @@ class RenderActor:
         full-frame multi-layer render does (denoised combined, ``Composite.Combined``
         first when the scene composites).
         """
+        with self._captured():
+            return self._finish(task, inputs, parts)
+
+    def _finish(
+        self, task: RenderTask, inputs: Inputs, parts: dict[str, Part]
+    ) -> tuple[TaskResult, bytes]:
         started = time.perf_counter()
         self._ensure_scene(task, inputs)
         scene = self._prepare(task)
@@ -281,6 +311,10 @@ class RenderActor:
                 "Blender could not open the scene (it kept another file open)", {FATAL: True}
             )
         missing = missing_files(self.bpy)
+        self.warnings = tuple(script_warnings(self.bpy)) + (
+            (f"rendering without {len(missing)} missing file(s) (allow_missing): "
+             + ", ".join(missing[:20]),) if missing else ()
+        )  # fmt: skip
         if missing and not task.allow_missing:
             shown = ", ".join(missing[:20]) + (
                 f" and {len(missing) - 20} more" if len(missing) > 20 else ""
@@ -431,13 +465,21 @@ class RenderActor:
             bpy.data.images.remove(image)
 
     def _render(self, scene: Any) -> None:
-        """Render and write ``scene``, with Blender's own output captured to this actor's
-        task log (the tail is kept in ``last_log``) instead of streaming through Ray's
-        log monitor: Cycles prints a line per sample batch, and forwarding that cost CPU
-        the render needed."""
-        with captured_output(self.log_path):
-            self.bpy.ops.render.render(write_still=True, scene=scene.name)
-        self.last_log = tail(self.log_path, LOG_TAIL_BYTES)
+        self.bpy.ops.render.render(write_still=True, scene=scene.name)
+
+    @contextmanager
+    def _captured(self, task: RenderTask | None = None) -> Iterator[None]:
+        """Capture Blender's own output during a task into the task log (its tail is
+        kept in ``last_log``, failed or not) instead of streaming it through Ray's log
+        monitor, which cost CPU the render needed; with ``task``, report its samples."""
+        if task is not None:
+            self.progress.start(task)
+        try:
+            with captured_output(self.log_path):
+                yield
+        finally:
+            self.progress.stop()
+            self.last_log = tail(self.log_path, LOG_TAIL_BYTES)
 
     def _denoise(self, scene: Any, task: RenderTask, parts: dict[str, Part]) -> dict[str, Part]:
         """Denoise each view layer's assembled combined pass that Cycles would have

@@ -16,6 +16,7 @@ __all__ = [
     "missing_files",
     "pixel_size",
     "prepare_assembly",
+    "script_warnings",
     "set_format",
     "snapshot",
     "tail",
@@ -155,3 +156,32 @@ def take(path: str) -> bytes:
             return f.read()
     finally:
         os.unlink(path)
+
+
+def script_warnings(bpy: Any) -> list[str]:
+    """What running with Python auto-execution off changes in the open file: drivers
+    whose expressions need Python (Blender evaluates those to 0 and says so only on
+    its console) and registered text blocks that will not run."""
+    drivers = []
+    for collection in ("objects", "meshes", "materials", "scenes", "shape_keys", "node_groups",
+                       "cameras", "lights", "worlds", "armatures", "curves"):  # fmt: skip
+        for item in getattr(bpy.data, collection, []):
+            anim = getattr(item, "animation_data", None)
+            for fcurve in anim.drivers if anim is not None else []:
+                d = fcurve.driver
+                if d.type == "SCRIPTED" and not d.is_simple_expression:
+                    drivers.append(f"{item.name}.{fcurve.data_path}: {d.expression}")
+    warnings = []
+    if drivers:
+        more = len(drivers) - 5
+        shown = "; ".join(drivers[:5]) + (f"; and {more} more" if more > 0 else "")
+        warnings.append(
+            f"{len(drivers)} driver(s) use Python expressions, which the farm does not run "
+            f"(scripts are off for untrusted files): they evaluate to 0. {shown}"
+        )
+    scripts = [t.name for t in bpy.data.texts if getattr(t, "use_module", False)]
+    if scripts:
+        warnings.append(
+            f"registered script(s) not run (scripts are off): {', '.join(scripts[:10])}"
+        )
+    return warnings

@@ -64,3 +64,5 @@ class TaskResult:
     rect: TileRect | None = None
     size: tuple[int, int] | None = None  # a tile's frame, width x height in pixels
     preview: bytes | None = None  # a finished frame's PNG thumbnail
+    log: str = ""  # Blender's output during the task (its tail)
+    warnings: tuple[str, ...] = ()  # about the scene as the farm opened it (scripts off, ...)
