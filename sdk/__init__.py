@@ -11,6 +11,7 @@ The SDK is this package's top level; ``pip install rayfarm`` brings it and the
 >>> job.wait().state                                          # doctest: +SKIP
 """
 
+from rayfarm.aio import AsyncFarm, AsyncJob
 from rayfarm.client import Farm
 from rayfarm.errors import (
     FarmError,
@@ -29,34 +30,59 @@ from rayfarm.errors import (
     SceneTooNew,
     ServerError,
 )
+from rayfarm.events import (
+    Event,
+    FrameStored,
+    Progress,
+    SceneWarning,
+    StateChanged,
+    TaskDone,
+    TaskFailed,
+    TaskQueued,
+    TaskRetried,
+    TaskStarted,
+)
 from rayfarm.frames import parse_frames
-from rayfarm.models import TRANSITIONS, FrameInfo, Job, JobSpec, JobState, JobStatus
+from rayfarm.models import TRANSITIONS, FrameInfo, Job, JobRecord, JobSpec, JobState, JobStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TRANSITIONS",
+    "AsyncFarm",
+    "AsyncJob",
+    "Event",
     "Farm",
     "FarmError",
     "FarmUnavailable",
     "FrameInfo",
     "FrameNotFound",
+    "FrameStored",
     "InvalidRequest",
     "InvalidScene",
     "InvalidSpec",
     "InvalidTransition",
     "Job",
     "JobNotFound",
+    "JobRecord",
     "JobSpec",
     "JobState",
     "JobStatus",
     "MissingDependencies",
     "NotFound",
     "PayloadTooLarge",
+    "Progress",
     "RenderError",
     "SceneOpenError",
     "SceneTooNew",
+    "SceneWarning",
     "ServerError",
+    "StateChanged",
+    "TaskDone",
+    "TaskFailed",
+    "TaskQueued",
+    "TaskRetried",
+    "TaskStarted",
     "__version__",
     "parse_frames",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from rayfarm.client import Farm
 from rayfarm.errors import FarmError, FarmUnavailable, ServerError
+from rayfarm.events import format_event
 from rayfarm.models import Job, JobState, JobStatus
 
 __all__ = ["main"]
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run a farm on this machine in the foreground")
     up.add_argument("--port", type=int, help="HTTP port (default 8000 or $RAYFARM_PORT)")
+    up.add_argument(
+        "--grpc-port", type=int, help="serve gRPC on this port (default $RAYFARM_GRPC_PORT or 0: off)"
+    )
     up.add_argument("--storage", help="fsspec URL for outputs (file://... or s3://...)")
     up.add_argument("--data-dir", help="where Redis, storage and logs live")
     up.add_argument("--address", help="attach to a running Ray cluster ('auto') instead")
@@ -86,6 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="download a job's frames")
     d.add_argument("job_id")
     d.add_argument("directory")
+
+    w = sub.add_parser("watch", help="a live progress bar until the job ends (exit: its outcome)")
+    w.add_argument("job_id")
+    w.add_argument("--json", action="store_true", help="print the final status as JSON")
+
+    lg = sub.add_parser("logs", help="a job's execution log, or a task's Blender output")
+    lg.add_argument("job_id")
+    lg.add_argument("--task", help="a task id such as f0000012t003 (frame 12, tile 3)")
+    lg.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing events until the job ends"
+    )
     return p
 
 
@@ -170,6 +185,8 @@ def _run(args: argparse.Namespace) -> int:
         for path in info["missing"]:
             print(f"missing: {path}")
         return EXIT_OK
+    if args.command == "logs":
+        return _logs(farm, args)
     if args.command == "download":
         job = farm.job(args.job_id)
         for path in job.download(args.directory):
@@ -182,9 +199,28 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "retry":
         _print(job.retry(), args.json)
         return EXIT_OK
-    status = job.wait() if args.command == "wait" else job.status()
+    if args.command == "watch":
+        status = job.wait(progress=True)
+    else:
+        status = job.wait() if args.command == "wait" else job.status()
     _print(status, args.json)
     return _outcome(status.state)
+
+
+def _logs(farm: Farm, args: argparse.Namespace) -> int:
+    job = farm.job(args.job_id)
+    if args.follow and args.task:
+        print(
+            "rayfarm: --follow streams the job's log; a task's log is stored when it ends",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if not args.follow:
+        sys.stdout.write(job.logs(args.task))
+        return EXIT_OK
+    for event in job.events():
+        print(format_event(event), flush=True)
+    return _outcome(job.status().state)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -200,6 +236,7 @@ def _up(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     settings = Settings.from_env(
         port=args.port,
+        grpc_port=args.grpc_port,
         storage=args.storage,
         data_dir=args.data_dir,
         cpu_actors=args.cpu_actors,

@@ -28,14 +28,21 @@ from rayfarm.errors import (
     ServerError,
     error_from_body,
 )
+from rayfarm.events import END, Event, parse_event, read_sse
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 from rayfarm.pack import Pack, pack_scene, sha256_file
+from rayfarm.progress import ProgressBar
 
 __all__ = ["DEFAULT_URL", "Farm", "UploadReport"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: How long one status long-poll may wait on the server before asking again.
 LONG_POLL_S = 20.0
+#: Pause before reconnecting a dropped event stream, and how long to keep trying.
+RECONNECT_S = 1.0
+RECONNECT_FOR_S = 120.0
+#: The event stream sends a keep-alive every 15 s; silence this long means it is dead.
+STREAM_READ_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -225,25 +232,84 @@ class Farm:
             else:
                 status = job.status(after=status.event, wait_s=wait_s)
 
-    def _show(self, job: Job, frame: int) -> Any:
+    def _events(
+        self, job_id: str, after: str | None = None, give_up_s: float = RECONNECT_FOR_S
+    ) -> Iterator[Event | None]:
+        """The job's events after ``after``; None for each keep-alive (so callers can
+        check a clock). A dropped stream is reopened from the last event seen (for up
+        to ``give_up_s`` of failures in a row); the farm's ``end`` message ends it."""
+        last, failing_since = after, None
+        timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = last
+            try:
+                with self._request(
+                    "GET", f"/jobs/{job_id}/events", stream=True, headers=headers,
+                    timeout=timeout,
+                ) as r:  # fmt: skip
+                    for message in read_sse(r.iter_lines()):
+                        if message is None:
+                            yield None
+                        elif message.event == END:
+                            return
+                        else:
+                            event = parse_event(message.payload())
+                            last, failing_since = event.id, None
+                            yield event
+            except (FarmUnavailable, ServerError):
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > give_up_s:
+                    raise
+            time.sleep(RECONNECT_S)
+
+    def _wait_progress(self, job: Job, timeout: float | None) -> JobStatus:
+        """``Job.wait(progress=True)``: follow the event stream into a ProgressBar."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = ProgressBar(job)
+        status = None
+        try:
+            for event in self._events(job.id):
+                if event is not None:
+                    bar.update(event)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job.id} is still {bar.state} after {timeout} s")
+            status = job.status()
+            return status
+        finally:
+            bar.close(status)
+
+    def _logs(self, job_id: str, task: str | None) -> str:
+        url = f"/jobs/{job_id}/logs" if task is None else f"/jobs/{job_id}/tasks/{task}/log"
+        with self._request("GET", url) as r:
+            return r.text
+
+    def _image(self, job: Job, frame: int) -> Any:
         try:
             from PIL import Image
         except ImportError:
-            raise InvalidRequest("Job.show needs Pillow: pip install pillow") from None
+            raise InvalidRequest("Job.image and Job.show need Pillow: pip install pillow") from None
         url = f"/jobs/{job.id}/frames/{frame}"
         if job.spec.format != "png":
             url += "/thumbnail"
         with self._request("GET", url) as r:
             image = Image.open(io.BytesIO(r.content))
             image.load()
+        return image
+
+    def _show(self, job: Job, frame: int) -> Any:
+        image = self._image(job, frame)
         try:
             from IPython import get_ipython
             from IPython.display import display
         except ImportError:
             return image
-        if get_ipython() is not None:
-            display(image)
-        return image
+        if get_ipython() is None:
+            return image
+        display(image)
+        return None  # shown once: a returned image would be shown again as the cell's value
 
     def _download(self, job: Job, directory: str | os.PathLike[str]) -> list[Path]:
         """Fetch every stored frame into ``directory``; see ``Job.download``."""

@@ -26,15 +26,17 @@ from rayfarm.errors import InvalidSpec, InvalidTransition
 from rayfarm.frames import parse_frames
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from rayfarm.client import Farm
+    from rayfarm.events import Event
 
 __all__ = [
     "TRANSITIONS",
     "FrameInfo",
     "Job",
+    "JobRecord",
     "JobSpec",
     "JobState",
     "JobStatus",
@@ -295,16 +297,8 @@ class FrameInfo(BaseModel):
     sha256: str | None = Field(None, description="Of the stored image; downloads check it.")
 
 
-class Job(BaseModel):
-    """A job as the farm knows it.
-
-    Returned by ``Farm.submit`` and ``Farm.job``; its methods talk to the farm
-    that returned it:
-
-    >>> job = farm.submit("shot.blend", frames="1-8")   # doctest: +SKIP
-    >>> job.wait().state                                # doctest: +SKIP
-    <JobState.COMPLETED: 'COMPLETED'>
-    """
+class JobRecord(BaseModel):
+    """A job as the farm knows it: the fields of ``Job`` and ``AsyncJob``."""
 
     id: str
     state: JobState
@@ -326,6 +320,18 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
+
+class Job(JobRecord):
+    """A job as the farm knows it.
+
+    Returned by ``Farm.submit`` and ``Farm.job``; its methods talk to the farm
+    that returned it:
+
+    >>> job = farm.submit("shot.blend", frames="1-8")   # doctest: +SKIP
+    >>> job.wait(progress=True).state                   # doctest: +SKIP
+    <JobState.COMPLETED: 'COMPLETED'>
+    """
+
     _farm: Farm | None = PrivateAttr(default=None)
 
     def _bound(self) -> Farm:
@@ -333,8 +339,8 @@ class Job(BaseModel):
             raise RuntimeError("this Job is not bound to a Farm; get it from Farm.job(id)")
         return self._farm
 
-    def _update(self, other: Job) -> Job:
-        for name in type(self).model_fields:
+    def _update(self, other: JobRecord) -> Job:
+        for name in JobRecord.model_fields:
             setattr(self, name, getattr(other, name))
         return self
 
@@ -355,15 +361,40 @@ class Job(BaseModel):
         return status
 
     def wait(
-        self, timeout: float | None = None, on_change: Callable[[JobStatus], Any] | None = None
+        self,
+        timeout: float | None = None,
+        on_change: Callable[[JobStatus], Any] | None = None,
+        *,
+        progress: bool = False,
     ) -> JobStatus:
         """Block until the job is COMPLETED, FAILED or CANCELLED; return its status.
 
         The farm answers as soon as anything changes (a long-poll, not a busy loop);
-        ``on_change`` is called with each new status. Raises ``TimeoutError`` when
-        ``timeout`` seconds pass first.
+        ``on_change`` is called with each new status. With ``progress``, a live bar
+        (a widget in Jupyter, text in a terminal) shows frames done, the ETA, and the
+        samples of the tasks rendering now, from the job's event stream. Raises
+        ``TimeoutError`` when ``timeout`` seconds pass first.
         """
+        if progress:
+            return self._bound()._wait_progress(self, timeout)
         return self._bound()._wait(self, timeout, on_change)
+
+    def events(self, after: str | None = None) -> Iterator[Event]:
+        """The job's execution log, live: every event so far (or those after the event
+        id ``after``), then each new one as it happens, typed (``TaskDone``,
+        ``Progress``, ``StateChanged``, ...). Ends after the job's terminal state; a
+        dropped connection is resumed where it stopped, nothing lost or repeated.
+
+        >>> for event in job.events():                     # doctest: +SKIP
+        ...     print(event.kind, event.model_dump(exclude={"id", "kind"}))
+        """
+        return (e for e in self._bound()._events(self.id, after) if e is not None)
+
+    def logs(self, task: str | None = None) -> str:
+        """The job's execution log as text, one line per event; with ``task``
+        (``"f0000012t003"``, as events name it), Blender's own output for that task,
+        every attempt."""
+        return self._bound()._logs(self.id, task)
 
     def cancel(self) -> Job:
         """Cancel the job (PENDING or PROCESSING); 409 ``InvalidTransition`` otherwise."""
@@ -377,13 +408,16 @@ class Job(BaseModel):
         """The frames stored so far, with their URLs."""
         return self._bound()._get_frames(self.id)
 
-    def show(self, frame: int) -> Any:
-        """Frame ``frame`` as a PIL image, displayed inline when called in a notebook.
+    def image(self, frame: int) -> Any:
+        """Frame ``frame`` as a PIL image: a PNG frame whole; an EXR frame (scene-linear,
+        many passes) as its preview, through the scene's view transform. Needs Pillow
+        (``pip install pillow``)."""
+        return self._bound()._image(self, frame)
 
-        A PNG frame is shown whole; an EXR frame (scene-linear, many passes) as its
-        preview, through the scene's view transform. Needs Pillow (``pip install
-        pillow``).
-        """
+    def show(self, frame: int) -> Any:
+        """Show frame ``frame`` inline in a notebook (IPython), as ``image`` gives it, and
+        return None there (so the cell does not show it twice); elsewhere return the
+        PIL image."""
         return self._bound()._show(self, frame)
 
     def download(self, directory: str | Path) -> list[Path]:

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -75,7 +76,21 @@ def pack_scene(
     allow_missing: bool = False,
 ) -> Pack:
     """Pack ``scene`` and its dependencies; ``project`` (default: the scene's folder)
-    is the root whose layout the farm reproduces."""
+    is the root whose layout the farm reproduces. Safe to call from several threads
+    (``AsyncFarm.submit`` does): packing runs one at a time."""
+    with _BAT_LOCK:
+        return _pack(scene, project, allow_missing)
+
+
+#: Blender Asset Tracer keeps the .blend files it reads in one module-wide cache, keyed
+#: by path: two threads tracing the same file replace each other's entry and leak a
+#: file (seen: three concurrent AsyncFarm.submit of one scene).
+_BAT_LOCK = threading.Lock()
+
+
+def _pack(
+    scene: str | os.PathLike[str], project: str | os.PathLike[str] | None, allow_missing: bool
+) -> Pack:
     from blender_asset_tracer.blendfile import close_all_cached
     from blender_asset_tracer.blendfile.exceptions import BlendFileError
     from blender_asset_tracer.pack import Packer
