@@ -32,9 +32,11 @@ LOCAL_SERVE_ENV = {
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",
 }
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+#: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).
+GRPC_HOST = "0.0.0.0"
 
 
-def _check_port(host: str, port: int) -> None:
+def _check_port(host: str, port: int, option: str = "--port") -> None:
     """Refuse a taken port before starting anything (Serve's proxy would only fail later,
     in the background, with the farm half up)."""
     with socket.socket() as probe:
@@ -42,9 +44,20 @@ def _check_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise InvalidRequest(
-                f"cannot serve on {host}:{port}: {exc.strerror}; choose another with --port",
+                f"cannot serve on {host}:{port}: {exc.strerror}; choose another with {option}",
                 {"host": host, "port": port},
             ) from None
+
+
+def grpc_options(settings: Settings) -> dict[str, Any] | None:
+    """Serve's gRPC proxy options: rayfarm.v1.RayfarmService on ``grpc_port``; None
+    (no gRPC server) when the port is 0."""
+    if not settings.grpc_port:
+        return None
+    return {
+        "port": settings.grpc_port,
+        "grpc_servicer_functions": ["rayfarm.cluster.grpc_ingress.add_servicer_to_server"],
+    }
 
 
 def up(settings: Settings, address: str | None = None, ready: Any = print) -> None:
@@ -57,6 +70,9 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
     _check_port(settings.host, settings.port)
+    if settings.grpc_port:
+        # Serve's gRPC proxy listens on every interface ([::]), whatever the HTTP host.
+        _check_port(GRPC_HOST, settings.grpc_port, "--grpc-port")
     # A plain flag, not a threading.Event: a handler that takes a lock can deadlock with
     # the main thread it interrupts (seen: Event.set() inside Event.wait()).
     stopping: list[int] = []
@@ -86,12 +102,15 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         dispatcher = start_dispatcher(settings)
         stack.callback(lambda: ray.kill(dispatcher, no_restart=True))
         serve.start(
-            http_options={"host": settings.host, "port": settings.port}, logging_config=LOGGING
+            http_options={"host": settings.host, "port": settings.port},
+            grpc_options=grpc_options(settings),
+            logging_config=LOGGING,
         )
         stack.callback(serve.shutdown)
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        grpc = f", gRPC at {settings.host}:{settings.grpc_port}" if settings.grpc_port else ""
         ready(
-            f"rayfarm is up at http://{settings.host}:{settings.port} "
+            f"rayfarm is up at http://{settings.host}:{settings.port}{grpc} "
             f"(storage {settings.storage}, redis {settings.redis_url}); Ctrl-C stops it"
         )
         while not stopping:

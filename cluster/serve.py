@@ -6,11 +6,13 @@ in ``__init__``; it reserves no CPU so the render actors get the cores.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from ray import serve
 
+from rayfarm.cluster import grpc_ingress
 from rayfarm.cluster.api import AppContext, create_app, set_process_context
 from rayfarm.cluster.dispatcher import get_dispatcher
 from rayfarm.cluster.settings import Settings
@@ -21,37 +23,41 @@ APP_NAME = "rayfarm"
 app = create_app()
 
 
-class _Notifier:
-    """Fire-and-forget nudges to the dispatcher; looks it up again after a restart."""
+class _Dispatcher:
+    """The dispatcher actor as the API reaches it: looked up on first use and again
+    after it restarts."""
 
     def __init__(self) -> None:
         self._handle: Any = None
 
-    def __call__(self) -> None:
+    def handle(self) -> Any:
+        if self._handle is None:
+            self._handle = get_dispatcher()
+        return self._handle
+
+    def notify(self) -> None:
+        """Fire-and-forget nudge: something changed in Redis."""
         try:
-            if self._handle is None:
-                self._handle = get_dispatcher()
-            self._handle.notify.remote()
+            self.handle().notify.remote()
         except (ValueError, ray.exceptions.RayError):
             self._handle = None
             raise
 
-
-class _Inspector:
-    """Asks the dispatcher's inspector actor to catalogue a scene folder."""
-
-    def __init__(self) -> None:
-        self._handle: Any = None
-
-    async def __call__(self, inputs: Any) -> dict[str, Any]:
-        if self._handle is None:
-            self._handle = get_dispatcher()
+    async def call(self, method: str, *args: Any) -> Any:
         try:
-            result: dict[str, Any] = await self._handle.inspect.remote(inputs)
-            return result
+            return await getattr(self.handle(), method).remote(*args)
         except ray.exceptions.RayActorError:
             self._handle = None
             raise
+
+    async def inspect(self, inputs: Any) -> dict[str, Any]:
+        """Catalogue a scene folder with the dispatcher's inspector actor."""
+        result: dict[str, Any] = await self.call("inspect", inputs)
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("stats")
+        return result
 
 
 #: Serve logs every request at INFO by default; on a render node that costs CPU the
@@ -69,9 +75,24 @@ LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 class RayfarmAPI:
     def __init__(self, settings: dict[str, Any]) -> None:
         ctx = AppContext(Settings.from_dict(settings))
-        ctx.notify = _Notifier()
-        ctx.inspect = _Inspector()
+        dispatcher = _Dispatcher()
+        ctx.notify, ctx.inspect, ctx.stats = (
+            dispatcher.notify,
+            dispatcher.inspect,
+            dispatcher.stats,
+        )
         set_process_context(ctx)
+
+    # gRPC (rayfarm.v1.RayfarmService): Serve's proxy calls the method named after the RPC.
+    async def SubmitJob(self, request: Any, grpc_context: Any) -> Any:
+        return await grpc_ingress.submit_job(request, grpc_context)
+
+    async def CancelJob(self, request: Any, grpc_context: Any) -> Any:
+        return await grpc_ingress.cancel_job(request, grpc_context)
+
+    async def StreamProgress(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
+        async for event in grpc_ingress.stream_progress(request, grpc_context):
+            yield event
 
 
 def build_app(settings: Settings) -> serve.Application:
