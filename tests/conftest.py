@@ -166,18 +166,30 @@ def pixels(path: Path) -> np.ndarray:
 _FARM_PROCESS_NAMES = ("raylet", "gcs_server", "redis-server", "ray::")
 
 
-def farm_processes() -> set[int]:
-    """Pids of Ray daemons, Ray workers and redis-servers running now."""
+#: Environment variable each test farm's processes inherit (Ray's daemons and workers
+#: and redis-server all descend from `rayfarm up`), naming the farm.
+FARM_MARK = "RAYFARM_TEST_FARM"
+
+
+def farm_processes(mark: str | None = None) -> set[int]:
+    """Pids of Ray daemons, Ray workers and redis-servers running now; with ``mark``,
+    only those of the farm started with that mark (other farms on this machine, from
+    another test session say, are not this farm's to wait for or kill)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if not any(name in cmdline for name in _FARM_PROCESS_NAMES):
+                continue
+            if mark is not None and f"{FARM_MARK}={mark}".encode() not in (
+                entry / "environ"
+            ).read_bytes().split(b"\0"):
+                continue
         except OSError:
             continue
-        if any(name in cmdline for name in _FARM_PROCESS_NAMES):
-            found.add(int(entry.name))
+        found.add(int(entry.name))
     return found
 
 
@@ -185,8 +197,13 @@ class LocalFarm:
     """`rayfarm up` running in a subprocess with its own data dir and port."""
 
     def __init__(self, data_dir: Path, port: int, env: dict[str, str]) -> None:
-        self.data_dir, self.port, self.env = data_dir, port, env
+        self.data_dir, self.port = data_dir, port
+        self.mark = f"{os.getpid()}-{port}"
+        self.env = {**env, FARM_MARK: self.mark}
         self.url = f"http://127.0.0.1:{port}"
+        # Its own gRPC port too: several farms may run in one session.
+        self.grpc_port = free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.log = data_dir / "up.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -206,12 +223,12 @@ class LocalFarm:
             client.close()
 
     def start(self) -> LocalFarm:
-        self.before = farm_processes()
+        self.before = farm_processes(self.mark)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir)],
+                 "--grpc-port", str(self.grpc_port), "--data-dir", str(self.data_dir)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -241,7 +258,7 @@ class LocalFarm:
             self.stop()
             return False
         deadline = time.monotonic() + 30
-        while farm_processes() - self.before and time.monotonic() < deadline:
+        while farm_processes(self.mark) - self.before and time.monotonic() < deadline:
             time.sleep(0.2)
         self.process = None
         return True
@@ -275,7 +292,7 @@ def run_farm(data_dir: Path, env: dict[str, str]) -> Iterator[LocalFarm]:
     farm = LocalFarm(data_dir, free_port(), env).start()
     yield farm
     exited = farm.stop_cleanly()
-    left = farm_processes() - farm.before
+    left = farm_processes(farm.mark) - farm.before
     if left:
         for pid in left:
             try:

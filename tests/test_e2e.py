@@ -262,7 +262,7 @@ def test_cpu_actors_are_pinned_to_disjoint_cores_and_idle_quietly(farm, local_fa
 def _render_actor_pids(local_farm, name: bytes = b"RenderActor") -> list[int]:
     return [
         pid
-        for pid in farm_processes() - local_farm.before
+        for pid in farm_processes(local_farm.mark) - local_farm.before
         if name in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
 
@@ -334,11 +334,11 @@ def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, smal
     assert np.array_equal(pixels(tmp_path / "thumb.png"), pixels(frame))
     # An EXR frame's preview goes through the scene's view transform, as the PNG does
     # (only the PNG's dither noise differs).
-    shown = exr.show(3)
+    shown = exr.image(3)
     assert shown.size == (64, 48)
     diff = np.abs(np.asarray(shown.convert("RGBA"), dtype=int) - pixels(frame).astype(int))
     assert diff.mean() < 1.5 and diff.max() <= 8, (diff.mean(), diff.max())
-    assert png.show(3).size == (64, 48)
+    assert png.image(3).size == (64, 48)
     r = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/99/thumbnail")
     assert r.status_code == 404 and r.json()["error"]["code"] == "frame_not_found"
     assert httpx.get(f"{local_farm.url}/jobs/{png.id}/outputs").json() == {"outputs": []}
@@ -347,7 +347,7 @@ def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, smal
 def test_a_large_frames_preview_is_scaled_to_fit(farm, make_scene):
     scene = make_scene("--width", "1030", "--height", "40", "--samples", "1", "--frames", "1")
     job = completed(farm.submit(scene, frames="1"))
-    assert job.show(1).size == (1030, 40)  # a PNG frame is shown whole
+    assert job.image(1).size == (1030, 40)  # a PNG frame is shown whole
     from PIL import Image
 
     r = httpx.get(f"{farm.url}/jobs/{job.id}/frames/1/thumbnail")

@@ -79,7 +79,7 @@ def test_a_textured_scene_and_its_video_go_through_s3(s3_farm, tmp_path):
         assert farm.last_upload.files_sent == 2
         assert job.wait(timeout=300).state is JobState.COMPLETED, job.refresh().error
         got = job.download(tmp_path / "farm")
-        assert job.show(2).size == (64, 48)
+        assert job.image(2).size == (64, 48)
     want = render_reference(scene, tmp_path / "ref", [1, 2, 3])
     for path in got:
         assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path
