@@ -504,7 +504,7 @@ class Dispatcher:
         or fail the job once its retries are spent or the error is fatal."""
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
         key = keys.task_key(task.frame, task.tile)
-        where_ = _where(slot)
+        place = _where(slot)
         died = _died(exc, slot)
         if not died and not run.stopped:
             try:
@@ -527,7 +527,7 @@ class Dispatcher:
         await self.store.count(tasks_failed_total=1)
         await self.store.event(
             run.id, "task_failed", task=key, frame=task.frame, tile=task.tile,
-            attempt=attempt, error=str(cause), retry=retry, **where_,
+            attempt=attempt, error=str(cause), retry=retry, **place,
         )  # fmt: skip
         if retry:
             await self.store.event(
