@@ -491,17 +491,31 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["farm"])
     async def healthz(ctx: Ctx) -> dict[str, Any]:
-        """Liveness and versions: 200 when Redis answers, 503 otherwise."""
+        """Liveness, versions and workers: 200 when Redis answers, 503 otherwise.
+
+        ``workers`` counts the render actors by device (``{"CPU": 2}``, ``{"GPU (OPTIX:
+        NVIDIA L4)": 4}``) and how many are busy; None when the dispatcher does not
+        answer (starting, or this app runs without Ray)."""
         try:
             await ctx.store.redis.ping()
         except Exception as exc:
             raise FarmUnavailable(f"the job store is unreachable: {exc}") from exc
         major, minor = ctx.settings.blender_version
+        stats = await observe.dispatcher_stats(ctx)
+        workers = None
+        if stats is not None:
+            devices: dict[str, int] = {}
+            for actor in stats["actors"]:
+                name = actor["device"] or "starting"
+                devices[name] = devices.get(name, 0) + 1
+            busy = sum(bool(a["busy"]) for a in stats["actors"])
+            workers = {"count": len(stats["actors"]), "busy": busy, "devices": devices}
         return {
             "status": "ok",
             "version": rayfarm.__version__,
             "blender": f"{major}.{minor}",
             "storage": ctx.settings.storage,
+            "workers": workers,
         }
 
     _install_handlers(app)

@@ -19,7 +19,7 @@ from rayfarm.errors import InvalidRequest, NotFound
 from rayfarm.events import format_event
 from rayfarm.models import JobState
 
-__all__ = ["router"]
+__all__ = ["dispatcher_stats", "router"]
 
 router = APIRouter(tags=["progress"])
 
@@ -118,13 +118,14 @@ async def metrics(ctx: Ctx) -> Response:
     from prometheus_client.core import CollectorRegistry
 
     snapshot = await ctx.store.metrics()
-    stats = await _dispatcher_stats(ctx)
+    stats = await dispatcher_stats(ctx)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(snapshot, stats, ctx.hub.waiting))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _dispatcher_stats(ctx: AppContext) -> dict[str, Any] | None:
+async def dispatcher_stats(ctx: AppContext) -> dict[str, Any] | None:
+    """The dispatcher's view of the pool, or None when it does not answer in time."""
     if ctx.stats is None:
         return None
     try:

@@ -194,6 +194,7 @@ def test_openapi_enum_is_the_sdk_enum(api):
 def test_health_reports_versions(api):
     body = api.get("/healthz").json()
     assert body["status"] == "ok" and body["blender"] == "5.0"
+    assert body["workers"] is None  # no dispatcher behind this app
 
 
 def test_redis_down_is_503_and_the_app_stays_up(tmp_path):

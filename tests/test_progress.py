@@ -154,6 +154,8 @@ def test_metrics_count_what_happened(farm, local_farm, small_scene):
     assert sum(actors.values()) == 2  # RAYFARM_CPU_ACTORS=2
     assert {dict(k[1])["device"] for k in actors} == {"CPU"}
     assert ("rayfarm_queue_depth", ()) in after and ("rayfarm_upload_bytes_total", ()) in after
+    workers = farm.health()["workers"]
+    assert workers["count"] == 2 and workers["devices"] == {"CPU": 2}
 
 
 def test_progress_bar_reaches_100_percent(farm, small_scene, capsys):
