@@ -45,6 +45,7 @@ from rayfarm.render.blender import (
     take,
 )
 from rayfarm.render.composite import denoise_tree, scene_tree
+from rayfarm.render.devices import select
 from rayfarm.render.exr import Part, oiio, read_parts, write_parts
 from rayfarm.render.inputs import Inputs, materialize
 from rayfarm.render.progress import SampleProgress
@@ -53,7 +54,6 @@ from rayfarm.render.tiles import border_fractions, split
 
 __all__ = ["RenderActor", "SceneInspector"]
 
-_GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI")
 _COMP_SCENE = "rayfarm_assemble"
 #: The part a multi-layer render writes the compositor's result to.
 _COMPOSITE = "Composite.Combined"
@@ -92,7 +92,12 @@ class RenderActor:
         Pinning also matters alone: an unpinned Cycles process with fewer threads than
         the machine has cores and persistent data spins a core while idle (TBB; measured
         with bpy 5.0.1 on 2 cores: 1 thread unpinned burns a core, pinned it does not).
+
+        A GPU actor (Ray assigned it a GPU) pins itself to its GPU's share of the node's
+        cores instead, so the host threads of several GPU actors on one node do not
+        oversubscribe its CPU.
         """
+        slot, slots = _gpu_share() or (slot, slots)
         self.cores = _pin(slot, slots, threads)
         self.threads = threads or len(self.cores)
         import bpy  # here, not at import time: only render processes load Blender
@@ -555,29 +560,32 @@ class RenderActor:
     # -- devices -----------------------------------------------------------------------------
 
     def _select_device(self) -> str:
-        """OptiX, then CUDA, then HIP/oneAPI on a GPU Ray assigned us; else the CPU."""
+        """OptiX, then CUDA, then HIP/oneAPI on the GPUs Ray assigned us, verified active
+        (see ``rayfarm.render.devices``); else the CPU."""
         import ray
 
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        if not gpu_ids:
-            return "CPU"
         prefs = self.bpy.context.preferences.addons["cycles"].preferences
-        for backend in _GPU_BACKENDS:
-            try:
-                prefs.compute_device_type = backend
-            except TypeError:
-                continue
-            prefs.refresh_devices()
-            devices = [d for d in prefs.devices if d.type == backend]
-            if not devices:
-                continue
-            for d in prefs.devices:
-                d.use = d.type == backend
-            return f"GPU ({backend}: {', '.join(d.name for d in devices)})"
-        return "CPU (no usable GPU backend on this node)"
+        return select(prefs, gpu_ids).label
 
     def __del__(self) -> None:
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
+
+
+def _gpu_share() -> tuple[int, int] | None:
+    """(this actor's GPU's position, the node's GPU count) for an actor Ray assigned a
+    GPU; None for a CPU actor."""
+    import ray
+
+    if not ray.is_initialized() or not ray.get_gpu_ids():
+        return None
+    node_id = ray.get_runtime_context().get_node_id()
+    gpus = next(
+        (int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node_id), 0
+    )
+    first = ray.get_gpu_ids()[0]
+    position = int(first) if str(first).isdigit() else 0
+    return (position % gpus, gpus) if gpus > 1 else None
 
 
 def _pin(slot: int, slots: int, threads: int) -> list[int]:
