@@ -44,6 +44,7 @@ from rayfarm.render.blender import (
     tail,
     take,
 )
+from rayfarm.render.cache import BlobCache
 from rayfarm.render.composite import denoise_tree, scene_tree
 from rayfarm.render.devices import select
 from rayfarm.render.exr import Part, oiio, read_parts, write_parts
@@ -109,6 +110,7 @@ class RenderActor:
         self.last_log = ""
         self.progress = SampleProgress(bpy, reporter)
         self.warnings: tuple[str, ...] = ()  # about the open scene (scripts off, ...)
+        self.cache = BlobCache()  # the node's copy of job inputs, shared by its actors
         self.scenes: OrderedDict[str, str] = OrderedDict()  # content hash -> .blend, LRU
         self.loaded: str | None = None
         self._defaults: dict[str, dict[str, Any]] = {}
@@ -301,7 +303,7 @@ class RenderActor:
             folder = os.path.join(self.workdir, "inputs", digest)
             self.scenes[digest] = folder
             self._evict()
-        path = materialize(inputs, folder, os.path.join(self.workdir, "blobs"))
+        path = materialize(inputs, folder, self.cache)
         self.loaded = None
         self._defaults.clear()
         try:
@@ -333,15 +335,10 @@ class RenderActor:
 
     def _evict(self) -> None:
         """Keep at most SCENE_CACHE_FILES input folders on local disk (least recently
-        used go, with the blobs no other kept folder links)."""
+        used go; their blobs stay in the node's cache, which has its own bound)."""
         while len(self.scenes) > SCENE_CACHE_FILES:
             _, folder = self.scenes.popitem(last=False)
             shutil.rmtree(folder, ignore_errors=True)
-            blobs = os.path.join(self.workdir, "blobs")
-            for name in os.listdir(blobs) if os.path.isdir(blobs) else []:
-                blob = os.path.join(blobs, name)
-                if os.stat(blob).st_nlink == 1:
-                    os.unlink(blob)
 
     def _prepare(self, task: RenderTask) -> Any:
         """Select the task's scene and set every setting a task may change, from the

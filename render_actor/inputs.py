@@ -18,11 +18,11 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from rayfarm.errors import InvalidRequest, RenderError
+from rayfarm.render.cache import BlobCache
 from rayfarm.render.tasks import FATAL
 
 __all__ = ["SHA256", "InputFile", "Inputs", "blob_key", "check_path", "materialize"]
@@ -98,15 +98,16 @@ class Inputs:
         return cls(storage, data["main"], files)
 
 
-def materialize(inputs: Inputs, folder: str, blob_cache: str) -> str:
-    """Lay ``inputs`` out under ``folder`` (fetching blobs not in ``blob_cache``) and
-    return the main .blend's path. Idempotent: a complete folder is reused."""
+def materialize(inputs: Inputs, folder: str, cache: BlobCache) -> str:
+    """Lay ``inputs`` out under ``folder`` as hard links into the node's blob ``cache``
+    (fetching what the node lacks) and return the main .blend's path. Idempotent: a
+    complete folder is reused."""
     done = os.path.join(folder, ".complete")
     main = os.path.join(folder, *inputs.main.split("/"))
     if os.path.exists(done):
         return main
-    os.makedirs(blob_cache, exist_ok=True)
     fs: Any = None
+    root = ""
     real = os.path.realpath(folder)
     for f in inputs.files:
         try:
@@ -115,46 +116,33 @@ def materialize(inputs: Inputs, folder: str, blob_cache: str) -> str:
             raise RenderError(exc.message, {FATAL: True}) from None
         if not SHA256.match(f.sha256):
             raise RenderError(f"input {f.path!r} has a malformed hash", {FATAL: True})
-        blob = os.path.join(blob_cache, f.sha256)
-        if not os.path.exists(blob):
-            if fs is None:
-                import fsspec
-
-                fs, root = fsspec.core.url_to_fs(inputs.storage)
-            _fetch(fs, f"{root.rstrip('/')}/{blob_key(f.sha256)}", blob, f)
         target = os.path.join(folder, *f.path.split("/"))
         if os.path.commonpath([real, os.path.realpath(target)]) != real:
             raise RenderError(f"input {f.path!r} leaves the input folder", {FATAL: True})
+        if fs is None and not os.path.exists(cache.path(f.sha256)):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(inputs.storage)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.lexists(target):
             os.unlink(target)
-        try:
-            os.link(blob, target)
-        except OSError:
-            shutil.copyfile(blob, target)
+        for _ in range(3):  # another actor may evict the blob between get and link
+            blob = cache.get(
+                fs, f"{root.rstrip('/')}/{blob_key(f.sha256)}", f.sha256, f.size, f.path
+            )
+            try:
+                os.link(blob, target)
+                break
+            except FileNotFoundError:
+                if fs is None:
+                    import fsspec
+
+                    fs, root = fsspec.core.url_to_fs(inputs.storage)
+            except OSError:  # another file system: copy
+                shutil.copyfile(blob, target)
+                break
+        else:
+            raise RenderError(f"input {f.path!r} kept vanishing from the node's cache")
     with open(done, "w"):
         pass
     return main
-
-
-def _fetch(fs: Any, src: str, dest: str, f: InputFile) -> None:
-    """Copy one blob to ``dest``, verifying its hash and size; whole or not at all."""
-    tmp = f"{dest}.{uuid.uuid4().hex}.part"
-    sha = hashlib.sha256()
-    size = 0
-    try:
-        with fs.open(src, "rb") as inp, open(tmp, "wb") as out:
-            while block := inp.read(CHUNK_BYTES):
-                sha.update(block)
-                size += len(block)
-                out.write(block)
-        if sha.hexdigest() != f.sha256 or size != f.size:
-            raise RenderError(
-                f"input {f.path!r}: the stored blob does not match its hash", {FATAL: True}
-            )
-        os.replace(tmp, dest)
-    except FileNotFoundError:
-        raise RenderError(f"input {f.path!r} is missing from storage", {FATAL: True}) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
