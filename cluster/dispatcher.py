@@ -33,6 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
+from rayfarm.cluster.pool import Pool, actor_died
 from rayfarm.cluster.post import encode_video
 from rayfarm.cluster.runs import Run, Slot, expand
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
@@ -63,7 +64,7 @@ class Dispatcher:
         self.settings = Settings.from_dict(settings)
         self.store = JobStore.from_url(self.settings.redis_url)
         self.storage = Storage(self.settings.storage)
-        self.slots: list[Slot] = []
+        self.pool = Pool(self.settings)
         self.runs: dict[str, Run] = {}
         self.assembler: Any = None
         self.inspector: Any = None
@@ -116,44 +117,29 @@ class Dispatcher:
 
     # -- loop --------------------------------------------------------------------------------
 
+    @property
+    def slots(self) -> list[Slot]:
+        return self.pool.slots
+
     def _ensure_running(self) -> None:
         if self._loop is not None and not self._loop.done():
             return
         if self._wake is None:
             self._wake = asyncio.Event()
         if not self.slots:
-            self.slots = [Slot(i, h) for i, h in enumerate(self._create_actors())]
+            self.pool.reporter = ray.get_runtime_context().current_actor
+            self.pool.reconcile()
         if self.assembler is None:
             # Restarted with empty buffers if it dies: frames it held render again.
             self.assembler = ray.remote(TileAssembler).options(num_cpus=0, max_restarts=-1).remote()
         self._loop = asyncio.get_running_loop().create_task(self._run())
-
-    def _create_actors(self) -> list[Any]:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        return [self._new_actor(i) for i in range(gpus or max(1, self.settings.cpu_actors))]
-
-    def _new_actor(self, index: int) -> Any:
-        """One RenderActor: a whole GPU where the cluster has GPUs, else CPU slot
-        ``index``, pinned to its share of the node's cores."""
-        from rayfarm.render.actor import RenderActor
-
-        remote = ray.remote(RenderActor)
-        me = ray.get_runtime_context().current_actor  # receives the actors' progress
-        if int(ray.cluster_resources().get("GPU", 0)):
-            return remote.options(num_gpus=1, num_cpus=0).remote(reporter=me)
-        n = max(1, self.settings.cpu_actors)
-        return remote.options(num_cpus=1).remote(self.settings.actor_threads, index, n, me)
-
-    def _replace_actor(self, slot: Slot) -> None:
-        ray.kill(slot.handle, no_restart=True)
-        slot.handle = self._new_actor(slot.index)
-        slot.holds = slot.node = slot.host = slot.device = None
 
     async def _run(self) -> None:
         assert self._wake is not None
         await self._resume_active()
         while True:
             try:
+                self.pool.reconcile()  # actors for nodes that joined
                 await self._sync_runs()
                 await self._admit()
                 self._schedule()
@@ -284,14 +270,16 @@ class Dispatcher:
         """The best (run, task, idle slot): runs by priority then age, tasks in order.
 
         A task that failed on an actor goes to another one; while the others are busy it
-        waits and the idle actor takes a later task. Only when it has failed on every
-        actor may it run on one of them again. Among eligible actors, one that already
-        holds the job's scene is preferred.
+        waits and the idle actor takes a later task. A node whose actors failed the job
+        ``node_failure_limit`` times gets none of its tasks. Only when every actor is
+        ruled out may the task run on one of them again. Among eligible actors, one that
+        already holds the job's scene is preferred.
         """
         everyone = {s.index for s in self.slots}
         for run in self._by_score():
+            blocked = {s.index for s in self.slots if s.node in run.blocked}
             for task in itertools.islice(run.pending, SCHEDULE_LOOKAHEAD):
-                avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set())
+                avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set()) | blocked
                 if avoid >= everyone:
                     avoid = set()
                 fresh = [s for s in idle if s.index not in avoid]
@@ -316,8 +304,8 @@ class Dispatcher:
             await self._decide(run, grid, reason)
         except Exception as exc:
             cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-            if _died(exc, slot):
-                self._replace_actor(slot)
+            if actor_died(exc, slot) and self.pool.lost(slot, exc):
+                return  # the node left: another actor probes
             attempts = await self.store.add_attempt(run.id, "probe")
             fatal = isinstance(cause, FarmError) and bool(cause.detail.get(FATAL))
             if not run.stopped and (fatal or attempts > run.job.spec.max_retries):
@@ -505,41 +493,66 @@ class Dispatcher:
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
         key = keys.task_key(task.frame, task.tile)
         place = _where(slot)
-        died = _died(exc, slot)
+        died = actor_died(exc, slot)
         if not died and not run.stopped:
             try:
                 text = await asyncio.wait_for(slot.handle.task_log.remote(), 10)
                 await self._keep_log(run, key, run.tries.get(key, 1), text)
             except Exception:
                 pass  # the log is a courtesy; the failure is reported either way
-        if died:
-            log.warning("render actor %d died; replacing it", slot.index)
-            self._replace_actor(slot)
+        node_left = died and self.pool.lost(slot, exc)
         if run.stopped:
             return
         where = f"frame {task.frame}" + (f" tile {task.tile}" if task.is_tiled else "")
+        attempt = run.tries.get(key, 1)
+        if node_left:
+            # Not the task's fault: it runs again elsewhere, and no retry is spent.
+            await self.store.event(
+                run.id, "task_failed", task=key, frame=task.frame, tile=task.tile,
+                attempt=attempt, error=f"{where}: its node {slot.host or slot.node} left the "
+                "cluster", retry=True, **place,
+            )  # fmt: skip
+            await self._requeue(run, task, attempt, whole_frame)
+            return
         message = f"{where}: {cause}"
         fatal = isinstance(cause, FarmError) and bool(cause.detail.get(FATAL))
         attempts = await self.store.add_attempt(run.id, key)
         run.failed_on.setdefault(key, set()).add(slot.index)
         retry = not fatal and attempts <= run.job.spec.max_retries
-        attempt = run.tries.get(key, 1)
         await self.store.count(tasks_failed_total=1)
         await self.store.event(
             run.id, "task_failed", task=key, frame=task.frame, tile=task.tile,
             attempt=attempt, error=str(cause), retry=retry, **place,
         )  # fmt: skip
-        if retry:
-            await self.store.event(
-                run.id, "task_retried", task=key, frame=task.frame, tile=task.tile,
-                attempt=attempt + 1,
-            )  # fmt: skip
+        if not fatal and slot.node:
+            await self._count_node_failure(run, slot)
         if not retry:
             if not fatal:
                 message += f" (failed {attempts} times)"
             self._stop(run)
             await self._fail(run.id, message)
             return
+        await self._requeue(run, task, attempt, whole_frame)
+
+    async def _count_node_failure(self, run: Run, slot: Slot) -> None:
+        """Block a node for this job once its actors failed it ``node_failure_limit``
+        times (a bad driver, a full disk: the node, not the task)."""
+        assert slot.node is not None
+        failures = run.node_failures[slot.node] = run.node_failures.get(slot.node, 0) + 1
+        if failures == self.settings.node_failure_limit:
+            run.blocked.add(slot.node)
+            await self.store.event(
+                run.id, "warning", message=f"node {slot.host} ({slot.node[:12]}) failed "
+                f"{failures} tasks of this job; the job avoids it from now on",
+            )  # fmt: skip
+
+    async def _requeue(self, run: Run, task: RenderTask, attempt: int, whole_frame: bool) -> None:
+        """Put a failed task (or, when a frame failed to assemble, all its tiles) at the
+        front of the queue."""
+        await self.store.event(
+            run.id, "task_retried", task=keys.task_key(task.frame, task.tile),
+            frame=task.frame, tile=task.tile, attempt=attempt + 1,
+        )  # fmt: skip
         if whole_frame:
             # A frame that failed to stitch or store: its tiles are gone or suspect, so
             # every tile of it renders again.
@@ -558,13 +571,6 @@ class Dispatcher:
             await self.store.transition(job_id, JobState.FAILED, error=message)
         except InvalidTransition:
             pass
-
-
-def _died(exc: Exception, slot: Slot) -> bool:
-    """Whether ``exc`` says ``slot``'s render actor died (not the assembler, say)."""
-    if not isinstance(exc, RayActorError):
-        return False
-    return exc.actor_id in (None, slot.handle._actor_id.hex())
 
 
 def _where(slot: Slot) -> dict[str, Any]:

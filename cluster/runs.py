@@ -44,6 +44,8 @@ class Run:
     pending: deque[RenderTask] = field(default_factory=deque)
     failed_on: dict[str, set[int]] = field(default_factory=dict)  # task key -> slot indexes
     tries: dict[str, int] = field(default_factory=dict)  # task key -> its current attempt
+    node_failures: dict[str, int] = field(default_factory=dict)  # node id -> failed tasks
+    blocked: set[str] = field(default_factory=set)  # nodes this job avoids
     warned: set[str] = field(default_factory=set)  # warnings already in the job's events
     render_s: dict[int, float] = field(default_factory=dict)  # frame -> its tiles' seconds
     device_reported: bool = False

@@ -14,12 +14,14 @@ from ray import serve
 
 from rayfarm.cluster import grpc_ingress
 from rayfarm.cluster.api import AppContext, create_app, set_process_context
-from rayfarm.cluster.dispatcher import get_dispatcher
+from rayfarm.cluster.dispatcher import get_dispatcher, start_dispatcher
 from rayfarm.cluster.settings import Settings
 
-__all__ = ["APP_NAME", "RayfarmAPI", "build_app"]
+__all__ = ["APP_NAME", "RayfarmAPI", "app_builder", "build_app"]
 
 APP_NAME = "rayfarm"
+#: What cluster/deploy/serve.yaml and ray-cluster.yaml ship in place of real settings.
+PLACEHOLDER = "CHANGE-ME"
 app = create_app()
 
 
@@ -98,3 +100,24 @@ class RayfarmAPI:
 def build_app(settings: Settings) -> serve.Application:
     deployment: Any = RayfarmAPI  # a serve.Deployment at run time; its stubs do not say so
     return deployment.bind(settings.to_dict())
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The application ``serve deploy cluster/deploy/serve.yaml`` builds on a running
+    cluster.
+
+    Settings come from ``args`` (the config's ``args:``), then the environment
+    (``REDIS_URL``, ``RAYFARM_STORAGE``, ``RAYFARM_*``: the application's
+    ``runtime_env.env_vars``). Starts the dispatcher too (named and detached; a running
+    one is reused), so one ``serve deploy`` brings up the whole service, as ``rayfarm up
+    --address auto`` does.
+    """
+    settings = Settings.from_env(**args)
+    if not settings.redis_url:
+        # rayfarm up starts a local Redis; on a cluster the job state must outlive any node.
+        raise ValueError("serve deploy needs REDIS_URL: a Redis every node reaches")
+    for name, value in (("REDIS_URL", settings.redis_url), ("RAYFARM_STORAGE", settings.storage)):
+        if PLACEHOLDER in value:
+            raise ValueError(f"{name} is still the placeholder {value!r}: set it in serve.yaml")
+    start_dispatcher(settings)
+    return build_app(settings)

@@ -58,6 +58,10 @@ class Settings:
     cpu_actors: int = 1
     #: Cycles threads per CPU actor; 0 splits the node's cores between its actors.
     actor_threads: int = 0
+    #: GPUs per render actor: 1 (one actor per GPU), or a fraction to share a GPU.
+    gpu_share: float = 1.0
+    #: Failed tasks of one job after which the job avoids the node they failed on.
+    node_failure_limit: int = 3
     max_upload_bytes: int = 2 * 1024**3
     max_job_bytes: int = 64 * 1024**3
     #: Events kept per job (its execution log), oldest trimmed first.
@@ -80,6 +84,8 @@ class Settings:
             "grpc_port": _env_int("RAYFARM_GRPC_PORT", 0),
             "cpu_actors": _env_int("RAYFARM_CPU_ACTORS", 1),
             "actor_threads": _env_int("RAYFARM_ACTOR_THREADS", 0),
+            "gpu_share": float(os.environ.get("RAYFARM_GPU_SHARE") or 1.0),
+            "node_failure_limit": _env_int("RAYFARM_NODE_FAILURE_LIMIT", 3),
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),
             "max_job_bytes": _env_int("RAYFARM_MAX_JOB_BYTES", 64 * 1024**3),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),

@@ -1,0 +1,105 @@
+"""The dispatcher's render actors, kept in step with the cluster.
+
+One RenderActor per GPU (``num_gpus=1``, or a fraction of one with
+``gpu_share``), placed by Ray across nodes; on a cluster without GPUs,
+``cpu_actors`` CPU actors. ``reconcile`` runs every dispatcher round: a node that
+joins (autoscaled or added by hand) gets actors for its GPUs without a restart. An
+actor that dies is replaced where it was; one whose node left the cluster is
+dropped (its task goes back to the queue without counting as a failed attempt),
+and the pool shrinks with the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from rayfarm.cluster.runs import Slot
+from rayfarm.cluster.settings import Settings
+
+__all__ = ["Pool", "actor_died"]
+
+log = logging.getLogger("rayfarm.pool")
+
+#: What Ray says when an actor died with its node.
+_NODE_DIED = "its node has died"
+
+
+def actor_died(exc: BaseException, slot: Slot) -> bool:
+    """Whether ``exc`` says ``slot``'s render actor died (not the assembler, say)."""
+    if not isinstance(exc, RayActorError):
+        return False
+    return exc.actor_id in (None, slot.handle._actor_id.hex())
+
+
+class Pool:
+    """The render actors (``slots``) and the rules that create, replace and drop them."""
+
+    def __init__(self, settings: Settings, reporter: Any = None) -> None:
+        self.settings = settings
+        self.reporter = reporter  # receives the actors' progress (the dispatcher)
+        self.slots: list[Slot] = []
+        self._next_index = 0
+
+    def target(self) -> int:
+        """How many actors the cluster holds now: one per GPU share, else the CPU actors
+        the farm is configured for."""
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus:
+            return int(gpus / self.settings.gpu_share + 1e-9)
+        return max(1, self.settings.cpu_actors)
+
+    def reconcile(self) -> list[Slot]:
+        """Create actors for capacity the pool does not use yet (new nodes); return the
+        new slots. Slots are never removed here: an actor of a lost node is dropped when
+        its death is seen (``lost``)."""
+        added = []
+        for _ in range(self.target() - len(self.slots)):
+            slot = Slot(self._next_index, self._new_actor(self._next_index))
+            self._next_index += 1
+            self.slots.append(slot)
+            added.append(slot)
+        if added and len(self.slots) > len(added):
+            log.warning("render pool grew to %d actors (the cluster grew)", len(self.slots))
+        return added
+
+    def _new_actor(self, index: int) -> Any:
+        """One RenderActor: a GPU (share) where the cluster has GPUs, else CPU slot
+        ``index`` of the node, pinned to its share of the node's cores."""
+        from rayfarm.render.actor import RenderActor
+
+        remote = ray.remote(RenderActor)
+        if ray.cluster_resources().get("GPU", 0):
+            return remote.options(num_gpus=self.settings.gpu_share, num_cpus=0).remote(
+                reporter=self.reporter
+            )
+        n = max(1, self.settings.cpu_actors)
+        return remote.options(num_cpus=1).remote(
+            self.settings.actor_threads, index % n, n, self.reporter
+        )
+
+    def replace(self, slot: Slot) -> None:
+        """A new actor in ``slot`` (the old one is killed if it still lives)."""
+        ray.kill(slot.handle, no_restart=True)
+        slot.handle = self._new_actor(slot.index)
+        slot.holds = slot.node = slot.host = slot.device = None
+
+    def lost(self, slot: Slot, exc: BaseException) -> bool:
+        """``slot``'s actor died: drop the slot when its node left the cluster (True),
+        else replace the actor (False)."""
+        message = str(getattr(exc, "error_msg", "") or exc)
+        if _NODE_DIED in message or (slot.node and not _node_alive(slot.node)):
+            log.warning("render actor %d left with its node %s", slot.index, slot.host)
+            if slot in self.slots:
+                self.slots.remove(slot)
+            return True
+        log.warning("render actor %d died; replacing it", slot.index)
+        self.replace(slot)
+        return False
+
+
+def _node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
