@@ -1,0 +1,221 @@
+"""Deployment configs: ray-cluster.yaml, cluster/deploy/serve.yaml, cluster/deploy/kuberay.yaml.
+
+Config checks only (no cluster is started): each file is validated by the validator its tool
+uses (Ray's autoscaler schema and config checks, Serve's deploy schema), then held to what the
+farm needs: the Python 3.11 GPU Ray image at the installed Ray's version, a head that renders
+nothing, GPU workers, Redis and S3 from the environment, rayfarm installed on every node.
+"""
+
+import copy
+import importlib
+import inspect
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.resource_demand_scheduler import get_bin_pack_residual
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "cluster" / "deploy"
+#: The image every node runs: Python 3.11 (bpy 5.0's only CPython), CUDA, and the Ray this
+#: machine runs (`ray up` and `serve deploy` refuse a client/cluster version mismatch).
+IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
+IMAGE_FAMILY = re.compile(r"^rayproject/ray:\d+\.\d+\.\d+-py311-gpu$")
+#: What the dispatcher asks Ray for (cluster/dispatcher.py, _new_actor): a GPU RenderActor
+#: takes num_gpus=1, num_cpus=0; a CPU RenderActor num_cpus=1.
+GPU_ACTOR = {"GPU": 1}
+CPU_ACTOR = {"CPU": 1}
+
+
+def _load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, Any]:
+    return _load(ROOT / "ray-cluster.yaml")
+
+
+@pytest.fixture(scope="module")
+def serve_config() -> dict[str, Any]:
+    return _load(DEPLOY / "serve.yaml")
+
+
+@pytest.fixture(scope="module")
+def kuberay() -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kuberay.yaml").read_text()) if d]
+    (raycluster,) = [d for d in docs if d.get("kind") == "RayCluster"]
+    return raycluster
+
+
+def _workers(cluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    types: dict[str, dict[str, Any]] = cluster["available_node_types"]
+    return {name: t for name, t in types.items() if name != cluster["head_node_type"]}
+
+
+# -- ray-cluster.yaml --------------------------------------------------------------------------
+
+
+def test_ray_cluster_yaml_passes_rays_own_schema_and_checks(cluster):
+    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    jsonschema.validate(cluster, json.loads(schema_path.read_text()))
+    # What `ray up` does before launching: merge the AWS defaults, then validate the result
+    # (head type among the node types, min_workers within max_workers, ...).
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+    assert cluster["provider"]["type"] == "aws"
+
+
+def test_ray_cluster_yaml_runs_the_py311_gpu_image_of_this_ray(cluster):
+    docker = cluster["docker"]
+    images = [docker["image"], docker.get("head_image"), docker.get("worker_image")]
+    for image in filter(None, images):
+        assert IMAGE_FAMILY.match(image), image
+    assert docker["image"] == IMAGE, f"bump the image tag to the installed Ray: {IMAGE}"
+
+
+def test_head_renders_nothing(cluster):
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert "--num-cpus=0" in start and "--num-gpus=0" in start
+    # Ray's own bin-packing: neither kind of RenderActor fits on the head; the control plane
+    # (Serve, dispatcher, assembler, inspector: no CPU, no GPU) does.
+    unplaced, _ = get_bin_pack_residual([head["resources"]], [GPU_ACTOR, CPU_ACTOR, {}])
+    assert unplaced == [GPU_ACTOR, CPU_ACTOR]
+
+
+def test_gpu_workers_autoscale_one_render_actor_per_gpu(cluster):
+    workers = _workers(cluster)
+    assert workers
+    for name, node_type in workers.items():
+        gpus = node_type["resources"].get("GPU", 0)
+        assert gpus >= 1, name
+        # A GPU actor fits on it, once per GPU.
+        unplaced, _ = get_bin_pack_residual([node_type["resources"]], [GPU_ACTOR] * (gpus + 1))
+        assert unplaced == [GPU_ACTOR], name
+        # At least one from the start: the dispatcher sees a GPU when it starts.
+        assert 1 <= node_type["min_workers"] < node_type["max_workers"], name
+        assert node_type["max_workers"] <= cluster["max_workers"], name
+
+
+def test_redis_and_s3_come_from_the_environment(cluster):
+    options = cluster["docker"]["run_options"]
+    env = dict(
+        option.removeprefix("--env ").split("=", 1)
+        for option in options
+        if option.startswith("--env ")
+    )
+    assert env["REDIS_URL"].startswith(("redis://", "rediss://"))
+    assert env["RAYFARM_STORAGE"].startswith("s3://")
+    # Ray joins run_options into a shell command line: each must stay one shell word or flag.
+    for option in options + cluster["docker"].get("worker_run_options", []):
+        assert len(shlex.split(option)) <= 2 and not re.search(r"[<>|;&$`'\"]", option), option
+    # No keys in the file: S3 credentials come from instance profiles.
+    assert "AWS_SECRET_ACCESS_KEY" not in (ROOT / "ray-cluster.yaml").read_text()
+    for name, node_type in _workers(cluster).items():
+        assert "IamInstanceProfile" in node_type["node_config"], name
+
+
+def test_every_node_installs_this_checkout_of_rayfarm(cluster):
+    assert cluster["file_mounts"] == {"/home/ray/rayfarm": "."}
+    assert ".gitignore" in cluster["rsync_filter"]
+    assert ".venv/" in (ROOT / ".gitignore").read_text().split()
+    setup = cluster["setup_commands"]  # common to head and workers
+    assert any('pip install -q "/home/ray/rayfarm[cluster,render]"' in c for c in setup), setup
+    # Everything the package build reads is in the mounted checkout.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = [*pyproject["tool"]["setuptools"]["package-dir"].values()]
+    needed.append(pyproject["project"]["readme"])
+    for path in needed:
+        assert (ROOT / path).exists(), path
+
+
+# -- cluster/deploy/serve.yaml -----------------------------------------------------------------
+
+
+def test_serve_config_passes_serves_own_schema(serve_config):
+    ServeDeploySchema.model_validate(serve_config)
+    # Serve ignores unknown keys (forward compatibility), so a typo would pass silently.
+    assert set(serve_config) <= set(ServeDeploySchema.model_fields)
+    for app in serve_config["applications"]:
+        assert set(app) <= set(ServeApplicationSchema.model_fields)
+
+
+def test_serve_config_runs_the_rayfarm_app_at_the_root(serve_config):
+    from rayfarm.cluster.serve import APP_NAME
+
+    (app,) = serve_config["applications"]
+    assert app["name"] == APP_NAME and app["route_prefix"] == "/"
+    env = app["runtime_env"]["env_vars"]
+    assert env["REDIS_URL"].startswith(("redis://", "rediss://"))
+    assert env["RAYFARM_STORAGE"].startswith("s3://")
+    assert serve_config["http_options"]["port"] == 8000
+
+
+def test_serve_config_import_path_is_an_application_builder(serve_config):
+    (app,) = serve_config["applications"]
+    module_name, _, attr = app["import_path"].partition(":")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        pytest.skip(f"{app['import_path']} is the proposed builder, not yet in cluster/serve.py")
+    builder = getattr(module, attr)
+    # What Serve requires of a builder: a plain function of one argument, the config's args.
+    assert inspect.isfunction(builder)
+    assert len(inspect.signature(builder).parameters) == 1
+
+
+# -- cluster/deploy/kuberay.yaml, Dockerfile ---------------------------------------------------
+
+
+def _containers(pod_template: dict[str, Any]) -> list[dict[str, Any]]:
+    containers: list[dict[str, Any]] = pod_template["spec"]["containers"]
+    return containers
+
+
+def test_kuberay_raycluster_head_renders_nothing(kuberay):
+    assert kuberay["apiVersion"] == "ray.io/v1"
+    assert kuberay["spec"]["rayVersion"] == ray.__version__
+    assert kuberay["spec"]["enableInTreeAutoscaling"] is True
+    head = kuberay["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    for container in _containers(head["template"]):
+        assert "nvidia.com/gpu" not in json.dumps(container.get("resources", {}))
+
+
+def test_kuberay_gpu_workers_autoscale(kuberay):
+    groups = kuberay["spec"]["workerGroupSpecs"]
+    assert groups
+    for group in groups:
+        assert 1 <= group["minReplicas"] < group["maxReplicas"]
+        (container,) = _containers(group["template"])
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_kuberay_containers_run_rayfarm_with_settings_from_a_secret(kuberay):
+    spec = kuberay["spec"]
+    templates = [spec["headGroupSpec"]["template"]]
+    templates += [g["template"] for g in spec["workerGroupSpecs"]]
+    overwrite = kuberay["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    for template in templates:
+        for container in _containers(template):
+            assert container["image"] == IMAGE
+            assert {"secretRef": {"name": "rayfarm"}} in container["envFrom"]
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env["RAYFARM_PIP"].startswith("rayfarm[cluster,render] @ ")
+            # Our command replaces KubeRay's, so it must still start Ray.
+            assert overwrite and "$KUBERAY_GEN_RAY_START_CMD" in container["args"][-1]
+
+
+def test_dockerfile_builds_on_the_same_image():
+    lines = (DEPLOY / "Dockerfile").read_text().splitlines()
+    assert f"FROM {IMAGE}" in lines
