@@ -196,8 +196,10 @@ def farm_processes(mark: str | None = None) -> set[int]:
 class LocalFarm:
     """`rayfarm up` running in a subprocess with its own data dir and port."""
 
-    def __init__(self, data_dir: Path, port: int, env: dict[str, str]) -> None:
-        self.data_dir, self.port = data_dir, port
+    def __init__(
+        self, data_dir: Path, port: int, env: dict[str, str], args: tuple[str, ...] = ()
+    ) -> None:
+        self.data_dir, self.port, self.args = data_dir, port, args
         self.mark = f"{os.getpid()}-{port}"
         self.env = {**env, FARM_MARK: self.mark}
         self.url = f"http://127.0.0.1:{port}"
@@ -228,7 +230,8 @@ class LocalFarm:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port),
-                 "--grpc-port", str(self.grpc_port), "--data-dir", str(self.data_dir)],
+                 "--grpc-port", str(self.grpc_port), "--data-dir", str(self.data_dir),
+                 *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -287,9 +290,12 @@ def farm_env() -> dict[str, str]:
     return env
 
 
-def run_farm(data_dir: Path, env: dict[str, str]) -> Iterator[LocalFarm]:
-    """Start a farm, yield it, stop it with Ctrl-C and fail if it leaves anything behind."""
-    farm = LocalFarm(data_dir, free_port(), env).start()
+def run_farm(
+    data_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()
+) -> Iterator[LocalFarm]:
+    """Start a farm (``rayfarm up`` with ``args``), yield it, stop it with Ctrl-C and fail
+    if it leaves anything behind."""
+    farm = LocalFarm(data_dir, free_port(), env, args).start()
     yield farm
     exited = farm.stop_cleanly()
     left = farm_processes(farm.mark) - farm.before
