@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
 
-.PHONY: setup demo test lint bench bench-tiles bench-upload clean
+.PHONY: setup demo test lint bench bench-tiles bench-upload clean addon
 
 ## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install redis-server
 setup: $(STAMP)
@@ -42,6 +42,10 @@ bench-tiles: setup
 ## bench-upload: first submit vs unchanged re-submit vs one texture changed (~200 MB of textures)
 bench-upload: setup
 	$(BIN)/python bench/upload.py
+
+## addon: build the Blender extension, dist/rayfarm-addon-<version>.zip (wheels fetched at build time)
+addon: setup
+	$(BIN)/python blender_addon/build.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
