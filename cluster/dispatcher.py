@@ -70,6 +70,10 @@ class Dispatcher:
         self.inspector: Any = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.Task[None] | None = None
+        # Ray runs an async actor's constructor on its event loop: start at once, so a
+        # dispatcher that Ray restarted (its process or node died) picks up its jobs
+        # without waiting for someone to call it.
+        self._ensure_running()
 
     # -- remote API --------------------------------------------------------------------------
 
@@ -91,7 +95,9 @@ class Dispatcher:
             from rayfarm.render.actor import SceneInspector
 
             self.inspector = (
-                ray.remote(SceneInspector).options(num_cpus=0, max_restarts=-1).remote(threads=1)
+                ray.remote(SceneInspector)
+                .options(num_cpus=0, max_restarts=-1, scheduling_strategy=_here())
+                .remote(threads=1)
             )
         result: dict[str, Any] = await self.inspector.catalogue.remote(inputs)
         return result
@@ -105,6 +111,10 @@ class Dispatcher:
             job_id, "progress", task=keys.task_key(frame, tile), frame=frame, tile=tile,
             samples=samples, of=of,
         )  # fmt: skip
+
+    async def describe(self) -> dict[str, Any]:
+        """The settings this dispatcher runs with (Redis, storage, ...)."""
+        return self.settings.to_dict()
 
     async def stats(self) -> dict[str, Any]:
         """The pool (each actor's index, device, node, host, busy) and the work waiting."""
@@ -131,7 +141,11 @@ class Dispatcher:
             self.pool.reconcile()
         if self.assembler is None:
             # Restarted with empty buffers if it dies: frames it held render again.
-            self.assembler = ray.remote(TileAssembler).options(num_cpus=0, max_restarts=-1).remote()
+            self.assembler = (
+                ray.remote(TileAssembler)
+                .options(num_cpus=0, max_restarts=-1, scheduling_strategy=_here())
+                .remote()
+            )
         self._loop = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -592,21 +606,35 @@ def _tiles(grid: tuple[int, int]) -> str:
     return "1" if grid == (1, 1) else f"{grid[0]}x{grid[1]}"
 
 
-def start_dispatcher(settings: Settings) -> Any:
-    """Create (or find) the detached dispatcher actor and start it."""
-    actor: Any = (
-        ray.remote(Dispatcher)
-        .options(
-            name=DISPATCHER_NAME,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-            max_concurrency=1000,
+def _here(soft: bool = True) -> Any:
+    """Place an actor on this process's node (``soft``: elsewhere if this node is gone).
+
+    The farm's control plane (dispatcher, assembler, inspector) reserves no CPU, so Ray
+    would put it on any node, a GPU worker included, and lose it with that worker; on the
+    node of the process that starts it (the head, with ``rayfarm up`` or ``serve
+    deploy``) it stays put while workers come and go.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=soft)
+
+
+def start_dispatcher(settings: Settings, private: bool = False) -> Any:
+    """Create (or find) the farm's detached dispatcher actor, on this node, and start it.
+
+    ``private``: a dispatcher of the calling driver instead (``rayfarm.cluster.render_job``
+    without a running service): unnamed, not detached (it and its render actors end with
+    the driver), and only on the driver's node, where the driver's own Redis listens.
+    """
+    options: dict[str, Any] = {
+        "num_cpus": 0, "max_restarts": -1, "max_concurrency": 1000,
+        "scheduling_strategy": _here(soft=not private),
+    }  # fmt: skip
+    if not private:
+        options.update(
+            name=DISPATCHER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
         )
-        .remote(settings.to_dict())
-    )
+    actor: Any = ray.remote(Dispatcher).options(**options).remote(settings.to_dict())
     ray.get(actor.start.remote())
     return actor
 

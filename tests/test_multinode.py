@@ -8,6 +8,8 @@ The nodes' "GPUs" are Ray resources only: Cycles finds no GPU in them, so the ac
 render on the CPU and say so (``CPU (no usable GPU backend on this node)``).
 """
 
+import re
+import subprocess
 import time
 from collections import Counter
 
@@ -18,7 +20,7 @@ from ray.cluster_utils import Cluster
 
 from rayfarm import Farm, JobState
 
-from conftest import WAIT_S, pixels, render_reference, run_farm
+from conftest import PYTHON, WAIT_S, pixels, render_reference, run_farm
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
@@ -136,3 +138,23 @@ def test_a_node_added_mid_job_gets_work(cluster, cluster_farm, client, scene, tm
     assert on_new, "the node that joined rendered nothing"
     assert _workers(client) == 2
     _check_frames(job.refresh(), scene, tmp_path)
+
+
+def test_render_job_goes_through_the_farm_when_its_service_runs(
+    cluster, cluster_farm, client, small_scene, tmp_path
+):
+    """`python -m rayfarm.cluster.render_job` on a cluster where the farm's service runs:
+    the job goes to the farm's dispatcher and storage, so the API knows it."""
+    c, _ = cluster
+    module = [PYTHON, "-m", "rayfarm.cluster.render_job", str(small_scene), "--frames", "1-2",
+              "--address", c.address]  # fmt: skip
+    elsewhere = subprocess.run([*module, "--output", (tmp_path / "x").as_uri()],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert elsewhere.returncode == 2 and "the farm on this cluster writes to" in elsewhere.stderr
+    run = subprocess.run(module, capture_output=True, text=True, timeout=WAIT_S)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "using the farm's dispatcher" in run.stdout
+    job_id = re.search(r"job ([0-9a-f]{16}) queued", run.stdout)[1]
+    job = client.job(job_id)
+    assert job.state is JobState.COMPLETED and [f.frame for f in job.frames()] == [1, 2]
+    assert (cluster_farm.storage_dir / "jobs" / job_id / "manifest.json").is_file()
