@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
 
-.PHONY: setup demo test lint bench bench-tiles bench-upload clean addon
+.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api clean addon
 
 ## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install redis-server
 setup: $(STAMP)
@@ -42,6 +42,14 @@ bench-tiles: setup
 ## bench-upload: first submit vs unchanged re-submit vs one texture changed (~200 MB of textures)
 bench-upload: setup
 	$(BIN)/python bench/upload.py
+
+## bench-api: GET /jobs/{id}/status through Ray Serve vs bare uvicorn, and SSE streams held
+bench-api: setup
+	$(BIN)/python bench/api.py
+
+## bench-scale: dispatch throughput with a no-op render, 10 000 tasks on 8 simulated GPU nodes
+bench-scale: setup
+	$(BIN)/python bench/scale.py
 
 ## addon: build the Blender extension, dist/rayfarm-addon-<version>.zip (wheels fetched at build time)
 addon: setup

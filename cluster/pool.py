@@ -11,6 +11,7 @@ and the pool shrinks with the cluster.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -69,9 +70,8 @@ class Pool:
     def _new_actor(self, index: int) -> Any:
         """One RenderActor: a GPU (share) where the cluster has GPUs, else CPU slot
         ``index`` of the node, pinned to its share of the node's cores."""
-        from rayfarm.render.actor import RenderActor
-
-        remote = ray.remote(RenderActor)
+        module, _, name = self.settings.actor_class.partition(":")
+        remote = ray.remote(getattr(importlib.import_module(module), name))
         if ray.cluster_resources().get("GPU", 0):
             return remote.options(num_gpus=self.settings.gpu_share, num_cpus=0).remote(
                 reporter=self.reporter

@@ -62,6 +62,8 @@ class Settings:
     gpu_share: float = 1.0
     #: Failed tasks of one job after which the job avoids the node they failed on.
     node_failure_limit: int = 3
+    #: The render actor class, ``module:Class`` (the no-op one measures the farm itself).
+    actor_class: str = "rayfarm.render.actor:RenderActor"
     max_upload_bytes: int = 2 * 1024**3
     max_job_bytes: int = 64 * 1024**3
     #: Events kept per job (its execution log), oldest trimmed first.
@@ -86,6 +88,8 @@ class Settings:
             "actor_threads": _env_int("RAYFARM_ACTOR_THREADS", 0),
             "gpu_share": float(os.environ.get("RAYFARM_GPU_SHARE") or 1.0),
             "node_failure_limit": _env_int("RAYFARM_NODE_FAILURE_LIMIT", 3),
+            "actor_class": os.environ.get("RAYFARM_ACTOR_CLASS")
+            or "rayfarm.render.actor:RenderActor",
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),
             "max_job_bytes": _env_int("RAYFARM_MAX_JOB_BYTES", 64 * 1024**3),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
