@@ -266,7 +266,7 @@ async def get_status(
     ctx: Ctx,
     after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
     wait_s: Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S)] = 0,
-) -> JobStatus:
+) -> Response:
     """The compact status clients poll: state, frames and tasks done, error.
 
     Long-poll: with ``after`` (the ``event`` of a status you have) and ``wait_s``, the
@@ -274,12 +274,18 @@ async def get_status(
     """
     status = await ctx.store.status(job_id)
     if after is None or wait_s <= 0 or status.state.is_terminal or status.event != after:
-        return status
+        return _status_json(status)
     if await ctx.hub.wait(job_id, after, wait_s):
         # Progress comes in bursts (a task, then its frame, ms apart): answer once for
         # the burst rather than once for each event.
         await asyncio.sleep(STATUS_COALESCE_S)
-    return await ctx.store.status(job_id)
+    return _status_json(await ctx.store.status(job_id))
+
+
+def _status_json(status: JobStatus) -> Response:
+    """The status as JSON, serialized once by pydantic-core: a returned Response skips
+    FastAPI's re-validation against ``response_model`` (which stays for the schema)."""
+    return Response(status.model_dump_json(), media_type="application/json")
 
 
 @jobs.post("/{job_id}/cancel", response_model=Job)

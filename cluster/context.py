@@ -84,7 +84,9 @@ def process_context() -> AppContext | None:
     return _process_ctx
 
 
-def _ctx(request: Request) -> AppContext:
+# Dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in a worker
+# thread, a hop through the thread pool (and a GIL hand-off) on every request.
+async def _ctx(request: Request) -> AppContext:
     ctx: AppContext | None = getattr(request.app.state, "ctx", None) or _process_ctx
     if ctx is None:
         raise FarmUnavailable("the service is still starting")
@@ -100,7 +102,11 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-JobId = Annotated[str, Depends(check_job_id)]
+async def _job_id(job_id: str) -> str:
+    return check_job_id(job_id)
+
+
+JobId = Annotated[str, Depends(_job_id)]
 
 
 async def limited(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:

@@ -72,6 +72,7 @@ class EventHub:
         self._waiters: dict[str, list[tuple[tuple[int, int], asyncio.Future[None]]]] = {}
         self._joined = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._reads: dict[tuple[str, str | None, int], asyncio.Future[Any]] = {}
 
     @property
     def waiting(self) -> int:
@@ -99,6 +100,20 @@ class EventHub:
                 waiters.remove(entry)
             if not waiters:
                 self._waiters.pop(job_id, None)
+
+    async def events_after(
+        self, job_id: str, after: str | None, count: int = BATCH
+    ) -> list[tuple[str, dict[str, str]]]:
+        """``JobStore.events_after``, shared: the followers one event wakes (every open
+        stream of a job) read it in one round trip between them, not one each."""
+        key = (job_id, after, count)
+        read = self._reads.get(key)
+        if read is None:
+            read = asyncio.ensure_future(self.store.events_after(job_id, after, count))
+            self._reads[key] = read
+            read.add_done_callback(lambda _: self._reads.pop(key, None))
+        entries: list[tuple[str, dict[str, str]]] = await asyncio.shield(read)
+        return entries
 
     async def _run(self) -> None:
         redis = self.store.redis
@@ -141,7 +156,7 @@ async def follow(
     await store.status(job_id)  # JobNotFound before anything is sent
     last = after
     while True:
-        entries = await store.events_after(job_id, last, BATCH)
+        entries = await hub.events_after(job_id, last, BATCH)
         if not entries:
             state = await store.field(job_id, "state")
             if state is None or JobState(state).is_terminal:

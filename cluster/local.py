@@ -27,9 +27,22 @@ log = logging.getLogger("rayfarm.up")
 # workers at nice 15, its daemons at 0, so every control-plane tick preempts Cycles).
 # Measured idle on 2 cores: 12% of a core with Ray's defaults; these cut what we do not
 # use (Serve autoscaling metrics every 100 ms, a 100 ms controller loop, Ray's metrics).
+#
+# The rest is the status endpoint's speed (bench/api.py, BENCHMARKS.md): Serve's default
+# ingress, a Python proxy actor that hands each request to a replica over Ray, reached
+# 0.11-0.16x of bare uvicorn at 8 clients with p99 near 50 ms; HAProxy in front of
+# replicas that answer HTTP themselves, with the user code on the replica's own event
+# loop (no thread hop per request), reached 0.86-0.94x with p99 7-12 ms. A cluster
+# wants the same three variables in its nodes' environment (ray-cluster.yaml sets them).
+SERVE_FAST_INGRESS_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+}
 LOCAL_SERVE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",
+    **SERVE_FAST_INGRESS_ENV,
 }
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 #: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).

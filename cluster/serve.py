@@ -99,7 +99,7 @@ class RayfarmAPI:
 
 def build_app(settings: Settings) -> serve.Application:
     deployment: Any = RayfarmAPI  # a serve.Deployment at run time; its stubs do not say so
-    return deployment.bind(settings.to_dict())
+    return deployment.options(num_replicas=settings.api_replicas).bind(settings.to_dict())
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

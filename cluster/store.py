@@ -34,6 +34,8 @@ EVENTS_MAXLEN = 100_000
 RENDER_S_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 #: A Redis command that takes longer than this is a dead connection.
 SOCKET_TIMEOUT_S = 10.0
+#: Redis connections one process's store opens at most (redis-py's default pool size).
+MAX_CONNECTIONS = 100
 _TRANSITION_LUA = resources.files("rayfarm.cluster").joinpath("lua/transition.lua").read_text()
 
 
@@ -78,13 +80,18 @@ class JobStore:
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         events_maxlen: int = EVENTS_MAXLEN,
     ) -> JobStore:
-        client = aioredis.Redis.from_url(
+        # A blocking pool: a burst of requests (hundreds of event streams opening at
+        # once) waits for a free connection instead of failing with "Too many
+        # connections" past max_connections.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=socket_timeout_s,
             decode_responses=True,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
         )
-        return cls(client, events_maxlen=events_maxlen)
+        return cls(aioredis.Redis.from_pool(pool), events_maxlen=events_maxlen)
 
     async def close(self) -> None:
         await self.redis.aclose()

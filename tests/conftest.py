@@ -163,7 +163,7 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGBA"))
 
 
-_FARM_PROCESS_NAMES = ("raylet", "gcs_server", "redis-server", "ray::")
+_FARM_PROCESS_NAMES = ("raylet", "gcs_server", "redis-server", "ray::", "haproxy")
 
 
 #: Environment variable each test farm's processes inherit (Ray's daemons and workers
