@@ -45,6 +45,7 @@ LOCAL_SERVE_ENV = {
     **SERVE_FAST_INGRESS_ENV,
 }
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 #: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).
 GRPC_HOST = "0.0.0.0"
 
@@ -79,7 +80,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     from ray import serve
 
     from rayfarm.cluster.dispatcher import start_dispatcher
-    from rayfarm.cluster.redis_server import RedisServer
+    from rayfarm.cluster.redis_server import RedisServer, free_port
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
     _check_port(settings.host, settings.port)
@@ -95,6 +96,10 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         # Serve's processes inherit these from the local Ray this process starts.
         for name, value in LOCAL_SERVE_ENV.items():
             os.environ.setdefault(name, value)
+        # HAProxy's stats page and metrics listen on fixed ports (8404, 9101) by default:
+        # a second farm on this machine (or anything else there) would stop it starting.
+        for name in HAPROXY_PORT_ENV:
+            os.environ.setdefault(name, str(free_port()))
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
