@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run a farm on this machine in the foreground")
     up.add_argument("--port", type=int, help="HTTP port (default 8000 or $RAYFARM_PORT)")
     up.add_argument(
-        "--grpc-port", type=int, help="serve gRPC on this port (default $RAYFARM_GRPC_PORT or 0: off)"
+        "--grpc-port", type=int, help="serve gRPC on this port ($RAYFARM_GRPC_PORT; default off)"
     )
     up.add_argument("--storage", help="fsspec URL for outputs (file://... or s3://...)")
     up.add_argument("--data-dir", help="where Redis, storage and logs live")
