@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -42,10 +43,36 @@ SERVE_FAST_INGRESS_ENV = {
 LOCAL_SERVE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",
-    **SERVE_FAST_INGRESS_ENV,
 }
+# The fast ingress is opt-in (RAYFARM_FAST_INGRESS=1) until its ports are safe: its
+# replicas and HAProxy bind with SO_REUSEPORT, and in the test suite a second farm on the
+# machine, or a farm restarted in place while the old HAProxy lingered, answered requests
+# meant for another farm (jobs "not found", frames in the wrong storage).
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+#: (low, high, how many ports) of the ranges Serve's directly reachable replicas use.
+DIRECT_INGRESS_PORT_ENV = (
+    ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", 16),
+    ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", 16),
+)
+
+
+def _free_range(span: int, tries: int = 200) -> int:
+    """The first port of ``span`` consecutive ports nothing listens on now."""
+    rng = random.Random()
+    for _ in range(tries):
+        base = rng.randrange(20000, 32000 - span)
+        try:
+            with ExitStack() as stack:
+                for port in range(base, base + span):
+                    probe = stack.enter_context(socket.socket())
+                    probe.bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
+    raise InvalidRequest(f"found no {span} free consecutive ports for Serve's replicas")
+
+
 #: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).
 GRPC_HOST = "0.0.0.0"
 
@@ -96,10 +123,21 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         # Serve's processes inherit these from the local Ray this process starts.
         for name, value in LOCAL_SERVE_ENV.items():
             os.environ.setdefault(name, value)
+        if os.environ.get("RAYFARM_FAST_INGRESS") == "1":
+            for name, value in SERVE_FAST_INGRESS_ENV.items():
+                os.environ.setdefault(name, value)
         # HAProxy's stats page and metrics listen on fixed ports (8404, 9101) by default:
         # a second farm on this machine (or anything else there) would stop it starting.
         for name in HAPROXY_PORT_ENV:
             os.environ.setdefault(name, str(free_port()))
+        # Replicas answering HTTP themselves take ports from a fixed range (30000-31000)
+        # and bind them with SO_REUSEPORT: two farms on one machine would share a port and
+        # the kernel would hand one farm's requests to the other's replica (seen: a job
+        # submitted to one farm landing in another). Each farm gets a free range of its own.
+        for low, high, span in DIRECT_INGRESS_PORT_ENV:
+            if low not in os.environ:
+                base = _free_range(span)
+                os.environ[low], os.environ[high] = str(base), str(base + span - 1)
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
