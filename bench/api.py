@@ -10,14 +10,18 @@ same FastAPI app (``create_app``) over that Redis in turn by:
   is: the load generator's own ceiling on this machine (no target).
 - **bare**: plain uvicorn in a subprocess (uvloop and httptools, access log off) serving
   ``create_app(AppContext(settings))``: one process, no Ray. The ceiling for this stack.
-- **proxy**: Serve's default ingress: Serve's Python proxy actor takes the HTTP request
-  and hands it to one replica over a Ray actor call, the app on a second event loop in a
-  thread of the replica (the deployment before issue 6).
-- **serve**: the deployment exactly as ``rayfarm up`` makes it: a local Ray started with
-  ``LOCAL_SERVE_ENV`` and ``LOCAL_SYSTEM_CONFIG``, ``serve.start`` with ``LOGGING``,
-  ``serve.run(build_app(settings))`` (without the dispatcher: these routes do not use it).
-- **candidate** (only when asked for): the deployment changed by ``--serve-env``,
-  ``--max-ongoing`` and ``--replicas`` (``CANDIDATE`` when none is given).
+- **proxy** (only when asked for): Serve's default ingress: Serve's Python proxy actor takes
+  the HTTP request and hands it to one replica over a Ray actor call, the app on a second
+  event loop in a thread of the replica (the deployment before issue 6).
+- **serve**: the deployment exactly as ``rayfarm up`` makes it in this environment: a local
+  Ray started with ``LOCAL_SERVE_ENV`` (and what else ``up()`` sets for a local Ray) and
+  ``LOCAL_SYSTEM_CONFIG``, ``serve.start`` with ``LOGGING``, ``serve.run(build_app(settings))``
+  (without the dispatcher: these routes do not use it).
+- **fast**: the same with ``RAYFARM_FAST_INGRESS=1`` and two replicas: HAProxy on the farm's
+  port in front of replicas that answer HTTP themselves (``RAY_SERVE_ENABLE_HA_PROXY``), the
+  app on the replica's own event loop (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``).
+- **candidate** (when asked for): ``fast`` with ``max_ongoing_requests=4096`` (``CANDIDATE``),
+  or the deployment changed by ``--serve-env``, ``--max-ongoing`` and ``--replicas``.
 
 The load generator is a separate process (uvloop, raw asyncio streams, one HTTP/1.1
 keep-alive connection per client): for 1, 8 and 32 concurrent clients it sends
@@ -39,9 +43,9 @@ p99 at most 20 ms, and no failed request at 32 clients. The table says PASS or F
 each Serve configuration; with ``--check`` the exit status is 2 when the deployment as
 ``rayfarm up`` makes it (``serve``) misses the target.
 
-    python bench/api.py                              # make bench-api; about 3.5 minutes
-    python bench/api.py --servers bare,serve --sse= --json /tmp/api.json
-    python bench/api.py --servers bare,serve,candidate --max-ongoing 4096
+    python bench/api.py                        # make bench-api: echo,bare,serve,fast; ~3 min
+    python bench/api.py --servers bare,proxy,serve --sse= --json /tmp/api.json
+    python bench/api.py --servers bare,candidate --serve-env RAY_SERVE_ENABLE_HA_PROXY=1
 
 Exit status: 0 when the measurement ran, 1 when something broke, 2 with ``--check``
 when the target is missed, 130 on Ctrl-C or SIGTERM. Every process the bench starts
@@ -80,7 +84,8 @@ PYTHON = sys.executable
 SCRIPT = Path(__file__).resolve()
 HOST = "127.0.0.1"
 JOB_ID = "0123456789abcdef"
-SERVERS = ("echo", "bare", "proxy", "serve")
+SERVERS = ("echo", "bare", "proxy", "serve", "fast", "candidate")
+DEFAULT_SERVERS = ("echo", "bare", "serve", "fast")
 CLIENTS = (1, 8, 32)
 #: The echo server's levels run this long at most: its figures do not move.
 ECHO_DURATION_S = 2.0
@@ -89,6 +94,7 @@ SSE_LEVELS = (100, 500, 1000, 2000, 4000)
 #: what ``rayfarm up`` deployed before issue 6, with the app as it is now.
 PROXY: dict[str, Any] = {
     "env": {
+        "RAYFARM_FAST_INGRESS": "0",
         "RAY_SERVE_ENABLE_HA_PROXY": "0",
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1",
@@ -96,8 +102,20 @@ PROXY: dict[str, Any] = {
     "max_ongoing": None,
     "replicas": 1,
 }
-#: What BENCHMARKS.md proposes on top of the deployment: room for more event streams.
-CANDIDATE: dict[str, Any] = {"env": {}, "max_ongoing": 4096, "replicas": None}
+#: The fast ingress (``RAYFARM_FAST_INGRESS=1``): HAProxy on the farm's port in front of two
+#: replicas that answer HTTP themselves, the app on the replica's own event loop.
+FAST: dict[str, Any] = {
+    "env": {
+        "RAYFARM_FAST_INGRESS": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    },
+    "max_ongoing": None,
+    "replicas": 2,
+}
+#: What BENCHMARKS.md proposes on top of the fast ingress: room for more event streams.
+CANDIDATE: dict[str, Any] = {**FAST, "max_ongoing": 4096}
 #: Ports Serve's HAProxy mode binds besides the farm's, fixed by default (HAProxy's stats
 #: and metrics pages on every interface, 8404 and 9101; the fallback proxy, 8500 and 9500).
 HAPROXY_PORTS = (
@@ -169,17 +187,16 @@ def role_serve(args: argparse.Namespace) -> int:
     for pair in args.serve_env:
         name, _, value = pair.partition("=")
         os.environ[name] = value
-    from rayfarm.cluster.local import LOCAL_SERVE_ENV, LOCAL_SYSTEM_CONFIG, grpc_options
-
-    for name, value in LOCAL_SERVE_ENV.items():
-        os.environ.setdefault(name, value)
+    _local_serve_env()
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        # Free ports: the fixed ones collide with any other farm on this machine.
+        # Free ports for the rest too: a fixed one shared with another farm on this
+        # machine lets that farm answer this one's requests (BENCHMARKS.md).
         for name in HAPROXY_PORTS:
             os.environ.setdefault(name, str(_free_port()))
     import ray
     from ray import serve
 
+    from rayfarm.cluster.local import LOCAL_SYSTEM_CONFIG, grpc_options
     from rayfarm.cluster.serve import APP_NAME, LOGGING, RayfarmAPI, build_app
     from rayfarm.cluster.settings import NAMESPACE
 
@@ -215,6 +232,24 @@ def role_serve(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def _local_serve_env() -> None:
+    """What ``up()`` puts in the environment of the local Ray it starts (cluster/local.py;
+    names looked up, as that module's set of them is still growing)."""
+    from rayfarm.cluster import local
+
+    for name, value in local.LOCAL_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+    if os.environ.get("RAYFARM_FAST_INGRESS") == "1":
+        for name, value in getattr(local, "SERVE_FAST_INGRESS_ENV", {}).items():
+            os.environ.setdefault(name, value)
+    for name in getattr(local, "HAPROXY_PORT_ENV", ()):
+        os.environ.setdefault(name, str(_free_port()))
+    for low, high, span in getattr(local, "DIRECT_INGRESS_PORT_ENV", ()):
+        if low not in os.environ:
+            base = local._free_range(span)
+            os.environ[low], os.environ[high] = str(base), str(base + span - 1)
 
 
 def _direct_targets() -> list[str]:
@@ -733,7 +768,7 @@ async def _create_job(redis_url: str) -> None:
 
 
 def _candidate(args: argparse.Namespace) -> dict[str, Any]:
-    """The candidate's changes: the command line's, else CANDIDATE."""
+    """The candidate: the command line's changes to the deployment, else CANDIDATE."""
     if not (args.serve_env or args.max_ongoing or args.replicas):
         return CANDIDATE
     env = dict(pair.partition("=")[::2] for pair in args.serve_env)
@@ -753,7 +788,7 @@ def start_server(
         cmd = [PYTHON, SCRIPT, "--role", "bare", "--port", port, "--redis-url", args.redis_url]
         server.start([*cmd, "--data-dir", out / "bare"], None, probe, url)
     else:
-        config = {"proxy": PROXY, "serve": {"env": {}}, "candidate": candidate}[name]
+        config = {"proxy": PROXY, "serve": {"env": {}}, "fast": FAST, "candidate": candidate}[name]
         ready = out / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         server.start(_serve_cmd(args, config, port, out / name, ready), ready, probe)
@@ -900,11 +935,11 @@ def _ints(text: str) -> list[int]:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join((__doc__ or "").split("\n\n")[0].split()))
     p.add_argument(
         "--servers",
-        help="comma-separated, in order, of echo,bare,proxy,serve,candidate (all but "
-        "candidate; candidate too with --serve-env, --max-ongoing or --replicas)",
+        help="comma-separated, in order, of echo,bare,proxy,serve,fast,candidate (default "
+        "echo,bare,serve,fast; and candidate with --serve-env, --max-ongoing or --replicas)",
     )
     p.add_argument(
         "--clients", type=_ints, default=list(CLIENTS), help="concurrency levels (1,8,32)"
@@ -951,13 +986,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.role is None:
-        servers = args.servers or ",".join(SERVERS)
+        servers = args.servers or ",".join(DEFAULT_SERVERS)
         if args.servers is None and (args.serve_env or args.max_ongoing or args.replicas):
             servers += ",candidate"
         args.server_list = [s.strip() for s in servers.split(",") if s.strip()]
-        unknown = sorted(set(args.server_list) - {*SERVERS, "candidate"})
+        unknown = sorted(set(args.server_list) - set(SERVERS))
         if unknown or not args.server_list:
             p.error(f"--servers: unknown {unknown}")
+        if len(set(args.server_list)) != len(args.server_list):
+            p.error("--servers: each server once")
     return args
 
 
