@@ -606,34 +606,42 @@ def _tiles(grid: tuple[int, int]) -> str:
     return "1" if grid == (1, 1) else f"{grid[0]}x{grid[1]}"
 
 
-def _here(soft: bool = True) -> Any:
-    """Place an actor on this process's node (``soft``: elsewhere if this node is gone).
+#: Ray's resource that only the head node has; the farm's control plane asks for a sliver
+#: of it, as Serve's controller does, so it stays on the head while workers come and go.
+ON_HEAD = {"node:__internal_head__": 0.001}
 
-    The farm's control plane (dispatcher, assembler, inspector) reserves no CPU, so Ray
-    would put it on any node, a GPU worker included, and lose it with that worker; on the
-    node of the process that starts it (the head, with ``rayfarm up`` or ``serve
-    deploy``) it stays put while workers come and go.
+
+def _here() -> Any:
+    """Place an actor on this process's node, and only there.
+
+    The control plane (dispatcher, assembler, inspector) reserves no CPU, so Ray would
+    put it on any node, a GPU worker included, and lose it with that worker (a soft
+    affinity was seen to land the assembler on a worker). The farm's dispatcher is
+    pinned to the head (``ON_HEAD``) and creates the assembler and the inspector beside
+    itself; a private dispatcher (``render_job``) stays by its driver, whose own Redis
+    listens on that node's loopback.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=soft)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def start_dispatcher(settings: Settings, private: bool = False) -> Any:
-    """Create (or find) the farm's detached dispatcher actor, on this node, and start it.
+    """Create (or find) the farm's detached dispatcher actor, on the head node, and
+    start it.
 
     ``private``: a dispatcher of the calling driver instead (``rayfarm.cluster.render_job``
     without a running service): unnamed, not detached (it and its render actors end with
     the driver), and only on the driver's node, where the driver's own Redis listens.
     """
-    options: dict[str, Any] = {
-        "num_cpus": 0, "max_restarts": -1, "max_concurrency": 1000,
-        "scheduling_strategy": _here(soft=not private),
-    }  # fmt: skip
-    if not private:
+    options: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_concurrency": 1000}
+    if private:
+        options.update(scheduling_strategy=_here())
+    else:
         options.update(
-            name=DISPATCHER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-        )
+            resources=ON_HEAD, name=DISPATCHER_NAME, namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True,
+        )  # fmt: skip
     actor: Any = ray.remote(Dispatcher).options(**options).remote(settings.to_dict())
     ray.get(actor.start.remote())
     return actor

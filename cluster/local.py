@@ -81,6 +81,9 @@ def _check_port(host: str, port: int, option: str = "--port") -> None:
     """Refuse a taken port before starting anything (Serve's proxy would only fail later,
     in the background, with the farm half up)."""
     with socket.socket() as probe:
+        # As the servers bind: a port whose last connections linger in TIME_WAIT (the
+        # farm restarted with clients attached) is free; one something listens on is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -158,6 +161,9 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         dispatcher = start_dispatcher(settings)
         stack.callback(lambda: ray.kill(dispatcher, no_restart=True))
         serve.start(
+            # One proxy, on the head (where this runs): the farm's URL. Proxies on workers
+            # would come and go with them (and, on one machine, share this port).
+            proxy_location="HeadOnly",
             http_options={"host": settings.host, "port": settings.port},
             grpc_options=grpc_options(settings),
             logging_config=LOGGING,

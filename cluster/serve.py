@@ -14,7 +14,7 @@ from ray import serve
 
 from rayfarm.cluster import grpc_ingress
 from rayfarm.cluster.api import AppContext, create_app, set_process_context
-from rayfarm.cluster.dispatcher import get_dispatcher, start_dispatcher
+from rayfarm.cluster.dispatcher import ON_HEAD, get_dispatcher, start_dispatcher
 from rayfarm.cluster.settings import Settings
 
 __all__ = ["APP_NAME", "RayfarmAPI", "app_builder", "build_app"]
@@ -98,8 +98,14 @@ class RayfarmAPI:
 
 
 def build_app(settings: Settings) -> serve.Application:
+    """The API deployment, its replicas on the head node beside the dispatcher and the
+    proxy: on a worker they would die with it (a GPU node scaled down), failing every
+    request in flight."""
     deployment: Any = RayfarmAPI  # a serve.Deployment at run time; its stubs do not say so
-    return deployment.options(num_replicas=settings.api_replicas).bind(settings.to_dict())
+    return deployment.options(
+        num_replicas=settings.api_replicas,
+        ray_actor_options={"num_cpus": 0, "resources": ON_HEAD},
+    ).bind(settings.to_dict())
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from rayfarm.client import (
     RECONNECT_S,
     STREAM_READ_TIMEOUT_S,
     Farm,
+    Outage,
 )
 from rayfarm.errors import FarmUnavailable, ServerError, error_from_body
 from rayfarm.events import END, Event, SSEParser, parse_event
@@ -84,14 +84,22 @@ class AsyncJob(JobRecord):
                     return status
                 finally:
                     bar.close(status)
-            status = await self.status()
-            while not status.state.is_terminal:
-                if status.event is None:
-                    await asyncio.sleep(0.2)
-                    status = await self.status()
-                else:
-                    status = await self.status(after=status.event, wait_s=LONG_POLL_S)
-            return status
+            outage, got = Outage(), None
+            while got is None or not got.state.is_terminal:
+                try:
+                    if got is None:
+                        got = await self.status()
+                    elif got.event is None:
+                        await asyncio.sleep(0.2)
+                        got = await self.status()
+                    else:
+                        got = await self.status(after=got.event, wait_s=LONG_POLL_S)
+                except Outage.TRANSIENT as exc:
+                    outage.failed(exc)
+                    await asyncio.sleep(RECONNECT_S)
+                    continue
+                outage.ended()
+            return got
 
     async def events(self, after: str | None = None) -> AsyncIterator[Event]:
         """As ``Job.events``: typed events, live, resumed after a dropped connection."""
@@ -225,7 +233,7 @@ class AsyncFarm:
         self, job_id: str, after: str | None = None, give_up_s: float = RECONNECT_FOR_S
     ) -> AsyncIterator[Event | None]:
         """As ``Farm._events``."""
-        last, failing_since = after, None
+        last, outage = after, Outage(give_up_s)
         timeout = httpx.Timeout(self.timeout_s, read=STREAM_READ_TIMEOUT_S)
         while True:
             headers = {"Accept": "text/event-stream"}
@@ -245,13 +253,11 @@ class AsyncFarm:
                                 return
                             else:
                                 event = parse_event(message.payload())
-                                last, failing_since = event.id, None
+                                last = event.id
+                                outage.ended()
                                 yield event
-            except (FarmUnavailable, ServerError):
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > give_up_s:
-                    raise
+            except Outage.TRANSIENT as exc:
+                outage.failed(exc)
             await asyncio.sleep(RECONNECT_S)
 
     def _request(self, method: str, path: str, stream: bool = False, **kwargs: Any) -> Any:

@@ -33,7 +33,7 @@ from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 from rayfarm.pack import Pack, pack_scene, sha256_file
 from rayfarm.progress import ProgressBar
 
-__all__ = ["DEFAULT_URL", "Farm", "UploadReport"]
+__all__ = ["DEFAULT_URL", "Farm", "Outage", "UploadReport"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: How long one status long-poll may wait on the server before asking again.
@@ -43,6 +43,31 @@ RECONNECT_S = 1.0
 RECONNECT_FOR_S = 120.0
 #: The event stream sends a keep-alive every 15 s; silence this long means it is dead.
 STREAM_READ_TIMEOUT_S = 60.0
+
+
+class Outage:
+    """Rides out a farm that cannot answer for a while (restarting, a proxy whose replica
+    is being replaced, a dropped connection): a waiter or an event stream asks again
+    every ``RECONNECT_S`` and raises the last error once the farm has failed it for
+    ``give_up_s`` in a row."""
+
+    #: What is worth asking again about; a 4xx is an answer.
+    TRANSIENT = (FarmUnavailable, ServerError)
+
+    def __init__(self, give_up_s: float = RECONNECT_FOR_S) -> None:
+        self.give_up_s = give_up_s
+        self.since: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        """Note a failure; raise ``exc`` once the outage is too long."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        if now - self.since > self.give_up_s:
+            raise exc
+
+    def ended(self) -> None:
+        self.since = None
 
 
 @dataclass(frozen=True)
@@ -213,24 +238,36 @@ class Farm:
             return [FrameInfo.model_validate(f) for f in r.json()["frames"]]
 
     def _wait(self, job: Job, timeout: float | None, on_change: Any = None) -> JobStatus:
-        """Long-poll the status: one request per change (or per LONG_POLL_S when idle)."""
+        """Long-poll the status: one request per change (or per LONG_POLL_S when idle),
+        riding out a farm that stops answering for a while (``Outage``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        status = job.status()
+        status: JobStatus | None = None
+        outage = Outage()
         while True:
+            wait_s = LONG_POLL_S
+            if deadline is not None and status is not None:
+                wait_s = min(wait_s, deadline - time.monotonic())
+                if wait_s <= 0:
+                    raise TimeoutError(f"job {job.id} is still {status.state} after {timeout} s")
+            try:
+                if status is None:
+                    status = job.status()
+                elif status.event is None:
+                    time.sleep(min(wait_s, 0.2))  # a service without events: plain polling
+                    status = job.status()
+                else:
+                    status = job.status(after=status.event, wait_s=wait_s)
+            except Outage.TRANSIENT as exc:
+                if deadline is not None and time.monotonic() + RECONNECT_S > deadline:
+                    raise  # the farm's error says more than a timeout would
+                outage.failed(exc)
+                time.sleep(RECONNECT_S)
+                continue
+            outage.ended()
             if on_change is not None:
                 on_change(status)
             if status.state.is_terminal:
                 return status
-            wait_s = LONG_POLL_S
-            if deadline is not None:
-                wait_s = min(wait_s, deadline - time.monotonic())
-                if wait_s <= 0:
-                    raise TimeoutError(f"job {job.id} is still {status.state} after {timeout} s")
-            if status.event is None:
-                time.sleep(min(wait_s, 0.2))  # a service without events: plain polling
-                status = job.status()
-            else:
-                status = job.status(after=status.event, wait_s=wait_s)
 
     def _events(
         self, job_id: str, after: str | None = None, give_up_s: float = RECONNECT_FOR_S
@@ -238,7 +275,7 @@ class Farm:
         """The job's events after ``after``; None for each keep-alive (so callers can
         check a clock). A dropped stream is reopened from the last event seen (for up
         to ``give_up_s`` of failures in a row); the farm's ``end`` message ends it."""
-        last, failing_since = after, None
+        last, outage = after, Outage(give_up_s)
         timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
         while True:
             headers = {"Accept": "text/event-stream"}
@@ -256,13 +293,11 @@ class Farm:
                             return
                         else:
                             event = parse_event(message.payload())
-                            last, failing_since = event.id, None
+                            last = event.id
+                            outage.ended()
                             yield event
-            except (FarmUnavailable, ServerError):
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > give_up_s:
-                    raise
+            except Outage.TRANSIENT as exc:
+                outage.failed(exc)
             time.sleep(RECONNECT_S)
 
     def _wait_progress(self, job: Job, timeout: float | None) -> JobStatus:

@@ -291,11 +291,11 @@ def farm_env() -> dict[str, str]:
 
 
 def run_farm(
-    data_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()
+    data_dir: Path, env: dict[str, str], args: tuple[str, ...] = (), port: int | None = None
 ) -> Iterator[LocalFarm]:
-    """Start a farm (``rayfarm up`` with ``args``), yield it, stop it with Ctrl-C and fail
-    if it leaves anything behind."""
-    farm = LocalFarm(data_dir, free_port(), env, args).start()
+    """Start a farm (``rayfarm up`` with ``args``, on ``port`` or a free one), yield it,
+    stop it with Ctrl-C and fail if it leaves anything behind."""
+    farm = LocalFarm(data_dir, port or free_port(), env, args).start()
     yield farm
     exited = farm.stop_cleanly()
     left = farm_processes(farm.mark) - farm.before

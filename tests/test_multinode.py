@@ -166,3 +166,18 @@ def test_render_job_goes_through_the_farm_when_its_service_runs(
     job = client.job(job_id)
     assert job.state is JobState.COMPLETED and [f.frame for f in job.frames()] == [1, 2]
     assert (cluster_farm.storage_dir / "jobs" / job_id / "manifest.json").is_file()
+
+
+def test_the_control_plane_lives_on_the_head(cluster, cluster_farm, client):
+    """The dispatcher, the API replicas and the proxy reserve no CPU; pinned to the head,
+    they never die with a worker (a replica on a removed node failed requests in flight)."""
+    from ray.util.state import list_actors
+
+    c, _ = cluster
+    _wait_for(lambda: _workers(client) >= 1)
+    head = c.head_node.node_id
+    placed = {(a.class_name, a.node_id) for a in list_actors(filters=[("state", "=", "ALIVE")])}
+    control = {name: node for name, node in placed if not name.startswith("RenderActor")}
+    assert {"Dispatcher", "ServeReplica:rayfarm:api", "ProxyActor"} <= set(control), placed
+    assert set(control.values()) == {head}, control
+    assert any(name == "RenderActor" and node != head for name, node in placed)

@@ -1,14 +1,19 @@
 """A full stop and restart of `rayfarm up` on the same data dir loses nothing:
-Redis comes back from its AOF and the frames are still served from storage."""
+Redis comes back from its AOF and the frames are still served from storage; a job
+rendering when the farm stopped finishes after it restarts, and a client waiting on it
+rides the restart out."""
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from rayfarm import Farm, JobState
 
-from conftest import pixels, run_farm
+from conftest import free_port, pixels, run_farm
 
 pytestmark = pytest.mark.slow
 
@@ -36,3 +41,26 @@ def test_jobs_and_frames_survive_a_farm_restart(tmp_path, farm_env, small_scene)
                 assert np.array_equal(pixels(a), pixels(b))
             # The restarted farm renders too.
             assert client.submit(small_scene, frames="3").wait(300).state is JobState.COMPLETED
+
+
+def test_a_waiting_client_rides_out_a_restart_mid_job(tmp_path, farm_env, make_scene):
+    # Slow enough per frame that the farm stops with frames still to render.
+    scene = make_scene("--width", "96", "--height", "72", "--samples", "256", "--frames", "6")
+    data_dir, port = tmp_path / "farm", free_port()
+    env = {**farm_env, "RAYFARM_CPU_ACTORS": "1"}
+    with ThreadPoolExecutor(1) as pool:
+        for farm in run_farm(data_dir, env, port=port):
+            client = Farm(farm.url)
+            job = client.submit(scene, frames="1-6")
+            deadline = time.monotonic() + 300
+            while job.status().frames_done < 1:
+                assert time.monotonic() < deadline, "no frame rendered"
+                time.sleep(0.2)
+            waited = pool.submit(job.wait, 600)
+        # The farm is down now, mid-job; the waiter keeps asking.
+        assert not waited.done()
+        for _ in run_farm(data_dir, env, port=port):
+            status = waited.result(timeout=600)
+            assert status.state is JobState.COMPLETED, status.error
+            assert [f.frame for f in job.frames()] == [1, 2, 3, 4, 5, 6]
+        client.close()
