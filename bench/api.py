@@ -10,16 +10,18 @@ same FastAPI app (``create_app``) over that Redis in turn by:
   is: the load generator's own ceiling on this machine (no target).
 - **bare**: plain uvicorn in a subprocess (uvloop and httptools, access log off) serving
   ``create_app(AppContext(settings))``: one process, no Ray. The ceiling for this stack.
-- **proxy** (only when asked for): Serve's default ingress: Serve's Python proxy actor takes
-  the HTTP request and hands it to one replica over a Ray actor call, the app on a second
-  event loop in a thread of the replica (the deployment before issue 6).
+- **proxy**: Serve's default ingress (``RAYFARM_FAST_INGRESS=0``): Serve's Python proxy
+  actor takes the HTTP request and hands it to one replica over a Ray actor call, the app
+  on a second event loop in a thread of the replica (the deployment before issue 6).
 - **serve**: the deployment exactly as ``rayfarm up`` makes it in this environment: a local
-  Ray started with ``LOCAL_SERVE_ENV`` (and what else ``up()`` sets for a local Ray) and
-  ``LOCAL_SYSTEM_CONFIG``, ``serve.start`` with ``LOGGING``, ``serve.run(build_app(settings))``
-  (without the dispatcher: these routes do not use it).
-- **fast**: the same with ``RAYFARM_FAST_INGRESS=1`` and two replicas: HAProxy on the farm's
-  port in front of replicas that answer HTTP themselves (``RAY_SERVE_ENABLE_HA_PROXY``), the
-  app on the replica's own event loop (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``).
+  Ray started with ``local_serve_env()`` and ``LOCAL_SYSTEM_CONFIG``, ``serve.start`` with
+  ``LOGGING``, ``serve.run(build_app(settings))`` (without the dispatcher: these routes do
+  not use it). Where an HAProxy binary is found that is the fast ingress: HAProxy on the
+  farm's port in front of two replicas that answer HTTP themselves
+  (``RAY_SERVE_ENABLE_HA_PROXY``), the app on the replica's own event loop
+  (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``).
+- **fast** (when asked for): the fast ingress whatever the environment says
+  (``RAYFARM_FAST_INGRESS=1``, two replicas).
 - **candidate** (when asked for): ``fast`` with ``max_ongoing_requests=4096`` (``CANDIDATE``),
   or the deployment changed by ``--serve-env``, ``--max-ongoing`` and ``--replicas``.
 
@@ -43,7 +45,7 @@ p99 at most 20 ms, and no failed request at 32 clients. The table says PASS or F
 each Serve configuration; with ``--check`` the exit status is 2 when the deployment as
 ``rayfarm up`` makes it (``serve``) misses the target.
 
-    python bench/api.py                        # make bench-api: echo,bare,serve,fast; ~3 min
+    python bench/api.py                        # make bench-api: echo,bare,proxy,serve; ~3 min
     python bench/api.py --servers bare,proxy,serve --sse= --json /tmp/api.json
     python bench/api.py --servers bare,candidate --serve-env RAY_SERVE_ENABLE_HA_PROXY=1
 
@@ -85,7 +87,7 @@ SCRIPT = Path(__file__).resolve()
 HOST = "127.0.0.1"
 JOB_ID = "0123456789abcdef"
 SERVERS = ("echo", "bare", "proxy", "serve", "fast", "candidate")
-DEFAULT_SERVERS = ("echo", "bare", "serve", "fast")
+DEFAULT_SERVERS = ("echo", "bare", "proxy", "serve")
 CLIENTS = (1, 8, 32)
 #: The echo server's levels run this long at most: its figures do not move.
 ECHO_DURATION_S = 2.0
@@ -116,14 +118,6 @@ FAST: dict[str, Any] = {
 }
 #: What BENCHMARKS.md proposes on top of the fast ingress: room for more event streams.
 CANDIDATE: dict[str, Any] = {**FAST, "max_ongoing": 4096}
-#: Ports Serve's HAProxy mode binds besides the farm's, fixed by default (HAProxy's stats
-#: and metrics pages on every interface, 8404 and 9101; the fallback proxy, 8500 and 9500).
-HAPROXY_PORTS = (
-    "RAY_SERVE_HAPROXY_STATS_PORT",
-    "RAY_SERVE_HAPROXY_METRICS_PORT",
-    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-)
 #: Issue 6: a Serve deployment's throughput at 8 clients over bare uvicorn's, at least.
 TARGET_RATIO = 0.8
 #: ... its p99 at 8 clients, at most.
@@ -187,12 +181,9 @@ def role_serve(args: argparse.Namespace) -> int:
     for pair in args.serve_env:
         name, _, value = pair.partition("=")
         os.environ[name] = value
-    _local_serve_env()
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        # Free ports for the rest too: a fixed one shared with another farm on this
-        # machine lets that farm answer this one's requests (BENCHMARKS.md).
-        for name in HAPROXY_PORTS:
-            os.environ.setdefault(name, str(_free_port()))
+    from rayfarm.cluster.local import local_serve_env
+
+    local_serve_env()
     import ray
     from ray import serve
 
@@ -232,24 +223,6 @@ def role_serve(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     return 0
-
-
-def _local_serve_env() -> None:
-    """What ``up()`` puts in the environment of the local Ray it starts (cluster/local.py;
-    names looked up, as that module's set of them is still growing)."""
-    from rayfarm.cluster import local
-
-    for name, value in local.LOCAL_SERVE_ENV.items():
-        os.environ.setdefault(name, value)
-    if os.environ.get("RAYFARM_FAST_INGRESS") == "1":
-        for name, value in getattr(local, "SERVE_FAST_INGRESS_ENV", {}).items():
-            os.environ.setdefault(name, value)
-    for name in getattr(local, "HAPROXY_PORT_ENV", ()):
-        os.environ.setdefault(name, str(_free_port()))
-    for low, high, span in getattr(local, "DIRECT_INGRESS_PORT_ENV", ()):
-        if low not in os.environ:
-            base = local._free_range(span)
-            os.environ[low], os.environ[high] = str(base), str(base + span - 1)
 
 
 def _direct_targets() -> list[str]:

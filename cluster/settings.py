@@ -58,9 +58,9 @@ class Settings:
     cpu_actors: int = 1
     #: Cycles threads per CPU actor; 0 splits the node's cores between its actors.
     actor_threads: int = 0
-    #: API replicas (two use both cores of a small head behind the fast ingress,
-    #: RAYFARM_FAST_INGRESS; measured in bench/api.py).
-    api_replicas: int = 1
+    #: API replicas; 0: two behind Serve's fast ingress (they use both cores of a small
+    #: head; measured in bench/api.py), one behind Serve's proxy.
+    api_replicas: int = 0
     #: GPUs per render actor: 1 (one actor per GPU), or a fraction to share a GPU.
     gpu_share: float = 1.0
     #: Failed tasks of one job after which the job avoids the node they failed on.
@@ -90,7 +90,7 @@ class Settings:
             "cpu_actors": _env_int("RAYFARM_CPU_ACTORS", 1),
             "actor_threads": _env_int("RAYFARM_ACTOR_THREADS", 0),
             "gpu_share": float(os.environ.get("RAYFARM_GPU_SHARE") or 1.0),
-            "api_replicas": _env_int("RAYFARM_API_REPLICAS", 1),
+            "api_replicas": _env_int("RAYFARM_API_REPLICAS", 0),
             "node_failure_limit": _env_int("RAYFARM_NODE_FAILURE_LIMIT", 3),
             "actor_class": os.environ.get("RAYFARM_ACTOR_CLASS")
             or "rayfarm.render.actor:RenderActor",
