@@ -36,6 +36,7 @@ from rayfarm.cluster.context import (
     read_json,
     set_process_context,
 )
+from rayfarm.cluster.events import EVENT_ID
 from rayfarm.cluster.submit import (
     MAX_INPUT_FILES,
     catalogue,
@@ -67,6 +68,8 @@ _MEDIA = {"png": "image/png", "exr": "image/x-exr"}
 _MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: Uploads up to this size stay in memory while their hash is checked; larger spill to disk.
 SPOOL_BYTES = 8 * 1024**2
+#: Furthest a job listing may page (Redis ranges are 64-bit; no farm holds this many jobs).
+MAX_OFFSET = 10**9
 #: Longest a status long-poll may wait.
 MAX_STATUS_WAIT_S = 30.0
 #: How long a woken long-poll gathers further events before it answers.
@@ -74,6 +77,28 @@ STATUS_COALESCE_S = 0.05
 
 
 jobs = APIRouter(prefix="/jobs", tags=["jobs"])
+
+#: A scene folder of uploaded blobs, as ``POST /jobs`` and ``POST /scenes`` take it (the
+#: bodies are read by hand, streamed and size-limited, so FastAPI cannot infer these).
+_FOLDER = {
+    "main": {"type": "string", "description": "the .blend to open"},
+    "files": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["path", "sha256", "size"],
+            "properties": {
+                "path": {"type": "string"},
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "size": {"type": "integer", "minimum": 0},
+            },
+        },
+    },
+}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 @jobs.post(
@@ -90,19 +115,7 @@ jobs = APIRouter(prefix="/jobs", tags=["jobs"])
                         "required": ["spec", "main", "files"],
                         "properties": {
                             "spec": {"type": "object", "description": "JobSpec"},
-                            "main": {"type": "string", "description": "the .blend to open"},
-                            "files": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "required": ["path", "sha256", "size"],
-                                    "properties": {
-                                        "path": {"type": "string"},
-                                        "sha256": {"type": "string"},
-                                        "size": {"type": "integer"},
-                                    },
-                                },
-                            },
+                            **_FOLDER,
                         },
                     }
                 },
@@ -172,7 +185,13 @@ async def submit_job(request: Request, ctx: Ctx) -> Job:
 scenes = APIRouter(prefix="/scenes", tags=["scenes"])
 
 
-@scenes.post("", status_code=201)
+@scenes.post(
+    "",
+    status_code=201,
+    openapi_extra=_json_body(
+        {"type": "object", "required": ["main", "files"], "properties": _FOLDER}
+    ),
+)
 async def inspect_scene(request: Request, ctx: Ctx) -> dict[str, Any]:
     """Catalogue a scene folder (JSON ``{"main", "files"}`` of uploaded blobs, as for a
     job): Blender version, scenes with cameras, frame ranges, resolution, engine,
@@ -201,7 +220,21 @@ async def get_scene(scene_id: str, ctx: Ctx) -> dict[str, Any]:
 blobs = APIRouter(prefix="/blobs", tags=["blobs"])
 
 
-@blobs.post("/missing")
+@blobs.post(
+    "/missing",
+    openapi_extra=_json_body(
+        {
+            "type": "object",
+            "required": ["hashes"],
+            "properties": {
+                "hashes": {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                }
+            },
+        }
+    ),
+)
 async def missing_blobs(request: Request, ctx: Ctx) -> dict[str, list[str]]:
     """Which of ``{"hashes": [sha256, ...]}`` the farm does not have (upload those)."""
     data = await read_json(request, "the question")
@@ -247,7 +280,7 @@ async def put_blob(sha256: str, request: Request, ctx: Ctx) -> dict[str, Any]:
 async def list_jobs(
     ctx: Ctx,
     state: JobState | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
     """Jobs, newest first; filter by ``state``; page with ``offset``/``limit``."""
@@ -264,7 +297,7 @@ async def get_job(job_id: JobId, ctx: Ctx) -> Job:
 async def get_status(
     job_id: JobId,
     ctx: Ctx,
-    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
+    after: Annotated[str | None, Query(pattern=EVENT_ID)] = None,
     wait_s: Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S)] = 0,
 ) -> Response:
     """The compact status clients poll: state, frames and tasks done, error.

@@ -25,7 +25,11 @@ from rayfarm.cluster import keys
 from rayfarm.cluster.store import JobStore
 from rayfarm.models import JobState
 
-__all__ = ["HEARTBEAT_S", "EventHub", "decode", "follow", "sse"]
+__all__ = ["EVENT_ID", "HEARTBEAT_S", "EventHub", "decode", "follow", "sse"]
+
+#: An event's id, as clients send it back (``Last-Event-ID``, ``after``): a Redis stream
+#: id, two unsigned 64-bit numbers; at most 19 digits each, so any id matched fits.
+EVENT_ID = r"^\d{1,19}-\d{1,19}$"
 
 log = logging.getLogger("rayfarm.events")
 

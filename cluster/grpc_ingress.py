@@ -40,7 +40,7 @@ import grpc
 import platformdirs
 
 from rayfarm.cluster.context import AppContext, check_job_id, process_context
-from rayfarm.cluster.events import follow
+from rayfarm.cluster.events import EVENT_ID, follow
 from rayfarm.cluster.submit import submit_listing
 from rayfarm.errors import FarmError, FarmUnavailable, InvalidRequest
 from rayfarm.models import Job, JobState
@@ -70,7 +70,7 @@ ERROR_CODE_KEY = "rayfarm-error-code"
 
 _PROTO_NAME = "rayfarm.proto"
 _PB2, _PB2_GRPC = "rayfarm_pb2", "rayfarm_pb2_grpc"
-_EVENT_ID = re.compile(r"^\d+-\d+$")
+_EVENT_ID = re.compile(EVENT_ID)
 _build_lock = threading.Lock()
 
 #: A FarmError's HTTP status as a gRPC status; anything else is INTERNAL.

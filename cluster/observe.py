@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.context import AppContext, Ctx, JobId
-from rayfarm.cluster.events import decode, follow, sse
+from rayfarm.cluster.events import EVENT_ID, decode, follow, sse
 from rayfarm.cluster.store import RENDER_S_BUCKETS
 from rayfarm.errors import InvalidRequest, NotFound
 from rayfarm.events import format_event
@@ -23,7 +23,6 @@ __all__ = ["dispatcher_stats", "router"]
 
 router = APIRouter(tags=["progress"])
 
-EVENT_ID = r"^\d+-\d+$"
 _EVENT_ID = re.compile(EVENT_ID)
 _TASK = re.compile(r"^f\d{7}t\d{3}$")
 #: Client reconnect delay the SSE stream asks for, in milliseconds.
