@@ -69,6 +69,8 @@ class Settings:
     actor_class: str = "rayfarm.render.actor:RenderActor"
     max_upload_bytes: int = 2 * 1024**3
     max_job_bytes: int = 64 * 1024**3
+    #: Most tasks (frames x tiles) one job may have: every task costs Redis ~1 KB.
+    max_tasks: int = 100_000
     #: Events kept per job (its execution log), oldest trimmed first.
     events_maxlen: int = 100_000
     blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
@@ -96,6 +98,7 @@ class Settings:
             or "rayfarm.render.actor:RenderActor",
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),
             "max_job_bytes": _env_int("RAYFARM_MAX_JOB_BYTES", 64 * 1024**3),
+            "max_tasks": _env_int("RAYFARM_MAX_TASKS", 100_000),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -35,6 +35,7 @@ __all__ = [
     "catalogue",
     "check_listing",
     "check_scene",
+    "check_size",
     "check_stored",
     "store_blob",
     "store_single",
@@ -53,10 +54,25 @@ async def submit_listing(ctx: AppContext, data: Any) -> Job:
     unknown = sorted(set(data) - {"spec", "main", "files"})
     if unknown:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
-    spec = parse_spec(data.get("spec"))
+    spec = check_size(ctx, parse_spec(data.get("spec")))
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
     await asyncio.to_thread(check_stored, ctx, inputs)
     return await _create_job(ctx, spec, inputs)
+
+
+def check_size(ctx: AppContext, spec: JobSpec) -> JobSpec:
+    """Refuse a job with more tasks than the farm takes (``RAYFARM_MAX_TASKS``); 'auto'
+    tiles count as whole frames (the farm tiles only jobs with fewer frames than actors)."""
+    nx, ny = spec.tile_grid or (1, 1)
+    frames = len(spec.frame_list)
+    tasks = frames * nx * ny
+    if tasks > ctx.settings.max_tasks:
+        raise InvalidSpec(
+            f"this job would have {tasks} tasks ({frames} frames x {nx * ny} tiles); the farm "
+            f"takes at most {ctx.settings.max_tasks} per job (RAYFARM_MAX_TASKS)",
+            {"tasks": tasks, "max_tasks": ctx.settings.max_tasks},
+        )
+    return spec
 
 
 def check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
@@ -146,6 +162,7 @@ def check_scene(f: IO[bytes]) -> BlendHeader:
 async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
     """A single-.blend upload: the file becomes a blob and the job's input folder
     holds just it."""
+    check_size(ctx, spec)
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
