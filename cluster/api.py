@@ -56,6 +56,7 @@ from rayfarm.errors import (
     NotFound,
     PayloadTooLarge,
     SceneNotFound,
+    UnsupportedMediaType,
 )
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
 from rayfarm.render.inputs import SHA256, blob_key, check_path
@@ -146,8 +147,15 @@ async def submit_job(request: Request, ctx: Ctx) -> Job:
     Everything is checked before anything is stored: the spec, the paths, the main
     file's header and blocks, and its Blender version against the workers'.
     """
-    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json":
         return await submit_listing(ctx, await read_json(request, "job description"))
+    if media != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"POST /jobs takes application/json (a folder of uploaded blobs) or "
+            f"multipart/form-data (a .blend and its spec), not content type {media or 'none'!r}",
+            {"content_type": media},
+        )
     limit = ctx.settings.max_upload_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD_BYTES:

@@ -29,6 +29,7 @@ from rayfarm.errors import (
     SceneOpenError,
     SceneTooNew,
     ServerError,
+    UnsupportedMediaType,
 )
 from rayfarm.events import (
     Event,
@@ -83,6 +84,7 @@ __all__ = [
     "TaskQueued",
     "TaskRetried",
     "TaskStarted",
+    "UnsupportedMediaType",
     "__version__",
     "parse_frames",
 ]

@@ -6,6 +6,7 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
 
     FarmError
     ├── InvalidRequest        400  malformed request (missing part, bad JSON)
+    │   └── UnsupportedMediaType   415  a body in a format the route does not take
     ├── InvalidSpec           422  the job spec breaks a rule (frames, tiles, ...)
     ├── InvalidScene          422  the upload is not a readable .blend
     │   ├── SceneTooNew       422  saved by a newer Blender than the farm's bpy
@@ -46,6 +47,7 @@ __all__ = [
     "SceneOpenError",
     "SceneTooNew",
     "ServerError",
+    "UnsupportedMediaType",
     "error_from_body",
 ]
 
@@ -76,6 +78,11 @@ class FarmError(Exception):
 class InvalidRequest(FarmError):
     status = 400
     code = "invalid_request"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class InvalidSpec(FarmError):

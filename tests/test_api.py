@@ -139,8 +139,10 @@ def test_bad_specs_are_refused_and_nothing_is_stored(api, small_scene, spec, fra
 
 
 def test_missing_parts(api, small_scene):
-    r = api.post("/jobs", data={"spec": '{"frames": "1"}'})
+    r = api.post("/jobs", files={"spec": (None, '{"frames": "1"}')})  # multipart, no file
     assert_error(r, 400, "invalid_request", "missing file part 'scene'")
+    r = api.post("/jobs", data={"spec": '{"frames": "1"}'})  # a url-encoded form holds no file
+    assert_error(r, 415, "unsupported_media_type", "application/x-www-form-urlencoded")
     r = api.post("/jobs", files={"scene": ("a.blend", small_scene.read_bytes())})
     assert_error(r, 400, "invalid_request", "missing form part 'spec'")
     r = api.post("/jobs", content=b"garbage", headers={"content-type": "application/json"})
@@ -364,3 +366,35 @@ def test_a_folder_job_checks_its_main_file_and_spec(api, small_scene):
     r = api.post("/jobs", content=b"{nope", headers={"content-type": "application/json"})
     assert_error(r, 400, "invalid_request", "not JSON")
     assert _job_keys(api) == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "fragment"),
+    [
+        ({"Content-Type": "text/plain"}, b"frames=1", 415, "not content type 'text/plain'"),
+        ({"Content-Type": "application/xml"}, b"<job/>", 415, "'application/xml'"),
+        ({"Content-Type": ""}, b"", 415, "not content type 'none'"),
+        ({"Content-Type": "application/json"}, b"", 400, "not JSON"),
+        ({"Content-Type": "application/json"}, b"[]", 400, "JSON object"),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, b"--x--", 400, "'spec'"),
+    ],
+)
+def test_a_submission_in_the_wrong_shape_is_refused(api, headers, body, status, fragment):
+    r = api.post("/jobs", content=body, headers=headers)
+    assert r.status_code == status and fragment in r.json()["error"]["message"], r.text
+    assert_nothing_stored(api)
+
+
+def test_concurrent_cancels_give_one_consistent_answer(api, small_scene):
+    from concurrent.futures import ThreadPoolExecutor
+
+    job = submit(api, small_scene.read_bytes(), {"frames": "1-4"}).json()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: api.post(f"/jobs/{job['id']}/cancel"), range(16)))
+    codes = sorted(r.status_code for r in answers)
+    # The first cancel wins; every other one is told the job is already CANCELLED.
+    assert codes == [200] + [409] * 15, [r.text for r in answers]
+    assert all("CANCELLED" in r.text for r in answers)
+    events = api.redis.xrange(f"rayfarm:job:{job['id']}:events")
+    states = [f[b"to"] for _, f in events if f.get(b"kind") == b"state"]
+    assert states.count(b"CANCELLED") == 1
