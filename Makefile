@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
 
-.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api clean addon
+.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load clean addon
 
 ## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install redis-server
 setup: $(STAMP)
@@ -46,6 +46,10 @@ bench-upload: setup
 ## bench-api: GET /jobs/{id}/status through Ray Serve vs bare uvicorn, and SSE streams held
 bench-api: setup
 	$(BIN)/python bench/api.py
+
+## bench-load: 200 submissions at once with status polling, then a sustained status-poll load
+bench-load: setup
+	$(BIN)/python bench/load.py
 
 ## bench-scale: dispatch throughput with a no-op render, 10 000 tasks on 8 simulated GPU nodes
 bench-scale: setup
