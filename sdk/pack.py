@@ -25,6 +25,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from rayfarm.blendfile import check_blend
 from rayfarm.errors import InvalidRequest, InvalidScene, MissingDependencies
@@ -116,8 +117,11 @@ def _pack(
                     "(fix the paths, or submit with allow_missing=True to render anyway)",
                     {"missing": missing},
                 )
-            packer.execute()
             main = PurePosixPath(Path(packer.output_path).relative_to(folder)).as_posix()
+            in_place = _as_they_are(packer, folder)
+            if in_place is not None:
+                return Pack(main, in_place, missing, folder)
+            packer.execute()
         files = [
             _hashed(folder, p)
             for p in sorted(folder.rglob("*"))
@@ -140,6 +144,38 @@ def _pack(
         raise
     finally:
         close_all_cached()  # BAT keeps every .blend it read open otherwise
+
+
+def _as_they_are(packer: Any, folder: Path) -> list[PackedFile] | None:
+    """The pack's files read where they are, when BAT would only copy them unchanged:
+    every dependency a plain file inside the project, referenced relatively, so no
+    .blend needs a path rewritten. None otherwise (sequences, UDIMs, folders, files
+    outside the project: BAT's own pack handles those).
+
+    Skipping BAT's copy saves the copy itself and BAT's transfer thread, which polls
+    its queue every 0.5 s: a one-file scene packed in 1.7 s, most of it waiting (0.2-0.3 s
+    now). A file changed on disk between this hash and its upload is refused by the
+    farm's hash check (400), never stored wrong.
+    """
+    from blender_asset_tracer.pack import PathAction
+
+    files = []
+    for asset, action in packer._actions.items():
+        plain = "*" not in str(asset) and "<UDIM>" not in asset.name and not asset.is_dir()
+        if (
+            not plain
+            or action.path_action != PathAction.KEEP_PATH
+            or action.rewrites
+            or action.read_from is not None
+            or action.new_path is None
+            or any(usage.is_sequence for usage in action.usages)
+        ):
+            return None
+        if not asset.is_file():
+            continue  # missing: reported already (allow_missing)
+        rel = PurePosixPath(Path(action.new_path).relative_to(folder)).as_posix()
+        files.append(PackedFile(rel, asset, sha256_file(asset), asset.stat().st_size))
+    return sorted(files, key=lambda f: f.path)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

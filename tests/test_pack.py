@@ -1,0 +1,68 @@
+"""Packing a scene with blender-asset-tracer, without a farm: a scene whose files all
+sit in the project, referenced relatively, is read where it is (BAT would copy each file
+unchanged); anything that needs a path rewritten goes through BAT's own pack."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+import rayfarm.pack
+from rayfarm.pack import pack_scene, sha256_file
+
+from conftest import MAKE_SCENE, PYTHON
+
+SCENE = ("--width", "32", "--height", "24", "--samples", "1", "--frames", "1")
+
+
+def _scene(path, *extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([PYTHON, str(MAKE_SCENE), str(path), *SCENE, *extra],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    return path
+
+
+def _listing(pack):
+    return [(f.path, f.sha256, f.size) for f in pack.files]
+
+
+def test_a_self_contained_project_is_read_in_place_as_bat_would_pack_it(tmp_path, monkeypatch):
+    scene = _scene(tmp_path / "project" / "shots" / "shot.blend", "--texture")
+    project = tmp_path / "project"
+    with pack_scene(scene, project) as in_place:
+        assert in_place.main == "shots/shot.blend"
+        assert [f.path for f in in_place.files] == [
+            "shots/shot.blend",
+            "shots/textures/checker.png",
+        ]
+        assert all(f.source.is_relative_to(project) for f in in_place.files)  # the originals
+        assert list(in_place.folder.iterdir()) == []  # nothing copied
+        for f in in_place.files:
+            assert (f.sha256, f.size) == (sha256_file(f.source), f.source.stat().st_size)
+    # BAT's own pack of the same project: the same files, byte for byte.
+    monkeypatch.setattr(rayfarm.pack, "_as_they_are", lambda packer, folder: None)
+    with pack_scene(scene, project) as copied:
+        assert all(f.source.is_relative_to(copied.folder) for f in copied.files)
+        assert _listing(copied) == _listing(in_place)
+
+
+def test_a_file_outside_the_project_goes_through_bat_and_the_scene_is_rewritten(tmp_path):
+    outside = tmp_path / "library" / "cube.png"
+    scene = _scene(tmp_path / "project" / "shot.blend", "--texture", "--abs-texture", str(outside))
+    with pack_scene(scene) as pack:
+        paths = [f.path for f in pack.files]
+        assert "shot.blend" in paths and "textures/checker.png" in paths
+        assert [p for p in paths if p.startswith("_outside_project/")]
+        main = next(f for f in pack.files if f.path == "shot.blend")
+        assert main.source.is_relative_to(pack.folder)
+        assert main.sha256 != sha256_file(scene)  # its path to the cube was rewritten
+
+
+def test_a_missing_texture_stops_either_way(tmp_path):
+    scene = _scene(tmp_path / "project" / "shot.blend", "--texture")
+    (scene.parent / "textures" / "checker.png").unlink()
+    with pytest.raises(rayfarm.MissingDependencies, match=r"checker\.png"):
+        pack_scene(scene)
+    with pack_scene(scene, allow_missing=True) as pack:
+        assert [f.path for f in pack.files] == ["shot.blend"] and len(pack.missing) == 1
