@@ -4,6 +4,18 @@
 - Jobs are admitted from Redis's queue (priority, then submission time) when
   there is spare capacity, or when they outrank the work already waiting.
 - Tasks go to an idle actor, preferring one that already holds the job's scene.
+- Short whole-frame tasks go in batches (``Run.batch_size``): once a job's frames are
+  measured short (well under a second), an actor gets several per call, so a farm of
+  quick frames is not bound by one actor call, Redis round trip and storage hop per
+  task. In a batch, every task's ``task_started`` is written when the batch is handed
+  to the actor; the actor renders them in order and stops at the first failure. Tasks
+  finished before it are done (one Redis script records them all, with their frames
+  stored in one thread hop); the failed task takes the normal failure path (a retry
+  on another actor, or the job fails); the tasks after it go back to the queue with a
+  ``task_retried`` event and no retry spent. If the actor dies mid-batch, nothing of
+  the batch came back: every task gets ``task_failed`` (``retry``) and is queued again
+  with no retry spent, to run alone (a second crash is then charged to its task as
+  for any task; a node that left spends no retries either way).
 - A failed task is retried on another actor up to the job's ``max_retries``;
   then the job is FAILED with the reason. A scene bpy cannot open, or a spec
   the file cannot satisfy, fails the job at once (no retry can fix it).
@@ -25,6 +37,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -38,12 +51,19 @@ from rayfarm.cluster.post import encode_video
 from rayfarm.cluster.runs import Run, Slot, expand
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.storage import Storage
-from rayfarm.cluster.store import JobStore, now_iso, outranks, queue_score
+from rayfarm.cluster.store import (
+    NOT_PROCESSING,
+    Finished,
+    JobStore,
+    now_iso,
+    outranks,
+    queue_score,
+)
 from rayfarm.errors import FarmError, InvalidTransition
 from rayfarm.models import JobState, grid_of
 from rayfarm.render.assembler import TileAssembler
 from rayfarm.render.inputs import Inputs
-from rayfarm.render.tasks import FATAL, RenderTask, TaskResult
+from rayfarm.render.tasks import FATAL, BatchResult, RenderTask, TaskResult
 from rayfarm.render.tiles import auto_grid
 
 __all__ = ["Dispatcher", "get_dispatcher", "start_dispatcher"]
@@ -69,6 +89,7 @@ class Dispatcher:
         self.assembler: Any = None
         self.inspector: Any = None
         self._wake: asyncio.Event | None = None
+        self._full_round = True  # reconcile the pool, sync runs and admit next round
         self._loop: asyncio.Task[None] | None = None
         # Ray runs an async actor's constructor on its event loop: start at once, so a
         # dispatcher that Ray restarted (its process or node died) picks up its jobs
@@ -86,6 +107,7 @@ class Dispatcher:
         """Something changed in Redis (a job queued, cancelled, retried): look now."""
         self._ensure_running()
         assert self._wake is not None
+        self._full_round = True
         self._wake.set()
 
     async def inspect(self, inputs: Inputs) -> dict[str, Any]:
@@ -151,11 +173,18 @@ class Dispatcher:
     async def _run(self) -> None:
         assert self._wake is not None
         await self._resume_active()
+        last_full = float("-inf")
         while True:
             try:
-                self.pool.reconcile()  # actors for nodes that joined
-                await self._sync_runs()
-                await self._admit()
+                # An actor that finished its task only needs its next one (_schedule);
+                # the pool, cancellations and the queue are looked at when told
+                # (notify), once a second, and whenever actors would idle.
+                now = time.monotonic()
+                if self._full_round or now - last_full >= POLL_INTERVAL_S or self._capacity() > 0:
+                    self._full_round, last_full = False, now
+                    self.pool.reconcile()  # actors for nodes that joined
+                    await self._sync_runs()
+                    await self._admit()
                 self._schedule()
             except Exception:
                 log.exception("dispatcher iteration failed; retrying")
@@ -273,9 +302,12 @@ class Dispatcher:
             if choice is None:
                 return
             run, task, slot = choice
-            run.pending.remove(task)
+            batch = run.take_batch(task, run.batch_size(len(self.slots)))
             slot.busy = True
-            asyncio.get_running_loop().create_task(self._execute(slot, run, task))
+            if len(batch) == 1:
+                asyncio.get_running_loop().create_task(self._execute(slot, run, task))
+            else:
+                asyncio.get_running_loop().create_task(self._execute_batch(slot, run, batch))
 
     def _by_score(self) -> list[Run]:
         return sorted(self.runs.values(), key=lambda r: r.score)
@@ -347,7 +379,7 @@ class Dispatcher:
                 wake.set()
 
         try:
-            await self._started(slot, run, task)
+            await self._started(slot, run, [task])
             meta_ref, payload_ref = slot.handle.render.options(num_returns=2).remote(
                 task, run.inputs
             )
@@ -358,7 +390,10 @@ class Dispatcher:
             if not task.is_tiled:
                 release()
                 await self._report_device(run, meta)
-                await self._store_frame(run, task, await payload_ref, meta, slot)
+                image = await payload_ref
+                run.frame_s.append(meta.seconds)
+                for failed, error, log_text in await self._record(run, slot, [(task, meta, image)]):
+                    await self._task_failed(slot, run, failed, error, output=log_text)
                 return
             await self._report_device(run, meta)
             nx, ny = task.tiles
@@ -372,7 +407,7 @@ class Dispatcher:
                 return
             del payload_ref  # the assembler has copied the tile: let the object store free it
             run.render_s[task.frame] = run.render_s.get(task.frame, 0.0) + meta.seconds
-            await self._task_done(run, task, meta, slot)
+            await self._record(run, slot, [(task, meta, None)])
             if have < nx * ny or run.stopped:
                 return
             try:
@@ -384,7 +419,8 @@ class Dispatcher:
                 image = await image_ref
                 release()
                 if not run.stopped:
-                    await self._store_frame(run, task, image, meta, slot)
+                    for _, error, _ in await self._record(run, slot, [(task, meta, image)], True):
+                        raise error
             except Exception as exc:
                 await self._task_failed(slot, run, task, exc, whole_frame=True)
         except Exception as exc:
@@ -392,29 +428,188 @@ class Dispatcher:
         finally:
             release()
 
-    async def _started(self, slot: Slot, run: Run, task: RenderTask) -> None:
+    async def _execute_batch(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:
+        """Render a batch of short whole-frame tasks in one actor call (see the module's
+        docstring for what a failure inside it does)."""
+        assert self._wake is not None
+        wake = self._wake
+        released = False
+
+        def release() -> None:
+            """The actor is free: its next batch renders while this one is stored."""
+            nonlocal released
+            if not released:
+                released = True
+                slot.busy = False
+                wake.set()
+
+        try:
+            try:
+                await self._started(slot, run, tasks)
+                batch: BatchResult = await slot.handle.render_batch.remote(tasks, run.inputs)
+            except Exception as exc:
+                await self._batch_lost(slot, run, tasks, exc)
+                return
+            slot.holds = run.scene_hash
+            release()
+            if run.stopped:
+                return
+            finished = len(batch.results)
+            if finished:
+                await self._report_device(run, batch.results[0][0])
+                run.frame_s.extend(meta.seconds for meta, _ in batch.results)
+                items = [
+                    (t, meta, image) for t, (meta, image) in zip(tasks, batch.results, strict=False)
+                ]
+                for failed, error, log_text in await self._record(run, slot, items):
+                    await self._task_failed(slot, run, failed, error, output=log_text)
+            if batch.error is None:
+                return
+            cause = batch.error if isinstance(batch.error, Exception) else RuntimeError(batch.error)
+            await self._task_failed(slot, run, tasks[finished], cause, output=batch.log)
+            await self._requeue_unstarted(run, tasks[finished + 1 :])
+        except Exception:
+            log.exception("job %s: a batch of %d tasks failed to record", run.id, len(tasks))
+            try:  # render again what is not recorded as done
+                done = await self.store.tasks_done(run.id)
+                await self._requeue_unstarted(
+                    run, [t for t in tasks if keys.task_key(t.frame, t.tile) not in done]
+                )
+            except Exception:
+                log.exception("job %s: could not queue a failed batch again", run.id)
+        finally:
+            release()
+
+    async def _batch_lost(
+        self, slot: Slot, run: Run, tasks: list[RenderTask], exc: Exception
+    ) -> None:
+        """A batch's call failed as a whole (its actor died, or its node left): nothing
+        of it came back, and which task was running is unknown. Every task is queued
+        again with no retry spent; unless the node left, each runs alone from now on,
+        where a crash is charged to the task that caused it."""
+        place, host = _where(slot), slot.host or slot.node  # before a replaced actor's reset
+        died = actor_died(exc, slot)
+        node_left = died and self.pool.lost(slot, exc)
+        if run.stopped:
+            return
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        if node_left:
+            why = f"its node {host} left the cluster"
+        elif died:
+            why = f"its actor died during a batch of {len(tasks)} tasks; it runs again alone"
+        else:
+            why = f"a batch of {len(tasks)} tasks failed ({cause}); it runs again alone"
+        failed = []
+        for task in tasks:
+            key = keys.task_key(task.frame, task.tile)
+            if not node_left:
+                run.solo.add(key)
+            failed.append({"task": key, "frame": task.frame, "tile": task.tile,
+                           "attempt": run.tries.get(key, 1), "error": f"frame {task.frame}: {why}",
+                           "retry": True, **place})  # fmt: skip
+        await self.store.add_events(run.id, "task_failed", failed)
+        await self._requeue_unstarted(run, tasks)
+
+    async def _requeue_unstarted(self, run: Run, tasks: list[RenderTask]) -> None:
+        """Put tasks of a batch that did not run back at the front of the queue, in
+        order, with a ``task_retried`` event each and no retry spent."""
+        if run.stopped or not tasks:
+            return
+        await self.store.add_events(
+            run.id, "task_retried",
+            [{"task": key, "frame": t.frame, "tile": t.tile, "attempt": run.tries.get(key, 1) + 1}
+             for t in tasks for key in (keys.task_key(t.frame, t.tile),)],
+        )  # fmt: skip
+        run.pending.extendleft(reversed(tasks))
+
+    async def _started(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:
         """Learn the actor's node and device (once; it answers after loading Blender)
-        and log the task's start."""
+        and log the tasks' start (a batch's all at once, when it is handed over)."""
         if slot.node is None:
             info = await slot.handle.info.remote()
             slot.node, slot.host, slot.device = info["node_id"], info["host"], info["device"]
-        key = keys.task_key(task.frame, task.tile)
-        run.tries[key] = await self.store.start_task(
-            run.id, key, frame=task.frame, tile=task.tile, **_where(slot)
-        )
+        named = [(keys.task_key(t.frame, t.tile), t.frame, t.tile) for t in tasks]
+        attempts = await self.store.start_tasks(run.id, named, **_where(slot))
+        run.tries.update((key, n) for (key, _, _), n in zip(named, attempts, strict=True))
 
-    async def _task_done(self, run: Run, task: RenderTask, meta: TaskResult, slot: Slot) -> None:
-        key = keys.task_key(task.frame, task.tile)
-        attempt = run.tries.get(key, 1)
-        await self.store.mark_task_done(
-            run.id, key, meta.seconds, frame=task.frame, tile=task.tile, attempt=attempt,
-            **_where(slot),
-        )  # fmt: skip
-        await self._keep_log(run, key, attempt, meta.log)
-        for warning in meta.warnings:
-            if warning not in run.warned:
-                run.warned.add(warning)
-                await self.store.event(run.id, "warning", message=warning, task=key)
+    async def _record(
+        self,
+        run: Run,
+        slot: Slot,
+        items: list[tuple[RenderTask, TaskResult, bytes | None]],
+        finishing: bool = False,
+    ) -> list[tuple[RenderTask, Exception, str]]:
+        """Record what an actor call finished, in one thread hop to storage and one Redis
+        script: whole frames (task done, frame stored), a tile (``image`` None: task done)
+        or, ``finishing``, a tiled frame (stored). Each task's log is kept in storage.
+        Returns the (task, error, log) of frames that could not be stored, for the
+        caller's failure path; the rest are recorded."""
+        put = self.storage.put_bytes
+
+        def write() -> list[tuple[str, int] | Exception]:
+            outcomes: list[tuple[str, int] | Exception] = []
+            for task, meta, image in items:
+                key = keys.task_key(task.frame, task.tile)
+                if meta.log and not finishing:
+                    where = layout.task_log_key(run.id, key, run.tries.get(key, 1))
+                    try:
+                        put(where, meta.log.encode())
+                    except Exception:
+                        log.warning("job %s: could not store the log of %s", run.id, key,
+                                    exc_info=True)  # fmt: skip
+                if image is None:
+                    outcomes.append(("", 0))
+                    continue
+                try:
+                    if meta.preview:
+                        put(layout.thumbnail_key(run.id, task.frame), meta.preview)
+                    put(layout.frame_key(run.id, task.frame, run.job.spec.extension), image)
+                    outcomes.append((hashlib.sha256(image).hexdigest(), len(image)))
+                except Exception as exc:
+                    outcomes.append(exc)
+            return outcomes
+
+        outcomes = await asyncio.to_thread(write)
+        failures: list[tuple[RenderTask, Exception, str]] = []
+        records: list[Finished] = []
+        for (task, meta, image), outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                failures.append((task, outcome, meta.log))
+                continue
+            key = keys.task_key(task.frame, task.tile)
+            done: dict[str, Any] = {}
+            if not finishing:
+                done = {"frame": task.frame, "tile": task.tile, "attempt": run.tries.get(key, 1),
+                        **_where(slot)}  # fmt: skip
+            stored: dict[str, Any] = {}
+            if image is not None:
+                # Render seconds of the frame: its task, or its tiles and the finish step.
+                seconds = run.render_s.pop(task.frame, 0.0) + meta.seconds
+                sha256, size = outcome
+                stored = {
+                    "object_key": layout.frame_key(run.id, task.frame, run.job.spec.extension),
+                    "meta": {"sha256": sha256, "size": size, "render_s": round(seconds, 3),
+                             "device": meta.device},
+                    # A tiled frame's finish (denoise, compositor, format) is timed on its own.
+                    "frame_event": {"finish_s": f"{meta.seconds:.3f}"} if finishing else {},
+                }  # fmt: skip
+            records.append(Finished(
+                task.frame, None if finishing else key, meta.seconds, done, **stored
+            ))  # fmt: skip
+        if not records:
+            return failures
+        count = await self.store.finish_tasks(run.id, records)
+        if count == NOT_PROCESSING:
+            return []  # cancelled or failed meanwhile: nothing more to do for these
+        for task, meta, _ in items:
+            for warning in meta.warnings:
+                if warning not in run.warned:
+                    run.warned.add(warning)
+                    key = keys.task_key(task.frame, task.tile)
+                    await self.store.event(run.id, "warning", message=warning, task=key)
+        if count >= run.job.frames_total and not run.stopped:
+            await self._complete(run)
+        return failures
 
     async def _keep_log(self, run: Run, key: str, attempt: int, text: str) -> None:
         """Store Blender's output for one attempt at a task (``GET .../tasks/{key}/log``)."""
@@ -425,29 +620,6 @@ class Dispatcher:
             await asyncio.to_thread(self.storage.put_bytes, where, text.encode())
         except Exception:
             log.warning("job %s: could not store the log of %s", run.id, key, exc_info=True)
-
-    async def _store_frame(
-        self, run: Run, task: RenderTask, image: bytes, meta: TaskResult, slot: Slot
-    ) -> None:
-        key = layout.frame_key(run.id, task.frame, run.job.spec.extension)
-        if meta.preview:
-            thumb = layout.thumbnail_key(run.id, task.frame)
-            await asyncio.to_thread(self.storage.put_bytes, thumb, meta.preview)
-        await asyncio.to_thread(self.storage.put_bytes, key, image)
-        if not task.is_tiled:
-            await self._task_done(run, task, meta, slot)
-        digest = hashlib.sha256(image).hexdigest()
-        # Render seconds of the frame: its task, or its tiles and the finish step.
-        seconds = run.render_s.pop(task.frame, 0.0) + meta.seconds
-        stored = await self.store.mark_frame_done(
-            run.id, task.frame, key, digest, len(image),
-            render_s=round(seconds, 3), device=meta.device,
-        )  # fmt: skip
-        # A tiled frame's finish (denoise, compositor, format) is timed on its own.
-        timing = {"finish_s": f"{meta.seconds:.3f}"} if task.is_tiled else {}
-        await self.store.event(run.id, "frame", frame=task.frame, **timing)
-        if stored >= run.job.frames_total:
-            await self._complete(run)
 
     async def _complete(self, run: Run) -> None:
         """Every frame is stored: post-process (video), write the manifest, COMPLETED.
@@ -500,15 +672,25 @@ class Dispatcher:
         await self.store.event(run.id, "device", device=meta.device)
 
     async def _task_failed(
-        self, slot: Slot, run: Run, task: RenderTask, exc: Exception, whole_frame: bool = False
+        self,
+        slot: Slot,
+        run: Run,
+        task: RenderTask,
+        exc: Exception,
+        whole_frame: bool = False,
+        output: str | None = None,
     ) -> None:
         """Retry the task (or, when a frame failed to assemble, all its tiles) elsewhere,
-        or fail the job once its retries are spent or the error is fatal."""
+        or fail the job once its retries are spent or the error is fatal. ``output``:
+        Blender's output during the task when the caller has it (else the actor is
+        asked for its last task's)."""
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
         key = keys.task_key(task.frame, task.tile)
         place = _where(slot)
         died = actor_died(exc, slot)
-        if not died and not run.stopped:
+        if output is not None and not run.stopped:
+            await self._keep_log(run, key, run.tries.get(key, 1), output)
+        elif not died and not run.stopped:
             try:
                 text = await asyncio.wait_for(slot.handle.task_log.remote(), 10)
                 await self._keep_log(run, key, run.tries.get(key, 1), text)

@@ -2,6 +2,14 @@
 
 Everything here can be rebuilt from Redis (a restarted dispatcher does); the
 task list of a run is the job's (frame, tile) grid minus the frames already stored.
+
+Batching: a run whose whole-frame tasks are measured short (the mean of its recent
+render times under ``SHORT_TASK_S``) hands an actor several tasks per call
+(``batch_size``, ``take_batch``), so Ray's per-call cost and the dispatcher's per-call
+work are paid once for the batch. A batch lasts about ``BATCH_S`` on its actor, holds
+at most ``MAX_BATCH`` tasks and never more than a fair share of the run's pending
+tasks per actor. Real renders (seconds and more), tiles, retried tasks and tasks of a
+batch whose actor died run one per call.
 """
 
 from __future__ import annotations
@@ -11,11 +19,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayfarm.cluster import keys
 from rayfarm.models import Job
 from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import RenderTask
 
-__all__ = ["Run", "Slot", "expand"]
+__all__ = ["BATCH_S", "MAX_BATCH", "SHORT_TASK_S", "Run", "Slot", "expand"]
+
+#: Whole-frame tasks shorter than this (the mean of a run's recent ones) are batched.
+SHORT_TASK_S = 0.5
+#: About how long one batch of short tasks keeps its actor busy.
+BATCH_S = 0.25
+#: The most tasks in one batch.
+MAX_BATCH = 32
+#: Recent whole-frame render times a run's batch size follows.
+MEASURED_TASKS = 16
+#: Pending tasks looked at to fill a batch past tasks that must run alone.
+BATCH_LOOKAHEAD = 64
 
 
 @dataclass
@@ -50,10 +70,50 @@ class Run:
     render_s: dict[int, float] = field(default_factory=dict)  # frame -> its tiles' seconds
     device_reported: bool = False
     stopped: bool = False
+    # Render seconds of recent whole-frame tasks (sizes batches).
+    frame_s: deque[float] = field(default_factory=lambda: deque(maxlen=MEASURED_TASKS))
+    solo: set[str] = field(default_factory=set)  # task keys that run alone from now on
 
     @property
     def id(self) -> str:
         return self.job.id
+
+    def is_batchable(self, task: RenderTask) -> bool:
+        """Whether ``task`` may share an actor call: a whole frame that has not failed
+        (a retry runs alone, on another actor) and was not in a batch whose actor died
+        (alone, a crash is charged to the task that caused it)."""
+        if task.is_tiled:
+            return False
+        key = keys.task_key(task.frame, task.tile)
+        return key not in self.failed_on and key not in self.solo
+
+    def batch_size(self, actors: int) -> int:
+        """Tasks per call for this run now: 1 until its whole frames are measured short,
+        then enough for a batch to last ``BATCH_S``, at most ``MAX_BATCH`` and at most a
+        fair share (pending tasks over ``actors``), so no actor waits while another
+        holds a long batch."""
+        if self.grid != (1, 1) or not self.frame_s:
+            return 1
+        mean_s = sum(self.frame_s) / len(self.frame_s)
+        if mean_s >= SHORT_TASK_S:
+            return 1
+        size = MAX_BATCH if mean_s * MAX_BATCH <= BATCH_S else int(BATCH_S / mean_s)
+        fair = -(-len(self.pending) // max(1, actors))
+        return max(1, min(size, fair))
+
+    def take_batch(self, first: RenderTask, size: int) -> list[RenderTask]:
+        """Remove ``first`` and up to ``size - 1`` more batchable pending tasks, in queue
+        order, and return them; tasks passed over keep their place."""
+        self.pending.remove(first)
+        batch = [first]
+        if size <= 1 or not self.is_batchable(first):
+            return batch
+        skipped: list[RenderTask] = []
+        while self.pending and len(batch) < size and len(skipped) < BATCH_LOOKAHEAD:
+            task = self.pending.popleft()
+            (batch if self.is_batchable(task) else skipped).append(task)
+        self.pending.extendleft(reversed(skipped))
+        return batch
 
     def template(self) -> RenderTask:
         """A whole-frame task of the job's first frame (what an actor inspects)."""

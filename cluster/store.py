@@ -9,6 +9,8 @@ completion leaves exactly one answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -21,7 +23,9 @@ from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, 
 
 __all__ = [
     "EVENTS_MAXLEN",
+    "NOT_PROCESSING",
     "RENDER_S_BUCKETS",
+    "Finished",
     "JobStore",
     "now_iso",
     "outranks",
@@ -36,7 +40,35 @@ RENDER_S_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1
 SOCKET_TIMEOUT_S = 10.0
 #: Redis connections one process's store opens at most (redis-py's default pool size).
 MAX_CONNECTIONS = 100
-_TRANSITION_LUA = resources.files("rayfarm.cluster").joinpath("lua/transition.lua").read_text()
+_LUA = resources.files("rayfarm.cluster").joinpath("lua")
+_TRANSITION_LUA = _LUA.joinpath("transition.lua").read_text()
+_START_TASKS_LUA = _LUA.joinpath("start_tasks.lua").read_text()
+_FINISH_TASKS_LUA = _LUA.joinpath("finish_tasks.lua").read_text()
+
+
+#: What ``finish_tasks`` answers when the job left PROCESSING (nothing was recorded).
+NOT_PROCESSING = -1
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One finished task and/or stored frame, as ``JobStore.finish_tasks`` records it.
+
+    ``task`` (a task key) marks the task done with its ``task_done`` event (``seconds``
+    and the ``done`` fields: frame, tile, attempt, actor, node, host, device);
+    ``object_key`` records the frame stored there with its ``meta`` (sha256, size,
+    render_s, device) and its ``frame`` event (``frame_event``: finish_s for a tiled
+    frame). A whole frame has both; a tile only the task; a tiled frame's finish only
+    the frame.
+    """
+
+    frame: int
+    task: str | None = None
+    seconds: float = 0.0
+    done: dict[str, Any] = field(default_factory=dict)
+    object_key: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    frame_event: dict[str, Any] = field(default_factory=dict)
 
 
 def now_iso() -> str:
@@ -72,6 +104,8 @@ class JobStore:
         self.redis: Any = redis
         self.events_maxlen = events_maxlen
         self._transition = redis.register_script(_TRANSITION_LUA)
+        self._start_tasks = redis.register_script(_START_TASKS_LUA)
+        self._finish_tasks = redis.register_script(_FINISH_TASKS_LUA)
 
     @classmethod
     def from_url(
@@ -294,6 +328,57 @@ class JobStore:
         attempt = int(await self.redis.hincrby(keys.tries(job_id), task, 1))
         await self.event(job_id, "task_started", task=task, attempt=attempt, **event)
         return attempt
+
+    async def start_tasks(
+        self, job_id: str, tasks: Sequence[tuple[str, int, int]], **where: Any
+    ) -> list[int]:
+        """Record that ``tasks`` ((task key, frame, tile), in the order they run) were
+        handed to one actor, each with its ``task_started`` event (``where``: actor,
+        node, host, device), in one round trip (``lua/start_tasks.lua``); return their
+        attempt numbers, counted over the job's whole life as ``start_task``'s."""
+        flat = [str(v) for pair in where.items() for v in pair]
+        attempts: list[int] = await self._start_tasks(
+            keys=[keys.tries(job_id), keys.events(job_id)],
+            args=[self.events_maxlen, now_iso(), json.dumps(tasks), json.dumps(flat)],
+        )
+        return [int(a) for a in attempts]
+
+    async def finish_tasks(self, job_id: str, items: Sequence[Finished]) -> int:
+        """Record finished tasks and stored frames (``Finished``), in their order, with
+        their events and the farm's counters (tasks done, the render-time histogram,
+        frames stored), in one round trip (``lua/finish_tasks.lua``). Returns how many
+        frames the job has stored, or ``NOT_PROCESSING`` (nothing recorded) when the
+        job left PROCESSING meanwhile (cancelled, failed)."""
+        at = now_iso()
+        body: list[dict[str, Any]] = []
+        counters: dict[str, int] = {}
+        render_s = 0.0
+        for item in items:
+            entry: dict[str, Any] = {}
+            if item.task is not None:
+                done = {"kind": "task_done", "at": at, "task": item.task,
+                        "seconds": f"{item.seconds:.3f}", **item.done}  # fmt: skip
+                entry["task"] = item.task
+                entry["done"] = [str(v) for pair in done.items() for v in pair]
+                bucket = next((f"{b:g}" for b in RENDER_S_BUCKETS if item.seconds <= b), "+Inf")
+                for name in ("tasks_done_total", f"render_s_bucket:{bucket}"):
+                    counters[name] = counters.get(name, 0) + 1
+                render_s += item.seconds
+            if item.object_key is not None:
+                event = {"kind": "frame", "at": at, "frame": item.frame, **item.frame_event}
+                entry["frame"] = str(item.frame)
+                entry["object"] = item.object_key
+                entry["meta"] = json.dumps(item.meta)
+                entry["event"] = [str(v) for pair in event.items() for v in pair]
+                counters["frames_stored_total"] = counters.get("frames_stored_total", 0) + 1
+            body.append(entry)
+        stored = await self._finish_tasks(
+            keys=[keys.job(job_id), keys.tasks(job_id), keys.events(job_id), keys.metrics(),
+                  keys.frames(job_id), keys.frame_meta(job_id)],
+            args=[self.events_maxlen, json.dumps(body), json.dumps(counters),
+                  repr(render_s) if render_s else "0"],
+        )  # fmt: skip
+        return int(stored)
 
     async def count(self, **amounts: int) -> None:
         """Add to farm-wide counters (``tasks_failed_total=1``; see ``metrics``)."""

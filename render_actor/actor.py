@@ -50,7 +50,7 @@ from rayfarm.render.devices import select
 from rayfarm.render.exr import Part, oiio, read_parts, write_parts
 from rayfarm.render.inputs import Inputs, materialize
 from rayfarm.render.progress import SampleProgress
-from rayfarm.render.tasks import FATAL, RenderTask, TaskResult, TileRect
+from rayfarm.render.tasks import FATAL, BatchResult, RenderTask, TaskResult, TileRect, portable
 from rayfarm.render.tiles import border_fractions, split
 
 __all__ = ["RenderActor", "SceneInspector"]
@@ -222,6 +222,21 @@ class RenderActor:
         with self._captured(task):
             result, payload = self._render_task(task, inputs)
         return replace(result, log=self.last_log, warnings=self.warnings), payload
+
+    def render_batch(self, tasks: list[RenderTask], inputs: Inputs) -> BatchResult:
+        """Render whole-frame ``tasks`` in order, as ``render`` would one by one, in one
+        call: the dispatcher batches tasks it measured short, so Ray's per-call cost is
+        paid once for the batch. The first task that fails ends the batch: its error
+        and log come back with the finished tasks' results; the rest are not started.
+        """
+        batch = BatchResult()
+        for task in tasks:
+            try:
+                batch.results.append(self.render(task, inputs))
+            except Exception as exc:
+                batch.error, batch.log = portable(exc), self.last_log
+                break
+        return batch
 
     def _render_task(self, task: RenderTask, inputs: Inputs) -> tuple[TaskResult, Any]:
         started = time.perf_counter()

@@ -4,6 +4,12 @@ For measuring what the farm itself costs per task (``bench/scale.py``: the dispa
 Redis, storage and Ray, without Blender) and for dry runs of a pipeline's plumbing;
 select it with ``RAYFARM_ACTOR_CLASS=rayfarm.render.noop:NoopActor``. It never
 imports bpy.
+
+Two knobs make a dry run look like a real farm, from its constructor or the
+environment: ``task_s`` (``RAYFARM_NOOP_TASK_S``) seconds each task takes, and
+``faults`` (``RAYFARM_NOOP_FAULTS``), a folder where a file named after a frame
+number makes the next task of that frame fail once, on whichever actor takes it
+first (the actor removes the file), as a transient render error would.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 import zlib
 from typing import Any
 
+from rayfarm.errors import RenderError
 from rayfarm.render.inputs import Inputs
-from rayfarm.render.tasks import RenderTask, TaskResult
+from rayfarm.render.tasks import BatchResult, RenderTask, TaskResult, portable
 
 __all__ = ["NoopActor"]
 
@@ -40,8 +48,18 @@ class NoopActor:
 
     device = "CPU (no-op)"
 
-    def __init__(self, threads: int = 0, slot: int = 0, slots: int = 1, reporter: Any = None):
-        pass
+    def __init__(
+        self,
+        threads: int = 0,
+        slot: int = 0,
+        slots: int = 1,
+        reporter: Any = None,
+        task_s: float | None = None,
+        faults: str | None = None,
+    ) -> None:
+        env_s = os.environ.get("RAYFARM_NOOP_TASK_S")
+        self.task_s = task_s if task_s is not None else float(env_s or 0.0)
+        self.faults = faults if faults is not None else os.environ.get("RAYFARM_NOOP_FAULTS")
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -54,7 +72,26 @@ class NoopActor:
         }
 
     def render(self, task: RenderTask, inputs: Inputs) -> tuple[TaskResult, Any]:
-        return TaskResult(task.frame, task.tile, self.device, 0.0), PNG
+        if self.task_s:
+            time.sleep(self.task_s)
+        if self.faults:
+            try:
+                os.unlink(os.path.join(self.faults, str(task.frame)))
+            except FileNotFoundError:
+                pass
+            else:
+                raise RenderError(f"injected fault (a file in {self.faults})")
+        return TaskResult(task.frame, task.tile, self.device, self.task_s), PNG
+
+    def render_batch(self, tasks: list[RenderTask], inputs: Inputs) -> BatchResult:
+        batch = BatchResult()
+        for task in tasks:
+            try:
+                batch.results.append(self.render(task, inputs))
+            except Exception as exc:
+                batch.error = portable(exc)
+                break
+        return batch
 
     def task_log(self) -> str:
         return ""

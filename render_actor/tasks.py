@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["FATAL", "RenderTask", "TaskResult", "TileRect"]
+__all__ = ["FATAL", "BatchResult", "RenderTask", "TaskResult", "TileRect", "portable"]
 
 #: Flag in a RenderError's ``detail``: no retry can fix it (a scene bpy cannot open,
 #: a camera the file lacks, ...); the dispatcher fails the job at once.
@@ -66,3 +68,31 @@ class TaskResult:
     preview: bytes | None = None  # a finished frame's PNG thumbnail
     log: str = ""  # Blender's output during the task (its tail)
     warnings: tuple[str, ...] = ()  # about the scene as the farm opened it (scripts off, ...)
+
+
+@dataclass
+class BatchResult:
+    """What ``render_batch`` returns for a batch of whole-frame tasks run in order.
+
+    ``results`` holds (result, image bytes) for the tasks that finished, the batch's
+    first ones; when a task failed, ``error`` is its exception (the task at index
+    ``len(results)``) and ``log`` Blender's output during it, and the tasks after it
+    were not started. An error is returned, not raised, so the finished tasks' images
+    survive the failure.
+    """
+
+    results: list[tuple[TaskResult, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+    log: str = ""
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (to cross a Ray actor boundary in a result), else
+    a ``RenderError`` with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        from rayfarm.errors import RenderError
+
+        return RenderError(f"{type(exc).__name__}: {exc}")
+    return exc
