@@ -12,8 +12,11 @@ done, the frame, events, counters), storing the frame, and Ray's actor calls.
 2. farm: a job of ``--tasks`` whole frames queued in Redis and dispatched.
 
 Reported: tasks/s for both and their ratio, Redis commands per task (from INFO
-commandstats: the round trips are O(1) per task when this stays flat as the job
-grows), and Redis memory per task (used_memory after the job, over the tasks).
+commandstats, the commands inside Lua scripts included: the round trips are O(1) per
+task when this stays flat as the job grows), script calls per task (EVALSHA: each is
+one round trip), Redis memory per task (used_memory after the job, over the tasks),
+and the tasks per actor call (the dispatcher batches short tasks: its task_started
+events of one call share their time and actor).
 
     python bench/scale.py                      # make bench-scale: 10 000 tasks, 8 nodes
     python bench/scale.py --tasks 2000 --nodes 4 --json /tmp/scale.json
@@ -41,11 +44,29 @@ TARGET_TASKS_PER_S = 1000.0
 NOOP = "rayfarm.render.noop:NoopActor"
 
 
-def _redis_stats(client: Any) -> tuple[int, int]:
-    """(commands run so far, used_memory bytes)."""
+def _redis_stats(client: Any) -> tuple[int, int, int]:
+    """(commands run so far, script calls so far, used_memory bytes)."""
     stats = client.info("commandstats")
     calls = sum(int(v["calls"]) for v in stats.values())
-    return calls, int(client.info("memory")["used_memory"])
+    scripts = sum(
+        int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+    return calls, scripts, int(client.info("memory")["used_memory"])
+
+
+def _tasks_per_call(client: Any, events_key: str) -> float:
+    """Mean tasks per actor call: the task_started events one call wrote (one script,
+    one time) share their ``at`` and ``actor``."""
+    calls: set[tuple[bytes, bytes]] = set()
+    started = 0
+    start = "-"
+    while chunk := client.xrange(events_key, min=start, count=10_000):
+        for _, fields in chunk:
+            if fields[b"kind"] == b"task_started":
+                started += 1
+                calls.add((fields[b"at"], fields[b"actor"]))
+        start = "(" + chunk[-1][0].decode()
+    return started / max(1, len(calls))
 
 
 def _baseline(n_tasks: int) -> float:
@@ -120,19 +141,22 @@ def _farm(redis_url: str, storage: str, n_tasks: int) -> tuple[float, dict[str, 
     dispatcher = start_dispatcher(settings)
     # Warm up: a small job brings every actor up (and Ray's workers with it).
     _run_job(client, dispatcher, redis_url, "0a", 64)
-    calls0, mem0 = _redis_stats(client)
+    calls0, scripts0, mem0 = _redis_stats(client)
     job_id, seconds = _run_job(client, dispatcher, redis_url, "5ca1e", n_tasks)
     key = f"rayfarm:job:{job_id}"
-    calls1, mem1 = _redis_stats(client)
+    calls1, scripts1, mem1 = _redis_stats(client)
     state = client.hget(key, "state").decode()
     events = client.xlen(f"{key}:events")
+    per_call = _tasks_per_call(client, f"{key}:events")
     ray.kill(dispatcher)
     client.close()
     return seconds, {
         "state": state,
         "redis_commands_per_task": (calls1 - calls0) / n_tasks,
+        "redis_scripts_per_task": (scripts1 - scripts0) / n_tasks,
         "redis_bytes_per_task": (mem1 - mem0) / n_tasks,
         "events": events,
+        "tasks_per_call": per_call,
     }
 
 
@@ -164,9 +188,11 @@ def measure(procs: Processes, out: Path, n_tasks: int, nodes: int) -> dict[str, 
     print(f"  {'':<26} {'tasks/s':>9}")
     print(f"  {'Ray alone (baseline)':<26} {baseline:>9.0f}")
     print(f"  {'rayfarm dispatcher':<26} {rate:>9.0f}   {rate / baseline:.2f}x baseline")
-    print(f"  Redis commands per task: {farm['redis_commands_per_task']:.1f}; "
+    print(f"  Redis commands per task: {farm['redis_commands_per_task']:.1f} "
+          f"(script calls: {farm['redis_scripts_per_task']:.2f}); "
           f"memory per task: {farm['redis_bytes_per_task']:.0f} bytes; "
-          f"events: {farm['events']}")  # fmt: skip
+          f"events: {farm['events']}; "
+          f"tasks per actor call: {farm['tasks_per_call']:.1f}")  # fmt: skip
     verdict = "met" if rate >= TARGET_TASKS_PER_S else "MISSED"
     print(f"  target >= {TARGET_TASKS_PER_S:.0f} tasks/s: {verdict}")
     return result
