@@ -118,6 +118,9 @@ FAST: dict[str, Any] = {
 }
 #: What BENCHMARKS.md proposes on top of the fast ingress: room for more event streams.
 CANDIDATE: dict[str, Any] = {**FAST, "max_ongoing": 4096}
+#: The admin token every request carries (the bench's own Redis: a fixed one will do).
+BENCH_TOKEN = "rf_" + "b" * 43
+AUTH_LINE = b"Authorization: Bearer %s\r\n" % BENCH_TOKEN.encode()
 #: Issue 6: a Serve deployment's throughput at 8 clients over bare uvicorn's, at least.
 TARGET_RATIO = 0.8
 #: ... its p99 at 8 clients, at most.
@@ -338,7 +341,8 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
 
     async def client(n: int) -> None:
         host, port = _split(urls[n % len(urls)])
-        request = b"GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (path, host.encode(), port)
+        head = b"GET %s HTTP/1.1\r\nHost: %s:%d\r\n" % (path, host.encode(), port)
+        request = head + AUTH_LINE + b"\r\n"
         writer = None
         try:
             async with asyncio.timeout_at(hard_stop):
@@ -404,8 +408,8 @@ async def _sse(args: argparse.Namespace) -> dict[str, Any]:
     host, port = _split(args.url.split(",")[0])
     loop = asyncio.get_running_loop()
     request = (
-        b"GET /jobs/%s/events HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n\r\n"
-        % (args.job.encode(), host.encode(), port)
+        b"GET /jobs/%s/events HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n%s\r\n"
+        % (args.job.encode(), host.encode(), port, AUTH_LINE)
     )
     # Streams replay the job's log from its start: earlier levels' pings included.
     token = f"{os.getpid()}-{time.time_ns()}"
@@ -588,7 +592,8 @@ def _answers(url: str) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {BENCH_TOKEN}"})
+        with urllib.request.urlopen(request, timeout=2) as answer:
             return bool(answer.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -724,6 +729,7 @@ def _serve_cmd(
 
 
 async def _create_job(redis_url: str) -> None:
+    from rayfarm.cluster.auth import AuthStore
     from rayfarm.cluster.store import JobStore
     from rayfarm.models import Job, JobSpec, JobState
 
@@ -736,6 +742,7 @@ async def _create_job(redis_url: str) -> None:
     store = JobStore.from_url(redis_url)
     try:
         await store.create(job, json.dumps({"main": "shot.blend", "files": []}), "0" * 64)
+        await AuthStore(store.redis).bootstrap(BENCH_TOKEN)  # requests carry its token
     finally:
         await store.close()
 

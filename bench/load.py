@@ -213,8 +213,8 @@ async def _listing(client: httpx.AsyncClient) -> list[str]:
             return ids
 
 
-async def _ids(url: str) -> list[str]:
-    async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
+async def _ids(url: str, headers: dict[str, str]) -> list[str]:
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, headers=headers) as client:
         return await _listing(client)
 
 
@@ -250,10 +250,10 @@ async def storm(
     return result
 
 
-async def _baseline(url: str, scene: bytes, n: int) -> list[float]:
+async def _baseline(url: str, scene: bytes, n: int, headers: dict[str, str]) -> list[float]:
     """``n`` submissions one at a time; each one's ms."""
     times = []
-    async with httpx.AsyncClient(base_url=url, timeout=120.0) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, headers=headers) as client:
         for _ in range(n):
             started = time.perf_counter()
             r = await client.post("/jobs", **_form(scene, "1"))
@@ -265,7 +265,7 @@ async def _baseline(url: str, scene: bytes, n: int) -> list[float]:
 
 
 async def _status_load(
-    url: str, job_ids: list[str], clients: int, duration_s: float
+    url: str, job_ids: list[str], clients: int, duration_s: float, headers: dict[str, str]
 ) -> dict[str, Any]:
     """``clients`` clients polling statuses back to back for ``duration_s``."""
     latencies: list[float] = []
@@ -287,7 +287,9 @@ async def _status_load(
                 continue
             latencies.append((time.perf_counter() - started) * 1000)
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=30.0, headers=headers
+    ) as client:
         await asyncio.gather(*(one(client) for _ in range(clients)))
     return {
         "clients": clients,
@@ -326,14 +328,15 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         warm = client.submit(scene_path, frames="1")  # Serve, the actors, the catalogue
         if warm.wait(timeout=300).state.value != "COMPLETED":
             raise BenchError(f"the warm-up job did not complete: {warm.refresh().error}")
-        base = asyncio.run(_baseline(farm.url, scene, args.baseline))
+        auth = {"Authorization": f"Bearer {farm.token}"}
+        base = asyncio.run(_baseline(farm.url, scene, args.baseline, auth))
         # The warm-up and baseline jobs stay in the farm: the storm's listing is the rest.
-        before_ids = set(asyncio.run(_ids(farm.url)))
+        before_ids = set(asyncio.run(_ids(farm.url, auth)))
         memory_before = _redis_memory(farm)
-        result = asyncio.run(storm(farm.url, scene, args.jobs, args.pollers))
+        result = asyncio.run(storm(farm.url, scene, args.jobs, args.pollers, headers=auth))
         result.listed = [j for j in result.listed if j not in before_ids]
         memory_after = _redis_memory(farm)
-        load = [asyncio.run(_status_load(farm.url, result.accepted, n, args.duration))
+        load = [asyncio.run(_status_load(farm.url, result.accepted, n, args.duration, auth))
                 for n in (1, args.clients)]  # fmt: skip
     finally:
         farm.stop()

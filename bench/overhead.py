@@ -59,6 +59,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -227,6 +228,7 @@ class LocalFarm:
         self.port = 0
         self.seen: dict[int, int] = {}  # every descendant ever seen: pid -> start ticks
         self.env: dict[str, str] = {}  # settings for this farm (RAYFARM_CPU_ACTORS, ...)
+        self.token = "rf_" + secrets.token_urlsafe(32)  # the farm's first admin
 
     @property
     def url(self) -> str:
@@ -236,10 +238,11 @@ class LocalFarm:
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if k not in FARM_ENV_DROP}
         env["RAY_ADDRESS"] = "local"  # a Ray of its own, never a cluster found on the machine
+        env["RAYFARM_ADMIN_TOKEN"] = self.token  # its first admin: the bench
         env.update(self.env)
         cmd = [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port)]
         self.process = self.procs.start([*cmd, "--data-dir", str(self.data_dir)], self.log, env)
-        self.client = rayfarm.Farm(self.url)
+        self.client = rayfarm.Farm(self.url, token=self.token)
         deadline = time.monotonic() + FARM_START_S
         while True:
             if self.process.poll() is not None:

@@ -63,6 +63,10 @@ class FarmClient:
     def health(self) -> dict[str, Any]:
         return self.call("GET", "/healthz", timeout_s=PROBE_TIMEOUT_S)
 
+    def whoami(self) -> dict[str, Any]:
+        """The token's user and role (401 when the token is not valid)."""
+        return self.call("GET", "/whoami", timeout_s=PROBE_TIMEOUT_S)
+
     def missing(self, hashes: list[str]) -> list[str]:
         missing: list[str] = self.call("POST", "/blobs/missing", {"hashes": hashes})["missing"]
         return missing

@@ -105,7 +105,9 @@ def _apply(m: work.Message) -> None:
             s.connection = f"Connection failed: {data['text']}"
         report(data["level"], data["text"])
     elif m.kind == "health":
-        s.connection = describe_health(data["url"], data["health"])
+        s.connection = describe_health(
+            data["url"], data["health"], data.get("user"), data.get("refused")
+        )
         report("INFO", s.connection)
     elif m.kind == "job":
         job = data["job"]
@@ -137,17 +139,25 @@ def _apply(m: work.Message) -> None:
             s.download, s.stage, s.fraction = None, "", 0.0
 
 
-def describe_health(url: str, health: dict[str, Any]) -> str:
+def describe_health(
+    url: str,
+    health: dict[str, Any],
+    user: dict[str, Any] | None = None,
+    refused: str | None = None,
+) -> str:
     workers = health.get("workers")
     if workers:
         devices = ", ".join(f"{n} x {d}" for d, n in sorted(workers.get("devices", {}).items()))
         crew = f"{workers['count']} worker(s) ({devices}), {workers['busy']} busy"
     else:
         crew = "workers not reporting yet (the dispatcher is starting)"
+    if user is not None:
+        signed = f"Signed in as {user['user']} ({user['role']})."
+    else:
+        signed = f"The API token is NOT valid here: {refused or 'refused'}"
     return (
         f"Connected to rayfarm {health.get('version')} at {url}: Blender "
-        f"{health.get('blender')}, {crew}. This farm does not check API tokens yet "
-        "(no accounts), so the token was sent but not validated."
+        f"{health.get('blender')}, {crew}. {signed}"
     )
 
 

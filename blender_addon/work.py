@@ -129,12 +129,19 @@ class Submit(Task):
 
 
 class Probe(Task):
-    """Test connection: the farm's health report."""
+    """Test connection: the farm's health report, and who the token signs in as."""
 
     label = "connection test"
 
     def work(self) -> None:
-        self.post("health", health=self.client.health(), url=self.client.url)
+        health = self.client.health()
+        try:
+            who: dict[str, Any] = {"user": self.client.whoami()}
+        except FarmError as exc:
+            if exc.status not in (401, 403):
+                raise
+            who = {"refused": exc.message}
+        self.post("health", health=health, url=self.client.url, **who)
 
 
 class JobAction(Task):

@@ -25,16 +25,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
 from rayfarm.blendfile import check_version
-from rayfarm.cluster import observe
+from rayfarm.cluster import accounts, observe
 from rayfarm.cluster import storage as layout
+from rayfarm.cluster.accounts import AuditMiddleware
+from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import (
     AppContext,
     Ctx,
     JobId,
+    Submitter,
+    Who,
     limited,
     process_context,
     read_json,
     set_process_context,
+    visible_job,
 )
 from rayfarm.cluster.events import EVENT_ID
 from rayfarm.cluster.submit import (
@@ -51,6 +56,7 @@ from rayfarm.cluster.submit import (
 from rayfarm.errors import (
     FarmError,
     FarmUnavailable,
+    Forbidden,
     FrameNotFound,
     InvalidRequest,
     NotFound,
@@ -71,6 +77,8 @@ _MULTIPART_OVERHEAD_BYTES = 64 * 1024
 SPOOL_BYTES = 8 * 1024**2
 #: Furthest a job listing may page (Redis ranges are 64-bit; no farm holds this many jobs).
 MAX_OFFSET = 10**9
+#: Jobs read per page when a listing is filtered by who may see them.
+LIST_SCAN = 500
 #: Longest a status long-poll may wait.
 MAX_STATUS_WAIT_S = 30.0
 #: How long a woken long-poll gathers further events before it answers.
@@ -134,7 +142,7 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
         }
     },
 )
-async def submit_job(request: Request, ctx: Ctx) -> Job:
+async def submit_job(request: Request, ctx: Ctx, who: Submitter) -> Job:
     """Queue a job: a scene folder uploaded as blobs, or a single .blend.
 
     JSON (``application/json``): ``spec``, ``main`` (the .blend to open) and ``files``
@@ -145,11 +153,19 @@ async def submit_job(request: Request, ctx: Ctx) -> Job:
     Multipart: a .blend (part ``scene``) with a JSON ``JobSpec`` (part ``spec``).
 
     Everything is checked before anything is stored: the spec, the paths, the main
-    file's header and blocks, and its Blender version against the workers'.
+    file's header and blocks, and its Blender version against the workers'. The job
+    belongs to the submitter (an artist or admin) and, optionally, to a project of
+    theirs (``spec.project``).
     """
+    job = await _submit(request, ctx, who)
+    request.state.job_id = job.id  # for the audit record
+    return job
+
+
+async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "application/json":
-        return await submit_listing(ctx, await read_json(request, "job description"))
+        return await submit_listing(ctx, await read_json(request, "job description"), who)
     if media != "multipart/form-data":
         raise UnsupportedMediaType(
             f"POST /jobs takes application/json (a folder of uploaded blobs) or "
@@ -185,7 +201,7 @@ async def submit_job(request: Request, ctx: Ctx) -> Job:
             )
         header = await asyncio.to_thread(check_scene, scene.file)
         check_version(header, ctx.settings.blender_version)
-        return await store_single(ctx, spec, scene)
+        return await store_single(ctx, spec, scene, who)
     finally:
         await form.close()
 
@@ -200,7 +216,7 @@ scenes = APIRouter(prefix="/scenes", tags=["scenes"])
         {"type": "object", "required": ["main", "files"], "properties": _FOLDER}
     ),
 )
-async def inspect_scene(request: Request, ctx: Ctx) -> dict[str, Any]:
+async def inspect_scene(request: Request, ctx: Ctx, _: Submitter) -> dict[str, Any]:
     """Catalogue a scene folder (JSON ``{"main", "files"}`` of uploaded blobs, as for a
     job): Blender version, scenes with cameras, frame ranges, resolution, engine,
     samples, view layers and passes, and its files. Made once per folder, with bpy and
@@ -217,7 +233,7 @@ async def inspect_scene(request: Request, ctx: Ctx) -> dict[str, Any]:
 
 
 @scenes.get("/{scene_id}")
-async def get_scene(scene_id: str, ctx: Ctx) -> dict[str, Any]:
+async def get_scene(scene_id: str, ctx: Ctx, _: Who) -> dict[str, Any]:
     """A catalogued scene, by id."""
     info = await ctx.store.scene_info(scene_id) if SHA256.match(scene_id) else None
     if info is None:
@@ -243,7 +259,7 @@ blobs = APIRouter(prefix="/blobs", tags=["blobs"])
         }
     ),
 )
-async def missing_blobs(request: Request, ctx: Ctx) -> dict[str, list[str]]:
+async def missing_blobs(request: Request, ctx: Ctx, _: Submitter) -> dict[str, list[str]]:
     """Which of ``{"hashes": [sha256, ...]}`` the farm does not have (upload those)."""
     data = await read_json(request, "the question")
     hashes = data.get("hashes") if isinstance(data, dict) else None
@@ -258,7 +274,7 @@ async def missing_blobs(request: Request, ctx: Ctx) -> dict[str, list[str]]:
 
 
 @blobs.put("/{sha256}", status_code=201)
-async def put_blob(sha256: str, request: Request, ctx: Ctx) -> dict[str, Any]:
+async def put_blob(sha256: str, request: Request, ctx: Ctx, _: Submitter) -> dict[str, Any]:
     """Upload one file by its SHA-256, streamed (the body is the file's bytes).
 
     The body spills to disk past a few MB, its hash is checked before it is stored,
@@ -287,13 +303,33 @@ async def put_blob(sha256: str, request: Request, ctx: Ctx) -> dict[str, Any]:
 @jobs.get("")
 async def list_jobs(
     ctx: Ctx,
+    who: Who,
     state: JobState | None = None,
+    owner: Annotated[str | None, Query(max_length=64)] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
-    """Jobs, newest first; filter by ``state``; page with ``offset``/``limit``."""
-    found, total = await ctx.store.list_jobs(state, offset, limit)
-    return {"jobs": [j.model_dump(mode="json") for j in found], "total": total}
+    """The jobs the requester may see, newest first; filter by ``state`` and ``owner``;
+    page with ``offset``/``limit``."""
+    if who.is_admin and owner is None:
+        found, total = await ctx.store.list_jobs(state, offset, limit)
+        return {"jobs": [j.model_dump(mode="json") for j in found], "total": total}
+    # Filtered in the service: every job of the state is read (the per-state index
+    # has no per-owner twin yet), in pages.
+    visible: list[Job] = []
+    start = 0
+    while True:
+        page, total = await ctx.store.list_jobs(state, start, LIST_SCAN)
+        visible += [
+            j
+            for j in page
+            if who.can_read(j.owner, j.spec.project) and (owner is None or j.owner == owner)
+        ]
+        start += len(page)
+        if not page or start >= total:
+            break
+    chosen = visible[offset : offset + limit]
+    return {"jobs": [j.model_dump(mode="json") for j in chosen], "total": len(visible)}
 
 
 @jobs.get("/{job_id}", response_model=Job)
@@ -329,17 +365,29 @@ def _status_json(status: JobStatus) -> Response:
     return Response(status.model_dump_json(), media_type="application/json")
 
 
+async def _may_change(ctx: AppContext, who: Principal, job_id: str) -> None:
+    owner, _ = await visible_job(ctx, who, job_id)
+    if not who.can_change(owner):
+        raise Forbidden(
+            f"job {job_id} is {owner}'s: {who.name} ({who.role.value}) may not change it"
+        )
+
+
 @jobs.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(job_id: JobId, ctx: Ctx) -> Job:
-    """PENDING or PROCESSING -> CANCELLED; queued tasks stop at once."""
+async def cancel_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
+    """PENDING or PROCESSING -> CANCELLED; queued tasks stop at once. The job's owner
+    (an artist) or an admin."""
+    await _may_change(ctx, who, job_id)
     await ctx.store.transition(job_id, JobState.CANCELLED)
     ctx.nudge()
     return await ctx.store.get(job_id)
 
 
 @jobs.post("/{job_id}/retry", response_model=Job)
-async def retry_job(job_id: JobId, ctx: Ctx) -> Job:
-    """FAILED -> PENDING; only frames not yet stored are rendered again."""
+async def retry_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
+    """FAILED -> PENDING; only frames not yet stored are rendered again. The job's owner
+    (an artist) or an admin."""
+    await _may_change(ctx, who, job_id)
     status = await ctx.store.status(job_id)
     check_transition(job_id, status.state, JobState.PENDING)
     await ctx.store.reset_incomplete(job_id)
@@ -535,6 +583,8 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     app.include_router(blobs)
     app.include_router(scenes)
     app.include_router(observe.router)
+    app.include_router(accounts.router)
+    app.add_middleware(AuditMiddleware)
 
     @app.get("/healthz", tags=["farm"])
     async def healthz(ctx: Ctx) -> dict[str, Any]:

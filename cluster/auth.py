@@ -8,11 +8,9 @@ answers 404 (``JobNotFound``), never 403, so job ids do not leak.
 
 API tokens are random (``rf_`` and 43 URL-safe characters, 256 bits) and stored only
 as their SHA-256: a token this strong needs no slow hash, and Redis never holds one
-that works. Layout (``DESIGN.md``)::
-
-    rayfarm:users        hash  name -> {"role", "projects", "created_at"}
-    rayfarm:tokens       hash  sha256(token) -> {"user", "label", "created_at"}
-    rayfarm:audit        stream  who, role, action, job, from, outcome, at, detail
+that works. The keys (``rayfarm.cluster.keys``): ``users`` (name -> role, projects), ``tokens``
+(SHA-256 -> user, label) and the ``audit`` stream (who, role, action, job, from,
+outcome, at, detail).
 
 The audit stream holds every state-changing request and every failed sign-in,
 trimmed (approximately) to ``RAYFARM_AUDIT_MAXLEN`` entries.
@@ -24,11 +22,13 @@ import hashlib
 import json
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from rayfarm.cluster import keys
 from rayfarm.errors import InvalidRequest, NotFound
 
 __all__ = [
@@ -40,12 +40,12 @@ __all__ = [
     "new_token",
 ]
 
-USERS = "rayfarm:users"
-TOKENS = "rayfarm:tokens"
-AUDIT = "rayfarm:audit"
+USERS, TOKENS, AUDIT = keys.users(), keys.tokens(), keys.audit()
 #: Names of users and projects: short, printable, no separators that could confuse a log.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _TOKEN = re.compile(r"^rf_[A-Za-z0-9_-]{43}$")
+#: How long a process trusts what it learnt about a token.
+PRINCIPAL_TTL_S = 5.0
 
 
 class Role(StrEnum):
@@ -116,6 +116,7 @@ class AuthStore:
     def __init__(self, redis: Any, audit_maxlen: int = 1_000_000) -> None:
         self.redis = redis
         self.audit_maxlen = audit_maxlen
+        self._known: dict[str, tuple[Principal, float]] = {}
 
     # -- users and tokens ------------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class AuthStore:
         created = json.loads(raw)["created_at"] if raw else _now()
         user = {"role": role.value, "projects": sorted(set(projects or [])), "created_at": created}
         await self.redis.hset(USERS, name, json.dumps(user))
+        self._known.clear()
         return {"name": name, **user}
 
     async def user(self, name: str) -> dict[str, Any] | None:
@@ -161,19 +163,32 @@ class AuthStore:
         doomed = [k for k, v in found.items() if json.loads(v)["user"] == user]
         if doomed:
             await self.redis.hdel(TOKENS, *doomed)
+        self._known.clear()
         return len(doomed)
 
     async def principal(self, token: str) -> Principal | None:
-        """Who ``token`` belongs to; None when it is no (longer a) valid token."""
+        """Who ``token`` belongs to; None when it is no (longer a) valid token. An
+        answer is kept ``PRINCIPAL_TTL_S`` in this process (every status poll carries
+        a token): a revoked token or a changed role takes effect within that."""
         if not _TOKEN.match(token):
             return None
-        raw = await self.redis.hget(TOKENS, hash_token(token))
-        if not raw:
-            return None
-        user = await self.user(json.loads(raw)["user"])
+        digest = hash_token(token)
+        known = self._known.get(digest)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        raw = await self.redis.hget(TOKENS, digest)
+        user = await self.user(json.loads(raw)["user"]) if raw else None
         if user is None:
+            self._known.pop(digest, None)
             return None
-        return Principal(user["name"], Role(user["role"]), frozenset(user["projects"]))
+        who = Principal(user["name"], Role(user["role"]), frozenset(user["projects"]))
+        if len(self._known) >= 10_000:
+            self._known.clear()
+        self._known[digest] = (who, time.monotonic() + PRINCIPAL_TTL_S)
+        return who
+
+    async def has_admin(self) -> bool:
+        return any(u["role"] == Role.ADMIN for u in await self.users())
 
     async def bootstrap(self, token: str | None) -> str | None:
         """Make sure the farm has an admin: with ``token`` (``RAYFARM_ADMIN_TOKEN``) the

@@ -13,17 +13,29 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from rayfarm.cluster import keys
+from rayfarm.cluster.auth import ADMIN, AuthStore, Principal
 from rayfarm.cluster.events import EventHub
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
-from rayfarm.errors import FarmUnavailable, InvalidRequest, JobNotFound, PayloadTooLarge
+from rayfarm.errors import (
+    FarmUnavailable,
+    Forbidden,
+    InvalidRequest,
+    JobNotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
+    "Admin",
     "AppContext",
     "Ctx",
     "JobId",
+    "Submitter",
+    "Who",
     "check_job_id",
     "limited",
     "process_context",
@@ -34,6 +46,8 @@ __all__ = [
 log = logging.getLogger("rayfarm.api")
 
 _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
+#: Jobs whose owner and project a process keeps in memory (then it starts over).
+OWNER_CACHE = 100_000
 #: Largest JSON body a request (a job's spec and file listing) may have.
 MAX_MANIFEST_BYTES = 8 * 1024**2
 
@@ -47,6 +61,7 @@ class AppContext:
     store: JobStore = field(init=False)
     storage: Storage = field(init=False)
     hub: EventHub = field(init=False)
+    auth: AuthStore = field(init=False)
     notify: Any = None  # callable() or None: wakes the dispatcher
     inspect: Any = None  # async callable(Inputs) -> catalogue dict, or None (no Ray here)
     stats: Any = None  # async callable() -> the dispatcher's stats, or None (no Ray here)
@@ -57,6 +72,23 @@ class AppContext:
         )
         self.storage = Storage(self.settings.storage)
         self.hub = EventHub(self.store)
+        self.auth = AuthStore(self.store.redis, self.settings.audit_maxlen)
+        self._owners: dict[str, tuple[str, str | None]] = {}
+
+    async def owner_of(self, job_id: str) -> tuple[str, str | None] | None:
+        """(owner, project) of a job, None when there is no such job. Both are fixed at
+        submission, so they are kept here once read (the status route is hot)."""
+        known = self._owners.get(job_id)
+        if known is not None:
+            return known
+        owner, spec = await self.store.redis.hmget(keys.job(job_id), "owner", "spec")
+        if owner is None:
+            return None
+        project = json.loads(spec).get("project") if spec else None
+        if len(self._owners) >= OWNER_CACHE:
+            self._owners.clear()
+        self._owners[job_id] = (owner, project)
+        return owner, project
 
     def nudge(self) -> None:
         if self.notify is not None:
@@ -96,16 +128,81 @@ async def _ctx(request: Request) -> AppContext:
 Ctx = Annotated[AppContext, Depends(_ctx)]
 
 
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def authenticate(ctx: AppContext, authorization: str | None, source: str) -> Principal:
+    """The principal a request's ``Authorization: Bearer <token>`` names; a farm without
+    accounts (``RAYFARM_AUTH=off``, loopback only) treats every request as its admin.
+    A missing or unknown token is 401, and audited."""
+    if not ctx.settings.auth:
+        return ADMIN
+    scheme, _, token = (authorization or "").partition(" ")
+    principal = None
+    if scheme.lower() == "bearer" and token.strip():
+        principal = await ctx.auth.principal(token.strip())
+    if principal is None:
+        reason = "no token" if not authorization else "unknown or malformed token"
+        await ctx.auth.audit(who="", action="sign-in failed", outcome=401, detail=reason,
+                             **{"from": source})  # fmt: skip
+        raise Unauthorized(
+            f"{reason}: send Authorization: Bearer <token> (rayfarm token create, or the "
+            "first admin's token that rayfarm up printed)"
+        )
+    return principal
+
+
+async def _principal(request: Request, ctx: Ctx) -> Principal:
+    principal = await authenticate(
+        ctx, request.headers.get("authorization"), client_address(request)
+    )
+    request.state.principal = principal  # for the audit record of this request
+    return principal
+
+
+Who = Annotated[Principal, Depends(_principal)]
+
+
+async def _submitter(who: Who) -> Principal:
+    if not who.can_submit:
+        raise Forbidden(f"{who.name} is a {who.role.value}: only artists and admins submit")
+    return who
+
+
+async def _admin(who: Who) -> Principal:
+    if not who.is_admin:
+        raise Forbidden(f"{who.name} is a {who.role.value}: this is for admins")
+    return who
+
+
+Submitter = Annotated[Principal, Depends(_submitter)]
+Admin = Annotated[Principal, Depends(_admin)]
+
+
 def check_job_id(job_id: str) -> str:
     if not _JOB_ID.match(job_id):
         raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
     return job_id
 
 
-async def _job_id(job_id: str) -> str:
-    return check_job_id(job_id)
+async def visible_job(ctx: AppContext, who: Principal, job_id: str) -> tuple[str, str | None]:
+    """``job_id``'s (owner, project) when ``who`` may see it; JobNotFound (404, not 403:
+    ids do not leak) when it may not, or there is no such job."""
+    check_job_id(job_id)
+    found = await ctx.owner_of(job_id)
+    if found is None or not who.can_read(*found):
+        raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+    return found
 
 
+async def _job_id(job_id: str, request: Request, ctx: Ctx, who: Who) -> str:
+    request.state.job_id = job_id[:64]  # the audit names the job asked for, refused or not
+    await visible_job(ctx, who, job_id)
+    return job_id
+
+
+#: A job id the requester may see (every route under /jobs/{job_id}).
 JobId = Annotated[str, Depends(_job_id)]
 
 

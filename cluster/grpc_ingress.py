@@ -39,10 +39,11 @@ from typing import Any
 import grpc
 import platformdirs
 
-from rayfarm.cluster.context import AppContext, check_job_id, process_context
+from rayfarm.cluster.auth import Principal
+from rayfarm.cluster.context import AppContext, authenticate, process_context, visible_job
 from rayfarm.cluster.events import EVENT_ID, follow
 from rayfarm.cluster.submit import submit_listing
-from rayfarm.errors import FarmError, FarmUnavailable, InvalidRequest
+from rayfarm.errors import FarmError, FarmUnavailable, Forbidden, InvalidRequest
 from rayfarm.models import Job, JobState
 
 __all__ = [
@@ -76,6 +77,9 @@ _build_lock = threading.Lock()
 #: A FarmError's HTTP status as a gRPC status; anything else is INTERNAL.
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
@@ -232,14 +236,25 @@ def _context() -> AppContext:
     return ctx
 
 
+async def _who(ctx: AppContext, grpc_context: Any) -> Principal:
+    """The caller, by its ``authorization: Bearer <token>`` metadata, as over HTTP."""
+    metadata = {k.lower(): v for k, v in (grpc_context.invocation_metadata() or [])}
+    peer = getattr(grpc_context, "peer", lambda: "")() or ""
+    return await authenticate(ctx, metadata.get("authorization"), peer)
+
+
 # --- the calls ----------------------------------------------------------------------
 
 
 async def submit_job(request: Any, grpc_context: Any) -> Any:
     """``SubmitJob``: what ``POST /jobs`` does with a JSON listing."""
     try:
+        ctx = _context()
+        who = await _who(ctx, grpc_context)
+        if not who.can_submit:
+            raise Forbidden(f"{who.name} is a {who.role.value}: only artists and admins submit")
         job = await submit_listing(
-            _context(),
+            ctx,
             {
                 "spec": request.spec_json,
                 "main": request.main,
@@ -247,6 +262,7 @@ async def submit_job(request: Any, grpc_context: Any) -> Any:
                     {"path": f.path, "sha256": f.sha256, "size": f.size} for f in request.files
                 ],
             },
+            who,
         )
     except FarmError as exc:
         # A unary call answers an error by status alone: Serve sends the code set on
@@ -260,7 +276,11 @@ async def cancel_job(request: Any, grpc_context: Any) -> Any:
     """``CancelJob``: what ``POST /jobs/{id}/cancel`` does."""
     try:
         ctx = _context()
-        job_id = check_job_id(request.job_id)
+        who = await _who(ctx, grpc_context)
+        job_id = request.job_id
+        owner, _ = await visible_job(ctx, who, job_id)
+        if not who.can_change(owner):
+            raise Forbidden(f"job {job_id} is {owner}'s: {who.name} may not change it")
         await ctx.store.transition(job_id, JobState.CANCELLED)
         ctx.nudge()
         job = await ctx.store.get(job_id)
@@ -276,10 +296,11 @@ async def stream_progress(request: Any, grpc_context: Any) -> AsyncIterator[Any]
     connection alive itself)."""
     try:
         ctx = _context()
-        job_id = check_job_id(request.job_id)
+        job_id = request.job_id
         after = request.after or None
         if after is not None and not _EVENT_ID.match(after):
             raise InvalidRequest(f"after {after!r} is not an event id (such as 1-0)")
+        await visible_job(ctx, await _who(ctx, grpc_context), job_id)
         async for event in follow(ctx.store, ctx.hub, job_id, after):
             if event is not None:
                 yield job_event(event)

@@ -11,6 +11,9 @@
 ``jobs:{STATE}``        sorted set: the job ids in one state, by creation time
 ``queue``               sorted set: PENDING job ids by priority, then submission time
 ``metrics``             hash: farm-wide counters (tasks, render seconds, uploads)
+``users``               hash: user name -> {"role", "projects", "created_at"} (JSON)
+``tokens``              hash: SHA-256 of an API token -> {"user", "label", "created_at"}
+``audit``               stream: who did what to which job, from where, with what outcome
 """
 
 from __future__ import annotations
@@ -63,6 +66,18 @@ def jobs_in(state: str) -> str:
 
 def metrics() -> str:
     return f"{PREFIX}metrics"
+
+
+def users() -> str:
+    return f"{PREFIX}users"
+
+
+def tokens() -> str:
+    return f"{PREFIX}tokens"
+
+
+def audit() -> str:
+    return f"{PREFIX}audit"
 
 
 def queue() -> str:

@@ -108,6 +108,64 @@ def _check_port(host: str, port: int, option: str = "--port") -> None:
             ) from None
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_auth(settings: Settings) -> None:
+    """Accounts may be off (``RAYFARM_AUTH=off``, ``--no-auth``) only on a farm nothing
+    but this machine reaches: HTTP on loopback, no gRPC (whose proxy binds every
+    interface)."""
+    if settings.auth:
+        return
+    if settings.host not in _LOOPBACK or settings.grpc_port:
+        grpc = f"on port {settings.grpc_port}" if settings.grpc_port else "off"
+        raise InvalidRequest(
+            "accounts can be off (--no-auth, RAYFARM_AUTH=off) only when the farm listens "
+            f"on loopback alone: HTTP is on {settings.host}, gRPC {grpc}"
+        )
+
+
+def bootstrap_admin(redis_url: str, token: str | None, generate: bool = True) -> str | None:
+    """Make sure the farm's Redis has an admin (``AuthStore.bootstrap``): the user
+    ``admin`` with ``token`` (``RAYFARM_ADMIN_TOKEN``) when given; else, if the farm has
+    no admin yet, one with a new token, returned. With ``generate`` False a farm with
+    no admin and no token given is refused (nobody would ever see a generated token)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from rayfarm.cluster.auth import AuthStore
+
+    async def run() -> str | None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            auth = AuthStore(client)
+            if token is None and not generate and not await auth.has_admin():
+                raise InvalidRequest(
+                    "this farm has no admin yet: set RAYFARM_ADMIN_TOKEN (rf_ and 43 URL-safe "
+                    "characters, e.g. python -c 'import rayfarm.cluster.auth as a; "
+                    "print(a.new_token())') for its first admin"
+                )
+            return await auth.bootstrap(token)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def write_token(data_dir: Path, token: str) -> Path:
+    """The first admin's token in ``data_dir/admin-token``, readable by its owner only
+    (where the SDK and CLI on this machine find it)."""
+    from rayfarm.paths import ADMIN_TOKEN_FILE
+
+    path = data_dir / ADMIN_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
+    return path
+
+
 def fast_ingress() -> bool:
     """Whether ``rayfarm up`` serves through Serve's fast ingress: ``RAYFARM_FAST_INGRESS``
     1 or 0, else (``auto``, the default) when an HAProxy binary is found."""
@@ -171,6 +229,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     from rayfarm.cluster.redis_server import RedisServer
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
+    check_auth(settings)
     _check_port(settings.host, settings.port)
     if settings.grpc_port:
         # Serve's gRPC proxy listens on every interface ([::]), whatever the HTTP host.
@@ -188,6 +247,11 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         if not settings.redis_url:
             redis = stack.enter_context(RedisServer(data_dir / "redis"))
             settings = dataclasses.replace(settings, redis_url=redis.url)
+        if settings.auth:
+            first = bootstrap_admin(settings.redis_url, os.environ.get("RAYFARM_ADMIN_TOKEN"))
+            if first is not None:
+                path = write_token(data_dir, first)
+                ready(f"rayfarm: the first admin's token, shown once (also in {path}): {first}")
         ray.init(
             # "local": always a new local Ray. Without it ray.init() may attach to another
             # Ray on this machine (one still shutting down, say) and serve from that.

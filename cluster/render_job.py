@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -62,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="print no events, only the outcome")
     return p
+
+
+def _owner() -> Any:
+    """Who a job queued from a Ray job belongs to: ``RAYFARM_OWNER``, else the user the
+    driver runs as. A Ray job already holds the cluster, so it acts as an admin."""
+    import getpass
+
+    from rayfarm.cluster.auth import Principal, Role, check_name
+
+    name = os.environ.get("RAYFARM_OWNER") or getpass.getuser()
+    return Principal(check_name(name), Role.ADMIN)
 
 
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,7 +176,7 @@ async def _submit_and_follow(
                     await asyncio.to_thread(ctx.storage.put_stream, key, src)
                 sent += f.size
         print(f"render_job: {len(packed.files)} file(s), {sent} bytes stored")
-        job = await submit_listing(ctx, listing)
+        job = await submit_listing(ctx, listing, _owner())
         print(f"render_job: job {job.id} queued: frames {job.spec.frames}, tiles {job.tiles}")
         async for event in follow(ctx.store, ctx.hub, job.id):
             if event is not None and not args.quiet and event["kind"] != "progress":

@@ -129,5 +129,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     for name, value in (("REDIS_URL", settings.redis_url), ("RAYFARM_STORAGE", settings.storage)):
         if PLACEHOLDER in value:
             raise ValueError(f"{name} is still the placeholder {value!r}: set it in serve.yaml")
+    if settings.auth:
+        from rayfarm.cluster.local import bootstrap_admin
+
+        bootstrap_admin(settings.redis_url, os.environ.get("RAYFARM_ADMIN_TOKEN"), generate=False)
     start_dispatcher(settings)
     return build_app(settings)

@@ -12,16 +12,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import platformdirs
+from rayfarm.paths import default_data_dir
 
 __all__ = ["Settings", "default_data_dir", "farm_blender_version"]
 
 DISPATCHER_NAME = "dispatcher"
 NAMESPACE = "rayfarm"
-
-
-def default_data_dir() -> Path:
-    return Path(platformdirs.user_data_dir("rayfarm", appauthor=False))
 
 
 def farm_blender_version() -> tuple[int, int]:
@@ -41,6 +37,17 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _env_switch(name: str, default: bool) -> bool:
+    value = (os.environ.get(name) or "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{name} must be on or off, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service needs to run; see the README's configuration table."""
@@ -51,8 +58,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     #: gRPC port of Serve's gRPC proxy (rayfarm.v1.RayfarmService); 0 serves no gRPC.
-    #: Serve's gRPC proxy binds every interface and the farm has no accounts yet: off
-    #: (0) unless asked for.
+    #: Serve's gRPC proxy binds every interface: off (0) unless asked for.
     grpc_port: int = 0
     #: Render actors on a CPU-only farm (a GPU farm runs one per GPU).
     cpu_actors: int = 1
@@ -69,6 +75,10 @@ class Settings:
     actor_class: str = "rayfarm.render.actor:RenderActor"
     max_upload_bytes: int = 2 * 1024**3
     max_job_bytes: int = 64 * 1024**3
+    #: Tokens required (RAYFARM_AUTH=on); off only on loopback, when asked for.
+    auth: bool = True
+    #: Audit records kept (the oldest trimmed first, approximately).
+    audit_maxlen: int = 1_000_000
     #: Most tasks (frames x tiles) one job may have: every task costs Redis ~1 KB.
     max_tasks: int = 100_000
     #: Events kept per job (its execution log), oldest trimmed first.
@@ -99,6 +109,8 @@ class Settings:
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),
             "max_job_bytes": _env_int("RAYFARM_MAX_JOB_BYTES", 64 * 1024**3),
             "max_tasks": _env_int("RAYFARM_MAX_TASKS", 100_000),
+            "auth": _env_switch("RAYFARM_AUTH", True),
+            "audit_maxlen": _env_int("RAYFARM_AUDIT_MAXLEN", 1_000_000),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -18,10 +18,12 @@ from typing import IO, Any
 from starlette.datastructures import UploadFile
 
 from rayfarm.blendfile import BlendHeader, check_blend, check_version
+from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import AppContext
 from rayfarm.cluster.storage import CHUNK_BYTES, Storage
 from rayfarm.errors import (
     FarmError,
+    Forbidden,
     InvalidRequest,
     InvalidScene,
     InvalidSpec,
@@ -34,6 +36,7 @@ __all__ = [
     "MAX_INPUT_FILES",
     "catalogue",
     "check_listing",
+    "check_project",
     "check_scene",
     "check_size",
     "check_stored",
@@ -47,17 +50,18 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 MAX_INPUT_FILES = 10_000
 
 
-async def submit_listing(ctx: AppContext, data: Any) -> Job:
-    """Queue a job described as ``{"spec", "main", "files"}`` (blobs already uploaded)."""
+async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
+    """Queue a job described as ``{"spec", "main", "files"}`` (blobs already uploaded)
+    for ``who``."""
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object with spec, main and files")
     unknown = sorted(set(data) - {"spec", "main", "files"})
     if unknown:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
-    spec = check_size(ctx, parse_spec(data.get("spec")))
+    spec = check_project(who, check_size(ctx, parse_spec(data.get("spec"))))
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
     await asyncio.to_thread(check_stored, ctx, inputs)
-    return await _create_job(ctx, spec, inputs)
+    return await _create_job(ctx, spec, inputs, who.name)
 
 
 def check_size(ctx: AppContext, spec: JobSpec) -> JobSpec:
@@ -71,6 +75,16 @@ def check_size(ctx: AppContext, spec: JobSpec) -> JobSpec:
             f"this job would have {tasks} tasks ({frames} frames x {nx * ny} tiles); the farm "
             f"takes at most {ctx.settings.max_tasks} per job (RAYFARM_MAX_TASKS)",
             {"tasks": tasks, "max_tasks": ctx.settings.max_tasks},
+        )
+    return spec
+
+
+def check_project(who: Principal, spec: JobSpec) -> JobSpec:
+    """An artist submits only to projects they belong to (an admin, to any)."""
+    if spec.project is not None and not who.is_admin and spec.project not in who.projects:
+        raise Forbidden(
+            f"{who.name} is not a member of project {spec.project}",
+            {"project": spec.project},
         )
     return spec
 
@@ -159,16 +173,16 @@ def check_scene(f: IO[bytes]) -> BlendHeader:
         f.seek(0)
 
 
-async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile) -> Job:
-    """A single-.blend upload: the file becomes a blob and the job's input folder
-    holds just it."""
-    check_size(ctx, spec)
+async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile, who: Principal) -> Job:
+    """A single-.blend upload for ``who``: the file becomes a blob and the job's input
+    folder holds just it."""
+    check_project(who, check_size(ctx, spec))
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
     digest, size = await asyncio.to_thread(store_blob, ctx.storage, scene.file)
     inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
-    return await _create_job(ctx, spec, inputs)
+    return await _create_job(ctx, spec, inputs, who.name)
 
 
 async def catalogue(ctx: AppContext, inputs: Inputs) -> dict[str, Any] | None:
@@ -209,7 +223,7 @@ def _check_names(spec: JobSpec, info: dict[str, Any]) -> None:
         )
 
 
-async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs) -> Job:
+async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str) -> Job:
     try:
         info = await catalogue(ctx, inputs)
     except InvalidScene:
@@ -225,7 +239,7 @@ async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs) -> Job:
     job = Job(
         id=job_id,
         state=JobState.PENDING,
-        owner="local",
+        owner=owner,
         spec=spec,
         scene_file=inputs.main,
         frames_total=len(frames),

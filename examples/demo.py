@@ -11,6 +11,7 @@ Everything lands under ./out/demo (the farm's data dir included).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,12 +31,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The demo farm's first admin: this script (rayfarm up makes it the admin's token).
+TOKEN = "rf_" + secrets.token_urlsafe(32)
+
+
 def start_farm(port: int) -> subprocess.Popen[bytes]:
     log = open(OUT / "farm.log", "wb")  # noqa: SIM115 - the farm writes here until it stops
     farm = subprocess.Popen(
         [sys.executable, "-m", "rayfarm", "up", "--port", str(port), "--data-dir",
          str(OUT / "farm")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAYFARM_ADMIN_TOKEN": TOKEN},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -76,7 +82,7 @@ def main() -> int:
     print(f"starting a local farm on port {port} (log: {OUT / 'farm.log'})")
     process = start_farm(port)
     try:
-        with rayfarm.Farm(f"http://127.0.0.1:{port}") as farm:
+        with rayfarm.Farm(f"http://127.0.0.1:{port}", token=TOKEN) as farm:
             started = time.perf_counter()
             frames = farm.submit(scene, frames="1-8")
             tiled = farm.submit(scene, frames="1", tiles="2x2")

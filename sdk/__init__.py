@@ -16,6 +16,7 @@ from rayfarm.client import Farm
 from rayfarm.errors import (
     FarmError,
     FarmUnavailable,
+    Forbidden,
     FrameNotFound,
     InvalidRequest,
     InvalidScene,
@@ -29,6 +30,7 @@ from rayfarm.errors import (
     SceneOpenError,
     SceneTooNew,
     ServerError,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from rayfarm.events import (
@@ -56,6 +58,7 @@ __all__ = [
     "Farm",
     "FarmError",
     "FarmUnavailable",
+    "Forbidden",
     "FrameInfo",
     "FrameNotFound",
     "FrameStored",
@@ -84,6 +87,7 @@ __all__ = [
     "TaskQueued",
     "TaskRetried",
     "TaskStarted",
+    "Unauthorized",
     "UnsupportedMediaType",
     "__version__",
     "parse_frames",

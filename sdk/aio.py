@@ -38,6 +38,7 @@ from rayfarm.client import (
 from rayfarm.errors import FarmUnavailable, ServerError, error_from_body
 from rayfarm.events import END, Event, SSEParser, parse_event
 from rayfarm.models import FrameInfo, Job, JobRecord, JobState, JobStatus
+from rayfarm.paths import local_token
 from rayfarm.progress import ProgressBar
 
 __all__ = ["AsyncFarm", "AsyncJob"]
@@ -147,6 +148,8 @@ class AsyncFarm:
     ) -> None:
         self.url = (url or os.environ.get("RAYFARM_URL") or DEFAULT_URL).rstrip("/")
         self.token = token if token is not None else os.environ.get("RAYFARM_TOKEN")
+        if self.token is None:
+            self.token = local_token(self.url)
         self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers)
@@ -174,22 +177,20 @@ class AsyncFarm:
         frames: str | int,
         tiles: int | str = 1,
         *,
-        project: str | os.PathLike[str] | None = None,
+        root: str | os.PathLike[str] | None = None,
         **overrides: Any,
     ) -> AsyncJob:
         """As ``Farm.submit``: pack, upload what the farm lacks (in a worker thread) and
         queue the job."""
         sync = self._sync()
-        job = await asyncio.to_thread(
-            sync.submit, path, frames, tiles, project=project, **overrides
-        )
+        job = await asyncio.to_thread(sync.submit, path, frames, tiles, root=root, **overrides)
         return self._bind(AsyncJob.model_validate(job.model_dump()))
 
     async def inspect(
-        self, path: str | os.PathLike[str], project: str | os.PathLike[str] | None = None
+        self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
     ) -> dict[str, Any]:
         """As ``Farm.inspect``, in a worker thread."""
-        return await asyncio.to_thread(self._sync().inspect, path, project)
+        return await asyncio.to_thread(self._sync().inspect, path, root)
 
     async def job(self, job_id: str) -> AsyncJob:
         return self._bind(await self._get_json(f"/jobs/{job_id}", AsyncJob))

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from rayfarm.client import Farm
-from rayfarm.errors import FarmError, FarmUnavailable, ServerError
+from rayfarm.errors import FarmError, FarmUnavailable, Forbidden, ServerError, Unauthorized
 from rayfarm.events import format_event
 from rayfarm.models import Job, JobState, JobStatus
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_DENIED = 0, 1, 2, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--storage", help="fsspec URL for outputs (file://... or s3://...)")
     up.add_argument("--data-dir", help="where Redis, storage and logs live")
     up.add_argument("--address", help="attach to a running Ray cluster ('auto') instead")
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no accounts: every request acts as the admin (loopback only; $RAYFARM_AUTH=off)",
+    )
     up.add_argument("--cpu-actors", type=int, help="render actors on a CPU-only farm")
     up.add_argument("--actor-threads", type=int, help="Cycles threads per CPU actor")
 
@@ -55,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--camera")
     s.add_argument("--priority", type=int)
     s.add_argument(
-        "--project", help="the folder whose layout the farm reproduces (default: the scene's)"
+        "--root", help="the folder whose layout the farm reproduces (default: the scene's)"
     )
     s.add_argument(
         "--allow-missing",
@@ -63,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="submit even when files the scene uses are missing (they render pink)",
     )
+    s.add_argument("--project", help="the farm project the job belongs to (its members see it)")
     s.add_argument("--max-retries", type=int)
     s.add_argument("--wait", action="store_true", help="wait for the job to finish")
     s.add_argument("--json", action="store_true", help="print the job as JSON")
@@ -84,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="what the farm finds in a scene (uploads it)")
     i.add_argument("scene", help="the .blend file")
-    i.add_argument("--project", help="the folder whose layout the farm reproduces")
+    i.add_argument("--root", help="the folder whose layout the farm reproduces")
     i.add_argument("--json", action="store_true", help="print the catalogue as JSON")
 
     d = sub.add_parser("download", help="download a job's frames")
@@ -94,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", help="a live progress bar until the job ends (exit: its outcome)")
     w.add_argument("job_id")
     w.add_argument("--json", action="store_true", help="print the final status as JSON")
+
+    tk = sub.add_parser("token", help="API tokens (admins)")
+    tk_sub = tk.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tc = tk_sub.add_parser("create", help="a new token for a user (printed alone on the last line)")
+    tc.add_argument("--user", required=True)
+    tc.add_argument(
+        "--role", choices=["viewer", "artist", "admin"], help="create or update the user"
+    )
+    tc.add_argument(
+        "--project", action="append", dest="projects", help="a project of the user (repeat)"
+    )
+    tc.add_argument("--label", default="", help="what the token is for")
+    sub.add_parser("whoami", help="the user the token belongs to")
 
     lg = sub.add_parser("logs", help="a job's execution log, or a task's Blender output")
     lg.add_argument("job_id")
@@ -139,11 +158,12 @@ def _run(args: argparse.Namespace) -> int:
                 "priority": args.priority,
                 "max_retries": args.max_retries,
                 "allow_missing": args.allow_missing,
+                "project": args.project,
             }.items()
             if v is not None
         }
         job = farm.submit(
-            args.scene, frames=args.frames, tiles=args.tiles, project=args.project, **overrides
+            args.scene, frames=args.frames, tiles=args.tiles, root=args.root, **overrides
         )
         up = farm.last_upload
         if up is not None:
@@ -162,12 +182,21 @@ def _run(args: argparse.Namespace) -> int:
         job.refresh()
         _print(job, args.json)
         return _outcome(job.state)
+    if args.command == "token":
+        token = farm.create_token(args.user, args.role, args.projects, args.label)
+        print(f"token for {args.user} (shown once; the farm keeps only its hash):", file=sys.stderr)
+        print(token)
+        return EXIT_OK
+    if args.command == "whoami":
+        who = farm.whoami()
+        print(f"{who['user']} ({who['role']}) projects: {', '.join(who['projects']) or '-'}")
+        return EXIT_OK
     if args.command == "list":
         for job in farm.jobs(state=args.state, limit=args.limit):
             _print(job, args.json)
         return EXIT_OK
     if args.command == "inspect":
-        info = farm.inspect(args.scene, project=args.project)
+        info = farm.inspect(args.scene, root=args.root)
         if args.json:
             print(json.dumps(info, indent=2))
             return EXIT_OK
@@ -241,6 +270,7 @@ def _up(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         cpu_actors=args.cpu_actors,
         actor_threads=args.actor_threads,
+        **({"auth": False} if args.no_auth else {}),
     )
     up(settings, address=args.address, ready=lambda line: print(line, flush=True))
     return EXIT_OK
@@ -253,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FarmUnavailable, ServerError) as exc:
         print(f"rayfarm: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except (Unauthorized, Forbidden) as exc:
+        print(f"rayfarm: {exc}", file=sys.stderr)
+        return EXIT_DENIED
     except FarmError as exc:
         print(f"rayfarm: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE if exc.status >= 500 else EXIT_BAD_INPUT

@@ -31,6 +31,7 @@ from rayfarm.errors import (
 from rayfarm.events import END, Event, parse_event, read_sse
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 from rayfarm.pack import Pack, pack_scene, sha256_file
+from rayfarm.paths import local_token
 from rayfarm.progress import ProgressBar
 
 __all__ = ["DEFAULT_URL", "Farm", "Outage", "UploadReport"]
@@ -87,7 +88,8 @@ class Farm:
     """A connection to a rayfarm service.
 
     ``url`` defaults to ``$RAYFARM_URL``, then ``http://127.0.0.1:8000``;
-    ``token`` to ``$RAYFARM_TOKEN``.
+    ``token`` to ``$RAYFARM_TOKEN``, then, for a farm on this machine, the first admin's
+    token that ``rayfarm up`` wrote to its data dir (``rayfarm.paths.local_token``).
     """
 
     def __init__(
@@ -95,6 +97,8 @@ class Farm:
     ) -> None:
         self.url = (url or os.environ.get("RAYFARM_URL") or DEFAULT_URL).rstrip("/")
         self.token = token if token is not None else os.environ.get("RAYFARM_TOKEN")
+        if self.token is None:
+            self.token = local_token(self.url)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
         self.last_upload: UploadReport | None = None
@@ -119,7 +123,7 @@ class Farm:
         frames: str | int,
         tiles: int | str = 1,
         *,
-        project: str | os.PathLike[str] | None = None,
+        root: str | os.PathLike[str] | None = None,
         **overrides: Any,
     ) -> Job:
         """Pack a .blend with everything it uses, upload what the farm lacks, and queue
@@ -128,8 +132,9 @@ class Farm:
         ``tiles`` is 1, ``"NxM"`` or ``"auto"``. ``overrides`` are ``JobSpec`` fields:
         ``samples``, ``resolution_percentage``, ``denoise``, ``format``, ``color_depth``,
         ``scene``, ``camera``, ``priority``, ``max_retries``, ``allow_missing``, ``post``
-        (``{"video": {"fps": 24}}``). ``project`` (default: the scene's folder) is the
-        root whose layout the farm reproduces; files outside it are packed too (see
+        (``{"video": {"fps": 24}}``), ``project`` (the farm project the job belongs to:
+        its members see it). ``root`` (default: the scene's folder) is the folder whose
+        layout the farm reproduces; files outside it are packed too (see
         ``rayfarm.pack``).
 
         The spec is validated first, so a typo fails before any packing; a file the
@@ -138,7 +143,7 @@ class Farm:
         re-submit sends no file bytes. ``last_upload`` says what was sent.
         """
         spec = parse_spec({"frames": frames, "tiles": tiles, **overrides})
-        with pack_scene(path, project, spec.allow_missing) as packed:
+        with pack_scene(path, root, spec.allow_missing) as packed:
             self.last_upload = self._upload(packed)
             body = {
                 "spec": spec.model_dump(mode="json", exclude_none=True),
@@ -151,14 +156,14 @@ class Farm:
                 return self._bind(Job.model_validate(r.json()))
 
     def inspect(
-        self, path: str | os.PathLike[str], project: str | os.PathLike[str] | None = None
+        self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
     ) -> dict[str, Any]:
         """The farm's catalogue of a scene: packs and uploads it as ``submit`` does (only
         what the farm lacks), and returns what the farm found opening it with bpy:
         ``saved_by``, ``active_scene``, ``scenes`` (cameras, frame range, resolution,
         engine, samples, view layers and passes), ``files`` and ``missing``. Its ``id``
         serves ``GET /scenes/{id}``."""
-        with pack_scene(path, project, allow_missing=True) as packed:
+        with pack_scene(path, root, allow_missing=True) as packed:
             self.last_upload = self._upload(packed)
             body = {
                 "main": packed.main,
@@ -211,6 +216,39 @@ class Farm:
         with self._request("GET", "/healthz") as r:
             body: dict[str, Any] = r.json()
             return body
+
+    def whoami(self) -> dict[str, Any]:
+        """The signed-in user: ``user``, ``role``, ``projects``."""
+        with self._request("GET", "/whoami") as r:
+            body: dict[str, Any] = r.json()
+            return body
+
+    def create_token(
+        self,
+        user: str,
+        role: str | None = None,
+        projects: list[str] | None = None,
+        label: str = "",
+    ) -> str:
+        """A new API token for ``user`` (admins only): with ``role`` (viewer, artist,
+        admin) the user is created or updated with ``projects``. Shown once: the farm
+        keeps only its hash."""
+        body: dict[str, Any] = {"user": user, "label": label}
+        if role is not None:
+            body["role"] = role
+        if projects is not None:
+            body["projects"] = projects
+        with self._request("POST", "/tokens", json=body) as r:
+            token: str = r.json()["token"]
+            return token
+
+    def audit(self, **filters: Any) -> list[dict[str, str]]:
+        """The audit log, newest first (admins only); ``user``, ``action``, ``job``,
+        ``since`` (ISO time), ``limit`` filter it."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        with self._request("GET", "/audit", params=params) as r:
+            records: list[dict[str, str]] = r.json()["records"]
+            return records
 
     # -- used by Job ----------------------------------------------------------------------
 

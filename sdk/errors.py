@@ -12,6 +12,8 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     │   ├── SceneTooNew       422  saved by a newer Blender than the farm's bpy
     │   └── MissingDependencies    files the scene uses are missing (before upload)
     ├── PayloadTooLarge       413  upload over the server's size limit
+    ├── Unauthorized          401  no token, or not a valid one
+    ├── Forbidden             403  the token's role may not do this
     ├── NotFound              404
     │   ├── JobNotFound
     │   ├── FrameNotFound
@@ -33,6 +35,7 @@ from typing import Any, ClassVar
 __all__ = [
     "FarmError",
     "FarmUnavailable",
+    "Forbidden",
     "FrameNotFound",
     "InvalidRequest",
     "InvalidScene",
@@ -47,6 +50,7 @@ __all__ = [
     "SceneOpenError",
     "SceneTooNew",
     "ServerError",
+    "Unauthorized",
     "UnsupportedMediaType",
     "error_from_body",
 ]
@@ -108,6 +112,16 @@ class MissingDependencies(InvalidScene):
 class PayloadTooLarge(FarmError):
     status = 413
     code = "payload_too_large"
+
+
+class Unauthorized(FarmError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(FarmError):
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(FarmError):

@@ -171,6 +171,12 @@ class JobSpec(BaseModel):
         "{'video': {'fps': 24, 'codec': 'h264', 'trim': [1, 100]}}.",
     )
     max_retries: int = Field(2, ge=0, le=10, description="Retries per task before the job fails.")
+    project: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
+        description="The project the job belongs to: its members (viewers, artists) see it. "
+        "An artist submits only to projects they are a member of.",
+    )
 
     @field_validator("frames", mode="before")
     @classmethod

@@ -20,9 +20,17 @@ import redis
 from PIL import Image
 
 from rayfarm import Farm, Job, JobState
+from rayfarm.cluster.auth import new_token
 from rayfarm.cluster.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: Every test farm's first admin (``RAYFARM_ADMIN_TOKEN``). The SDK reads
+#: ``RAYFARM_TOKEN``, so every ``Farm()`` in the tests (and the notebook's kernel) sends it.
+ADMIN_TOKEN = new_token()
+os.environ["RAYFARM_TOKEN"] = ADMIN_TOKEN
+#: Headers for raw HTTP requests to a test farm, as its admin.
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PYTHON = sys.executable
 MAKE_SCENE = ROOT / "examples" / "make_scene.py"
 FARM_START_TIMEOUT_S = 120
@@ -286,7 +294,7 @@ class LocalFarm:
 @pytest.fixture(scope="session")
 def farm_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYFARM_", "REDIS_URL"))}
-    env.update(RAYFARM_CPU_ACTORS="2", RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAYFARM_CPU_ACTORS="2", RAY_USAGE_STATS_ENABLED="0", RAYFARM_ADMIN_TOKEN=ADMIN_TOKEN)
     return env
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from rayfarm.cluster.redis_server import free_port
 
-from conftest import PYTHON, ROOT, SMALL, pixels, render_reference
+from conftest import ADMIN_TOKEN, PYTHON, ROOT, SMALL, pixels, render_reference
 
 HELPER = ROOT / "tests" / "helpers" / "addon_session.py"
 MODULE = "bl_ext.user_default.rayfarm"
@@ -30,6 +30,7 @@ def run_blender(home: Path, *args: str, timeout: float = 300) -> dict:
         "PATH": "/usr/bin:/bin",
         "HOME": str(home),
         "BLENDER_USER_RESOURCES": str(home / "blender"),
+        "RAYFARM_TOKEN": ADMIN_TOKEN,
     }
     out = subprocess.run(
         [PYTHON, str(HELPER), *args], env=env, capture_output=True, text=True, timeout=timeout
@@ -126,7 +127,7 @@ def test_comms_turns_the_farms_error_body_into_its_message(local_farm):
     finally:
         sys.path.remove(str(ROOT))
     assert "bpy" not in sys.modules
-    client = FarmClient(local_farm.url, "token")
+    client = FarmClient(local_farm.url, ADMIN_TOKEN)
     health = client.health()
     assert health["status"] == "ok" and health["blender"] == "5.0"
     with pytest.raises(FarmError) as err:
@@ -181,6 +182,9 @@ def test_render_on_farm_matches_a_direct_render(blender_home, local_farm, make_s
 @pytest.mark.slow
 def test_never_saved_files_farm_errors_retry_and_cancel(blender_home, local_farm):
     got = run_blender(blender_home, "untitled", local_farm.url)
+    # Test Connection says who the token signs in as, or that it is not valid.
+    assert "Signed in as admin (admin)" in got["signed_in"], got["signed_in"]
+    assert "The API token is NOT valid here" in got["wrong_token"], got["wrong_token"]
     # The farm's own message, as a Blender report.
     [(level, text)] = got["refused"]
     assert level == "ERROR" and "5-1" in text, text

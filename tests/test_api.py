@@ -15,7 +15,10 @@ from fastapi.testclient import TestClient
 
 from rayfarm import JobState
 from rayfarm.cluster.api import AppContext, create_app
+from rayfarm.cluster.local import bootstrap_admin
 from rayfarm.cluster.settings import Settings
+
+from conftest import ADMIN_TOKEN, AUTH
 
 
 @pytest.fixture
@@ -30,7 +33,8 @@ def api(redis_url, tmp_path):
     nudges = []
     ctx = AppContext(settings)
     ctx.notify = lambda: nudges.append(1)
-    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+    bootstrap_admin(redis_url, ADMIN_TOKEN)
+    with TestClient(create_app(ctx), raise_server_exceptions=False, headers=AUTH) as client:
         client.nudges = nudges
         client.storage_dir = tmp_path / "storage"
         client.redis = sync_redis.Redis.from_url(redis_url)
@@ -48,9 +52,14 @@ def assert_nothing_stored(client):
     assert _job_keys(client) == []
 
 
+#: Farm-wide keys a refused request may touch: counters (accepted uploads), accounts, and
+#: the audit stream (a refusal is audited too).
+_FARM_KEYS = {b"rayfarm:metrics", b"rayfarm:users", b"rayfarm:tokens", b"rayfarm:audit"}
+
+
 def _job_keys(client) -> list[bytes]:
-    """Redis keys other than the farm-wide counters (which count accepted uploads)."""
-    return [k for k in client.redis.keys("rayfarm:*") if k != b"rayfarm:metrics"]
+    """Redis keys other than the farm-wide ones."""
+    return [k for k in client.redis.keys("rayfarm:*") if k not in _FARM_KEYS]
 
 
 def assert_error(response, status, code, fragment):
@@ -398,3 +407,102 @@ def test_concurrent_cancels_give_one_consistent_answer(api, small_scene):
     events = api.redis.xrange(f"rayfarm:job:{job['id']}:events")
     states = [f[b"to"] for _, f in events if f.get(b"kind") == b"state"]
     assert states.count(b"CANCELLED") == 1
+
+
+# -- accounts, roles and the audit log ------------------------------------------------------
+
+
+def _token(api, user, role, projects=None):
+    body = {"user": user, "role": role, **({"projects": projects} if projects else {})}
+    r = api.post("/tokens", json=body)
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def test_no_token_or_a_wrong_one_is_401_and_audited(api):
+    r = api.get("/jobs", headers={"Authorization": ""})
+    assert_error(r, 401, "unauthorized", "no token")
+    wrong = {"Authorization": "Bearer rf_" + "A" * 43}
+    assert_error(api.get("/jobs/0123456789abcdef", headers=wrong), 401, "unauthorized", "unknown")
+    assert_error(api.post("/jobs", headers={"Authorization": "Basic x"}), 401, "unauthorized", "")
+    failures = api.get("/audit", params={"action": "sign-in failed"}).json()["records"]
+    assert len(failures) == 3 and all(r["outcome"] == "401" and r["from"] for r in failures)
+    # Health and metrics stay open: load balancers and Prometheus carry no token.
+    assert api.get("/healthz", headers={"Authorization": ""}).status_code == 200
+    assert api.get("/metrics", headers={"Authorization": ""}).status_code == 200
+
+
+def test_roles_decide_who_sees_and_changes_which_job(api, small_scene):
+    ana = _token(api, "ana", "artist", ["sh010"])
+    bo = _token(api, "bo", "artist")
+    vic = _token(api, "vic", "viewer", ["sh010"])
+    scene = small_scene.read_bytes()
+
+    def post(headers, spec):
+        form = {"scene": ("shot.blend", scene)}
+        return api.post("/jobs", files=form, data={"spec": json.dumps(spec)}, headers=headers)
+
+    in_project = post(ana, {"frames": "1", "project": "sh010"}).json()
+    private = post(bo, {"frames": "1"}).json()
+    assert (in_project["owner"], private["owner"]) == ("ana", "bo")
+    assert_error(post(vic, {"frames": "1"}), 403, "forbidden", "only artists and admins submit")
+    assert_error(post(bo, {"frames": "1", "project": "sh010"}), 403, "forbidden", "not a member")
+
+    # Another's job answers 404 on every route, as an unknown id would.
+    for path in ("", "/status", "/frames", "/events", "/logs", "/outputs"):
+        assert_error(api.get(f"/jobs/{private['id']}{path}", headers=ana), 404, "job_not_found", "")
+    assert_error(api.post(f"/jobs/{private['id']}/cancel", headers=ana), 404, "job_not_found", "")
+    # A project's job: its members read it; only its owner (or an admin) changes it.
+    assert api.get(f"/jobs/{in_project['id']}", headers=vic).status_code == 200
+    assert_error(
+        api.post(f"/jobs/{in_project['id']}/cancel", headers=vic), 403, "forbidden", "ana's"
+    )
+    assert_error(api.post(f"/jobs/{in_project['id']}/cancel", headers=bo), 404, "job_not_found", "")
+    assert api.post(f"/jobs/{in_project['id']}/cancel", headers=ana).json()["state"] == "CANCELLED"
+
+    def listed(headers, **params):
+        page = api.get("/jobs", params=params, headers=headers).json()
+        return {j["id"] for j in page["jobs"]}, page["total"]
+
+    assert listed(ana) == ({in_project["id"]}, 1)
+    assert listed(vic) == ({in_project["id"]}, 1)
+    assert listed(bo) == ({private["id"]}, 1)
+    assert listed(AUTH) == ({in_project["id"], private["id"]}, 2)  # the admin
+    assert listed(AUTH, owner="bo") == ({private["id"]}, 1)
+    assert listed(AUTH, state="CANCELLED") == ({in_project["id"]}, 1)
+
+
+def test_tokens_users_and_the_audit_log_are_for_admins(api, small_scene):
+    ana = _token(api, "ana", "artist")
+    assert api.get("/whoami", headers=ana).json() == {
+        "user": "ana",
+        "role": "artist",
+        "projects": [],
+    }
+    assert_error(api.post("/tokens", json={"user": "eve", "role": "admin"}, headers=ana),
+                 403, "forbidden", "for admins")  # fmt: skip
+    assert_error(api.get("/audit", headers=ana), 403, "forbidden", "")
+    assert_error(api.get("/users", headers=ana), 403, "forbidden", "")
+    for body, fragment in [
+        ({"user": "x y", "role": "artist"}, "user name"),
+        ({"user": "zed"}, "no user zed"),
+        ({"user": "ana", "role": "boss"}, "role 'boss'"),
+        ({"user": "ana", "projects": ["p"]}, "give role too"),
+        ({"user": "ana", "colour": "red"}, "JSON object"),
+    ]:
+        r = api.post("/tokens", json=body)
+        assert 400 <= r.status_code < 500 and fragment in r.json()["error"]["message"], r.text
+    names = [u["name"] for u in api.get("/users").json()["users"]]
+    assert names == ["admin", "ana"]
+
+    job = submit(api, small_scene.read_bytes(), {"frames": "1"}).json()
+    api.post(f"/jobs/{job['id']}/cancel", headers=ana)  # not hers: 404, and audited
+    api.post(f"/jobs/{job['id']}/cancel")
+    records = api.get("/audit", params={"job": job["id"]}).json()["records"]
+    assert [(r["who"], r["action"], r["outcome"]) for r in records] == [
+        ("admin", f"POST /jobs/{job['id']}/cancel", "200"),
+        ("ana", f"POST /jobs/{job['id']}/cancel", "404"),
+        ("admin", "POST /jobs", "201"),
+    ]
+    assert all(r["at"] and r["from"] for r in records)
+    assert api.get("/audit", params={"user": "ana"}).json()["records"][0]["outcome"] == "404"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 
@@ -13,11 +15,12 @@ from conftest import PYTHON
 pytestmark = pytest.mark.slow
 
 
-def cli(*args: str, url: str | None = None, timeout: int = 300):
+def cli(*args: str, url: str | None = None, timeout: int = 300, token: str | None = None):
     env_url = ["--url", url] if url else []
+    env = {**os.environ, **({"RAYFARM_TOKEN": token} if token is not None else {})}
     return subprocess.run(
         [PYTHON, "-m", "rayfarm", *env_url, *args], capture_output=True, text=True,
-        timeout=timeout,
+        timeout=timeout, env=env,
     )  # fmt: skip
 
 
@@ -104,3 +107,33 @@ def test_inspect_prints_the_catalogue(local_farm, small_scene):
     assert "* Shot: CYCLES, 64x48 at 100%, frames 1-8, samples 4, camera MainCam" in r.stdout
     r = cli("inspect", str(small_scene), "--json", url=local_farm.url)
     assert r.returncode == 0 and json.loads(r.stdout)["scenes"][0]["cameras"] == ["MainCam"]
+
+
+def test_tokens_are_made_by_admins_and_sign_users_in(local_farm):
+    r = cli("token", "create", "--user", "cli-ana", "--role", "artist", "--project", "p1",
+            "--project", "p2", url=local_farm.url)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip().splitlines()[-1]  # the token alone on the last line
+    assert re.fullmatch(r"rf_[A-Za-z0-9_-]{43}", token) and "shown once" in r.stderr
+    r = cli("whoami", url=local_farm.url, token=token)
+    assert r.returncode == 0 and r.stdout.strip() == "cli-ana (artist) projects: p1, p2"
+    r = cli("token", "create", "--user", "cli-eve", "--role", "admin", url=local_farm.url,
+            token=token)  # fmt: skip
+    assert r.returncode == 4 and "this is for admins" in r.stderr
+    r = cli("list", url=local_farm.url, token="rf_" + "0" * 43)
+    assert r.returncode == 4 and "unknown or malformed token" in r.stderr
+    r = cli("token", "create", "--user", "bad name", "--role", "viewer", url=local_farm.url)
+    assert r.returncode == 2 and "user name 'bad name'" in r.stderr
+
+
+def test_up_without_accounts_only_on_loopback_alone(tmp_path):
+    r = cli("up", "--no-auth", "--grpc-port", str(_free()), "--data-dir", str(tmp_path / "f"),
+            timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "only when the farm listens on loopback alone" in r.stderr
+    assert not (tmp_path / "f").exists()  # refused before anything started
+
+
+def _free() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

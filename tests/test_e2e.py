@@ -17,7 +17,7 @@ import pytest
 
 from rayfarm import InvalidScene, InvalidSpec, InvalidTransition, JobState
 
-from conftest import PYTHON, WAIT_S, completed, farm_processes, pixels, render_reference
+from conftest import AUTH, PYTHON, WAIT_S, completed, farm_processes, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_scene_bpy_cannot_open_fails_the_job(farm, local_farm, small_scene, tmp_
     with open(bad, "rb") as f:
         spec = '{"frames": "1-2", "max_retries": 3}'
         r = httpx.post(f"{local_farm.url}/jobs", files={"scene": ("damaged.blend", f)},
-                       data={"spec": spec}, timeout=60)  # fmt: skip
+                       data={"spec": spec}, headers=AUTH, timeout=60)  # fmt: skip
     assert r.status_code == 201, r.text
     job = farm.job(r.json()["id"])
     status = job.wait(timeout=WAIT_S)
@@ -139,8 +139,8 @@ def test_the_catalogue_describes_an_uploaded_scene(farm, local_farm, small_scene
     assert "combined" in shot["view_layers"][0]["passes"]
     assert info["saved_by"].startswith("5.0") and info["missing"] == []
     assert [f["path"] for f in info["files"]] == [small_scene.name]
-    assert httpx.get(f"{local_farm.url}/scenes/{info['id']}").json() == info
-    r = httpx.get(f"{local_farm.url}/scenes/{'0' * 64}")
+    assert httpx.get(f"{local_farm.url}/scenes/{info['id']}", headers=AUTH).json() == info
+    r = httpx.get(f"{local_farm.url}/scenes/{'0' * 64}", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "scene_not_found"
 
 
@@ -313,13 +313,13 @@ def test_download_verifies_skips_and_resumes(farm, local_farm, small_scene, tmp_
     assert [p.read_bytes() for p in again] == data and not part.exists()
     # The farm serves byte ranges of a frame.
     url = f"{local_farm.url}/jobs/{job.id}/frames/1"
-    r = httpx.get(url, headers={"Range": "bytes=10-19"})
+    r = httpx.get(url, headers={**AUTH, "Range": "bytes=10-19"})
     assert r.status_code == 206 and r.content == data[0][10:20]
     assert r.headers["content-range"] == f"bytes 10-19/{len(data[0])}"
     assert r.headers["etag"] == f'"{infos[0].sha256}"'
-    r = httpx.get(url, headers={"Range": "bytes=-5"})
+    r = httpx.get(url, headers={**AUTH, "Range": "bytes=-5"})
     assert r.status_code == 206 and r.content == data[0][-5:]
-    r = httpx.get(url, headers={"Range": f"bytes={len(data[0])}-"})
+    r = httpx.get(url, headers={**AUTH, "Range": f"bytes={len(data[0])}-"})
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(data[0])}"
 
 
@@ -327,7 +327,7 @@ def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, smal
     png = completed(farm.submit(small_scene, frames="3"))
     exr = completed(farm.submit(small_scene, frames="3", tiles="2x2", format="exr"))
     (frame,) = png.download(tmp_path / "png")
-    thumb = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/3/thumbnail")
+    thumb = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/3/thumbnail", headers=AUTH)
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
     (tmp_path / "thumb.png").write_bytes(thumb.content)
     # A 64x48 frame is under the preview size: its preview is the frame itself.
@@ -339,9 +339,10 @@ def test_previews_land_with_frames_and_show_displays_them(farm, local_farm, smal
     diff = np.abs(np.asarray(shown.convert("RGBA"), dtype=int) - pixels(frame).astype(int))
     assert diff.mean() < 1.5 and diff.max() <= 8, (diff.mean(), diff.max())
     assert png.image(3).size == (64, 48)
-    r = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/99/thumbnail")
+    r = httpx.get(f"{local_farm.url}/jobs/{png.id}/frames/99/thumbnail", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "frame_not_found"
-    assert httpx.get(f"{local_farm.url}/jobs/{png.id}/outputs").json() == {"outputs": []}
+    outputs = httpx.get(f"{local_farm.url}/jobs/{png.id}/outputs", headers=AUTH)
+    assert outputs.json() == {"outputs": []}
 
 
 def test_a_large_frames_preview_is_scaled_to_fit(farm, make_scene):
@@ -350,6 +351,6 @@ def test_a_large_frames_preview_is_scaled_to_fit(farm, make_scene):
     assert job.image(1).size == (1030, 40)  # a PNG frame is shown whole
     from PIL import Image
 
-    r = httpx.get(f"{farm.url}/jobs/{job.id}/frames/1/thumbnail")
+    r = httpx.get(f"{farm.url}/jobs/{job.id}/frames/1/thumbnail", headers=AUTH)
     with Image.open(io.BytesIO(r.content)) as thumb:
         assert thumb.size == (512, 20)

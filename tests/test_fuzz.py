@@ -2,7 +2,8 @@
 sends — malformed bodies, absurd numbers, odd path segments — the farm answers with a
 status below 500, and stays up.
 
-Path parameters naming a job are mostly replaced by a real, completed job's id, so the
+Requests carry the admin's token (without one every answer would be a 401). Path
+parameters naming a job are mostly replaced by a real, completed job's id, so the
 generated frames, tasks, output names and query parameters reach the code behind the
 lookup instead of stopping at a 404; the rest keep their generated ids (the 404 path).
 Each operation is driven by Hypothesis directly (schemathesis' pytest plugin does not
@@ -18,7 +19,7 @@ from schemathesis.checks import not_a_server_error
 
 from rayfarm import Farm
 
-from conftest import completed
+from conftest import AUTH, completed
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,7 @@ def _fuzz(operation, job_id: str) -> int:
             params["job_id"] = job_id
         if case.query and "wait_s" in case.query:
             case.query["wait_s"] = 0  # a long-poll on a finished job answers at once anyway
-        case.call_and_validate(checks=[not_a_server_error])
+        case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
         sent += 1
 
     send()

@@ -16,10 +16,10 @@ import pytest
 from rayfarm.cluster.grpc_ingress import ERROR_CODE_KEY, SERVICE, generated_dir, pb2, pb2_grpc
 from rayfarm.cluster.serve import APP_NAME
 
-from conftest import ROOT, WAIT_S
+from conftest import ADMIN_TOKEN, AUTH, ROOT, WAIT_S
 
 #: Serve routes a gRPC call to the application its metadata names.
-APP = (("application", APP_NAME),)
+APP = (("application", APP_NAME), ("authorization", f"Bearer {ADMIN_TOKEN}"))
 MAIN = "scene.blend"
 
 
@@ -46,7 +46,7 @@ def scene_file(local_farm, small_scene: Path) -> Any:
     r = httpx.put(
         f"{local_farm.url}/blobs/{digest}",
         content=data,
-        headers={"content-type": "application/octet-stream"},
+        headers={**AUTH, "content-type": "application/octet-stream"},
         timeout=60,
     )
     assert r.status_code in (200, 201), r.text
@@ -156,7 +156,7 @@ def test_bad_requests_are_invalid_arguments(stub, scene_file, local_farm):
     # The farm's own message: what POST /jobs answers for the same listing.
     body = {"spec": spec, "main": MAIN, "files": [
         {"path": MAIN, "sha256": scene_file.sha256, "size": scene_file.size}]}  # fmt: skip
-    r = httpx.post(f"{local_farm.url}/jobs", json=body, timeout=60)
+    r = httpx.post(f"{local_farm.url}/jobs", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 422
     assert error.details() == r.json()["error"]["message"]
     assert error.details().startswith("invalid job spec: tiles")
@@ -175,3 +175,23 @@ def test_bad_requests_are_invalid_arguments(stub, scene_file, local_farm):
 
     bad_after = refused(lambda: list(stream(stub, "0123456789abcdef", after="latest")))
     assert bad_after.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_calls_need_a_token_and_the_right_role(stub, local_farm, scene_file):
+    no_token = (("application", APP_NAME),)
+    request = pb2().SubmitJobRequest(spec_json='{"frames": "1"}', main=MAIN, files=[scene_file])
+    error = refused(lambda: stub.SubmitJob(request, metadata=no_token, timeout=60))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED and "no token" in error.details()
+    r = httpx.post(f"{local_farm.url}/tokens", json={"user": "grpc-vic", "role": "viewer"},
+                   headers=AUTH, timeout=30)  # fmt: skip
+    viewer = (("application", APP_NAME), ("authorization", f"Bearer {r.json()['token']}"))
+    error = refused(lambda: stub.SubmitJob(request, metadata=viewer, timeout=60))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "only artists and admins submit" in error.details()
+    # The admin's job is not the viewer's to see (no project): NOT_FOUND, as over HTTP.
+    job = submit(stub, scene_file, frames="1")
+    stream = pb2().StreamProgressRequest(job_id=job.id)
+    error = refused(lambda: list(stub.StreamProgress(stream, metadata=viewer, timeout=60)))
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    cancel = pb2().CancelJobRequest(job_id=job.id)
+    assert stub.CancelJob(cancel, metadata=APP, timeout=30).state == "CANCELLED"

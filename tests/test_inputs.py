@@ -12,7 +12,7 @@ import pytest
 
 from rayfarm import JobState, MissingDependencies
 
-from conftest import PYTHON, WAIT_S, completed, pixels, render_reference
+from conftest import AUTH, PYTHON, WAIT_S, completed, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +86,7 @@ def test_the_render_actor_fails_a_scene_whose_files_were_not_sent(farm, local_fa
             f"{local_farm.url}/jobs",
             files={"scene": ("shot.blend", f)},
             data={"spec": '{"frames": "1"}'},
+            headers=AUTH,
             timeout=60,
         )
     assert r.status_code == 201, r.text

@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import ROOT, run_farm
+from conftest import AUTH, ROOT, run_farm
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,8 @@ def noop_farm(tmp_path_factory, farm_env):
 def test_a_storm_of_submissions_is_accepted_exactly_once(noop_farm, make_scene):
     load = _bench_load()
     scene = make_scene("--width", "32", "--height", "24", "--samples", "1", "--frames", "1")
-    result = asyncio.run(load.storm(noop_farm.url, scene.read_bytes(), jobs=JOBS, pollers=8))
+    storm = load.storm(noop_farm.url, scene.read_bytes(), jobs=JOBS, pollers=8, headers=AUTH)
+    result = asyncio.run(storm)
     assert result.statuses == Counter({201: JOBS}), (result.statuses, result.transport_errors)
     assert len(set(result.accepted)) == JOBS
     assert sorted(result.listed) == sorted(result.accepted)  # none lost, none twice

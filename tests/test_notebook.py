@@ -20,7 +20,7 @@ from PIL import Image
 
 from rayfarm import Farm, JobState
 
-from conftest import ROOT, LocalFarm
+from conftest import ADMIN_TOKEN, ROOT, LocalFarm
 
 NOTEBOOK = ROOT / "examples" / "notebook.ipynb"
 #: Longest one cell may run (the first job on a fresh farm waits for its actors).
@@ -87,6 +87,7 @@ def _execute(local_farm: LocalFarm) -> NotebookNode:
     nb.cells.insert(0, probe)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYFARM_", "REDIS_URL"))}
     env["RAYFARM_URL"] = local_farm.url
+    env["RAYFARM_TOKEN"] = ADMIN_TOKEN
     client = NotebookClient(
         nb,
         kernel_name=KERNEL,

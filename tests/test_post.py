@@ -13,7 +13,7 @@ import pytest
 
 from rayfarm import JobState
 
-from conftest import WAIT_S
+from conftest import AUTH, WAIT_S
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +39,9 @@ def test_frames_become_a_video(farm, local_farm, small_scene, tmp_path, frames, 
     job = farm.submit(small_scene, frames=frames, post={"video": video})
     status = job.wait(timeout=WAIT_S)
     assert status.state is JobState.COMPLETED, status.error
-    listed = httpx.get(f"{local_farm.url}/jobs/{job.id}/outputs").json()["outputs"]
+    listed = httpx.get(f"{local_farm.url}/jobs/{job.id}/outputs", headers=AUTH).json()["outputs"]
     assert [o["name"] for o in listed] == ["video.mp4"]
-    r = httpx.get(listed[0]["url"])
+    r = httpx.get(listed[0]["url"], headers=AUTH)
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
     assert len(r.content) == listed[0]["size"]
     path = tmp_path / "video.mp4"

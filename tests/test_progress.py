@@ -24,7 +24,7 @@ from rayfarm import (
 )
 from rayfarm.events import read_sse
 
-from conftest import PYTHON, WAIT_S, completed
+from conftest import AUTH, PYTHON, WAIT_S, completed
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def _order(event_id: str) -> tuple[int, int]:
 
 def _sse_ids(url: str, last_event_id: str | None = None, limit: int | None = None) -> list[str]:
     """Event ids from a raw SSE connection (no SDK), at most ``limit`` of them."""
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    headers = {**AUTH, "Last-Event-ID": last_event_id} if last_event_id else AUTH
     ids: list[str] = []
     with httpx.stream("GET", url, headers=headers, timeout=WAIT_S) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -103,16 +103,17 @@ def test_logs_and_task_logs(farm, local_farm, small_scene):
     blender = job.logs(task="f0000002t001")
     assert blender.startswith("===== f0000002t001 attempt 1 =====")
     assert "Saved:" in blender  # Blender's own output while writing the tile
-    r = httpx.get(f"{local_farm.url}/jobs/{job.id}/logs", params={"format": "json"})
+    r = httpx.get(f"{local_farm.url}/jobs/{job.id}/logs", params={"format": "json"}, headers=AUTH)
     body = r.json()
     assert len(body["events"]) == len(lines) and body["next"] == body["events"][-1]["id"]
-    bad = httpx.get(f"{local_farm.url}/jobs/{job.id}/tasks/../log")
+    bad = httpx.get(f"{local_farm.url}/jobs/{job.id}/tasks/../log", headers=AUTH)
     assert bad.status_code in (400, 404)
-    missing = httpx.get(f"{local_farm.url}/jobs/{job.id}/tasks/f0000099t000/log")
+    missing = httpx.get(f"{local_farm.url}/jobs/{job.id}/tasks/f0000099t000/log", headers=AUTH)
     assert missing.status_code == 404 and "no log" in missing.json()["error"]["message"]
-    bad_id = httpx.get(f"{local_farm.url}/jobs/{job.id}/events", headers={"Last-Event-ID": "x"})
+    events = f"{local_farm.url}/jobs/{job.id}/events"
+    bad_id = httpx.get(events, headers={**AUTH, "Last-Event-ID": "x"})
     assert bad_id.status_code == 400 and "event id" in bad_id.json()["error"]["message"]
-    unknown = httpx.get(f"{local_farm.url}/jobs/{'0' * 16}/events")
+    unknown = httpx.get(f"{local_farm.url}/jobs/{'0' * 16}/events", headers=AUTH)
     assert unknown.status_code == 404
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from rayfarm import Farm, JobState
+from rayfarm import Farm, JobState, Unauthorized
 
 from conftest import free_port, pixels, run_farm
 
@@ -64,3 +64,25 @@ def test_a_waiting_client_rides_out_a_restart_mid_job(tmp_path, farm_env, make_s
             assert status.state is JobState.COMPLETED, status.error
             assert [f.frame for f in job.frames()] == [1, 2, 3, 4, 5, 6]
         client.close()
+
+
+def test_the_first_admin_token_is_made_once_and_kept_private(tmp_path, farm_env):
+    import re
+    import stat
+
+    data_dir = tmp_path / "farm"
+    env = {k: v for k, v in farm_env.items() if k != "RAYFARM_ADMIN_TOKEN"}
+    for farm in run_farm(data_dir, env):
+        (line,) = [x for x in farm.log.read_text().splitlines() if "first admin's token" in x]
+        token = re.search(r"(rf_[A-Za-z0-9_-]{43})$", line)[1]
+        path = data_dir / "admin-token"
+        assert path.read_text().strip() == token and f"also in {path}" in line
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with Farm(farm.url, token=token) as client:
+            assert client.whoami() == {"user": "admin", "role": "admin", "projects": []}
+        with Farm(farm.url, token="") as anonymous, pytest.raises(Unauthorized):
+            anonymous.jobs()
+    for farm in run_farm(data_dir, env):
+        assert farm.log.read_text().count("first admin's token") == 1  # the first run's only
+        with Farm(farm.url, token=token) as client:
+            assert client.whoami()["user"] == "admin"  # the same admin, its token kept

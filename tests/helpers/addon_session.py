@@ -21,6 +21,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,7 @@ def farm_down(url: str, scene: str) -> None:
     session = start()
     bpy.ops.wm.open_mainfile(filepath=scene, load_ui=False, use_scripts=False)
     prefs().farm_url = url
+    prefs().api_token = os.environ.get("RAYFARM_TOKEN", "")  # the test farm's admin
     s = session.SESSION
     bpy.ops.rayfarm.test_connection()
     drain_until(session, lambda: not s.busy() and s.outbox.empty(), 30)
@@ -140,6 +142,7 @@ def submit(url: str, scene_path: str, out_dir: str) -> None:
     bpy.ops.wm.open_mainfile(filepath=scene_path, load_ui=False, use_scripts=False)
     before = sha256(scene_file)
     prefs().farm_url = url
+    prefs().api_token = os.environ.get("RAYFARM_TOKEN", "")  # the test farm's admin
     # An unsaved change: the ball turns green. The reference is rendered from a copy
     # saved here (the test renders it directly with bpy).
     bsdf = bpy.data.materials["Ball"].node_tree.nodes["Principled BSDF"]
@@ -312,6 +315,7 @@ def untitled(url: str) -> None:
     bpy.ops.wm.read_homefile(use_empty=False)  # the default cube, never saved
     assert not bpy.data.filepath
     prefs().farm_url = url
+    prefs().api_token = os.environ.get("RAYFARM_TOKEN", "")  # the test farm's admin
     scene = bpy.context.scene
     scene.render.resolution_percentage = 5  # unsaved changes: tiny and quick
     settings = scene.rayfarm
@@ -322,6 +326,16 @@ def untitled(url: str) -> None:
     def state_of(job_id: str) -> str:
         s.watcher.watch()
         return next((i.state for i in wm.rayfarm_jobs if i.job_id == job_id), "")
+
+    # Test Connection: with the farm's token, then with a wrong one.
+    bpy.ops.rayfarm.test_connection()
+    drain_until(session, lambda: not s.busy() and s.outbox.empty(), 30)
+    signed_in = s.connection
+    token, prefs().api_token = prefs().api_token, "rf_" + "x" * 43
+    bpy.ops.rayfarm.test_connection()
+    drain_until(session, lambda: not s.busy() and s.outbox.empty(), 30)
+    wrong_token, prefs().api_token = s.connection, token
+    s.log.clear()  # the reports below are the submissions'
 
     settings.use_scene_frames, settings.frames = False, "5-1"
     bpy.ops.rayfarm.submit()
@@ -363,6 +377,8 @@ def untitled(url: str) -> None:
         can_retry_running=can_retry,
         failed_error=failed_error,
         can_retry_failed=can_retry_failed,
+        signed_in=signed_in,
+        wrong_token=wrong_token,
         log=list(s.log),
     )
 

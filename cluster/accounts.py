@@ -1,0 +1,140 @@
+"""Accounts over HTTP: who am I, users, tokens, the audit log, and the middleware that
+audits every state-changing request.
+
+``POST /tokens`` (admin) creates a token for a user, creating or updating the user
+when a role is given (``rayfarm token create --user NAME --role ROLE``); ``GET /users``
+and ``GET /audit`` are for admins; ``GET /whoami`` tells any signed-in user its name,
+role and projects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from rayfarm.cluster.auth import Role, check_name
+from rayfarm.cluster.context import Admin, AppContext, Ctx, Who, process_context, read_json
+from rayfarm.errors import InvalidRequest
+
+__all__ = ["AuditMiddleware", "router"]
+
+log = logging.getLogger("rayfarm.audit")
+
+router = APIRouter(tags=["accounts"])
+
+#: Methods that change nothing: not audited (sign-in failures are, by the auth check).
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@router.get("/whoami")
+async def whoami(who: Who) -> dict[str, Any]:
+    """The signed-in user: name, role and projects."""
+    return {"user": who.name, "role": who.role.value, "projects": sorted(who.projects)}
+
+
+@router.get("/users")
+async def list_users(ctx: Ctx, _: Admin) -> dict[str, Any]:
+    """Every user with its role and projects (admins only)."""
+    return {"users": await ctx.auth.users()}
+
+
+@router.post("/tokens", status_code=201)
+async def create_token(request: Request, ctx: Ctx, _: Admin) -> dict[str, Any]:
+    """A new API token for ``user`` (admins only). With ``role`` (viewer, artist, admin)
+    the user is created, or its role and ``projects`` set; without, it must exist. The
+    token is shown once: the farm keeps only its hash."""
+    data = await read_json(request, "token request")
+    if not isinstance(data, dict) or not set(data) <= {"user", "role", "projects", "label"}:
+        raise InvalidRequest(
+            "the body is a JSON object of user, and optionally role, projects, label"
+        )
+    user = check_name(data.get("user"))
+    projects = data.get("projects")
+    if projects is not None and not (
+        isinstance(projects, list) and all(isinstance(p, str) for p in projects)
+    ):
+        raise InvalidRequest("projects must be a list of project names")
+    label = data.get("label") or ""
+    if not isinstance(label, str):
+        raise InvalidRequest("label must be a string")
+    if data.get("role") is not None:
+        try:
+            role = Role(data["role"])
+        except ValueError:
+            raise InvalidRequest(
+                f"role {data['role']!r}: one of viewer, artist, admin", {"field": "role"}
+            ) from None
+        await ctx.auth.put_user(user, role, projects)
+    elif projects is not None:
+        raise InvalidRequest("projects are set with the user's role: give role too")
+    token = await ctx.auth.create_token(user, label)
+    record = await ctx.auth.user(user)
+    assert record is not None
+    return {"user": user, "role": record["role"], "projects": record["projects"], "token": token}
+
+
+@router.get("/audit")
+async def audit_log(
+    ctx: Ctx,
+    _: Admin,
+    user: str | None = None,
+    action: str | None = None,
+    job: str | None = None,
+    since: Annotated[str | None, Query(description="ISO time, e.g. 2026-11-23T00:00")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """The audit log, newest first (admins only): every state-changing request and every
+    failed sign-in, with who, role, action, job, from (address), outcome (HTTP status)."""
+    return {"records": await ctx.auth.audit_log(user, action, job, since, limit)}
+
+
+class AuditMiddleware:
+    """Appends one audit record per state-changing request once it is answered: who
+    (the principal the auth check found, if it got that far), action (method and
+    path), job, from, outcome (status). Reads pass straight through, untouched, so
+    the hot status route pays nothing for it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in _READS:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            await self._record(scope, status)
+
+    async def _record(self, scope: dict[str, Any], status: int) -> None:
+        state = scope.get("state") or {}
+        who = state.get("principal")
+        if who is None and status == 401:
+            return  # the auth check recorded the failed sign-in itself
+        app = scope.get("app")
+        ctx: AppContext | None = getattr(getattr(app, "state", None), "ctx", None)
+        ctx = ctx or process_context()
+        if ctx is None:
+            return
+        client = scope.get("client")
+        try:
+            await ctx.auth.audit(
+                who=who.name if who else "", role=who.role.value if who else "",
+                action=f"{scope['method']} {scope['path']}", job=state.get("job_id"),
+                outcome=status, **{"from": client[0] if client else ""},
+            )  # fmt: skip
+        except Exception:
+            # The request has been answered; a lost record is logged, never silent.
+            log.exception(
+                "could not append the audit record of %s %s", scope["method"], scope["path"]
+            )
