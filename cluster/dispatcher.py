@@ -38,6 +38,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -364,20 +365,25 @@ class Dispatcher:
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    async def _execute(self, slot: Slot, run: Run, task: RenderTask) -> None:
+    def _releaser(self, slot: Slot) -> Callable[[], None]:
+        """A call that frees ``slot`` once (later calls do nothing): the actor's part is
+        done, so it takes its next task or batch while this one's frames are stored, and
+        never idles on storage or Redis between them."""
         assert self._wake is not None
         wake = self._wake
         released = False
 
         def release() -> None:
-            """The actor's part is done: let it take its next task while the frame is
-            stored, so it never idles on storage or Redis between frames."""
             nonlocal released
             if not released:
                 released = True
                 slot.busy = False
                 wake.set()
 
+        return release
+
+    async def _execute(self, slot: Slot, run: Run, task: RenderTask) -> None:
+        release = self._releaser(slot)
         try:
             await self._started(slot, run, [task])
             meta_ref, payload_ref = slot.handle.render.options(num_returns=2).remote(
@@ -431,18 +437,7 @@ class Dispatcher:
     async def _execute_batch(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:
         """Render a batch of short whole-frame tasks in one actor call (see the module's
         docstring for what a failure inside it does)."""
-        assert self._wake is not None
-        wake = self._wake
-        released = False
-
-        def release() -> None:
-            """The actor is free: its next batch renders while this one is stored."""
-            nonlocal released
-            if not released:
-                released = True
-                slot.busy = False
-                wake.set()
-
+        release = self._releaser(slot)
         try:
             try:
                 await self._started(slot, run, tasks)
