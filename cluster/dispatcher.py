@@ -91,6 +91,9 @@ class Dispatcher:
         self.inspector: Any = None
         self._wake: asyncio.Event | None = None
         self._full_round = True  # reconcile the pool, sync runs and admit next round
+        # Redis failed under a run's bookkeeping (restarted, unreachable): once it answers
+        # again, every run is rebuilt from what Redis holds, as after a restart.
+        self._resync = False
         self._loop: asyncio.Task[None] | None = None
         # Ray runs an async actor's constructor on its event loop: start at once, so a
         # dispatcher that Ray restarted (its process or node died) picks up its jobs
@@ -177,6 +180,8 @@ class Dispatcher:
         last_full = float("-inf")
         while True:
             try:
+                if self._resync:
+                    await self._rebuild_runs()
                 # An actor that finished its task only needs its next one (_schedule);
                 # the pool, cancellations and the queue are looked at when told
                 # (notify), once a second, and whenever actors would idle.
@@ -187,13 +192,40 @@ class Dispatcher:
                     await self._sync_runs()
                     await self._admit()
                 self._schedule()
-            except Exception:
-                log.exception("dispatcher iteration failed; retrying")
+            except Exception as exc:
+                if redis_down(exc):
+                    self._resync = True
+                    log.warning("dispatcher: Redis is unreachable (%s); waiting for it", exc)
+                else:
+                    log.exception("dispatcher iteration failed; retrying")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=POLL_INTERVAL_S)
             except TimeoutError:
                 pass
             self._wake.clear()
+
+    async def _rebuild_runs(self) -> None:
+        """After Redis failed mid-run: drop every run (tasks in flight finish unrecorded:
+        their runs are stopped) and pick the jobs up again from Redis, which says which
+        frames and tasks are done. Raises while Redis is still unreachable."""
+        await self.store.redis.ping()
+        for run in list(self.runs.values()):
+            self._stop(run)
+        self._resync = False
+        log.warning("dispatcher: Redis answers again; rebuilding the runs from it")
+        await self._resume_active()
+
+    async def _guarded(self, work: Any) -> None:
+        """Run a task's coroutine; a Redis failure inside it (its bookkeeping, or its
+        failure's) marks the runs for a rebuild instead of losing the task silently."""
+        try:
+            await work
+        except Exception as exc:
+            if not redis_down(exc):
+                log.exception("dispatcher: a task's coroutine failed")
+            self._resync = True
+            assert self._wake is not None
+            self._wake.set()
 
     async def _resume_active(self) -> None:
         """After a restart: pick PROCESSING jobs back up from Redis."""
@@ -297,7 +329,7 @@ class Dispatcher:
             if probe is not None:
                 slot = _prefer(idle, probe.scene_hash)
                 probe.probing = slot.busy = True
-                asyncio.get_running_loop().create_task(self._probe(slot, probe))
+                asyncio.get_running_loop().create_task(self._guarded(self._probe(slot, probe)))
                 continue
             choice = self._next_assignment(idle)
             if choice is None:
@@ -306,9 +338,10 @@ class Dispatcher:
             batch = run.take_batch(task, run.batch_size(len(self.slots)))
             slot.busy = True
             if len(batch) == 1:
-                asyncio.get_running_loop().create_task(self._execute(slot, run, task))
+                work = self._execute(slot, run, task)
             else:
-                asyncio.get_running_loop().create_task(self._execute_batch(slot, run, batch))
+                work = self._execute_batch(slot, run, batch)
+            asyncio.get_running_loop().create_task(self._guarded(work))
 
     def _by_score(self) -> list[Run]:
         return sorted(self.runs.values(), key=lambda r: r.score)
@@ -786,6 +819,13 @@ def _tiles(grid: tuple[int, int]) -> str:
 #: Ray's resource that only the head node has; the farm's control plane asks for a sliver
 #: of it, as Serve's controller does, so it stays on the head while workers come and go.
 ON_HEAD = {"node:__internal_head__": 0.001}
+
+
+def redis_down(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis could not be reached (refused, reset, timed out)."""
+    import redis.exceptions
+
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
 
 
 def _here() -> Any:

@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -354,3 +355,29 @@ def test_a_large_frames_preview_is_scaled_to_fit(farm, make_scene):
     r = httpx.get(f"{farm.url}/jobs/{job.id}/frames/1/thumbnail", headers=AUTH)
     with Image.open(io.BytesIO(r.content)) as thumb:
         assert thumb.size == (512, 20)
+
+
+def test_a_killed_dispatcher_restarts_and_finishes_the_job_from_redis(
+    farm, local_farm, small_scene, tmp_path
+):
+    """kill -9 of the dispatcher mid-job: Ray restarts it, it rebuilds its runs from Redis
+    (render actors die with their owner and are made again), and the job completes with
+    every frame stored and reported once, each equal to bpy's own render."""
+    job = farm.submit(small_scene, frames="1-24")
+    _wait_for(lambda: job.status().frames_done >= 3)
+    (victim,) = _render_actor_pids(local_farm, b"Dispatcher")
+    os.kill(victim, 9)
+    status = job.wait(timeout=WAIT_S)
+    assert status.state is JobState.COMPLETED, status.error
+    assert [f.frame for f in job.frames()] == list(range(1, 25))
+    stored = Counter(e["frame"] for e in local_farm.events(job.id) if e["kind"] == "frame")
+    assert sorted(int(f) for f in stored) == list(range(1, 25)) and set(stored.values()) == {1}
+    (after,) = _render_actor_pids(local_farm, b"Dispatcher")
+    assert after != victim
+    got = job.download(tmp_path / "farm")
+    want = render_reference(small_scene, tmp_path / "ref", [1, 12, 24])
+    for path in got:
+        if int(path.stem) in want:
+            assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path.name
+    # The farm keeps rendering after it.
+    assert completed(farm.submit(small_scene, frames="2")).frames_done == 1

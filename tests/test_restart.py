@@ -86,3 +86,55 @@ def test_the_first_admin_token_is_made_once_and_kept_private(tmp_path, farm_env)
         assert farm.log.read_text().count("first admin's token") == 1  # the first run's only
         with Farm(farm.url, token=token) as client:
             assert client.whoami()["user"] == "admin"  # the same admin, its token kept
+
+
+def test_a_redis_restart_mid_job_loses_nothing(tmp_path, farm_env, make_scene):
+    """Redis (AOF on) stopped and started again while a job renders: the service and the
+    dispatcher reconnect, and the job completes with every frame stored and reported once."""
+    import os
+    import re
+    import signal
+    from collections import Counter
+    from pathlib import Path
+
+    from rayfarm.cluster.redis_server import RedisServer
+
+    from conftest import farm_processes
+
+    scene = make_scene("--width", "96", "--height", "72", "--samples", "128", "--frames", "12")
+    env = {**farm_env, "RAYFARM_CPU_ACTORS": "1"}
+    for farm in run_farm(tmp_path / "farm", env):
+        client = Farm(farm.url)
+        job = client.submit(scene, frames="1-12")
+        deadline = time.monotonic() + 300
+        while job.status().frames_done < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # redis-server rewrites its title (and with it its environment, the farm's mark):
+        # it is found by the port the farm printed.
+        port = int(re.search(r"redis redis://127\.0\.0\.1:(\d+)/", farm.log.read_text())[1])
+        (pid,) = [p for p in farm_processes()
+                  if f"redis-server 127.0.0.1:{port}".encode() in
+                  Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+        os.kill(pid, signal.SIGTERM)  # Redis writes its AOF and exits
+        while _answers(port):  # (its parent reaps it later: /proc keeps a zombie)
+            time.sleep(0.05)
+        time.sleep(2)  # an outage the farm notices
+        redis = RedisServer(farm.data_dir / "redis", port).start()  # the same AOF and port
+        try:
+            status = job.wait(timeout=300)
+            assert status.state is JobState.COMPLETED, status.error
+            assert [f.frame for f in job.frames()] == list(range(1, 13))
+            frames = Counter(e["frame"] for e in farm.events(job.id) if e["kind"] == "frame")
+            assert sorted(map(int, frames)) == list(range(1, 13)) and set(frames.values()) == {1}
+            assert client.submit(scene, frames="1").wait(timeout=300).state is JobState.COMPLETED
+        finally:
+            client.close()
+            redis.stop()
+
+
+def _answers(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
