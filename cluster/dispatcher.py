@@ -216,8 +216,10 @@ class Dispatcher:
         await self._resume_active()
 
     async def _guarded(self, work: Any) -> None:
-        """Run a task's coroutine; a Redis failure inside it (its bookkeeping, or its
-        failure's) marks the runs for a rebuild instead of losing the task silently."""
+        """Run a task's coroutine. One that raises — Redis failing under its bookkeeping
+        (or under its failure's), or a bug — would otherwise lose its task silently and
+        leave the job waiting forever: the runs are marked for a rebuild from Redis
+        instead (logged with its traceback unless Redis was simply unreachable)."""
         try:
             await work
         except Exception as exc:
