@@ -78,6 +78,7 @@ from overhead import (  # the sibling bench: process handling and the machine's 
     BenchError,
     Processes,
     _proc_table,
+    descendants,
     machine,
     run_bench,
 )
@@ -538,19 +539,9 @@ class Server:
         """pid -> (name, CPU seconds) of every process under the server now."""
         if self.process is None:
             return {}
-        table = _proc_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, *_) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        found, todo = {}, [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            if pid in table:
-                _, start, name, cpu = table[pid]
-                found[pid] = (name, cpu)
-                self.seen[pid] = start
-            todo.extend(children.get(pid, []))
-        return found
+        found = descendants(self.process.pid)
+        self.seen.update((pid, start) for pid, (start, _, _) in found.items())
+        return {pid: (name, cpu) for pid, (_, name, cpu) in found.items()}
 
     def stop(self) -> None:
         """SIGTERM (the Serve role then shuts Serve and its Ray down); after

@@ -190,6 +190,22 @@ def _proc_table() -> dict[int, tuple[int, int, str, float]]:
     return table
 
 
+def descendants(root: int) -> dict[int, tuple[int, str, float]]:
+    """``root`` and every process under it now: pid -> (start ticks, name, CPU seconds)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            _, start, name, seconds = table[pid]
+            found[pid] = (start, name, seconds)
+        todo.extend(children.get(pid, []))
+    return found
+
+
 def _name(argv: list[str]) -> str:
     """A short name for a farm process: Ray's titles (``ray::RenderActor``), else the
     program, or the script or module a Python runs."""
@@ -258,18 +274,8 @@ class LocalFarm:
     def cpu(self) -> CpuSnapshot:
         """CPU seconds of every process under the farm, and of this driver."""
         assert self.process is not None
-        table = _proc_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, *_) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        found, todo = {}, [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            if pid in table:
-                _, start, name, seconds = table[pid]
-                found[pid] = (start, name, seconds)
-                self.seen[pid] = start
-            todo.extend(children.get(pid, []))
+        found = descendants(self.process.pid)
+        self.seen.update((pid, start) for pid, (start, _, _) in found.items())
         own = resource.getrusage(resource.RUSAGE_SELF)
         return CpuSnapshot(time.perf_counter(), found, own.ru_utime + own.ru_stime)
 
