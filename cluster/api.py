@@ -35,11 +35,11 @@ from rayfarm.cluster.context import (
     JobId,
     Submitter,
     Who,
+    check_may_change,
     limited,
     process_context,
     read_json,
     set_process_context,
-    visible_job,
 )
 from rayfarm.cluster.events import EVENT_ID
 from rayfarm.cluster.submit import (
@@ -56,7 +56,6 @@ from rayfarm.cluster.submit import (
 from rayfarm.errors import (
     FarmError,
     FarmUnavailable,
-    Forbidden,
     FrameNotFound,
     InvalidRequest,
     NotFound,
@@ -365,19 +364,11 @@ def _status_json(status: JobStatus) -> Response:
     return Response(status.model_dump_json(), media_type="application/json")
 
 
-async def _may_change(ctx: AppContext, who: Principal, job_id: str) -> None:
-    owner, _ = await visible_job(ctx, who, job_id)
-    if not who.can_change(owner):
-        raise Forbidden(
-            f"job {job_id} is {owner}'s: {who.name} ({who.role.value}) may not change it"
-        )
-
-
 @jobs.post("/{job_id}/cancel", response_model=Job)
 async def cancel_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
     """PENDING or PROCESSING -> CANCELLED; queued tasks stop at once. The job's owner
     (an artist) or an admin."""
-    await _may_change(ctx, who, job_id)
+    await check_may_change(ctx, who, job_id)
     await ctx.store.transition(job_id, JobState.CANCELLED)
     ctx.nudge()
     return await ctx.store.get(job_id)
@@ -387,7 +378,7 @@ async def cancel_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
 async def retry_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
     """FAILED -> PENDING; only frames not yet stored are rendered again. The job's owner
     (an artist) or an admin."""
-    await _may_change(ctx, who, job_id)
+    await check_may_change(ctx, who, job_id)
     status = await ctx.store.status(job_id)
     check_transition(job_id, status.state, JobState.PENDING)
     await ctx.store.reset_incomplete(job_id)

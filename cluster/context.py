@@ -37,6 +37,8 @@ __all__ = [
     "Submitter",
     "Who",
     "check_job_id",
+    "check_may_change",
+    "check_submitter",
     "limited",
     "process_context",
     "read_json",
@@ -164,10 +166,14 @@ async def _principal(request: Request, ctx: Ctx) -> Principal:
 Who = Annotated[Principal, Depends(_principal)]
 
 
-async def _submitter(who: Who) -> Principal:
+def check_submitter(who: Principal) -> Principal:
     if not who.can_submit:
         raise Forbidden(f"{who.name} is a {who.role.value}: only artists and admins submit")
     return who
+
+
+async def _submitter(who: Who) -> Principal:
+    return check_submitter(who)
 
 
 async def _admin(who: Who) -> Principal:
@@ -194,6 +200,16 @@ async def visible_job(ctx: AppContext, who: Principal, job_id: str) -> tuple[str
     if found is None or not who.can_read(*found):
         raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
     return found
+
+
+async def check_may_change(ctx: AppContext, who: Principal, job_id: str) -> None:
+    """Cancel or retry: the job's owner (an artist) or an admin; 404 for a job ``who``
+    may not see, 403 for one it sees but may not change."""
+    owner, _ = await visible_job(ctx, who, job_id)
+    if not who.can_change(owner):
+        raise Forbidden(
+            f"job {job_id} is {owner}'s: {who.name} ({who.role.value}) may not change it"
+        )
 
 
 async def _job_id(job_id: str, request: Request, ctx: Ctx, who: Who) -> str:

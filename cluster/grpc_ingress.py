@@ -40,10 +40,17 @@ import grpc
 import platformdirs
 
 from rayfarm.cluster.auth import Principal
-from rayfarm.cluster.context import AppContext, authenticate, process_context, visible_job
+from rayfarm.cluster.context import (
+    AppContext,
+    authenticate,
+    check_may_change,
+    check_submitter,
+    process_context,
+    visible_job,
+)
 from rayfarm.cluster.events import EVENT_ID, follow
 from rayfarm.cluster.submit import submit_listing
-from rayfarm.errors import FarmError, FarmUnavailable, Forbidden, InvalidRequest
+from rayfarm.errors import FarmError, FarmUnavailable, InvalidRequest
 from rayfarm.models import Job, JobState
 
 __all__ = [
@@ -250,9 +257,7 @@ async def submit_job(request: Any, grpc_context: Any) -> Any:
     """``SubmitJob``: what ``POST /jobs`` does with a JSON listing."""
     try:
         ctx = _context()
-        who = await _who(ctx, grpc_context)
-        if not who.can_submit:
-            raise Forbidden(f"{who.name} is a {who.role.value}: only artists and admins submit")
+        who = check_submitter(await _who(ctx, grpc_context))
         job = await submit_listing(
             ctx,
             {
@@ -276,11 +281,8 @@ async def cancel_job(request: Any, grpc_context: Any) -> Any:
     """``CancelJob``: what ``POST /jobs/{id}/cancel`` does."""
     try:
         ctx = _context()
-        who = await _who(ctx, grpc_context)
         job_id = request.job_id
-        owner, _ = await visible_job(ctx, who, job_id)
-        if not who.can_change(owner):
-            raise Forbidden(f"job {job_id} is {owner}'s: {who.name} may not change it")
+        await check_may_change(ctx, await _who(ctx, grpc_context), job_id)
         await ctx.store.transition(job_id, JobState.CANCELLED)
         ctx.nudge()
         job = await ctx.store.get(job_id)

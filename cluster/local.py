@@ -19,6 +19,7 @@ from typing import Any
 
 from rayfarm.cluster.settings import NAMESPACE, Settings
 from rayfarm.errors import InvalidRequest
+from rayfarm.paths import LOOPBACK
 
 __all__ = ["up"]
 
@@ -108,16 +109,13 @@ def _check_port(host: str, port: int, option: str = "--port") -> None:
             ) from None
 
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def check_auth(settings: Settings) -> None:
     """Accounts may be off (``RAYFARM_AUTH=off``, ``--no-auth``) only on a farm nothing
     but this machine reaches: HTTP on loopback, no gRPC (whose proxy binds every
     interface)."""
     if settings.auth:
         return
-    if settings.host not in _LOOPBACK or settings.grpc_port:
+    if settings.host not in LOOPBACK or settings.grpc_port:
         grpc = f"on port {settings.grpc_port}" if settings.grpc_port else "off"
         raise InvalidRequest(
             "accounts can be off (--no-auth, RAYFARM_AUTH=off) only when the farm listens "

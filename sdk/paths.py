@@ -13,10 +13,11 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
-__all__ = ["ADMIN_TOKEN_FILE", "default_data_dir", "local_token"]
+__all__ = ["ADMIN_TOKEN_FILE", "LOOPBACK", "default_data_dir", "local_token"]
 
 ADMIN_TOKEN_FILE = "admin-token"
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Host names that reach only this machine.
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def default_data_dir() -> Path:
@@ -28,7 +29,7 @@ def local_token(url: str) -> str | None:
     """The first admin's token of the farm at ``url`` when that farm runs on this machine
     (a loopback URL) and wrote one to its data dir (``$RAYFARM_DATA_DIR`` or the
     default); None otherwise."""
-    if urlsplit(url).hostname not in _LOOPBACK:
+    if urlsplit(url).hostname not in LOOPBACK:
         return None
     folder = Path(os.environ.get("RAYFARM_DATA_DIR") or default_data_dir())
     try:
