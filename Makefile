@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.rayfarm-setup
 
 .PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load clean addon
 
-## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install redis-server
+## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install
+## redis-server and chromium (the web page's browser tests)
 setup: $(STAMP)
 	@./scripts/install-redis.sh
+	@./scripts/install-chromium.sh
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "rayfarm needs Python 3.11 ($(PYTHON) not found); bpy 5.0 ships for CPython 3.11 only" >&2; exit 2; }
