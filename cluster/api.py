@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
 from rayfarm.blendfile import check_version
-from rayfarm.cluster import accounts, observe
+from rayfarm.cluster import accounts, observe, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware
 from rayfarm.cluster.auth import Principal
@@ -575,6 +575,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     app.include_router(scenes)
     app.include_router(observe.router)
     app.include_router(accounts.router)
+    web.install(app)  # the web page at /, its files under /ui
     app.add_middleware(AuditMiddleware)
 
     @app.get("/healthz", tags=["farm"])

@@ -29,7 +29,9 @@ from rayfarm.errors import (
 )
 
 __all__ = [
+    "CSRF_HEADER",
     "MAX_MANIFEST_BYTES",
+    "SESSION_COOKIE",
     "Admin",
     "AppContext",
     "Ctx",
@@ -38,6 +40,7 @@ __all__ = [
     "Who",
     "check_job_id",
     "check_may_change",
+    "check_same_site",
     "check_submitter",
     "limited",
     "process_context",
@@ -52,6 +55,17 @@ _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 OWNER_CACHE = 100_000
 #: Largest JSON body a request (a job's spec and file listing) may have.
 MAX_MANIFEST_BYTES = 8 * 1024**2
+#: The web page's session cookie (set by ``POST /session``, ``rayfarm.cluster.web``): it
+#: holds the API token the user signed in with, HttpOnly, so no script can read it.
+SESSION_COOKIE = "rayfarm_session"
+#: The header a browser's state-changing request must carry when the session cookie
+#: signs it in (``X-Rayfarm-Request: 1``): the farm's page sends it with every fetch; a
+#: form on another site cannot set a header, and a cross-site fetch that sets one needs
+#: a CORS preflight this app never grants. ``SameSite=Strict`` already keeps the cookie
+#: off cross-site requests; this check does not depend on the browser honouring it.
+CSRF_HEADER = "X-Rayfarm-Request"
+#: Methods that change nothing: a cookie alone signs them in.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass
@@ -155,11 +169,31 @@ async def authenticate(ctx: AppContext, authorization: str | None, source: str) 
     return principal
 
 
+def check_same_site(request: Request) -> None:
+    """A state-changing request signed in by the session cookie must carry
+    ``X-Rayfarm-Request: 1`` (403 otherwise): what tells the farm's own page from a
+    form another site makes the browser send (CSRF)."""
+    if request.method not in _SAFE_METHODS and request.headers.get(CSRF_HEADER) != "1":
+        raise Forbidden(
+            f"{request.method} from a browser session must carry the header {CSRF_HEADER}: 1 "
+            "(the farm's page sends it; a form on another site cannot); API clients send "
+            "Authorization: Bearer <token> instead",
+            {"header": CSRF_HEADER},
+        )
+
+
 async def _principal(request: Request, ctx: Ctx) -> Principal:
-    principal = await authenticate(
-        ctx, request.headers.get("authorization"), client_address(request)
-    )
+    # The Authorization header first (the SDK, the CLI, the add-on), then the web page's
+    # session cookie: the same token, checked by the same code, so the page has exactly
+    # the API's rights.
+    authorization = request.headers.get("authorization")
+    cookie = None if authorization else request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        authorization = f"Bearer {cookie}"
+    principal = await authenticate(ctx, authorization, client_address(request))
     request.state.principal = principal  # for the audit record of this request
+    if cookie:
+        check_same_site(request)
     return principal
 
 
