@@ -111,7 +111,8 @@ def test_sign_in_sets_an_httponly_strict_cookie_that_signs_requests_in(app):
 
     r = app.post("/session", json={"token": token}, headers=PAGE)
     assert r.status_code == 200, r.text
-    assert r.json() == {"user": "ana", "role": "artist", "projects": ["p1"], "may_submit": True}
+    assert r.json() == {"user": "ana", "role": "artist", "projects": ["p1"], "may_submit": True,
+                        "accounts": True}  # fmt: skip
     cookie = r.headers["set-cookie"]
     assert cookie.startswith(f"{SESSION_COOKIE}={token};")
     parts = {p.strip().lower() for p in cookie.split(";")}
@@ -170,6 +171,17 @@ def test_sign_out_clears_the_cookie_and_a_bad_cookie_is_401(app):
     _error(app.get("/jobs"), 401, "unauthorized", "unknown or malformed token")
     records = app.get("/audit", params={"user": "ana"}, headers=AUTH).json()["records"]
     assert records[0]["action"] == "DELETE /session"  # the audit names who signed out
+
+
+def test_a_farm_without_accounts_needs_no_sign_in(redis_url, tmp_path):
+    settings = Settings(redis_url=redis_url, storage=(tmp_path / "s").as_uri(),
+                        data_dir=str(tmp_path), auth=False)  # fmt: skip
+    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
+        me = {"user": "local", "role": "admin", "projects": [], "may_submit": True,
+              "accounts": False}  # fmt: skip
+        assert client.get("/session").json() == me
+        r = client.post("/session", json={"token": "anything"}, headers=PAGE)
+        assert r.status_code == 200 and r.json() == me and "set-cookie" not in r.headers
 
 
 def test_watch_and_farm_answer_bad_input_precisely(app, small_scene):
@@ -335,15 +347,20 @@ def test_sign_in_submit_watch_it_complete_and_open_a_frame(
     expect(page.locator("#log")).to_contain_text("PROCESSING -> COMPLETED")
     video = page.locator("#outputs video")
     expect(video).to_be_visible()
-    assert video.evaluate("v => v.canPlayType('video/mp4')") != ""
+    # The browser reads the MP4 (through the session cookie) and knows its length.
+    page.wait_for_function("() => document.querySelector('#outputs video').readyState >= 1")
+    assert video.evaluate("v => v.duration") > 0
     # Owner of a completed job: the buttons are there, and the state disables them.
     expect(page.get_by_role("button", name="Cancel job")).to_be_disabled()
     expect(page.get_by_role("button", name="Retry job")).to_be_disabled()
+    expect(page.locator("#job-rights")).to_have_text(
+        "A completed job can be neither cancelled nor retried."
+    )
     # Every thumbnail loaded (through the session cookie).
     page.wait_for_function(
         "() => [...document.querySelectorAll('#frames img')].every(i => i.naturalWidth > 0)"
     )
-    page.screenshot(path=str(shots / "web-job.png"))
+    page.screenshot(path=str(shots / "web-job.png"), full_page=True)
 
     # A click opens the full frame, the farm's own bytes; Escape closes it.
     page.get_by_role("button", name="Open frame 2").click()
@@ -451,6 +468,31 @@ def test_a_viewer_sees_what_the_api_shows_it_and_changes_nothing(
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     expect(page.locator("#signin-error")).to_have_text("You have signed out.")
     assert SESSION_COOKIE not in {c["name"] for c in page.context.cookies()}
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_retry_a_failed_job_from_the_page(browser, local_farm, users, make_scene):
+    # More tiles than pixels: the job fails at once, with the reason, and again on retry.
+    scene = make_scene("--width", "8", "--height", "6", "--samples", "1")
+    job = users.submit("web-ana", scene, frames="1", tiles="16x16")
+    page = _page(browser)
+    _sign_in(page, local_farm.url, users.tokens["web-ana"], "web-ana (artist)")
+    page.goto(f"{local_farm.url}/#/jobs/{job['id']}")
+    expect(page.locator("#job-state")).to_have_text("FAILED", timeout=RENDER_MS)
+    expect(page.locator("#job-error")).to_contain_text("cannot be split into 16x16 tiles")
+    expect(page.get_by_role("button", name="Cancel job")).to_be_disabled()
+    retry = page.get_by_role("button", name="Retry job")
+    expect(retry).to_be_enabled()
+    retry.click()
+    expect(page.locator("#job-answer")).to_have_text("Queued again: the job is PENDING.")
+    # The page follows the retried job: its log goes on, and it fails the same way.
+    log = page.locator("#log")
+    expect(log).to_contain_text("FAILED -> PENDING", timeout=RENDER_MS)
+    expect(log).to_have_text(re.compile(r"FAILED -> PENDING.*PROCESSING -> FAILED", re.S),
+                             timeout=RENDER_MS)  # fmt: skip
+    expect(page.locator("#job-state")).to_have_text("FAILED")
+    expect(retry).to_be_enabled()
     assert page.errors == []  # type: ignore[attr-defined]
 
 

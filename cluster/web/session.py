@@ -78,7 +78,7 @@ async def sign_in(request: Request, ctx: Ctx) -> JSONResponse:
     token = data["token"].strip()
     who = await authenticate(ctx, f"Bearer {token}", client_address(request))
     request.state.principal = who  # the audit names who signed in
-    response = JSONResponse(_me(who))
+    response = JSONResponse(_me(who, ctx.settings.auth))
     if ctx.settings.auth:  # a farm without accounts signs everyone in as its admin anyway
         response.set_cookie(
             SESSION_COOKIE, token, path="/", httponly=True, samesite="strict",
@@ -88,19 +88,20 @@ async def sign_in(request: Request, ctx: Ctx) -> JSONResponse:
 
 
 @router.get("/session")
-async def session(who: Who) -> dict[str, Any]:
+async def session(ctx: Ctx, who: Who) -> dict[str, Any]:
     """The signed-in user as the page needs it: ``/whoami``'s name, role and projects,
-    and ``may_submit`` (the API's own check)."""
-    return _me(who)
+    ``may_submit`` (the API's own check) and ``accounts`` (false on a farm without
+    accounts, where everyone is its admin and there is nothing to sign out of)."""
+    return _me(who, ctx.settings.auth)
 
 
-def _me(who: Principal) -> dict[str, Any]:
+def _me(who: Principal, accounts: bool) -> dict[str, Any]:
     try:
         may_submit = check_submitter(who) is who
     except Forbidden:
         may_submit = False
     return {"user": who.name, "role": who.role.value, "projects": sorted(who.projects),
-            "may_submit": may_submit}  # fmt: skip
+            "may_submit": may_submit, "accounts": accounts}  # fmt: skip
 
 
 @router.delete("/session", status_code=204, response_class=Response)

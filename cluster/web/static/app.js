@@ -178,6 +178,11 @@
       : `${Math.floor(value / 60)} min ${Math.round(value % 60)} s`;
   }
 
+  function bytes(n) {
+    return n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KB`
+      : n < 1073741824 ? `${(n / 1048576).toFixed(1)} MB` : `${(n / 1073741824).toFixed(2)} GB`;
+  }
+
   function stateBadge(node, state) {
     node.textContent = state;
     node.className = `state state-${state.toLowerCase()}`;
@@ -236,6 +241,7 @@
     if (who) {
       $("who-name").textContent = `${who.user} (${who.role})`;
       $("nav-submit").hidden = !who.may_submit;
+      $("sign-out").hidden = !who.accounts; // a farm without accounts: nothing to leave
     }
   }
 
@@ -395,6 +401,7 @@
     let total = 0;
 
     async function load() {
+      if (document.hidden && body.childElementCount) return; // a tab in the background
       const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(offset) });
       if (state) query.set("state", state);
       if (owner) query.set("owner", owner);
@@ -645,7 +652,7 @@
         el("video", { controls: true, preload: "metadata", src, className: "video",
                       "aria-label": `Video of job ${id}` }),
         el("p", {}, el("a", { href: src, download: "", text: `Download ${video.name}` }),
-          ` (${(video.size / 1048576).toFixed(1)} MB)`),
+          ` (${bytes(video.size)})`),
       );
       $("outputs").hidden = false;
     }
@@ -677,8 +684,10 @@
       $("job-retry").hidden = !actions.change;
       $("job-cancel").disabled = !actions.cancel;
       $("job-retry").disabled = !actions.retry;
-      $("job-rights").textContent = actions.change ? ""
-        : `Only ${job.owner} or an admin may cancel or retry this job.`;
+      $("job-rights").textContent = !actions.change
+        ? `Only ${job.owner} or an admin may cancel or retry this job.`
+        : actions.cancel || actions.retry ? ""
+          : `A ${job.state.toLowerCase()} job can be neither cancelled nor retried.`;
       if (job.state === "COMPLETED" && job.spec.post && job.spec.post.video) loadOutputs();
     }
 
@@ -694,11 +703,43 @@
         const job = await call("POST", `${base}/${action}`);
         answer.textContent = action === "cancel" ? `Cancelled: the job is ${job.state}.`
           : `Queued again: the job is ${job.state}.`;
+        if (action === "retry") startLive();
       } catch (error) {
         answer.className = "answer error";
         answer.textContent = `The farm refused: ${error.message}`;
         button.disabled = false;
       }
+    }
+
+    // Both streams end with the job's terminal state; a retry starts them again, the
+    // execution log after the last event shown.
+    let lastEventId = null;
+    let liveOpen = false;
+    let reopen = false; // retried while the streams were still closing
+    function startLive() {
+      if (!active) return;
+      if (liveOpen) {
+        reopen = true;
+        return;
+      }
+      liveOpen = true;
+      reopen = false;
+      let ended = 0;
+      const ends = () => {
+        ended += 1;
+        if (ended < 2) return;
+        liveOpen = false;
+        if (reopen) startLive();
+      };
+      const stopWatch = follow(`/watch?jobs=${encodeURIComponent(id)}`, (kind, message) => {
+        if (active && kind === "job") render(message.job, message.actions);
+      }, ends);
+      const after = lastEventId ? `?after=${encodeURIComponent(lastEventId)}` : "";
+      const stopEvents = follow(`${base}/events${after}`, (kind, event) => {
+        if (event && event.id) lastEventId = event.id;
+        onEvent(kind, event);
+      }, ends);
+      cleanups.push(stopWatch, stopEvents);
     }
 
     $("job-cancel").onclick = () => act("cancel", $("job-cancel"));
@@ -716,11 +757,7 @@
       }
       if (!active) return;
       for (const frame of stored.frames) addFrame(frame.frame);
-      const stopWatch = follow(`/watch?jobs=${encodeURIComponent(id)}`, (kind, message) => {
-        if (active && kind === "job") render(message.job, message.actions);
-      });
-      const stopEvents = follow(`${base}/events`, onEvent);
-      cleanups.push(stopWatch, stopEvents);
+      startLive();
     })();
     cleanups.push(() => { active = false; });
     return "job";
@@ -836,6 +873,7 @@
     let active = true;
 
     async function load() {
+      if (document.hidden && $("farm-queue").textContent) return; // a tab in the background
       let farm;
       try {
         farm = await call("GET", "/farm");
