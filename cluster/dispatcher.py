@@ -60,10 +60,10 @@ from rayfarm.cluster.store import (
     outranks,
     queue_score,
 )
-from rayfarm.errors import FarmError, InvalidTransition
+from rayfarm.errors import FarmError, InvalidTransition, RenderError
 from rayfarm.models import JobState, grid_of
 from rayfarm.render.assembler import TileAssembler
-from rayfarm.render.inputs import Inputs
+from rayfarm.render.inputs import Inputs, check_path
 from rayfarm.render.tasks import FATAL, BatchResult, RenderTask, TaskResult
 from rayfarm.render.tiles import auto_grid
 
@@ -91,6 +91,8 @@ class Dispatcher:
         self.inspector: Any = None
         self._wake: asyncio.Event | None = None
         self._full_round = True  # reconcile the pool, sync runs and admit next round
+        # (job, frame, tile) -> the slot rendering it: progress reports reach the hang watch.
+        self._doing: dict[tuple[str, int, int], Slot] = {}
         # Redis failed under a run's bookkeeping (restarted, unreachable): once it answers
         # again, every run is rebuilt from what Redis holds, as after a restart.
         self._resync = False
@@ -130,6 +132,7 @@ class Dispatcher:
 
     async def progress(self, job_id: str, frame: int, tile: int, samples: int, of: int) -> None:
         """A render actor's report of Cycles' samples done inside a running task."""
+        self.alive(job_id, frame, tile)
         run = self.runs.get(job_id)
         if run is None or run.stopped:
             return
@@ -137,6 +140,13 @@ class Dispatcher:
             job_id, "progress", task=keys.task_key(frame, tile), frame=frame, tile=tile,
             samples=samples, of=of,
         )  # fmt: skip
+
+    def alive(self, job_id: str, frame: int, tile: int) -> None:
+        """A render actor's sign that a task's render goes on (any Cycles status line:
+        scene sync, BVH, kernels, samples): the hang watch starts its clock over."""
+        slot = self._doing.get((job_id, frame, tile))
+        if slot is not None:
+            slot.sign_at = time.monotonic()
 
     async def describe(self) -> dict[str, Any]:
         """The settings this dispatcher runs with (Redis, storage, ...)."""
@@ -192,6 +202,7 @@ class Dispatcher:
                     await self._sync_runs()
                     await self._admit()
                 self._schedule()
+                self._watch()
             except Exception as exc:
                 if redis_down(exc):
                     self._resync = True
@@ -239,18 +250,61 @@ class Dispatcher:
                 log.exception("could not resume job %s", job_id)
 
     async def _sync_runs(self) -> None:
-        """Drop runs whose job left PROCESSING (cancelled through the API)."""
+        """Drop runs whose job left PROCESSING (cancelled through the API); their renders
+        in progress are stopped."""
         for run in list(self.runs.values()):
             state = await self.store.field(run.id, "state")
             if state != JobState.PROCESSING:
-                self._stop(run)
+                self._stop(run, halt=f"the job is {str(state or 'gone').lower()}")
 
-    def _stop(self, run: Run) -> None:
+    def _stop(self, run: Run, halt: str | None = None, spare: Slot | None = None) -> None:
+        """Forget ``run``: its pending tasks are dropped and what its actors return is not
+        recorded. ``halt``: the reason to stop its renders in progress too (cancelled,
+        failed), but ``spare``'s (whose task just ended); without it they run to their end
+        (a rebuild renders them again)."""
         run.stopped = True
         run.pending.clear()
         self.runs.pop(run.id, None)
         if run.grid != (1, 1):
             self.assembler.drop.remote(run.id)
+        if halt is not None:
+            for slot in self.slots:
+                if slot.busy and slot.run == run.id and slot is not spare:
+                    self._kill(slot, halt)
+
+    def _watch(self) -> None:
+        """Kill the actors whose work showed no sign of progress for ``hang_timeout_s``
+        (their calls then fail, and the tasks are retried as for a crash)."""
+        limit = self.settings.hang_timeout_s
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.busy and slot.run is not None and now - slot.sign_at > limit:
+                self._kill(slot, f"no sign of progress for {limit:g} s (the render hung)")
+
+    def _kill(self, slot: Slot, reason: str) -> None:
+        """Stop ``slot``'s render now. bpy cannot be interrupted (``ray.cancel`` waits for
+        the render to end), so its actor process is killed; the call on it fails as an
+        actor death, and that failure path replaces the actor and, from
+        ``slot.killed``, says why."""
+        if slot.killed is not None:
+            return
+        slot.killed = reason
+        log.warning("render actor %d (pid %s on %s): %s; killing it",
+                    slot.index, slot.pid, slot.host, reason)  # fmt: skip
+        ray.kill(slot.handle, no_restart=True)
+
+    def _assign(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:
+        """Mark ``slot`` busy with ``tasks`` of ``run`` (none: probing its scene). An actor
+        that ran another job's Python (``scripts``) is replaced first: whatever the
+        scripts changed in its process (handlers, modules) must not touch this job."""
+        if slot.tainted is not None and slot.tainted != run.id:
+            log.info("render actor %d ran job %s's scripts: replacing it", slot.index, slot.tainted)
+            self.pool.replace(slot)
+        if run.job.spec.scripts:
+            slot.tainted = run.id
+        slot.busy, slot.run, slot.sign_at = True, run.id, time.monotonic()
+        for task in tasks:
+            self._doing[(run.id, task.frame, task.tile)] = slot
 
     def _capacity(self) -> int:
         idle = sum(not s.busy for s in self.slots)
@@ -330,7 +384,8 @@ class Dispatcher:
             probe = next((r for r in self._by_score() if r.grid is None and not r.probing), None)
             if probe is not None:
                 slot = _prefer(idle, probe.scene_hash)
-                probe.probing = slot.busy = True
+                probe.probing = True
+                self._assign(slot, probe, [])
                 asyncio.get_running_loop().create_task(self._guarded(self._probe(slot, probe)))
                 continue
             choice = self._next_assignment(idle)
@@ -338,7 +393,7 @@ class Dispatcher:
                 return
             run, task, slot = choice
             batch = run.take_batch(task, run.batch_size(len(self.slots)))
-            slot.busy = True
+            self._assign(slot, run, batch)
             if len(batch) == 1:
                 work = self._execute(slot, run, task)
             else:
@@ -385,7 +440,7 @@ class Dispatcher:
             )  # fmt: skip
             await self._decide(run, grid, reason)
         except Exception as exc:
-            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+            cause = _cause(exc, slot)
             if actor_died(exc, slot) and self.pool.lost(slot, exc):
                 return  # the node left: another actor probes
             attempts = await self.store.add_attempt(run.id, "probe")
@@ -395,12 +450,11 @@ class Dispatcher:
                 await self._fail(run.id, str(cause))
         finally:
             run.probing = False
-            slot.busy = False
-            self._wake.set()
+            self._releaser(slot, run, [])()
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    def _releaser(self, slot: Slot) -> Callable[[], None]:
+    def _releaser(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> Callable[[], None]:
         """A call that frees ``slot`` once (later calls do nothing): the actor's part is
         done, so it takes its next task or batch while this one's frames are stored, and
         never idles on storage or Redis between them."""
@@ -412,13 +466,19 @@ class Dispatcher:
             nonlocal released
             if not released:
                 released = True
-                slot.busy = False
+                if slot.killed is not None:  # killed, and no failed call has replaced it
+                    self.pool.replace(slot)
+                slot.busy, slot.run = False, None
+                for task in tasks:
+                    key = (run.id, task.frame, task.tile)
+                    if self._doing.get(key) is slot:  # not already the task's next attempt
+                        del self._doing[key]
                 wake.set()
 
         return release
 
     async def _execute(self, slot: Slot, run: Run, task: RenderTask) -> None:
-        release = self._releaser(slot)
+        release = self._releaser(slot, run, [task])
         try:
             await self._started(slot, run, [task])
             meta_ref, payload_ref = slot.handle.render.options(num_returns=2).remote(
@@ -472,7 +532,7 @@ class Dispatcher:
     async def _execute_batch(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:
         """Render a batch of short whole-frame tasks in one actor call (see the module's
         docstring for what a failure inside it does)."""
-        release = self._releaser(slot)
+        release = self._releaser(slot, run, tasks)
         try:
             try:
                 await self._started(slot, run, tasks)
@@ -518,6 +578,7 @@ class Dispatcher:
         again with no retry spent; unless the node left, each runs alone from now on,
         where a crash is charged to the task that caused it."""
         place, host = _where(slot), slot.host or slot.node  # before a replaced actor's reset
+        killed = slot.killed
         died = actor_died(exc, slot)
         node_left = died and self.pool.lost(slot, exc)
         if run.stopped:
@@ -525,6 +586,8 @@ class Dispatcher:
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
         if node_left:
             why = f"its node {host} left the cluster"
+        elif killed:
+            why = f"{killed} during a batch of {len(tasks)} tasks; they run again alone"
         elif died:
             why = f"its actor died during a batch of {len(tasks)} tasks; it runs again alone"
         else:
@@ -558,6 +621,8 @@ class Dispatcher:
         if slot.node is None:
             info = await slot.handle.info.remote()
             slot.node, slot.host, slot.device = info["node_id"], info["host"], info["device"]
+            slot.pid = info.get("pid")
+            slot.sign_at = time.monotonic()  # the hang watch does not count its start-up
         named = [(keys.task_key(t.frame, t.tile), t.frame, t.tile) for t in tasks]
         attempts = await self.store.start_tasks(run.id, named, **_where(slot))
         run.tries.update((key, n) for (key, _, _), n in zip(named, attempts, strict=True))
@@ -594,6 +659,8 @@ class Dispatcher:
                     if meta.preview:
                         put(layout.thumbnail_key(run.id, task.frame), meta.preview)
                     put(layout.frame_key(run.id, task.frame, run.job.spec.extension), image)
+                    for name, data in meta.files.items():
+                        put(layout.file_output_key(run.id, task.frame, check_path(name)), data)
                     outcomes.append((hashlib.sha256(image).hexdigest(), len(image)))
                 except Exception as exc:
                     outcomes.append(exc)
@@ -714,7 +781,7 @@ class Dispatcher:
         or fail the job once its retries are spent or the error is fatal. ``output``:
         Blender's output during the task when the caller has it (else the actor is
         asked for its last task's)."""
-        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        cause = _cause(exc, slot)
         key = keys.task_key(task.frame, task.tile)
         place = _where(slot)
         died = actor_died(exc, slot)
@@ -755,7 +822,7 @@ class Dispatcher:
         if not retry:
             if not fatal:
                 message += f" (failed {attempts} times)"
-            self._stop(run)
+            self._stop(run, halt="the job failed", spare=slot)
             await self._fail(run.id, message)
             return
         await self._requeue(run, task, attempt, whole_frame)
@@ -799,13 +866,22 @@ class Dispatcher:
             pass
 
 
+def _cause(exc: Exception, slot: Slot) -> Exception:
+    """What to report for a failed actor call: why the dispatcher killed the actor, the
+    exception raised in the actor, or ``exc`` itself."""
+    if slot.killed is not None:
+        return RenderError(slot.killed)
+    return exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+
+
 def _where(slot: Slot) -> dict[str, Any]:
-    """Where a task runs, as its events say: actor, node, host, device."""
+    """Where a task runs, as its events say: actor, node, host, device, process."""
     return {
         "actor": slot.index,
         "node": slot.node or "",
         "host": slot.host or "",
         "device": slot.device or "",
+        "pid": slot.pid or 0,
     }
 
 

@@ -85,7 +85,8 @@ class Pool:
         """A new actor in ``slot`` (the old one is killed if it still lives)."""
         ray.kill(slot.handle, no_restart=True)
         slot.handle = self._new_actor(slot.index)
-        slot.holds = slot.node = slot.host = slot.device = None
+        slot.holds = slot.node = slot.host = slot.device = slot.killed = slot.tainted = None
+        slot.pid = None
 
     def lost(self, slot: Slot, exc: BaseException) -> bool:
         """``slot``'s actor died: drop the slot when its node left the cluster (True),

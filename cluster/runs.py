@@ -46,9 +46,14 @@ class Slot:
     handle: Any
     busy: bool = False
     holds: str | None = None  # content hash of the scene it has open
-    node: str | None = None  # Ray node id, host name and device, once the actor has said
+    node: str | None = None  # Ray node id, host name, device and pid, once the actor has said
     host: str | None = None
     device: str | None = None
+    pid: int | None = None
+    run: str | None = None  # the job whose work the actor is doing (None: idle)
+    sign_at: float = 0.0  # monotonic time of the last sign that the work progresses
+    killed: str | None = None  # why the dispatcher killed the actor (a hang, a cancel)
+    tainted: str | None = None  # the job whose Python the actor ran (it renders no other)
 
 
 @dataclass
@@ -145,4 +150,5 @@ def expand(
                 color_depth=spec.depth,
                 denoise=spec.denoise,
                 allow_missing=spec.allow_missing,
+                scripts=spec.scripts,
             )

@@ -37,6 +37,19 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _env_seconds(name: str, default: float) -> float:
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {value!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
 def _env_switch(name: str, default: bool) -> bool:
     value = (os.environ.get(name) or "").strip().lower()
     if not value:
@@ -71,6 +84,11 @@ class Settings:
     gpu_share: float = 1.0
     #: Failed tasks of one job after which the job avoids the node they failed on.
     node_failure_limit: int = 3
+    #: Seconds a task may go without a sign of progress (a Cycles status line: scene sync,
+    #: BVH, kernels, samples) before its render is taken as hung: its actor is killed and
+    #: replaced, and the task retried like any failed one. Above the longest a scene of
+    #: yours opens and syncs.
+    hang_timeout_s: float = 900.0
     #: The render actor class, ``module:Class`` (the no-op one measures the farm itself).
     actor_class: str = "rayfarm.render.actor:RenderActor"
     max_upload_bytes: int = 2 * 1024**3
@@ -104,6 +122,7 @@ class Settings:
             "gpu_share": float(os.environ.get("RAYFARM_GPU_SHARE") or 1.0),
             "api_replicas": _env_int("RAYFARM_API_REPLICAS", 0),
             "node_failure_limit": _env_int("RAYFARM_NODE_FAILURE_LIMIT", 3),
+            "hang_timeout_s": _env_seconds("RAYFARM_HANG_TIMEOUT_S", 900.0),
             "actor_class": os.environ.get("RAYFARM_ACTOR_CLASS")
             or "rayfarm.render.actor:RenderActor",
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),

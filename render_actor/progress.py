@@ -3,7 +3,12 @@
 Blender calls ``render_stats`` handlers with its status line ("... | Sample 12/64")
 as sampling goes; the handler forwards samples done and total to a reporter (the
 dispatcher's ``progress`` method), at most once per ``MIN_INTERVAL_S`` per task, so
-a farm of many actors adds a few events a second, not thousands.
+a farm of many actors adds a few events a second, not thousands. Status lines that
+are not a new sample count (scene sync, BVH, kernels) reach the dispatcher's
+``alive`` at most once per ``ALIVE_INTERVAL_S``: no event, only a sign for its hang
+watch that the render goes on. While sampling, Cycles in background mode (bpy, the
+command line) updates its status only about every 30 s (it renders samples in
+chunks that keep the device busy), so the hang timeout must be well above that.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from typing import Any
 
 from rayfarm.render.tasks import RenderTask
 
-__all__ = ["MIN_INTERVAL_S", "SampleProgress", "parse_samples"]
+__all__ = ["ALIVE_INTERVAL_S", "MIN_INTERVAL_S", "SampleProgress", "parse_samples"]
 
 #: At most one progress report per task this often (the issue's ~2 events/s/task).
 MIN_INTERVAL_S = 0.5
+#: At most one sign of life per task this often while Cycles works without sampling
+#: (the dispatcher's hang watch, ``RAYFARM_HANG_TIMEOUT_S``, counts from the last one).
+ALIVE_INTERVAL_S = 5.0
 _SAMPLE = re.compile(r"\bSample (\d+)/(\d+)")
 
 
@@ -35,7 +43,7 @@ class SampleProgress:
         self.reporter = reporter
         self.min_interval_s = min_interval_s
         self.task: RenderTask | None = None
-        self._last_at = 0.0
+        self._last_at = self._alive_at = 0.0
         self._last: tuple[int, int] | None = None
 
         # Persistent: opening a .blend clears every handler not marked so.
@@ -46,21 +54,29 @@ class SampleProgress:
         bpy.app.handlers.render_stats.append(on_stats)
 
     def start(self, task: RenderTask) -> None:
-        self.task, self._last, self._last_at = task, None, 0.0
+        self.task, self._last, self._last_at, self._alive_at = task, None, 0.0, 0.0
 
     def stop(self) -> None:
         self.task = None
 
     def update(self, stats: str) -> None:
         task = self.task
+        if task is None or self.reporter is None:
+            return
         samples = parse_samples(stats)
-        if task is None or samples is None or samples == self._last or self.reporter is None:
-            return
         now = time.monotonic()
-        if now - self._last_at < self.min_interval_s:
-            return
-        self._last, self._last_at = samples, now
         try:
-            self.reporter.progress.remote(task.job_id, task.frame, task.tile, *samples)
+            new = samples is not None and samples != self._last
+            if new and now - self._last_at >= self.min_interval_s:
+                assert samples is not None
+                self._last, self._last_at = samples, now
+                self._alive_at = now
+                self.reporter.progress.remote(task.job_id, task.frame, task.tile, *samples)
+                return
+            if now - self._alive_at >= ALIVE_INTERVAL_S:
+                # Not sampling (syncing the scene, building the BVH, loading kernels), or
+                # a report too soon after the last: no event, a sign for the hang watch.
+                self._alive_at = now
+                self.reporter.alive.remote(task.job_id, task.frame, task.tile)
         except Exception:
             self.reporter = None  # the dispatcher is gone; the render goes on without reports

@@ -1,0 +1,147 @@
+"""Renders that must be stopped: a render that hangs (its process frozen with SIGSTOP,
+as a wedged GPU driver or a deadlock leaves it) is killed once it shows no progress
+for the farm's hang timeout and retried, and cancelling a job kills its renders in
+progress (bpy cannot be interrupted: the actor process is killed and replaced).
+
+On a farm of its own, with a short ``RAYFARM_HANG_TIMEOUT_S``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rayfarm import Farm, JobState
+
+from conftest import WAIT_S, completed, farm_processes, pixels, render_reference, run_farm
+
+pytestmark = pytest.mark.slow
+
+#: The hang timeout of this module's farm: well above the longest a render of this
+#: module's scenes goes without a Cycles status line on a busy machine (its frames take
+#: a few seconds), short enough for a test. (Cycles in background mode reports about
+#: every 30 s while sampling: a farm's timeout must be far above that.)
+HANG_S = 15
+#: About 3 s a frame on one core.
+SCENE = ("--width", "64", "--height", "48", "--samples", "1000", "--frames", "2")
+
+
+@pytest.fixture(scope="module")
+def hang_farm(tmp_path_factory, farm_env):
+    yield from run_farm(
+        tmp_path_factory.mktemp("hangfarm"), {**farm_env, "RAYFARM_HANG_TIMEOUT_S": str(HANG_S)}
+    )
+
+
+@pytest.fixture(scope="module")
+def client(hang_farm) -> Iterator[Farm]:
+    with Farm(hang_farm.url) as farm:
+        yield farm
+
+
+def _events(farm, job_id: str, kind: str) -> list[dict[str, str]]:
+    return [e for e in farm.events(job_id) if e["kind"] == kind]
+
+
+def _running(farm, job_id: str, kind: str, timeout_s: float = WAIT_S) -> tuple[str, int]:
+    """(task, pid of the actor rendering it) once the job has an event ``kind`` (a task
+    started, or reporting samples)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = _events(farm, job_id, kind)
+        if seen:
+            task = seen[0]["task"]
+            started = [e for e in _events(farm, job_id, "task_started") if e["task"] == task]
+            return task, int(started[-1]["pid"])
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} has no {kind} event")
+
+
+def _gone(pid: int, timeout_s: float) -> float | None:
+    """Seconds until process ``pid`` is gone (or a zombie), None if it outlives the wait."""
+    start = time.monotonic()
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return time.monotonic() - start
+        if state == "Z":
+            return time.monotonic() - start
+        if time.monotonic() - start >= timeout_s:
+            return None
+        time.sleep(0.05)
+
+
+def test_a_hung_render_is_killed_and_retried(client, hang_farm, make_scene, tmp_path):
+    scene = make_scene(*SCENE)
+    job = client.submit(scene, frames="1-2")
+    task, victim = _running(hang_farm, job.id, "task_started")
+    os.kill(victim, signal.SIGSTOP)  # alive, holding its task, and making no progress
+    try:
+        status = job.wait(timeout=WAIT_S)
+        # Ray's kill of a process that answers nothing ends in SIGKILL (after ~5 s).
+        assert _gone(victim, 60) is not None, "the hung actor is still there"
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert status.state is JobState.COMPLETED, status.error
+    (failed,) = [e for e in _events(hang_farm, job.id, "task_failed") if e["task"] == task]
+    assert failed["error"] == f"no sign of progress for {HANG_S} s (the render hung)"
+    assert (failed["retry"], int(failed["pid"])) == ("True", victim)
+    done = [e for e in _events(hang_farm, job.id, "task_done") if e["task"] == task]
+    assert len(done) == 1 and int(done[0]["pid"]) != victim and done[0]["attempt"] == "2"
+    # Each frame stored once, and equal to bpy's own render.
+    stored = sorted(e["frame"] for e in _events(hang_farm, job.id, "frame"))
+    assert stored == ["1", "2"]
+    got = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [1, 2])
+    for path in got:
+        assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path.name
+
+
+def test_cancel_kills_the_render_in_progress(client, hang_farm, make_scene, small_scene):
+    """A render that would take minutes (65 536 samples), far longer than the test waits, stops
+    when its job is cancelled; nothing of it is stored, and the farm renders on."""
+    job = client.submit(make_scene(*SCENE), frames="1", samples=65_536)
+    _, victim = _running(hang_farm, job.id, "progress")
+    assert _gone(victim, 0) is None  # rendering
+    job.cancel()
+    seconds = _gone(victim, 60)
+    assert seconds is not None, "the cancelled render is still running"
+    print(f"render process gone {seconds:.2f} s after the cancel answered")
+    status = job.status()
+    assert status.state is JobState.CANCELLED and status.frames_done == 0
+    assert not _events(hang_farm, job.id, "task_done")
+    assert not (hang_farm.storage_dir / "jobs" / job.id / "frames").exists()
+    # The actor was replaced, and the farm renders on.
+    assert completed(client.submit(small_scene, frames="1-4")).frames_done == 4
+    actors = [
+        pid for pid in farm_processes(hang_farm.mark) - hang_farm.before
+        if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]  # fmt: skip
+    assert len(actors) == 2 and victim not in actors
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_bad_hang_timeout_is_refused_by_name(monkeypatch, value):
+    from rayfarm.cluster.settings import Settings
+
+    monkeypatch.setenv("RAYFARM_HANG_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match="RAYFARM_HANG_TIMEOUT_S must be a"):
+        Settings.from_env()
+
+
+def test_the_hang_timeout_is_read_in_seconds(monkeypatch):
+    from rayfarm.cluster.settings import Settings
+
+    monkeypatch.setenv("RAYFARM_HANG_TIMEOUT_S", "90.5")
+    assert Settings.from_env().hang_timeout_s == 90.5
+    monkeypatch.delenv("RAYFARM_HANG_TIMEOUT_S")
+    assert Settings.from_env().hang_timeout_s == 900.0
