@@ -6,6 +6,7 @@ Layout under the root URL::
                                     shared by every job that uses them)
     jobs/{id}/frames/0001.png
     jobs/{id}/outputs/thumbnails/0001.png   (a preview of each frame, when it lands)
+    jobs/{id}/outputs/files/0001/<node>/<file>   (the scene's File Output nodes' files)
     jobs/{id}/outputs/...          (post-processing results)
     jobs/{id}/logs/{task}/01.log   (Blender's output for each attempt at a task)
     jobs/{id}/manifest.json        (written last)
@@ -28,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 __all__ = [
     "Storage",
+    "file_output_key",
     "frame_key",
     "manifest_key",
     "outputs_prefix",
@@ -49,6 +51,12 @@ def thumbnail_key(job_id: str, frame: int) -> str:
 
 def outputs_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/outputs"
+
+
+def file_output_key(job_id: str, frame: int, name: str) -> str:
+    """Where a file the scene's compositor File Output nodes wrote for ``frame`` is kept
+    (``name``: ``<node>/<file>``, checked by the caller)."""
+    return f"{outputs_prefix(job_id)}/files/{frame:04d}/{name}"
 
 
 def task_logs_prefix(job_id: str, task: str) -> str:

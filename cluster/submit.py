@@ -36,7 +36,7 @@ __all__ = [
     "MAX_INPUT_FILES",
     "catalogue",
     "check_listing",
-    "check_project",
+    "check_rights",
     "check_scene",
     "check_size",
     "check_stored",
@@ -58,7 +58,7 @@ async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
     unknown = sorted(set(data) - {"spec", "main", "files"})
     if unknown:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
-    spec = check_project(who, check_size(ctx, parse_spec(data.get("spec"))))
+    spec = check_rights(who, check_size(ctx, parse_spec(data.get("spec"))))
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
     await asyncio.to_thread(check_stored, ctx, inputs)
     return await _create_job(ctx, spec, inputs, who.name)
@@ -79,8 +79,15 @@ def check_size(ctx: AppContext, spec: JobSpec) -> JobSpec:
     return spec
 
 
-def check_project(who: Principal, spec: JobSpec) -> JobSpec:
-    """An artist submits only to projects they belong to (an admin, to any)."""
+def check_rights(who: Principal, spec: JobSpec) -> JobSpec:
+    """An artist submits only to projects they belong to (an admin, to any), and only
+    an admin may run a file's Python (``scripts``)."""
+    if spec.scripts and not who.is_admin:
+        raise Forbidden(
+            f"{who.name} is a {who.role.value}: only an admin may run a file's Python "
+            "(scripts=true); the farm opens every .blend with auto-execution off",
+            {"field": "scripts"},
+        )
     if spec.project is not None and not who.is_admin and spec.project not in who.projects:
         raise Forbidden(
             f"{who.name} is not a member of project {spec.project}",
@@ -176,7 +183,7 @@ def check_scene(f: IO[bytes]) -> BlendHeader:
 async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile, who: Principal) -> Job:
     """A single-.blend upload for ``who``: the file becomes a blob and the job's input
     folder holds just it."""
-    check_project(who, check_size(ctx, spec))
+    check_rights(who, check_size(ctx, spec))
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
@@ -249,6 +256,11 @@ async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str
     )
     # Blobs are shared by content, never a job's own: nothing to undo if this fails.
     await ctx.store.create(job, inputs.to_json(), inputs.digest)
+    if spec.scripts:
+        # Recorded on its own (the request's record says only POST /jobs), to be found
+        # with GET /audit?action=scripts+on.
+        await ctx.auth.audit(who=owner, action="scripts on", job=job_id, outcome=201,
+                             detail=f"job {job_id} runs the Python in {inputs.main}")  # fmt: skip
     ctx.nudge()
     return job
 

@@ -20,6 +20,9 @@ frame needs a real scene sync. ``--script-marker PATH`` adds a registered
 Python text block that would create PATH if Blender ever ran it (the farm must
 not: scenes open with auto-execution off). ``--py-driver`` gives the cube a driver
 whose expression needs Python (the farm warns that it evaluates to 0).
+``--file-output DIR`` adds a compositor File Output node that writes the render
+layer as PNG into DIR, with a file name that climbs out of it (``../escaped_``): a
+scene writing where it pleases (the farm confines it to the job's outputs).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def build(
     texture_dir: str | None = None,
     library: str | None = None,
     py_driver: bool = False,
+    file_output: str | None = None,
 ) -> Path:
     import bpy
 
@@ -221,6 +225,27 @@ def build(
         scene.compositing_node_group = tree
         scene.render.use_compositing = True
 
+    if file_output:
+        tree = scene.compositing_node_group
+        if tree is None:
+            tree = bpy.data.node_groups.new("Compositing", "CompositorNodeTree")
+            tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
+            layers = tree.nodes.new("CompositorNodeRLayers")
+            layers.scene = scene
+            out = tree.nodes.new("NodeGroupOutput")
+            tree.links.new(layers.outputs["Image"], out.inputs[0])
+            scene.compositing_node_group = tree
+            scene.render.use_compositing = True
+        layers = next(n for n in tree.nodes if n.bl_idname == "CompositorNodeRLayers")
+        node = tree.nodes.new("CompositorNodeOutputFile")
+        node.name = "Beauty"
+        node.directory = str(Path(file_output).resolve()) + os.sep
+        node.file_name = "../escaped_"
+        node.format.media_type = "IMAGE"
+        node.format.file_format = "PNG"
+        item = node.file_output_items.new("RGBA", "Image")
+        tree.links.new(layers.outputs["Image"], node.inputs[item.name])
+
     if passes:
         layer = scene.view_layers[0]
         layer.use_pass_z = True
@@ -262,11 +287,12 @@ def main() -> None:
     p.add_argument("--texture-dir", help="put every PNG in this folder on a plane")
     p.add_argument("--library", help="save a prop to this .blend and link it in")
     p.add_argument("--py-driver", action="store_true", help="a driver that needs Python")
+    p.add_argument("--file-output", help="a File Output node writing PNGs to (and out of) DIR")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
         a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture, a.texture_dir,
-        a.library, a.py_driver,
+        a.library, a.py_driver, a.file_output,
     )  # fmt: skip
     print(out)
 

@@ -35,6 +35,8 @@ from rayfarm.errors import RenderError, SceneOpenError
 from rayfarm.render.blender import (
     assign,
     captured_output,
+    collect_files,
+    confine_outputs,
     missing_files,
     pixel_size,
     prepare_assembly,
@@ -114,6 +116,7 @@ class RenderActor:
         self.scenes: OrderedDict[str, str] = OrderedDict()  # content hash -> .blend, LRU
         self.loaded: str | None = None
         self._defaults: dict[str, dict[str, Any]] = {}
+        self._chosen: dict[str, str] = {}  # output paths the open file chose (confine_outputs)
         self.device = self._select_device()
 
     # -- info ------------------------------------------------------------------------------
@@ -221,7 +224,8 @@ class RenderActor:
         """
         with self._captured(task):
             result, payload = self._render_task(task, inputs)
-        return replace(result, log=self.last_log, warnings=self.warnings), payload
+        warnings = self.warnings + result.warnings
+        return replace(result, log=self.last_log, warnings=warnings), payload
 
     def render_batch(self, tasks: list[RenderTask], inputs: Inputs) -> BatchResult:
         """Render whole-frame ``tasks`` in order, as ``render`` would one by one, in one
@@ -242,12 +246,22 @@ class RenderActor:
         started = time.perf_counter()
         self._ensure_scene(task, inputs)
         scene = self._prepare(task)
+        folder = os.path.join(self.workdir, "files", f"{task.job_id}_{task.frame}_{task.tile}")
+        caches = os.path.join(self.workdir, "caches", task.job_id)
+        confined = tuple(confine_outputs(self.bpy, folder, caches, self._chosen))
         if not task.is_tiled:
             path = self._write(scene, task.format, task.color_depth, self._path(task))
             preview = self._preview(scene, path, task)
             image = take(path)
+            try:
+                files = collect_files(folder)
+            except ValueError as exc:
+                raise RenderError(str(exc), {FATAL: True}) from None
             seconds = time.perf_counter() - started
-            return TaskResult(task.frame, 0, self.device, seconds, preview=preview), image
+            result = TaskResult(task.frame, 0, self.device, seconds, preview=preview,
+                                warnings=confined, files=files)  # fmt: skip
+            return result, image
+        shutil.rmtree(folder, ignore_errors=True)  # tiles render without the compositor
         size = pixel_size(scene)
         try:
             rect = split(*size, *task.tiles)[task.tile]
@@ -255,7 +269,9 @@ class RenderActor:
             raise RenderError(str(exc), {FATAL: True}) from None
         parts = self._render_tile(scene, task, rect, size)
         seconds = time.perf_counter() - started
-        return TaskResult(task.frame, task.tile, self.device, seconds, rect, size), parts
+        result = TaskResult(task.frame, task.tile, self.device, seconds, rect, size,
+                            warnings=confined)  # fmt: skip
+        return result, parts
 
     def finish(
         self, task: RenderTask, inputs: Inputs, parts: dict[str, Part]
@@ -309,7 +325,9 @@ class RenderActor:
         folder lacks fails the task naming it, unless the job allows missing files.
         """
         digest = task.scene_hash
-        if self.loaded == digest:
+        # A file opened with its scripts is not the same open file as without them.
+        opened = f"{digest}+scripts" if task.scripts else digest
+        if self.loaded == opened:
             return
         folder = self.scenes.get(digest)
         if folder is not None:
@@ -321,8 +339,12 @@ class RenderActor:
         path = materialize(inputs, folder, self.cache)
         self.loaded = None
         self._defaults.clear()
+        self._chosen.clear()
+        # Off unless an admin turned the job's scripts on (the dispatcher never gives this
+        # process another job's task afterwards: what the scripts did stays with it).
+        self.bpy.context.preferences.filepaths.use_scripts_auto_execute = task.scripts
         try:
-            self.bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
+            self.bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=task.scripts)
         except RuntimeError as exc:
             message = str(exc).strip().removeprefix("Error: ").strip()
             raise SceneOpenError(
@@ -333,7 +355,12 @@ class RenderActor:
                 "Blender could not open the scene (it kept another file open)", {FATAL: True}
             )
         missing = missing_files(self.bpy)
-        self.warnings = tuple(script_warnings(self.bpy)) + (
+        scripts = (
+            ["the file's Python runs for this job (scripts on: an admin's override)"]
+            if task.scripts
+            else script_warnings(self.bpy)
+        )
+        self.warnings = tuple(scripts) + (
             (f"rendering without {len(missing)} missing file(s) (allow_missing): "
              + ", ".join(missing[:20]),) if missing else ()
         )  # fmt: skip
@@ -346,7 +373,7 @@ class RenderActor:
                 "(pack them with the scene, or submit with allow_missing to render anyway)",
                 {FATAL: True, "missing": missing},
             )
-        self.loaded = digest
+        self.loaded = opened
 
     def _evict(self) -> None:
         """Keep at most SCENE_CACHE_FILES input folders on local disk (least recently

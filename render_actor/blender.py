@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,8 @@ from typing import Any
 __all__ = [
     "assign",
     "captured_output",
+    "collect_files",
+    "confine_outputs",
     "missing_files",
     "pixel_size",
     "prepare_assembly",
@@ -185,3 +189,95 @@ def script_warnings(bpy: Any) -> list[str]:
             f"registered script(s) not run (scripts are off): {', '.join(scripts[:10])}"
         )
     return warnings
+
+
+#: Path separators, parent references, Blender 5's path templates (``{scene_name}``
+#: expands to a name the file chose) and what storage keys refuse (``check_path``), in
+#: a name that becomes part of a path.
+_UNSAFE = re.compile(r'[/\\{}:*?"<>|\x00-\x1f]|\.\.')
+#: Most bytes of files one task's File Output nodes may hand back.
+MAX_FILE_OUTPUT_BYTES = 1024**3
+
+
+def safe_name(name: str, fallback: str) -> str:
+    """``name`` as one path component that cannot leave its folder."""
+    cleaned = _UNSAFE.sub("_", name).strip()
+    return cleaned if cleaned not in ("", ".") else fallback
+
+
+def confine_outputs(bpy: Any, folder: str, caches: str, originals: dict[str, str]) -> list[str]:
+    """Point every place a render of the open file could write a file into the job's
+    own folders, so that an untrusted .blend cannot write elsewhere on a worker.
+
+    - Compositor File Output nodes (in any compositor node tree) write under ``folder``,
+      each into a subfolder named after the node; their file and item names lose path
+      separators, parent references and path templates.
+    - Fluid simulation caches that lie outside the scene's own folder (a replay cache
+      is written while frames render) move under ``caches``.
+
+    The render's own output path is set by the actor for every task. ``originals``
+    keeps the paths the file chose (the first call after the file is opened fills it;
+    later calls redirect again, for another task's folder, and read it). Returns what
+    was redirected, as messages for the job's warnings."""
+    changed = []
+    scene_dir = os.path.realpath(os.path.dirname(bpy.data.filepath))
+    used: set[str] = set()
+    for tree in bpy.data.node_groups:
+        if tree.bl_idname != "CompositorNodeTree":
+            continue
+        for node in tree.nodes:
+            if node.bl_idname != "CompositorNodeOutputFile":
+                continue
+            sub = safe_name(node.name, "File Output")
+            if sub in used:
+                sub = f"{safe_name(tree.name, 'tree')}.{sub}"
+            used.add(sub)
+            before = originals.setdefault(f"node:{tree.name}:{node.name}", node.directory)
+            node.directory = os.path.join(folder, sub) + os.sep
+            node.file_name = safe_name(node.file_name, "")
+            for item in node.file_output_items:
+                item.name = safe_name(item.name, "Image")
+            changed.append(
+                f"compositor File Output node {node.name!r} writes into the job's outputs "
+                f"(files/<frame>/{sub}/), not {before!r}"
+            )
+    for obj in bpy.data.objects:
+        for mod in obj.modifiers:
+            if mod.type != "FLUID" or mod.fluid_type != "DOMAIN":
+                continue
+            domain = mod.domain_settings
+            before = originals.setdefault(f"fluid:{obj.name}:{mod.name}", domain.cache_directory)
+            where = os.path.realpath(bpy.path.abspath(before))
+            if where == scene_dir or where.startswith(scene_dir + os.sep):
+                continue
+            target = os.path.join(caches, safe_name(obj.name, "fluid"))
+            changed.append(
+                f"fluid cache of {obj.name!r} is written under the job's scratch folder, "
+                f"not {before!r} (outside the scene's folder)"
+            )
+            domain.cache_directory = target
+    return changed
+
+
+def collect_files(folder: str) -> dict[str, bytes]:
+    """The files under ``folder`` (File Output nodes' work), by path relative to it;
+    the folder is emptied. More than ``MAX_FILE_OUTPUT_BYTES`` in all is an error."""
+    found: dict[str, bytes] = {}
+    total = 0
+    try:
+        for root, _, names in os.walk(folder):
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    continue  # Blender writes files; a link is not its work
+                total += os.path.getsize(path)
+                if total > MAX_FILE_OUTPUT_BYTES:
+                    raise ValueError(
+                        f"the scene's File Output nodes wrote over {MAX_FILE_OUTPUT_BYTES} bytes "
+                        "for one frame"
+                    )
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, folder)] = f.read()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return found

@@ -49,6 +49,7 @@ class RenderTask:
     color_depth: int
     denoise: bool | None = None  # None: as the scene says
     allow_missing: bool = False  # render even when the scene's files were not all uploaded
+    scripts: bool = False  # run the file's Python (an admin's override, audited)
 
     @property
     def is_tiled(self) -> bool:
@@ -68,6 +69,9 @@ class TaskResult:
     preview: bytes | None = None  # a finished frame's PNG thumbnail
     log: str = ""  # Blender's output during the task (its tail)
     warnings: tuple[str, ...] = ()  # about the scene as the farm opened it (scripts off, ...)
+    # Files the scene's compositor File Output nodes wrote for this frame, by path
+    # (``<node>/<file>``), confined to the task's folder on the worker.
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass

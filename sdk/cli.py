@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="submit even when files the scene uses are missing (they render pink)",
     )
     s.add_argument("--project", help="the farm project the job belongs to (its members see it)")
+    s.add_argument(
+        "--scripts",
+        action="store_true",
+        default=None,
+        help="run the file's Python (drivers, registered scripts): admins only, audited",
+    )
     s.add_argument("--max-retries", type=int)
     s.add_argument("--wait", action="store_true", help="wait for the job to finish")
     s.add_argument("--json", action="store_true", help="print the job as JSON")
@@ -159,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
                 "max_retries": args.max_retries,
                 "allow_missing": args.allow_missing,
                 "project": args.project,
+                "scripts": args.scripts,
             }.items()
             if v is not None
         }

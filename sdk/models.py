@@ -171,6 +171,12 @@ class JobSpec(BaseModel):
         "{'video': {'fps': 24, 'codec': 'h264', 'trim': [1, 100]}}.",
     )
     max_retries: int = Field(2, ge=0, le=10, description="Retries per task before the job fails.")
+    scripts: bool = Field(
+        False,
+        description="Run the file's own Python (drivers with Python expressions, registered "
+        "text blocks). Off for every job: a .blend is untrusted. Only an admin may turn it "
+        "on, and that is audited; an actor that ran a job's scripts renders nothing else.",
+    )
     project: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
