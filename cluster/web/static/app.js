@@ -304,7 +304,7 @@
     let view;
     const job = JOB_ROUTE.exec(path);
     if (path === "/" || path === "/jobs") view = showJobs(params);
-    else if (job) view = showJob(decodeURIComponent(job[1]));
+    else if (job) view = showJob(decoded(job[1]));
     else if (path === "/submit") view = showSubmit();
     else if (path === "/farm") view = showFarm();
     else view = showMissing(`There is no page ${path} here.`);
@@ -312,6 +312,14 @@
   }
 
   window.addEventListener("hashchange", () => route(true));
+
+  function decoded(part) {
+    try {
+      return decodeURIComponent(part);
+    } catch (_) {
+      return part; // not valid percent-encoding: the farm answers "no job" for it
+    }
+  }
 
   function showMissing(text) {
     show("missing", "Not here");
