@@ -93,6 +93,15 @@ class Principal:
             return True
         return self.role is Role.ARTIST and owner == self.name
 
+    def scope(self) -> list[tuple[str, str]] | None:
+        """The jobs ``can_read`` allows, as the indexes that hold them: ``("user", name)``
+        for its own jobs (an artist), ``("project", name)`` for each project; None for
+        an admin (every job)."""
+        if self.is_admin:
+            return None
+        own = [("user", self.name)] if self.role is Role.ARTIST else []
+        return own + [("project", p) for p in sorted(self.projects)]
+
     def can_change(self, owner: str) -> bool:
         """Cancel or retry a job it can read."""
         return self.is_admin or (self.role is Role.ARTIST and owner == self.name)

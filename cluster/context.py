@@ -90,6 +90,7 @@ class AppContext:
         self.hub = EventHub(self.store)
         self.auth = AuthStore(self.store.redis, self.settings.audit_maxlen)
         self._owners: dict[str, tuple[str, str | None]] = {}
+        self._indexed = False
 
     async def owner_of(self, job_id: str) -> tuple[str, str | None] | None:
         """(owner, project) of a job, None when there is no such job. Both are fixed at
@@ -105,6 +106,12 @@ class AppContext:
             self._owners.clear()
         self._owners[job_id] = (owner, project)
         return owner, project
+
+    async def ensure_indexes(self) -> None:
+        """Build the owner and project indexes over jobs stored before them, once."""
+        if not self._indexed:
+            await self.store.build_indexes()
+            self._indexed = True
 
     def nudge(self) -> None:
         if self.notify is not None:

@@ -9,6 +9,9 @@
 ``job:{id}:events``     stream: the execution log (state changes, task events, progress)
 ``jobs``                sorted set: every job id by creation time (listing)
 ``jobs:{STATE}``        sorted set: the job ids in one state, by creation time
+``jobs:owner:{user}``   sorted set: a user's job ids, by creation time (listings)
+``jobs:project:{name}`` sorted set: a project's job ids, by creation time (listings)
+``indexes``             string: the version of the owner and project indexes built
 ``queue``               sorted set: PENDING job ids by priority, then submission time
 ``metrics``             hash: farm-wide counters (tasks, render seconds, uploads)
 ``users``               hash: user name -> {"role", "projects", "created_at"} (JSON)
@@ -62,6 +65,26 @@ def all_jobs() -> str:
 def jobs_in(state: str) -> str:
     """Job ids in ``state`` by creation time (kept by the transition script)."""
     return f"{PREFIX}jobs:{state}"
+
+
+def jobs_of(owner: str) -> str:
+    """A user's job ids by creation time (what a non-admin's listing reads)."""
+    return f"{PREFIX}jobs:owner:{owner}"
+
+
+def jobs_in_project(project: str) -> str:
+    """A project's job ids by creation time."""
+    return f"{PREFIX}jobs:project:{project}"
+
+
+def indexes() -> str:
+    """The version of the owner/project indexes built over the jobs stored before them."""
+    return f"{PREFIX}indexes"
+
+
+def scratch(name: str) -> str:
+    """A short-lived key of one request's (a listing's set algebra)."""
+    return f"{PREFIX}scratch:{name}"
 
 
 def metrics() -> str:

@@ -9,6 +9,7 @@ completion leaves exactly one answer.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,8 @@ RENDER_S_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1
 SOCKET_TIMEOUT_S = 10.0
 #: Redis connections one process's store opens at most (redis-py's default pool size).
 MAX_CONNECTIONS = 100
+#: The version of the owner and project indexes (``build_indexes``).
+INDEXES = "1"
 _LUA = resources.files("rayfarm.cluster").joinpath("lua")
 _TRANSITION_LUA = _LUA.joinpath("transition.lua").read_text()
 _START_TASKS_LUA = _LUA.joinpath("start_tasks.lua").read_text()
@@ -153,6 +156,11 @@ class JobStore:
             pipe.hset(keys.job(job.id), mapping=fields)
             pipe.zadd(keys.all_jobs(), {job.id: job.created_at.timestamp()})
             pipe.zadd(keys.jobs_in(str(job.state)), {job.id: job.created_at.timestamp()})
+            pipe.zadd(keys.jobs_of(job.owner), {job.id: job.created_at.timestamp()})
+            if job.spec.project is not None:
+                pipe.zadd(
+                    keys.jobs_in_project(job.spec.project), {job.id: job.created_at.timestamp()}
+                )
             pipe.zadd(keys.queue(), {job.id: queue_score(job.spec.priority, created)})
             pipe.hincrby(keys.metrics(), "jobs_submitted_total", 1)
             pipe.xadd(
@@ -199,14 +207,55 @@ class JobStore:
         )
 
     async def list_jobs(
-        self, state: JobState | None = None, offset: int = 0, limit: int = 50
+        self,
+        state: JobState | None = None,
+        offset: int = 0,
+        limit: int = 50,
+        *,
+        owner: str | None = None,
+        among: Sequence[tuple[str, str]] | None = None,
     ) -> tuple[list[Job], int]:
-        """Jobs newest first, optionally only those in ``state`` (its own index)."""
-        index = keys.all_jobs() if state is None else keys.jobs_in(str(state))
-        async with self.redis.pipeline(transaction=False) as pipe:
+        """Jobs newest first, and how many match: only those in ``state``, of ``owner``,
+        and (``among``, a non-admin's view) owned by one of ``among``'s users or in one
+        of its projects (``("user", name)`` / ``("project", name)`` pairs; empty: none).
+
+        Each filter is an index kept since submission, so a listing reads only the jobs
+        on its page: one index is read as it is, several are combined in Redis (a union
+        of ``among``'s, intersected with the state's and the owner's) into a scratch key
+        that lives for this call."""
+        sets = [keys.jobs_in(str(state))] if state is not None else []
+        if owner is not None:
+            sets.append(keys.jobs_of(owner))
+        union: list[str] = []
+        if among is not None:
+            union = [keys.jobs_of(n) if kind == "user" else keys.jobs_in_project(n)
+                     for kind, n in among]  # fmt: skip
+            if not union:
+                return [], 0
+        scratch: list[str] = []
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if len(union) == 1:
+                sets.append(union[0])
+            elif union:
+                merged = keys.scratch(f"union:{uuid.uuid4().hex}")
+                pipe.zunionstore(merged, union, aggregate="MAX")
+                scratch.append(merged)
+                sets.append(merged)
+            if not sets:
+                index = keys.all_jobs()
+            elif len(sets) == 1:
+                index = sets[0]
+            else:
+                # Every index scores a job by its creation time: MAX keeps it.
+                index = keys.scratch(f"inter:{uuid.uuid4().hex}")
+                pipe.zinterstore(index, sets, aggregate="MAX")
+                scratch.append(index)
             pipe.zcard(index)
             pipe.zrevrange(index, offset, offset + limit - 1)
-            total, ids = await pipe.execute()
+            if scratch:
+                pipe.delete(*scratch)
+            replies = await pipe.execute()
+        total, ids = replies[len(scratch) : len(scratch) + 2]
         found = []
         for job_id in ids:
             try:
@@ -214,6 +263,35 @@ class JobStore:
             except JobNotFound:
                 total -= 1  # removed between the two reads
         return found, total
+
+    async def build_indexes(self) -> int:
+        """Index by owner and project the jobs stored before those indexes existed
+        (once per store: ``keys.indexes`` records it; idempotent, so replicas racing
+        here do no harm). Returns how many jobs it indexed."""
+        if await self.redis.get(keys.indexes()) == INDEXES:
+            return 0
+        indexed = 0
+        cursor = 0
+        while True:
+            cursor, page = await self.redis.zscan(keys.all_jobs(), cursor, count=1000)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in page:
+                    pipe.hmget(keys.job(job_id), "owner", "spec")
+                found = await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (job_id, score), (owner, spec) in zip(page, found, strict=True):
+                    if owner is None:
+                        continue
+                    pipe.zadd(keys.jobs_of(owner), {job_id: score})
+                    project = json.loads(spec).get("project") if spec else None
+                    if project:
+                        pipe.zadd(keys.jobs_in_project(project), {job_id: score})
+                    indexed += 1
+                await pipe.execute()
+            if cursor == 0:
+                break
+        await self.redis.set(keys.indexes(), INDEXES)
+        return indexed
 
     async def scene_info(self, scene_id: str) -> dict[str, Any] | None:
         text = await self.redis.get(keys.scene(scene_id))

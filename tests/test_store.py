@@ -202,3 +202,62 @@ def test_queue_scores_order_priority_then_age():
     assert outranks(queue_score(51, new), queue_score(50, old))
     assert not outranks(queue_score(50, old), queue_score(50, new))  # age never outranks
     assert not outranks(queue_score(10, old), queue_score(90, new))
+
+
+def _owned(job_id: str, owner: str, project: str | None, at: int) -> Job:
+    spec = JobSpec(frames="1", project=project)
+    return Job(
+        id=job_id, state=JobState.PENDING, owner=owner, spec=spec, scene_file="shot.blend",
+        frames_total=1, tasks_total=1, created_at=datetime.fromtimestamp(1_700_000_000 + at, UTC),
+    )  # fmt: skip
+
+
+def test_listings_read_the_owner_and_project_indexes(redis_url):
+    """Every combination of scope (own jobs, projects), state and owner lists exactly the
+    jobs a scan of all of them finds, newest first, paged; no scratch key is left."""
+    owners, projects = ["ana", "bo", "cy"], [None, "sh010", "sh020"]
+    jobs = [_owned(f"{i:016x}", owners[i % 3], projects[(i // 3) % 3], at=i) for i in range(27)]
+
+    async def go(store: JobStore):
+        for job in jobs:
+            await store.create(job, "{}", "h")
+        for job in jobs[::4]:
+            await store.transition(job.id, JobState.CANCELLED)
+        cancelled = {j.id for j in jobs[::4]}
+        scopes = [None, [], [("user", "ana")], [("project", "sh010")],
+                  [("user", "bo"), ("project", "sh010"), ("project", "sh020")]]  # fmt: skip
+        for among, state, owner in itertools.product(
+            scopes, [None, JobState.CANCELLED, JobState.PENDING], [None, "ana", "cy"]
+        ):
+            want = [
+                j.id for j in reversed(jobs)
+                if (among is None or ("user", j.owner) in among
+                    or ("project", j.spec.project) in among)
+                and (state is None or (j.id in cancelled) == (state is JobState.CANCELLED))
+                and (owner is None or j.owner == owner)
+            ]  # fmt: skip
+            got, total = await store.list_jobs(state, 0, 100, owner=owner, among=among)
+            assert ([j.id for j in got], total) == (want, len(want)), (among, state, owner)
+            page, total = await store.list_jobs(state, 2, 3, owner=owner, among=among)
+            assert ([j.id for j in page], total) == (want[2:5], len(want))
+        assert not await store.redis.keys(keys.scratch("*"))
+
+    run(_with_store(redis_url, go))
+
+
+def test_indexes_are_built_over_jobs_stored_before_them(redis_url):
+    async def go(store: JobStore):
+        jobs = [_owned(f"{i:016x}", ["ana", "bo"][i % 2], "sh010" if i < 3 else None, at=i)
+                for i in range(6)]  # fmt: skip
+        for job in jobs:
+            await store.create(job, "{}", "h")
+        # As a farm that stored them before the indexes existed left them.
+        await store.redis.delete(keys.jobs_of("ana"), keys.jobs_of("bo"),
+                                 keys.jobs_in_project("sh010"), keys.indexes())  # fmt: skip
+        assert (await store.list_jobs(among=[("user", "ana")]))[1] == 0
+        assert await store.build_indexes() == 6
+        assert await store.build_indexes() == 0  # once
+        got, _ = await store.list_jobs(among=[("user", "ana"), ("project", "sh010")])
+        assert [j.id for j in got] == [f"{i:016x}" for i in (4, 2, 1, 0)]
+
+    run(_with_store(redis_url, go))
