@@ -4,21 +4,24 @@ audits every state-changing request.
 ``POST /tokens`` (admin) creates a token for a user, creating or updating the user
 when a role is given (``rayfarm token create --user NAME --role ROLE``); ``GET /users``
 and ``GET /audit`` are for admins; ``GET /whoami`` tells any signed-in user its name,
-role and projects.
+role and projects. ``CrossSiteGuard`` refuses state changes a browser sends on another
+site's behalf.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Query, Request
 
 from rayfarm.cluster.auth import Role, check_name
 from rayfarm.cluster.context import Admin, AppContext, Ctx, Who, process_context, read_json
-from rayfarm.errors import InvalidRequest
+from rayfarm.errors import Forbidden, InvalidRequest
 
-__all__ = ["AuditMiddleware", "router"]
+__all__ = ["AuditMiddleware", "CrossSiteGuard", "router"]
 
 log = logging.getLogger("rayfarm.audit")
 
@@ -138,3 +141,46 @@ class AuditMiddleware:
             log.exception(
                 "could not append the audit record of %s %s", scope["method"], scope["path"]
             )
+
+
+class CrossSiteGuard:
+    """Refuse (403) a state-changing request that a browser says comes from another
+    site: its ``Origin`` is not the farm's own, or ``Sec-Fetch-Site`` is ``cross-site``.
+
+    A web page elsewhere can make a visitor's browser POST a form (multipart included)
+    to a farm it can reach — a farm on the visitor's own machine with accounts off, or
+    one the browser is signed in to. Browsers name the page's origin on such requests;
+    the farm's own page, the SDK, the CLI and the add-on send no foreign origin (the
+    page's fetches also carry ``X-Rayfarm-Request``). Reads pass straight through."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in _READS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        foreign = headers.get("sec-fetch-site") == "cross-site"
+        if origin is not None and origin != "null":
+            # Behind a proxy that rewrites Host, the public host is X-Forwarded-Host (a
+            # browser's cross-site form cannot set that header).
+            hosts = {headers.get("host", "").lower()}
+            hosts.update(h.strip().lower() for h in headers.get("x-forwarded-host", "").split(","))
+            foreign = foreign or urlsplit(origin).netloc.lower() not in hosts
+        elif origin == "null":
+            foreign = True  # a sandboxed frame or a file:// page: never the farm's own
+        if not foreign:
+            await self.app(scope, receive, send)
+            return
+        error = Forbidden(
+            f"{scope['method']} from another site ({origin or 'cross-site'}) refused: the "
+            "farm takes changes from its own page and from API clients only",
+            {"origin": origin or ""},
+        )
+        body = json.dumps(error.to_body()).encode()
+        await send({"type": "http.response.start", "status": error.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        ]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})

@@ -27,7 +27,7 @@ import rayfarm
 from rayfarm.blendfile import check_version
 from rayfarm.cluster import accounts, observe, web
 from rayfarm.cluster import storage as layout
-from rayfarm.cluster.accounts import AuditMiddleware
+from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import (
     AppContext,
@@ -561,7 +561,8 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     app.include_router(observe.router)
     app.include_router(accounts.router)
     web.install(app)  # the web page at /, its files under /ui
-    app.add_middleware(AuditMiddleware)
+    app.add_middleware(CrossSiteGuard)
+    app.add_middleware(AuditMiddleware)  # outermost: it records what the guard refuses too
 
     @app.get("/healthz", tags=["farm"])
     async def healthz(ctx: Ctx) -> dict[str, Any]:

@@ -506,3 +506,26 @@ def test_tokens_users_and_the_audit_log_are_for_admins(api, small_scene):
     ]
     assert all(r["at"] and r["from"] for r in records)
     assert api.get("/audit", params={"user": "ana"}).json()["records"][0]["outcome"] == "404"
+
+
+def test_a_change_a_browser_sends_for_another_site_is_refused_and_audited(api):
+    """A form on another site can make a visitor's browser POST to a farm it reaches: a
+    foreign Origin (or Sec-Fetch-Site: cross-site) on a state change is 403, nothing is
+    stored, the refusal is audited; the farm's own origin, API clients (no Origin) and
+    reads pass."""
+    spec = json.dumps({"frames": "1"})
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site"}):  # fmt: skip
+        r = api.post("/jobs", files={"scene": ("shot.blend", b"BLENDER")},
+                     data={"spec": spec}, headers=headers)  # fmt: skip
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "forbidden"
+        assert "from another site" in r.json()["error"]["message"]
+    assert_nothing_stored(api)
+    (record, *_) = api.get("/audit", params={"action": "POST /jobs"}).json()["records"]
+    assert record["outcome"] == "403"
+    # Its own origin, and no Origin at all (the SDK, the CLI), reach the route.
+    r = api.post("/jobs/0123456789abcdef/cancel", headers={"Origin": "http://testserver"})
+    assert r.status_code == 404
+    assert api.post("/jobs/0123456789abcdef/cancel").status_code == 404
+    assert api.get("/whoami", headers={"Origin": "https://evil.example"}).status_code == 200
