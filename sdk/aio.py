@@ -37,7 +37,7 @@ from rayfarm.client import (
 )
 from rayfarm.errors import FarmUnavailable, ServerError, error_from_body
 from rayfarm.events import END, Event, SSEParser, parse_event
-from rayfarm.models import FrameInfo, Job, JobRecord, JobState, JobStatus
+from rayfarm.models import FROM_FARM, FrameInfo, Job, JobRecord, JobState, JobStatus
 from rayfarm.paths import local_token
 from rayfarm.progress import ProgressBar
 
@@ -200,7 +200,9 @@ class AsyncFarm:
         if state is not None:
             params["state"] = str(JobState(state))
         async with self._request("GET", "/jobs", params=params) as r:
-            return [self._bind(AsyncJob.model_validate(j)) for j in r.json()["jobs"]]
+            return [
+                self._bind(AsyncJob.model_validate(j, context=FROM_FARM)) for j in r.json()["jobs"]
+            ]
 
     async def health(self) -> dict[str, Any]:
         async with self._request("GET", "/healthz") as r:
@@ -224,11 +226,11 @@ class AsyncFarm:
 
     async def _get_json(self, path: str, model: Any, params: Any = None) -> Any:
         async with self._request("GET", path, params=params) as r:
-            return model.model_validate(r.json())
+            return model.model_validate(r.json(), context=FROM_FARM)
 
     async def _post_json(self, path: str) -> JobRecord:
         async with self._request("POST", path) as r:
-            return JobRecord.model_validate(r.json())
+            return JobRecord.model_validate(r.json(), context=FROM_FARM)
 
     async def _events(
         self, job_id: str, after: str | None = None, give_up_s: float = RECONNECT_FOR_S

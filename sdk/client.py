@@ -29,7 +29,7 @@ from rayfarm.errors import (
     error_from_body,
 )
 from rayfarm.events import END, Event, parse_event, read_sse
-from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
+from rayfarm.models import FROM_FARM, FrameInfo, Job, JobState, JobStatus, parse_spec
 from rayfarm.pack import Pack, pack_scene, sha256_file
 from rayfarm.paths import local_token
 from rayfarm.progress import ProgressBar
@@ -153,7 +153,7 @@ class Farm:
                 ],
             }
             with self._request("POST", "/jobs", json=body) as r:
-                return self._bind(Job.model_validate(r.json()))
+                return self._bind(Job.model_validate(r.json(), context=FROM_FARM))
 
     def inspect(
         self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
@@ -209,7 +209,7 @@ class Farm:
         if state is not None:
             params["state"] = str(JobState(state))
         with self._request("GET", "/jobs", params=params) as r:
-            return [self._bind(Job.model_validate(j)) for j in r.json()["jobs"]]
+            return [self._bind(Job.model_validate(j, context=FROM_FARM)) for j in r.json()["jobs"]]
 
     def health(self) -> dict[str, Any]:
         """The service's health report (versions, Redis, workers)."""
@@ -258,7 +258,7 @@ class Farm:
 
     def _get_job(self, job_id: str) -> Job:
         with self._request("GET", f"/jobs/{job_id}") as r:
-            return Job.model_validate(r.json())
+            return Job.model_validate(r.json(), context=FROM_FARM)
 
     def _get_status(self, job_id: str, after: str | None = None, wait_s: float = 0) -> JobStatus:
         params: dict[str, Any] = {}
@@ -269,7 +269,7 @@ class Farm:
 
     def _post_job(self, job_id: str, action: str) -> Job:
         with self._request("POST", f"/jobs/{job_id}/{action}") as r:
-            return Job.model_validate(r.json())
+            return Job.model_validate(r.json(), context=FROM_FARM)
 
     def _get_frames(self, job_id: str) -> list[FrameInfo]:
         with self._request("GET", f"/jobs/{job_id}/frames") as r:

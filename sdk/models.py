@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -100,10 +101,28 @@ def grid_of(tiles: str) -> tuple[int, int]:
     return (int(nx), int(ny))
 
 
-class VideoSpec(BaseModel):
-    """Encode the finished frames to an MP4 (``outputs/video.mp4``) with FFmpeg."""
+#: Validation context for what a farm sent back: fields of a newer farm's specs that
+#: this SDK does not know are dropped there, not refused (``Job.model_validate(data,
+#: context=FROM_FARM)``), so an older SDK keeps working against an upgraded farm.
+FROM_FARM = {"from_farm": True}
+
+
+class _Spec(BaseModel):
+    """A spec the user writes: an unknown field is refused (a typo must not pass for a
+    setting), except in what a farm sends back (validated with ``FROM_FARM``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and info.context and info.context.get("from_farm"):
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
+
+
+class VideoSpec(_Spec):
+    """Encode the finished frames to an MP4 (``outputs/video.mp4``) with FFmpeg."""
 
     fps: float = Field(24, gt=0, le=240, description="Frames per second of the video.")
     codec: Literal["h264", "h265", "av1"] = Field("h264", description="Video codec.")
@@ -119,22 +138,18 @@ class VideoSpec(BaseModel):
         return v
 
 
-class PostSpec(BaseModel):
+class PostSpec(_Spec):
     """What happens after the last frame is stored, as the job's final step."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     video: VideoSpec | None = None
 
 
-class JobSpec(BaseModel):
-    """What to render. Unknown fields are refused.
+class JobSpec(_Spec):
+    """What to render. Unknown fields are refused (but in what a farm sends back).
 
     >>> JobSpec(frames="1-8", tiles="2x2", samples=64).tile_grid
     (2, 2)
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     frames: str = Field(description="Frame spec: '1-8', '1,3,5-7', '1-20x5'.")
     scene: str | None = Field(None, description="Scene name; the file's active scene if unset.")

@@ -3,11 +3,12 @@ import pickle
 import types
 
 import pytest
+from pydantic import ValidationError
 
 import rayfarm
 from rayfarm import TRANSITIONS, InvalidSpec, InvalidTransition, JobSpec, JobState
 from rayfarm.errors import FarmError, JobNotFound, SceneTooNew, error_from_body
-from rayfarm.models import check_transition, parse_spec, sources_of
+from rayfarm.models import Job, check_transition, parse_spec, sources_of
 
 
 def test_states_are_exactly_the_five():
@@ -118,3 +119,23 @@ def test_errors_pickle_and_round_trip_through_bodies(exc: FarmError):
 
 def test_unknown_error_body_becomes_server_error():
     assert type(error_from_body(502, "<html>bad gateway</html>")).__name__ == "ServerError"
+
+
+def test_a_newer_farms_fields_are_dropped_from_what_it_sends_but_refused_from_users():
+    """An SDK older than its farm reads jobs whose specs carry fields it does not know
+    (dropped, context FROM_FARM, as the SDK reads every job); a spec a user writes with
+    an unknown field is still refused."""
+    from rayfarm.models import FROM_FARM
+
+    sent = {
+        "id": "0123456789abcdef", "state": "PENDING", "owner": "ana", "scene_file": "s.blend",
+        "frames_total": 2, "tasks_total": 2, "created_at": "2026-11-23T09:00:00+00:00",
+        "spec": {"frames": "1-2", "a_newer_setting": 3,
+                 "post": {"video": {"fps": 25, "a_newer_knob": "x"}}},
+    }  # fmt: skip
+    job = Job.model_validate(sent, context=FROM_FARM)
+    assert job.spec.frame_list == [1, 2] and job.spec.post.video.fps == 25
+    with pytest.raises(ValidationError, match="a_newer_setting"):
+        Job.model_validate(sent)
+    with pytest.raises(InvalidSpec, match="a_newer_setting: unknown field"):
+        parse_spec({"frames": "1", "a_newer_setting": 3})
