@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
 
-.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load clean addon
+.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load bench-stop clean addon
 
 ## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install
 ## redis-server and chromium (the web page's browser tests)
@@ -52,6 +52,10 @@ bench-api: setup
 ## bench-load: 200 submissions at once with status polling, then a sustained status-poll load
 bench-load: setup
 	$(BIN)/python bench/load.py
+
+## bench-stop: how soon a cancel stops a render in progress, and a hung render is killed
+bench-stop: setup
+	$(BIN)/python bench/stop.py
 
 ## bench-scale: dispatch throughput with a no-op render, 10 000 tasks on 8 simulated GPU nodes
 bench-scale: setup
