@@ -9,8 +9,8 @@ STAMP  := $(VENV)/.rayfarm-setup
 ## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install
 ## redis-server and chromium (the web page's browser tests)
 setup: $(STAMP)
-	@./scripts/install-redis.sh
-	@./scripts/install-chromium.sh
+	@./scripts/install-system.sh redis-server redis-server redis
+	@./scripts/install-system.sh chromium chromium
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "rayfarm needs Python 3.11 ($(PYTHON) not found); bpy 5.0 ships for CPython 3.11 only" >&2; exit 2; }

@@ -223,7 +223,7 @@ def test_watch_and_farm_answer_bad_input_precisely(app, small_scene):
 def browser() -> Iterator[Browser]:
     executable = os.environ.get("RAYFARM_CHROMIUM", "/usr/bin/chromium")
     assert Path(executable).exists(), (
-        f"{executable} is missing: scripts/install-chromium.sh installs it (make setup)"
+        f"{executable} is missing: make setup installs it (scripts/install-system.sh)"
     )
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
