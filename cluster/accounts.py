@@ -93,11 +93,10 @@ async def audit_log(
     return {"records": await ctx.auth.audit_log(user, action, job, since, limit)}
 
 
-class AuditMiddleware:
-    """Appends one audit record per state-changing request once it is answered: who
-    (the principal the auth check found, if it got that far), action (method and
-    path), job, from, outcome (status). Reads pass straight through, untouched, so
-    the hot status route pays nothing for it."""
+class _OnWrites:
+    """A pure ASGI middleware for state-changing requests (``write``): reads and
+    anything not HTTP pass straight through, untouched, so the hot status route pays
+    nothing for it."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -105,7 +104,19 @@ class AuditMiddleware:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in _READS:
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.write(scope, receive, send)
+
+    async def write(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise NotImplementedError
+
+
+class AuditMiddleware(_OnWrites):
+    """Appends one audit record per state-changing request once it is answered: who
+    (the principal the auth check found, if it got that far), action (method and
+    path), job, from, outcome (status)."""
+
+    async def write(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         status = 500
 
         async def sending(message: dict[str, Any]) -> None:
@@ -143,7 +154,7 @@ class AuditMiddleware:
             )
 
 
-class CrossSiteGuard:
+class CrossSiteGuard(_OnWrites):
     """Refuse (403) a state-changing request that a browser says comes from another
     site: its ``Origin`` is not the farm's own, or ``Sec-Fetch-Site`` is ``cross-site``.
 
@@ -151,15 +162,9 @@ class CrossSiteGuard:
     to a farm it can reach — a farm on the visitor's own machine with accounts off, or
     one the browser is signed in to. Browsers name the page's origin on such requests;
     the farm's own page, the SDK, the CLI and the add-on send no foreign origin (the
-    page's fetches also carry ``X-Rayfarm-Request``). Reads pass straight through."""
+    page's fetches also carry ``X-Rayfarm-Request``)."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in _READS:
-            await self.app(scope, receive, send)
-            return
+    async def write(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         origin = headers.get("origin")
         foreign = headers.get("sec-fetch-site") == "cross-site"
