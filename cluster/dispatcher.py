@@ -512,6 +512,8 @@ class Dispatcher:
             if have < nx * ny or run.stopped:
                 return
             try:
+                # Finishing (denoise, compositor) reports no samples: the watch counts anew.
+                slot.sign_at = time.monotonic()
                 frame_ref = self.assembler.take.remote(run.id, task.frame)
                 meta_ref, image_ref = slot.handle.finish.options(num_returns=2).remote(
                     task, run.inputs, frame_ref
