@@ -73,16 +73,25 @@ DIRECT_INGRESS_PORT_ENV = (
 )
 
 
-def _free_range(span: int, tries: int = 200) -> int:
-    """The first port of ``span`` consecutive ports nothing listens on now."""
+def _free_range(span: int, avoid: set[int], tries: int = 200) -> int:
+    """The first port of ``span`` consecutive ports nothing listens on now, none of them
+    in ``avoid`` (which then holds them).
+
+    Taken from 20000-32000, below Linux's ephemeral range (32768-60999): a port the
+    kernel hands out (``bind(0)``) is also what it gives outgoing connections, and
+    Ray's many connections took such a port between its pick and HAProxy's bind
+    ("Address already in use", seen in CI)."""
     rng = random.Random()
     for _ in range(tries):
         base = rng.randrange(20000, 32000 - span)
+        if avoid.intersection(range(base, base + span)):
+            continue
         try:
             with ExitStack() as stack:
                 for port in range(base, base + span):
                     probe = stack.enter_context(socket.socket())
                     probe.bind(("0.0.0.0", port))
+            avoid.update(range(base, base + span))
             return base
         except OSError:
             continue
@@ -200,21 +209,21 @@ def grpc_options(settings: Settings) -> dict[str, Any] | None:
 def local_serve_env() -> None:
     """Set what Serve reads from the environment (once, into constants) for the local
     Ray ``up`` starts; its processes inherit it. Values already set win."""
-    from rayfarm.cluster.redis_server import free_port
-
     for name, value in LOCAL_SERVE_ENV.items():
         os.environ.setdefault(name, value)
     if fast_ingress():
         for name, value in SERVE_FAST_INGRESS_ENV.items():
             os.environ.setdefault(name, value)
+    chosen: set[int] = set()
     for name in HAPROXY_PORT_ENV:
-        os.environ.setdefault(name, str(free_port()))
+        if name not in os.environ:
+            os.environ[name] = str(_free_range(1, chosen))
     # Replicas answering HTTP themselves take ports from a fixed range (30000-31000,
     # trying the next when one is taken): each farm gets a free range of its own, so
     # farms on one machine never race for the same ports.
     for low, high, span in DIRECT_INGRESS_PORT_ENV:
         if low not in os.environ:
-            base = _free_range(span)
+            base = _free_range(span, chosen)
             os.environ[low], os.environ[high] = str(base), str(base + span - 1)
 
 

@@ -10,6 +10,7 @@ import copy
 import importlib
 import inspect
 import json
+import os
 import re
 import shlex
 import tomllib
@@ -219,3 +220,25 @@ def test_kuberay_containers_run_rayfarm_with_settings_from_a_secret(kuberay):
 def test_dockerfile_builds_on_the_same_image():
     lines = (DEPLOY / "Dockerfile").read_text().splitlines()
     assert f"FROM {IMAGE}" in lines
+
+
+def test_a_local_farms_serve_ports_are_distinct_and_below_the_ephemeral_range(monkeypatch):
+    """HAProxy's stats/metrics ports, Serve's fallback proxy ports and the replicas' port
+    ranges: each free when chosen, none shared, all below Linux's ephemeral range (a
+    port the kernel also hands to outgoing connections was taken under HAProxy in CI)."""
+    from rayfarm.cluster import local
+
+    ranges = [(low, high) for low, high, _ in local.DIRECT_INGRESS_PORT_ENV]
+    names = [*local.HAPROXY_PORT_ENV, *(name for pair in ranges for name in pair)]
+    # A copy of the environment for this test: what local_serve_env sets must not reach
+    # the farms later tests start.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in names})
+    local.local_serve_env()
+    ports = [int(os.environ[name]) for name in local.HAPROXY_PORT_ENV]
+    for low, high, span in local.DIRECT_INGRESS_PORT_ENV:
+        first, last = int(os.environ[low]), int(os.environ[high])
+        assert last - first + 1 == span
+        ports += range(first, last + 1)
+    assert len(set(ports)) == len(ports)
+    low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(ports) < low_ephemeral
