@@ -3,6 +3,7 @@ local farm (`rayfarm up` in a subprocess: Ray, Redis, Serve, render actors)."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
@@ -304,7 +305,16 @@ def run_farm(
     """Start a farm (``rayfarm up`` with ``args``, on ``port`` or a free one), yield it,
     stop it with Ctrl-C and fail if it leaves anything behind."""
     farm = LocalFarm(data_dir, port or free_port(), env, args).start()
-    yield farm
+    # A test that fails inside `for farm in run_farm(...)` leaves this generator unclosed
+    # (its traceback holds it): the farm is stopped when pytest exits at the latest.
+    atexit.register(farm.stop)
+    try:
+        yield farm
+    except BaseException:  # the test failed, or the generator was closed: stop it all
+        farm.stop()
+        raise
+    finally:
+        atexit.unregister(farm.stop)
     exited = farm.stop_cleanly()
     left = farm_processes(farm.mark) - farm.before
     if left:
