@@ -580,12 +580,11 @@ class Dispatcher:
         again with no retry spent; unless the node left, each runs alone from now on,
         where a crash is charged to the task that caused it."""
         place, host = _where(slot), slot.host or slot.node  # before a replaced actor's reset
-        killed = slot.killed
+        killed, cause = slot.killed, _cause(exc, slot)  # before the actor's replacement
         died = actor_died(exc, slot)
         node_left = died and self.pool.lost(slot, exc)
         if run.stopped:
             return
-        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
         if node_left:
             why = f"its node {host} left the cluster"
         elif killed:
