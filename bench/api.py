@@ -83,6 +83,8 @@ from overhead import (  # the sibling bench: process handling and the machine's 
     run_bench,
 )
 
+from rayfarm.cluster.ports import free_port
+
 PYTHON = sys.executable
 SCRIPT = Path(__file__).resolve()
 HOST = "127.0.0.1"
@@ -590,12 +592,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    from rayfarm.cluster.redis_server import free_port
-
-    return free_port()
-
-
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -750,7 +746,7 @@ def start_server(
     name: str, args: argparse.Namespace, procs: Processes, out: Path, candidate: dict[str, Any]
 ) -> Server:
     server = Server(name, procs, out / f"{name}.log")
-    port = _free_port()
+    port = free_port()
     url = f"http://{HOST}:{port}"
     probe = f"/jobs/{JOB_ID}/status"
     if name == "echo":

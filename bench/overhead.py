@@ -62,7 +62,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -76,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import rayfarm
+from rayfarm.cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_SCENE = ROOT / "examples" / "make_scene.py"
@@ -251,7 +251,7 @@ class LocalFarm:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> rayfarm.Farm:
-        self.port = _free_port()
+        self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in FARM_ENV_DROP}
         env["RAY_ADDRESS"] = "local"  # a Ray of its own, never a cluster found on the machine
         env["RAYFARM_ADMIN_TOKEN"] = self.token  # its first admin: the bench
@@ -307,12 +307,6 @@ class LocalFarm:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_delta(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -17,6 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from rayfarm.cluster.ports import free_range
 from rayfarm.cluster.settings import NAMESPACE, Settings
 from rayfarm.errors import InvalidRequest
 from rayfarm.paths import LOOPBACK
@@ -71,31 +71,6 @@ DIRECT_INGRESS_PORT_ENV = (
     ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", 16),
     ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", 16),
 )
-
-
-def _free_range(span: int, avoid: set[int], tries: int = 200) -> int:
-    """The first port of ``span`` consecutive ports nothing listens on now, none of them
-    in ``avoid`` (which then holds them).
-
-    Taken from 20000-32000, below Linux's ephemeral range (32768-60999): a port the
-    kernel hands out (``bind(0)``) is also what it gives outgoing connections, and
-    Ray's many connections took such a port between its pick and HAProxy's bind
-    ("Address already in use", seen in CI)."""
-    rng = random.Random()
-    for _ in range(tries):
-        base = rng.randrange(20000, 32000 - span)
-        if avoid.intersection(range(base, base + span)):
-            continue
-        try:
-            with ExitStack() as stack:
-                for port in range(base, base + span):
-                    probe = stack.enter_context(socket.socket())
-                    probe.bind(("0.0.0.0", port))
-            avoid.update(range(base, base + span))
-            return base
-        except OSError:
-            continue
-    raise InvalidRequest(f"found no {span} free consecutive ports for Serve's replicas")
 
 
 #: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).
@@ -217,13 +192,13 @@ def local_serve_env() -> None:
     chosen: set[int] = set()
     for name in HAPROXY_PORT_ENV:
         if name not in os.environ:
-            os.environ[name] = str(_free_range(1, chosen))
+            os.environ[name] = str(free_range(1, chosen))
     # Replicas answering HTTP themselves take ports from a fixed range (30000-31000,
     # trying the next when one is taken): each farm gets a free range of its own, so
     # farms on one machine never race for the same ports.
     for low, high, span in DIRECT_INGRESS_PORT_ENV:
         if low not in os.environ:
-            base = _free_range(span, chosen)
+            base = free_range(span, chosen)
             os.environ[low], os.environ[high] = str(base), str(base + span - 1)
 
 

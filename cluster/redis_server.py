@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
+from rayfarm.cluster.ports import free_port
 from rayfarm.errors import FarmUnavailable
 
-__all__ = ["RedisServer", "free_port"]
+__all__ = ["RedisServer"]
 
 START_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

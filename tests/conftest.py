@@ -22,7 +22,8 @@ from PIL import Image
 
 from rayfarm import Farm, Job, JobState
 from rayfarm.cluster.auth import new_token
-from rayfarm.cluster.redis_server import RedisServer, free_port
+from rayfarm.cluster.ports import free_port
+from rayfarm.cluster.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

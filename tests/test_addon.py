@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rayfarm.cluster.redis_server import free_port
+from rayfarm.cluster.ports import free_port
 
 from conftest import ADMIN_TOKEN, PYTHON, ROOT, SMALL, pixels, render_reference
 

@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+from rayfarm.cluster.ports import free_port
+
 from conftest import PYTHON
 
 pytestmark = pytest.mark.slow
@@ -127,13 +129,7 @@ def test_tokens_are_made_by_admins_and_sign_users_in(local_farm):
 
 
 def test_up_without_accounts_only_on_loopback_alone(tmp_path):
-    r = cli("up", "--no-auth", "--grpc-port", str(_free()), "--data-dir", str(tmp_path / "f"),
+    r = cli("up", "--no-auth", "--grpc-port", str(free_port()), "--data-dir", str(tmp_path / "f"),
             timeout=60)  # fmt: skip
     assert r.returncode == 2 and "only when the farm listens on loopback alone" in r.stderr
     assert not (tmp_path / "f").exists()  # refused before anything started
-
-
-def _free() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

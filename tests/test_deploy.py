@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,18 @@ def test_a_local_farms_serve_ports_are_distinct_and_below_the_ephemeral_range(mo
     assert len(set(ports)) == len(ports)
     low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert max(ports) < low_ephemeral
+
+
+def test_free_ports_for_listening_servers_are_distinct_free_and_below_the_ephemeral_range():
+    """The ports tests and `rayfarm up` give Redis and the farm's own HTTP/gRPC servers:
+    CI saw HAProxy lose the farm's HTTP port, picked with bind(0), to an outgoing
+    connection. Picks never repeat in one process, even though each was free."""
+    from rayfarm.cluster.ports import free_port
+
+    picks = [free_port() for _ in range(200)]
+    assert len(set(picks)) == len(picks)
+    low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(picks) < low_ephemeral
+    for port in picks[:20]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))

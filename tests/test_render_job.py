@@ -6,7 +6,6 @@ service and exiting non-zero on failure."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from rayfarm.cluster.ports import free_port
 
 from conftest import PYTHON, WAIT_S, pixels, render_reference
 
@@ -61,24 +62,18 @@ def test_bad_input_exits_2_before_anything_starts(small_scene, tmp_path):
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` with the job server, in a temp dir of its own (so its
     processes are told apart from any other Ray on this machine), stopped after."""
-    temp = Path("/tmp") / f"rfj{os.getpid()}{_free_port()}"  # Ray's socket paths are short
-    dashboard = _free_port()
+    temp = Path("/tmp") / f"rfj{os.getpid()}{free_port()}"  # Ray's socket paths are short
+    dashboard = free_port()
     log = open(tmp_path / "ray-start.log", "wb")  # noqa: SIM115 - closed below
     head = subprocess.Popen(
         [str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-         "--port", str(_free_port()), "--include-dashboard", "true", "--dashboard-host",
+         "--port", str(free_port()), "--include-dashboard", "true", "--dashboard-host",
          "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port",
-         str(_free_port()), "--temp-dir", str(temp)],
+         str(free_port()), "--temp-dir", str(temp)],
         stdout=log, stderr=subprocess.STDOUT, env=_env(tmp_path), start_new_session=True,
     )  # fmt: skip
     try:
