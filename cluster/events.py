@@ -68,7 +68,8 @@ def _id(event_id: str) -> tuple[int, int]:
 
 
 class EventHub:
-    """Wakes coroutines waiting for a job's next event; one per process and loop."""
+    """Wakes coroutines waiting for a stream's next entry (a job's events, the farm's
+    changes); one per process and loop."""
 
     def __init__(self, store: JobStore, block_ms: int = HUB_BLOCK_MS) -> None:
         self.store = store
@@ -86,12 +87,17 @@ class EventHub:
     async def wait(self, job_id: str, after: str | None, timeout_s: float) -> bool:
         """Block until the job has an event newer than ``after`` (None: any event), or
         ``timeout_s`` passes; True if one came."""
+        return await self.wait_stream(keys.events(job_id), after, timeout_s)
+
+    async def wait_stream(self, stream: str, after: str | None, timeout_s: float) -> bool:
+        """Block until the Redis stream ``stream`` has an entry newer than ``after``
+        (None: any entry), or ``timeout_s`` passes; True if one came."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._joined = asyncio.Event()
             self._task = loop.create_task(self._run())
         entry = (_id(after or "0-0"), loop.create_future())
-        self._waiters.setdefault(job_id, []).append(entry)
+        self._waiters.setdefault(stream, []).append(entry)
         self._joined.set()
         try:
             await asyncio.wait_for(asyncio.shield(entry[1]), timeout_s)
@@ -99,21 +105,28 @@ class EventHub:
         except TimeoutError:
             return False
         finally:
-            waiters = self._waiters.get(job_id, [])
+            waiters = self._waiters.get(stream, [])
             if entry in waiters:
                 waiters.remove(entry)
             if not waiters:
-                self._waiters.pop(job_id, None)
+                self._waiters.pop(stream, None)
 
     async def events_after(
         self, job_id: str, after: str | None, count: int = BATCH
     ) -> list[tuple[str, dict[str, str]]]:
         """``JobStore.events_after``, shared: the followers one event wakes (every open
         stream of a job) read it in one round trip between them, not one each."""
-        key = (job_id, after, count)
+        return await self.read_after(keys.events(job_id), after, count)
+
+    async def read_after(
+        self, stream: str, after: str | None, count: int = BATCH
+    ) -> list[tuple[str, dict[str, str]]]:
+        """``JobStore.read_after``, shared the same way (every list following the
+        farm's changes reads a change once between them)."""
+        key = (stream, after, count)
         read = self._reads.get(key)
         if read is None:
-            read = asyncio.ensure_future(self.store.events_after(job_id, after, count))
+            read = asyncio.ensure_future(self.store.read_after(stream, after, count))
             self._reads[key] = read
             read.add_done_callback(lambda _: self._reads.pop(key, None))
         entries: list[tuple[str, dict[str, str]]] = await asyncio.shield(read)
@@ -129,8 +142,8 @@ class EventHub:
             # Each stream is read from its oldest waiter's position: the first entry
             # after it satisfies that waiter at least, so every round makes progress.
             streams = {
-                keys.events(job_id): "{}-{}".format(*min(pos for pos, _ in waiters))
-                for job_id, waiters in self._waiters.items()
+                stream: "{}-{}".format(*min(pos for pos, _ in waiters))
+                for stream, waiters in self._waiters.items()
             }
             try:
                 found = await redis.xread(streams, count=1, block=self.block_ms)
@@ -140,8 +153,7 @@ class EventHub:
                 continue
             for stream, entries in found or []:
                 newest = _id(entries[-1][0])
-                job_id = stream.removeprefix(keys.PREFIX + "job:").removesuffix(":events")
-                for pos, future in self._waiters.get(job_id, []):
+                for pos, future in self._waiters.get(stream, []):
                     if pos < newest and not future.done():
                         future.set_result(None)
 

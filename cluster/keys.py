@@ -12,6 +12,8 @@
 ``jobs:owner:{user}``   sorted set: a user's job ids, by creation time (listings)
 ``jobs:project:{name}`` sorted set: a project's job ids, by creation time (listings)
 ``indexes``             string: the version of the owner and project indexes built
+``changes``             stream: job id, owner, project and new state at each job's
+                        creation and state change (what the web page's list follows)
 ``queue``               sorted set: PENDING job ids by priority, then submission time
 ``metrics``             hash: farm-wide counters (tasks, render seconds, uploads)
 ``users``               hash: user name -> {"role", "projects", "created_at"} (JSON)
@@ -85,6 +87,12 @@ def indexes() -> str:
 def scratch(name: str) -> str:
     """A short-lived key of one request's (a listing's set algebra)."""
     return f"{PREFIX}scratch:{name}"
+
+
+def changes() -> str:
+    """Every job's creation and state changes, farm-wide (``job``, ``owner``,
+    ``project``, ``state``): what a list of jobs follows to stay current."""
+    return f"{PREFIX}changes"
 
 
 def metrics() -> str:

@@ -23,6 +23,7 @@ from rayfarm.errors import InvalidTransition, JobNotFound
 from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, sources_of
 
 __all__ = [
+    "CHANGES_MAXLEN",
     "EVENTS_MAXLEN",
     "NOT_PROCESSING",
     "RENDER_S_BUCKETS",
@@ -35,6 +36,8 @@ __all__ = [
 
 #: Default approximate cap on each job's event stream (its execution log), in events.
 EVENTS_MAXLEN = 100_000
+#: Entries the farm-wide changes stream keeps (about): its followers read from its end.
+CHANGES_MAXLEN = 10_000
 #: Upper bounds (seconds) of the render-time histogram's buckets (+Inf is implied).
 RENDER_S_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 #: A Redis command that takes longer than this is a dead connection.
@@ -168,6 +171,8 @@ class JobStore:
                 {"kind": "state", "from": "", "to": str(job.state), "at": created},
                 maxlen=self.events_maxlen,
             )
+            pipe.xadd(keys.changes(), _change(job.id, job.owner, job.spec.project, job.state),
+                      maxlen=CHANGES_MAXLEN)  # fmt: skip
             await pipe.execute()
 
     async def get(self, job_id: str) -> Job:
@@ -345,6 +350,7 @@ class JobStore:
             now,
             ",".join(JobState),
             error or "",
+            str(CHANGES_MAXLEN),
         ]
         for name, value in pairs.items():
             argv += [name, value]
@@ -354,6 +360,7 @@ class JobStore:
                 keys.queue(),
                 keys.events(job_id),
                 keys.all_jobs(),
+                keys.changes(),
                 *(keys.jobs_in(str(s)) for s in JobState),
             ],
             args=argv,
@@ -534,11 +541,24 @@ class JobStore:
     ) -> list[tuple[str, dict[str, str]]]:
         """Up to ``count`` events newer than the event id ``after`` (all from the start
         when None), oldest first."""
+        return await self.read_after(keys.events(job_id), after, count)
+
+    async def read_after(
+        self, stream: str, after: str | None, count: int = 500
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` entries of ``stream`` newer than the id ``after`` (all from
+        the start when None), oldest first."""
         start = "-" if after is None else f"({after}"
         entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(
-            keys.events(job_id), min=start, count=count
+            stream, min=start, count=count
         )
         return entries
+
+    async def last_change(self) -> str:
+        """The id of the newest entry of the changes stream ("0-0" while it is empty):
+        where a list that has just read the jobs starts following."""
+        newest = await self.redis.xrevrange(keys.changes(), count=1)
+        return str(newest[0][0]) if newest else "0-0"
 
     async def queued(self, limit: int = 100) -> list[str]:
         return [job_id for job_id, _ in await self.queue_head(limit)]
@@ -559,6 +579,11 @@ class JobStore:
         """Ids of PROCESSING jobs (for a dispatcher rebuilding its queue)."""
         ids: list[str] = await self.redis.zrange(keys.jobs_in(str(JobState.PROCESSING)), 0, -1)
         return ids
+
+
+def _change(job_id: str, owner: str, project: str | None, state: JobState) -> dict[str, str]:
+    """One entry of the changes stream (as ``lua/transition.lua`` writes them too)."""
+    return {"job": job_id, "owner": owner, "project": project or "", "state": str(state)}
 
 
 def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> Job:

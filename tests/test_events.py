@@ -67,6 +67,34 @@ def test_hub_serves_many_waiters_at_different_positions(redis_url):
     run(_with_store(redis_url, go))
 
 
+def test_hub_wakes_followers_of_the_farms_changes_with_those_of_a_jobs_events(redis_url):
+    """One hub, one XREAD: a list following the farm's changes and a page following a
+    job's events wait side by side; an event of the job wakes only its follower, a state
+    change both, and every list reads the change in one shared read."""
+
+    async def go(store: JobStore):
+        hub = EventHub(store)
+        job_id = "a" * 16
+        await store.create(_job(job_id), "k", "h")
+        since = await store.last_change()
+        event = (await store.status(job_id)).event
+        lists = [asyncio.ensure_future(hub.wait_stream(keys.changes(), since, 5.0))
+                 for _ in range(2)]  # fmt: skip
+        page = asyncio.ensure_future(hub.wait(job_id, event, 5.0))
+        await asyncio.sleep(0.3)
+        assert hub.waiting == 3
+        await store.event(job_id, "note", text="not a change of state")
+        assert await page is True
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in lists)
+        await store.transition(job_id, JobState.CANCELLED)
+        assert await asyncio.gather(*lists) == [True, True]
+        reads = await asyncio.gather(*(hub.read_after(keys.changes(), since) for _ in lists))
+        assert reads[0] == reads[1] and [f["state"] for _, f in reads[0]] == ["CANCELLED"]
+
+    run(_with_store(redis_url, go))
+
+
 def test_follow_resumes_exactly_and_ends_after_the_terminal_state(redis_url):
     async def go(store: JobStore):
         hub = EventHub(store)

@@ -69,7 +69,16 @@ def _fuzz(operation, job_id: str) -> int:
     return sent
 
 
+#: Streams that never end (a request would wait forever for the whole body); each takes
+#: no parameter and no body, so there is nothing to generate. Tested in test_web.py.
+ENDLESS = {"GET /watch/list"}
+
+
 def test_no_request_gets_a_server_error(api_schema, done_job, farm):
     for operation in _operations(api_schema):
+        if operation.label in ENDLESS:
+            assert not operation.path_parameters and not operation.query, operation.label
+            assert not operation.body, operation.label
+            continue
         assert _fuzz(operation, done_job.id) > 0, operation.label
         assert farm.health()["status"] == "ok", operation.label

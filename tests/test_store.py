@@ -14,8 +14,8 @@ from rayfarm.cluster.store import JobStore, outranks, queue_score
 from rayfarm.models import Job
 
 
-def _job(job_id: str, priority: int = 50, frames: str = "1-4") -> Job:
-    spec = JobSpec(frames=frames, priority=priority)
+def _job(job_id: str, priority: int = 50, frames: str = "1-4", project: str | None = None) -> Job:
+    spec = JobSpec(frames=frames, priority=priority, project=project)
     return Job(
         id=job_id,
         state=JobState.PENDING,
@@ -97,6 +97,37 @@ def test_store_applies_the_table(redis_url, path, target, ok):
             with pytest.raises(InvalidTransition):
                 await store.transition("d" * 16, target)
             assert (await store.get("d" * 16)).state is before.state
+
+    run(_with_store(redis_url, go))
+
+
+def test_each_creation_and_state_change_is_told_farm_wide_with_who_may_see_it(redis_url):
+    """The changes stream a list of jobs follows: one entry per creation and per state
+    change (written in the same transaction or script), none for a refused change."""
+    plain, shared = "c" * 16, "d" * 16
+
+    async def go(store: JobStore):
+        await store.create(_job("e" * 16), "jobs/e/input/scene.blend", "h0")
+        start = await store.last_change()
+        await store.create(_job(plain), "jobs/c/input/scene.blend", "h1")
+        await store.create(_job(shared, project="p9"), "jobs/d/input/scene.blend", "h2")
+        await store.transition(plain, JobState.PROCESSING)
+        await store.transition(shared, JobState.CANCELLED)
+        with pytest.raises(InvalidTransition):
+            await store.transition(shared, JobState.PROCESSING)
+        await store.transition(plain, JobState.FAILED, error="boom")
+        await store.transition(plain, JobState.PENDING)
+        entries = await store.read_after(keys.changes(), start)
+        told = [(f["job"], f["owner"], f["project"], f["state"]) for _, f in entries]
+        assert told == [
+            (plain, "tester", "", "PENDING"),
+            (shared, "tester", "p9", "PENDING"),
+            (plain, "tester", "", "PROCESSING"),
+            (shared, "tester", "p9", "CANCELLED"),
+            (plain, "tester", "", "FAILED"),
+            (plain, "tester", "", "PENDING"),
+        ]
+        assert await store.last_change() == entries[-1][0]
 
     run(_with_store(redis_url, go))
 

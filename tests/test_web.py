@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,6 +215,7 @@ def test_watch_and_farm_answer_bad_input_precisely(app, small_scene):
     assert farm["dispatcher"] is False and farm["actors"] == [] and farm["tasks_pending"] is None
     assert farm["jobs"]["CANCELLED"] == 1 and farm["queue_depth"] == 0
     _error(app.get("/farm"), 401, "unauthorized", "no token")
+    _error(app.get("/watch/list"), 401, "unauthorized", "no token")
 
 
 # -- the page in a real browser, against a real farm -----------------------------------------
@@ -305,6 +307,98 @@ def _long_job(users: Users, user: str, scene: Path, **spec: object) -> str:
 
 def _cancel(local_farm, job_id: str) -> None:
     httpx.post(f"{local_farm.url}/jobs/{job_id}/cancel", headers=AUTH, timeout=30)
+
+
+class ChangeFollower:
+    """One user's ``GET /watch/list``, read in a thread until a given change comes."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url, token
+        self.told: list[dict] = []
+        self.ready = threading.Event()
+        self.until: tuple[str, str] = ("", "")
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+
+    def start(self, last_job: str, last_state: str) -> ChangeFollower:
+        """Follow until ``last_job`` is told to be in ``last_state``; return once the
+        farm said `ready`."""
+        self.until = (last_job, last_state)
+        self.thread.start()
+        assert self.ready.wait(PAGE_MS / 1000), self.error or "no `ready` from /watch/list"
+        return self
+
+    def result(self) -> list[dict]:
+        """Everything told before and up to that change (the stream keeps order)."""
+        assert self.done.wait(RENDER_MS / 1000), f"not told {self.until}: {self.told}"
+        if self.error is not None:
+            raise self.error
+        return self.told
+
+    def _read(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "text/event-stream"}
+        try:
+            with httpx.stream("GET", f"{self.url}/watch/list", headers=headers,
+                              timeout=30) as r:  # fmt: skip
+                assert r.headers["content-type"].startswith("text/event-stream"), r.status_code
+                kind = ""
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line.removeprefix("event: ")
+                    elif line.startswith("data: "):
+                        self.told.append({"kind": kind, **json.loads(line[len("data: ") :])})
+                        self.ready.set()
+                        last = self.told[-1]
+                        if (last.get("job"), last.get("state")) == self.until:
+                            return
+        except BaseException as exc:  # handed to the test's thread
+            self.error = exc
+        finally:
+            self.ready.set()
+            self.done.set()
+
+
+def _told(follower: ChangeFollower) -> dict[str, list[str]]:
+    """Each job's states as a follower was told them, in order."""
+    told = follower.result()
+    assert told[0] == {"kind": "ready"}
+    assert {c["kind"] for c in told[1:]} == {"change"}
+    states: dict[str, list[str]] = {}
+    for change in told[1:]:
+        states.setdefault(change["job"], []).append(change["state"])
+    return states
+
+
+@pytest.mark.slow
+def test_a_list_is_told_of_the_jobs_it_may_see_as_they_come_and_change(
+    local_farm, users, small_scene
+):
+    """``/watch/list``: a viewer of a project is told of that project's jobs, an artist of
+    his own, each from submission to its end; nobody of jobs they may not see."""
+    bo = users.make("web-bo", "artist")  # no project: his own jobs alone
+    jobs: list[str] = []
+    try:
+        # The last changes each follower is told: known before they start.
+        marker = _long_job(users, "web-ana", small_scene, samples=1, project="web-p")
+        own = _long_job(users, "web-bo", small_scene, samples=1)
+        jobs += [marker, own]
+        vic = ChangeFollower(local_farm.url, users.tokens["web-vic"]).start(marker, "CANCELLED")
+        bos = ChangeFollower(local_farm.url, bo).start(own, "CANCELLED")
+        private = _long_job(users, "web-ana", small_scene, samples=1)
+        shared = _long_job(users, "web-ana", small_scene, samples=1, project="web-p")
+        jobs += [private, shared]
+        for job_id in (private, shared, marker, own):
+            _cancel(local_farm, job_id)
+        vic_states, bo_states = _told(vic), _told(bos)
+        # Submitted before the streams began: told of from their next change on.
+        assert set(vic_states) == {shared, marker} and set(bo_states) == {own}
+        assert vic_states[shared][0] == "PENDING" and vic_states[shared][-1] == "CANCELLED"
+        assert vic_states[marker][-1] == bo_states[own][-1] == "CANCELLED"
+        assert len(vic_states[marker]) <= 2 and len(bo_states[own]) <= 2  # PROCESSING?
+    finally:
+        for job_id in jobs:
+            _cancel(local_farm, job_id)
 
 
 @pytest.mark.slow
@@ -511,6 +605,40 @@ def test_retry_a_failed_job_from_the_page(browser, local_farm, users, make_scene
                              timeout=RENDER_MS)  # fmt: skip
     expect(page.locator("#job-state")).to_have_text("FAILED")
     expect(retry).to_be_enabled()
+    # Retried elsewhere (the SDK, another page): this page, quiet since the job ended,
+    # follows it again.
+    r = httpx.post(f"{local_farm.url}/jobs/{job['id']}/retry", headers=users.headers("web-ana"),
+                   timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text
+    expect(log).to_have_text(
+        re.compile(r"FAILED -> PENDING.*FAILED -> PENDING.*PROCESSING -> FAILED", re.S),
+        timeout=RENDER_MS,
+    )
+    expect(page.locator("#job-state")).to_have_text("FAILED")
+    expect(retry).to_be_enabled()
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_the_list_takes_in_jobs_from_elsewhere_without_a_reload(
+    browser, local_farm, users, small_scene
+):
+    page = _page(browser)
+    _sign_in(page, local_farm.url, users.tokens["web-ana"], "web-ana (artist)")
+    expect(page.locator("#jobs-summary")).not_to_have_text("Loading jobs…")
+    job_id = _long_job(users, "web-ana", small_scene, samples=1)
+    try:
+        row = page.locator(f'tr[data-job="{job_id}"]')
+        expect(row).to_be_visible()  # submitted through the API, not this page
+        # A list of cancelled jobs takes the job in when it is cancelled elsewhere.
+        page.goto(f"{local_farm.url}/#/?state=CANCELLED")
+        expect(page.locator("#filter-state")).to_have_value("CANCELLED")
+        expect(page.locator("#jobs-summary")).not_to_have_text("Loading jobs…")
+        expect(row).to_have_count(0)
+        _cancel(local_farm, job_id)
+        expect(row.locator(".state")).to_have_text("CANCELLED")
+    finally:
+        _cancel(local_farm, job_id)
     assert page.errors == []  # type: ignore[attr-defined]
 
 

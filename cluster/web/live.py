@@ -1,5 +1,5 @@
-"""What the web page watches: its jobs, live (``GET /watch``), and the farm's workers
-and queue (``GET /farm``).
+"""What the web page watches: its jobs, live (``GET /watch``), which jobs a list shows
+(``GET /watch/list``), and the farm's workers and queue (``GET /farm``).
 
 ``/watch`` is one Server-Sent Events stream over several jobs, each message the job's
 whole record whenever it changed. Why not the page opening ``/jobs/{id}/events`` per
@@ -10,9 +10,12 @@ The stream costs the farm one read per burst of events per job (as a status
 long-poll does), waits through the process's one ``EventHub`` and holds no Redis
 connection while it waits.
 
-Why not one farm-wide stream of every job: the farm keeps events per job only, so such
-a stream would read every job's events to filter them by visibility; the page lists
-jobs with ``GET /jobs`` (which applies the API's visibility) and watches those.
+Why not one farm-wide stream of every job's events: the farm keeps events per job, and
+such a stream would read all of them to filter them by visibility. What a list needs
+farm-wide is smaller: which jobs appeared or changed state (``keys.changes``, written
+with each job's creation and in the transition script). ``/watch/list`` follows that,
+filtered by the requester's visibility, and the page re-reads its page of ``GET /jobs``
+(which applies the API's filters and paging) when a change could alter it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
+from rayfarm.cluster import keys
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import AppContext, Ctx, Who, check_may_change, visible_job
 from rayfarm.cluster.events import HEARTBEAT_S
@@ -87,6 +91,48 @@ async def watch_jobs(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+@router.get(
+    "/watch/list",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def watch_list(ctx: Ctx, who: Who) -> StreamingResponse:
+    """Which jobs appear or change state, as Server-Sent Events, for a list of jobs to
+    stay current: first ``event: ready`` (read the list now: changes from here on
+    follow), then ``event: change`` with ``data`` ``{"job", "owner", "project",
+    "state"}`` for each job the requester may see that was submitted (``PENDING``) or
+    moved to ``state``. A comment every 15 s keeps idle connections open; the stream does
+    not end. A reconnecting client gets ``ready`` again and re-reads its list, so it
+    needs no event id. What a job does between its state changes (frames, progress) is
+    ``/watch``'s and ``/jobs/{id}/events``'."""
+    return StreamingResponse(
+        _changes(ctx, who),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _changes(ctx: AppContext, who: Principal) -> AsyncIterator[bytes]:
+    yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+    last = await ctx.store.last_change()
+    yield b"event: ready\ndata: {}\n\n"
+    stream = keys.changes()
+    while True:
+        entries = await ctx.hub.read_after(stream, last)
+        for entry_id, fields in entries:
+            last = entry_id
+            change = {
+                "job": fields["job"],
+                "owner": fields["owner"],
+                "project": fields["project"] or None,
+                "state": fields["state"],
+            }
+            if who.can_read(change["owner"], change["project"]):
+                yield f"event: change\ndata: {json.dumps(change)}\n\n".encode()
+        if not entries and not await ctx.hub.wait_stream(stream, last, HEARTBEAT_S):
+            yield b": keep-alive\n\n"
 
 
 async def _may_change(ctx: AppContext, who: Principal, job_id: str) -> bool:

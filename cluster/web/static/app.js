@@ -11,9 +11,11 @@
 
 (() => {
   const PAGE_SIZE = 50;
-  // How often the jobs list asks for jobs it does not watch yet (new submissions);
-  // the jobs it shows change live, through /watch.
-  const RELIST_MS = 10000;
+  // The jobs list re-reads its page this long after a change that could alter it
+  // (a submission, a job entering or leaving the filtered state; /watch/list says
+  // which), so a burst of changes costs one read. The jobs it shows change live,
+  // through /watch.
+  const RELIST_DELAY_MS = 300;
   const FARM_REFRESH_MS = 3000;
   // The log keeps about this much of its end on the page (the API has all of it).
   const LOG_MAX_CHARS = 2000000;
@@ -343,6 +345,9 @@
     let watched = "";
     let stopWatch = () => {};
     let active = true;
+    let reads = 0; // the newest read's number: an older answer arriving later is dropped
+    let stale = false; // a change came while the tab was hidden
+    let relistTimer = null;
 
     function pageLink(node, to) {
       const query = new URLSearchParams();
@@ -409,7 +414,12 @@
     let total = 0;
 
     async function load() {
-      if (document.hidden && body.childElementCount) return; // a tab in the background
+      if (document.hidden && body.childElementCount) {
+        stale = true; // a tab in the background reads when it is shown again
+        return;
+      }
+      stale = false;
+      const read = ++reads;
       const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(offset) });
       if (state) query.set("state", state);
       if (owner) query.set("owner", owner);
@@ -417,10 +427,10 @@
       try {
         data = await call("GET", `/jobs?${query}`);
       } catch (error) {
-        if (active && error.status !== 401) showNotice(error.message);
+        if (active && read === reads && error.status !== 401) showNotice(error.message);
         return;
       }
-      if (!active) return;
+      if (!active || read !== reads) return;
       showNotice("");
       total = data.total;
       const ordered = data.jobs.map(update);
@@ -450,9 +460,39 @@
       }
     }
 
+    function relistSoon() {
+      if (relistTimer === null) {
+        relistTimer = setTimeout(() => { relistTimer = null; load(); }, RELIST_DELAY_MS);
+      }
+    }
+
+    function shown() {
+      if (!document.hidden && stale) load();
+    }
+
     load();
-    const timer = setInterval(load, RELIST_MS);
-    cleanups.push(() => { active = false; clearInterval(timer); stopWatch(); });
+    // Jobs this list does not show yet: /watch/list names every visible job that is
+    // submitted or changes state. `ready` comes first on each (re)connect: read the
+    // list then, so nothing between the read above (or a lost connection) and the
+    // stream is missed.
+    const stopList = follow("/watch/list", (kind, change) => {
+      if (kind === "ready") return load();
+      if (kind !== "change") return;
+      if (rows.has(change.job)) {
+        // Its row changes through /watch; it can only leave a list filtered by state.
+        if (state && change.state !== state) relistSoon();
+      } else if ((!state || change.state === state) && (!owner || change.owner === owner)) {
+        relistSoon();
+      }
+    });
+    document.addEventListener("visibilitychange", shown);
+    cleanups.push(() => {
+      active = false;
+      clearTimeout(relistTimer);
+      stopList();
+      stopWatch();
+      document.removeEventListener("visibilitychange", shown);
+    });
     return "jobs";
   }
 
@@ -720,16 +760,19 @@
     }
 
     // Both streams end with the job's terminal state; a retry starts them again, the
-    // execution log after the last event shown.
+    // execution log after the last event shown. While they are closed, /watch/list
+    // tells of a retry made elsewhere (another page, the SDK, a colleague).
     let lastEventId = null;
     let liveOpen = false;
     let reopen = false; // retried while the streams were still closing
+    let stopRetryWatch = () => {};
     function startLive() {
       if (!active) return;
       if (liveOpen) {
         reopen = true;
         return;
       }
+      stopRetryWatch();
       liveOpen = true;
       reopen = false;
       let ended = 0;
@@ -738,6 +781,7 @@
         if (ended < 2) return;
         liveOpen = false;
         if (reopen) startLive();
+        else watchForRetry();
       };
       const stopWatch = follow(`/watch?jobs=${encodeURIComponent(id)}`, (kind, message) => {
         if (active && kind === "job") render(message.job, message.actions);
@@ -748,6 +792,25 @@
         onEvent(kind, event);
       }, ends);
       cleanups.push(stopWatch, stopEvents);
+    }
+
+    function watchForRetry() {
+      if (!active) return;
+      stopRetryWatch = follow("/watch/list", async (kind, change) => {
+        if (kind === "change" && change.job === id && change.state === "PENDING") {
+          if (!liveOpen) startLive();
+        } else if (kind === "ready") {
+          // On each (re)connect: retried while nothing listened?
+          let job;
+          try {
+            job = await call("GET", base);
+          } catch (_) {
+            return;
+          }
+          if (active && !liveOpen && !TERMINAL.has(job.state)) startLive();
+        }
+      });
+      cleanups.push(() => stopRetryWatch());
     }
 
     $("job-cancel").onclick = () => act("cancel", $("job-cancel"));
