@@ -13,7 +13,7 @@
 -- ARGV[5]  queue score (used with "add")
 -- ARGV[6]  event stream max length
 -- ARGV[7]  event time (ISO 8601)
--- ARGV[8]  every state, comma-separated, in the order of KEYS[5..]
+-- ARGV[8]  every state, comma-separated, in the order of KEYS[6..]
 -- ARGV[9]  the error message for the event ("" for none)
 -- ARGV[10] changes stream max length
 -- ARGV[11..] field, value pairs to set on the job hash; an empty value deletes the field
