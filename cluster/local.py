@@ -189,16 +189,15 @@ def local_serve_env() -> None:
     if fast_ingress():
         for name, value in SERVE_FAST_INGRESS_ENV.items():
             os.environ.setdefault(name, value)
-    chosen: set[int] = set()
     for name in HAPROXY_PORT_ENV:
         if name not in os.environ:
-            os.environ[name] = str(free_range(1, chosen))
+            os.environ[name] = str(free_range(1))
     # Replicas answering HTTP themselves take ports from a fixed range (30000-31000,
     # trying the next when one is taken): each farm gets a free range of its own, so
     # farms on one machine never race for the same ports.
     for low, high, span in DIRECT_INGRESS_PORT_ENV:
         if low not in os.environ:
-            base = free_range(span, chosen)
+            base = free_range(span)
             os.environ[low], os.environ[high] = str(base), str(base + span - 1)
 
 

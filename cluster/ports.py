@@ -26,16 +26,15 @@ LISTEN_PORTS = (20000, 32000)
 _given: set[int] = set()
 
 
-def free_range(span: int, avoid: set[int] | None = None, tries: int = 200) -> int:
+def free_range(span: int, tries: int = 200) -> int:
     """The first port of ``span`` consecutive ports nothing listens on now (on any
-    interface), none of them handed out before by this process or in ``avoid``;
-    both then hold them."""
+    interface), none of them handed out before by this process."""
     low, high = LISTEN_PORTS
     rng = random.Random()
     for _ in range(tries):
         base = rng.randrange(low, high - span)
         ports = range(base, base + span)
-        if _given.intersection(ports) or (avoid and avoid.intersection(ports)):
+        if _given.intersection(ports):
             continue
         try:
             with ExitStack() as stack:
@@ -45,8 +44,6 @@ def free_range(span: int, avoid: set[int] | None = None, tries: int = 200) -> in
         except OSError:
             continue
         _given.update(ports)
-        if avoid is not None:
-            avoid.update(ports)
         return base
     raise InvalidRequest(f"found no {span} free consecutive ports in {low}-{high}")
 

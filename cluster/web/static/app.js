@@ -766,6 +766,7 @@
     let liveOpen = false;
     let reopen = false; // retried while the streams were still closing
     let stopRetryWatch = () => {};
+    cleanups.push(() => stopRetryWatch());
     function startLive() {
       if (!active) return;
       if (liveOpen) {
@@ -810,7 +811,6 @@
           if (active && !liveOpen && !TERMINAL.has(job.state)) startLive();
         }
       });
-      cleanups.push(() => stopRetryWatch());
     }
 
     $("job-cancel").onclick = () => act("cancel", $("job-cancel"));
