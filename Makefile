@@ -6,14 +6,17 @@ STAMP  := $(VENV)/.rayfarm-setup
 
 .PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load bench-stop clean addon
 
-## setup: create or reuse .venv with the SDK, cluster, render (bpy) and dev extras; install
-## redis-server and chromium (the web page's browser tests)
+## setup: create or reuse .venv with the SDK, cluster, render and dev extras; build the
+## Blender environments the farm offers ($RAYFARM_BLENDER, default 5.3 and 5.0: bpy from
+## PyPI, ~400 MB each, cached in ~/.cache/rayfarm/blender); install redis-server and
+## chromium (the web page's browser tests)
 setup: $(STAMP)
 	@./scripts/install-system.sh redis-server redis-server redis
 	@./scripts/install-system.sh chromium chromium
+	@$(BIN)/rayfarm blender install
 
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "rayfarm needs Python 3.11 ($(PYTHON) not found); bpy 5.0 ships for CPython 3.11 only" >&2; exit 2; }
+	@command -v $(PYTHON) >/dev/null || { echo "rayfarm needs Python 3.11 ($(PYTHON) not found): install it (pyenv install 3.11) or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[cluster,render,dev]'

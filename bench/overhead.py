@@ -76,11 +76,21 @@ from typing import Any
 
 import rayfarm
 from rayfarm.cluster.ports import free_port
+from rayfarm.render import environments
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_SCENE = ROOT / "examples" / "make_scene.py"
 RENDER_FRAMES = Path(__file__).resolve().parent / "render_frames.py"
 PYTHON = sys.executable
+#: The Blender the benches build scenes with, so the farm renders them with it too, and
+#: the one ways (a) and (b) render with (``RAYFARM_BENCH_BLENDER``, default 5.0).
+BLENDER = os.environ.get("RAYFARM_BENCH_BLENDER", "5.0")
+
+
+def blender_python() -> str:
+    """The interpreter of the bench's Blender environment (built if missing)."""
+    return str(environments.install(BLENDER).python)
+
 
 SCENES: dict[str, list[str]] = {"light": [], "heavy": ["--heavy"]}
 TINY = ["--width", "32", "--height", "24", "--samples", "1"]
@@ -349,7 +359,7 @@ class Bench:
         """One ``render_frames.py`` process; its time and where the time went."""
         marks = dest / f"marks-{frames[0]}.jsonl"
         marks.unlink(missing_ok=True)
-        cmd = [PYTHON, RENDER_FRAMES, scene, dest, *frames, "--marks", marks]
+        cmd = [blender_python(), RENDER_FRAMES, scene, dest, *frames, "--marks", marks]
         launched = time.time()
         seconds = self.procs.run([*cmd, "--persistent"] if persistent else cmd, dest / "log.txt")
         return Run(seconds, _process_detail(marks, launched, launched + seconds))
@@ -466,7 +476,7 @@ def _process_detail(marks: Path, launched: float, ended: float) -> dict[str, Any
 
 
 def make_scene(procs: Processes, path: Path, extra: list[str]) -> Path:
-    procs.run([PYTHON, MAKE_SCENE, path, *extra], path.with_suffix(".log"))
+    procs.run([blender_python(), MAKE_SCENE, path, *extra], path.with_suffix(".log"))
     return path
 
 
@@ -518,7 +528,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_model": model,
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "bpy": version("bpy"),
+        "bpy": environments.environment(BLENDER).info().get("bpy", "not installed"),
         "ray": version("ray"),
         "rayfarm": rayfarm.__version__,
         "python": platform.python_version(),

@@ -1,9 +1,10 @@
-"""Stopping renders: how soon a cancel stops a render in progress, and how soon a hung
-render is found and killed.
+"""Stopping renders: how soon a cancel stops a render in progress, how soon a hung
+render is found and stopped, and what a crashed Blender worker costs.
 
-bpy cannot be interrupted, so the dispatcher stops a render by killing its actor
-process. The bench starts a local farm (two CPU render actors, ``--hang`` seconds of
-hang timeout) and a small scene, and measures:
+bpy cannot be interrupted, so the farm stops a render by stopping the Blender worker
+process of its render actor (SIGTERM, then SIGKILL); the actor stays. The bench starts
+a local farm (two CPU render actors, ``--hang`` seconds of hang timeout) and a small
+scene, and measures:
 
 1. **baseline**: one frame rendered to its end at ``--baseline-samples`` — what a
    cancel cost while running tasks ran to their end (the render's own length);
@@ -12,7 +13,12 @@ hang timeout) and a small scene, and measures:
    process being gone;
 3. **hang**: ``--hangs`` times, a render actor is frozen with SIGSTOP as soon as it
    starts a task; the time from the freeze to the task's ``task_failed`` (hung), next
-   to the configured timeout, and the job must still complete.
+   to the configured timeout, and the job must still complete;
+4. **crash**: ``--crashes`` times, a render's worker is sent SIGSEGV (a bpy crash) once
+   it reports samples; the time from the crash to its task's ``task_failed``, and to
+   the job's completion (the task retried).
+
+Every case must leave the render actors' processes as they were (same pids).
 
     python bench/stop.py                 # make bench-stop; ~3 minutes
 
@@ -52,8 +58,29 @@ def _events(farm: LocalFarm, job_id: str) -> list[dict[str, Any]]:
     return events
 
 
+def _worker_of(actor: int) -> int:
+    """The pid of render actor ``actor``'s Blender worker process (its child)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == actor and b"rayfarm_worker" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except (OSError, ValueError, IndexError):
+                continue
+        time.sleep(0.02)
+    raise BenchError(f"render actor {actor} has no Blender worker")
+
+
+def _actors(pids: set[int]) -> set[int]:
+    """Which of ``pids`` still run (the render actors must outlive every stop)."""
+    return {p for p in pids if not _gone(p)}
+
+
 def _first(farm: LocalFarm, job_id: str, kind: str) -> dict[str, Any]:
-    """The job's first event of ``kind``, with the pid of the actor that started its task."""
+    """The job's first event of ``kind``, with the pid of the actor that started its task
+    and of that actor's Blender worker."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         events = _events(farm, job_id)
@@ -61,7 +88,8 @@ def _first(farm: LocalFarm, job_id: str, kind: str) -> dict[str, Any]:
         if seen:
             task = seen[0]["task"]
             started = [e for e in events if e["kind"] == "task_started" and e["task"] == task]
-            return {**seen[0], "pid": int(started[-1]["pid"])}
+            actor = int(started[-1]["pid"])
+            return {**seen[0], "pid": actor, "worker": _worker_of(actor)}
         time.sleep(0.02)
     raise BenchError(f"job {job_id} had no {kind} event in {WAIT_S:.0f} s")
 
@@ -102,11 +130,12 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         if base.wait(timeout=WAIT_S).state.value != "COMPLETED":
             raise BenchError(f"the baseline job did not complete: {base.refresh().error}")
         baseline_s = time.perf_counter() - started
+        actors = {int(e["pid"]) for e in _events(farm, warm.id) if e["kind"] == "task_started"}
 
         cancels = []
         for _ in range(args.cancels):
             job = client.submit(scene, frames="1", samples=LONG_SAMPLES)
-            victim = _first(farm, job.id, "progress")["pid"]
+            victim = _first(farm, job.id, "progress")["worker"]
             sent = time.perf_counter()
             job.cancel()
             answered = time.perf_counter() - sent
@@ -119,7 +148,7 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
             job = client.submit(scene, frames="1")
             first = _first(farm, job.id, "task_started")
             frozen = time.perf_counter()
-            os.kill(first["pid"], signal.SIGSTOP)
+            os.kill(first["worker"], signal.SIGSTOP)
             try:
                 while not any(
                     e["kind"] == "task_failed" and "hung" in e.get("error", "")
@@ -129,13 +158,29 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
                         raise BenchError(f"job {job.id}: the frozen render was never found hung")
                     time.sleep(0.05)
                 found = time.perf_counter() - frozen
-                killed = found + _until_gone(first["pid"])
+                killed = found + _until_gone(first["worker"])
             finally:
-                if not _gone(first["pid"]):
-                    os.kill(first["pid"], signal.SIGCONT)
+                if not _gone(first["worker"]):
+                    os.kill(first["worker"], signal.SIGCONT)
             if job.wait(timeout=WAIT_S).state.value != "COMPLETED":
                 raise BenchError(f"job {job.id} did not complete after its hung render")
             hangs.append((found, killed))
+
+        crashes = []
+        for _ in range(args.crashes):
+            job = client.submit(scene, frames="1")
+            victim = _first(farm, job.id, "progress")["worker"]
+            crashed = time.perf_counter()
+            os.kill(victim, signal.SIGSEGV)
+            while not any(e["kind"] == "task_failed" for e in _events(farm, job.id)):
+                if time.perf_counter() - crashed > WAIT_S:
+                    raise BenchError(f"job {job.id}: the crash was never reported")
+                time.sleep(0.01)
+            failed = time.perf_counter() - crashed
+            if job.wait(timeout=WAIT_S).state.value != "COMPLETED":
+                raise BenchError(f"job {job.id} did not complete after its worker crashed")
+            crashes.append((failed, time.perf_counter() - crashed))
+        kept = _actors(actors)
     finally:
         farm.stop()
     outcome = {
@@ -146,8 +191,14 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         "cancel_stopped_s": [round(s, 3) for _, s in cancels],
         "hang_found_s": [round(f, 2) for f, _ in hangs],
         "hang_killed_s": [round(k, 2) for _, k in hangs],
+        "crash_failed_s": [round(f, 3) for f, _ in crashes],
+        "crash_completed_s": [round(c, 2) for _, c in crashes],
+        "actors": sorted(actors),
+        "actors_kept": sorted(kept),
     }
     report(outcome)
+    if kept != actors:
+        raise BenchError(f"render actors were lost: {sorted(actors - kept)}")
     return outcome
 
 
@@ -162,6 +213,8 @@ def report(o: dict[str, Any]) -> None:
         ("cancel: sent -> render process gone", o["cancel_stopped_s"]),
         (f"hang ({hang:g} s timeout): frozen -> task_failed", o["hang_found_s"]),
         ("hang: frozen -> process gone", o["hang_killed_s"]),
+        ("crash (SIGSEGV): crash -> task_failed", o["crash_failed_s"]),
+        ("crash: crash -> job completed (retried)", o["crash_completed_s"]),
     ]  # fmt: skip
     for name, values in rows:
         if values:
@@ -169,12 +222,16 @@ def report(o: dict[str, Any]) -> None:
     if o["cancel_stopped_s"]:
         ratio = o["baseline_render_s"] / max(statistics.median(o["cancel_stopped_s"]), 1e-9)
         print(f"\na cancel stops a render {ratio:.0f}x sooner than letting this one finish")
+    same = o["actors"] == o["actors_kept"]
+    print(f"render actors: {'the same processes throughout' if same else 'LOST'} "
+          f"(pids {o['actors']})")  # fmt: skip
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cancels", type=int, default=5, help="cancelled renders")
     p.add_argument("--hangs", type=int, default=2, help="frozen renders")
+    p.add_argument("--crashes", type=int, default=3, help="crashed workers (SIGSEGV)")
     p.add_argument("--hang", type=float, default=15.0, help="the farm's hang timeout, seconds")
     p.add_argument("--baseline-samples", type=int, default=8000, help="the baseline's samples")
     p.add_argument("--out", type=Path, help="working folder (default: a temp dir)")

@@ -13,39 +13,54 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from rayfarm.render.actor import RenderActor
+from rayfarm.render.inputs import InputFile, Inputs, blob_key
 from rayfarm.render.tasks import RenderTask
+
+#: The Blender to render with (``RAYFARM_BENCH_BLENDER``, as overhead.py).
+BLENDER = os.environ.get("RAYFARM_BENCH_BLENDER", "5.0")
 
 
 def main() -> None:
     scene_path, *grids = sys.argv[1:]
-    with open(scene_path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    data = Path(scene_path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    # The scene as a farm stores it (one blob under a file:// root): no Ray needed.
+    storage = Path(tempfile.mkdtemp(prefix="rayfarm-sweep-"))
+    blob = storage / blob_key(digest)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    inputs = Inputs(storage.as_uri(), "scene.blend", (InputFile("scene.blend", digest, len(data)),))
     actor = RenderActor(threads=1, slot=0, slots=max(1, len(actor_cores())))
-    actor.scenes[digest] = scene_path  # as if fetched: no Ray needed
 
     def task(tile: int, grid: tuple[int, int]) -> RenderTask:
         # Denoising off: tiles never denoise (the finish step does, once), so a whole
         # frame that did would not be the same work.
         return RenderTask(
-            "sweep", digest, 1, tile, grid, None, None, None, None, "png", 8, denoise=False
-        )
+            "sweep", inputs.digest, 1, tile, grid, None, None, None, None, "png", 8,
+            denoise=False, blender=BLENDER,
+        )  # fmt: skip
 
-    actor.render(task(0, (1, 1)), [])  # warm-up: open, sync, BVH
+    actor.render(task(0, (1, 1)), inputs)  # warm-up: open, sync, BVH
     started = time.perf_counter()
-    actor.render(task(0, (1, 1)), [])
+    actor.render(task(0, (1, 1)), inputs)
     whole = time.perf_counter() - started
     for spec in grids:
         nx, ny = map(int, spec.split("x"))
         seconds = []
         for tile in range(nx * ny):
-            result, _ = actor.render(task(tile, (nx, ny)), [])
+            result, _ = actor.render(task(tile, (nx, ny)), inputs)
             seconds.append(result.seconds)
         print(json.dumps({"grid": spec, "tiles": nx * ny, "whole_s": whole,
                           "tiles_s": sum(seconds)}), flush=True)  # fmt: skip
+    shutil.rmtree(storage, ignore_errors=True)
 
 
 def actor_cores() -> list[int]:

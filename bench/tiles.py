@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 import rayfarm
+from rayfarm.render.supervisor import BOOT, PACKAGE_DIR
 from rayfarm.render.tiles import MAX_TILE_COST_SHARE, border_band
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,6 +63,7 @@ from overhead import (  # the sibling bench: process and farm handling
     BenchError,
     LocalFarm,
     Processes,
+    blender_python,
     machine,
     make_scene,
     run_bench,
@@ -119,7 +121,7 @@ def _run(farm: LocalFarm, client: rayfarm.Farm, scene: Path, way: Way, out: Path
 
 def _combined(procs: Processes, path: Path, log: Path) -> np.ndarray:
     npz = path.with_suffix(".npz")
-    procs.run([PYTHON, "-m", "rayfarm.render.exr", path, npz], log)
+    procs.run([blender_python(), "-I", "-c", BOOT, PACKAGE_DIR, "dump-exr", path, npz], log)
     with np.load(npz) as data:
         names = [str(n) for n in data["names"]]
         return np.asarray(data[f"pixels{names.index('ViewLayer.Combined')}"])

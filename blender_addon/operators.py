@@ -42,6 +42,9 @@ def job_spec(scene: bpy.types.Scene) -> dict[str, Any]:
         spec["samples"] = s.samples
     if s.allow_missing:
         spec["allow_missing"] = True
+    # Render with the Blender the artist sees, unless they name another the farm offers.
+    major, minor = bpy.app.version[:2]
+    spec["blender"] = s.blender.strip() or f"{major}.{minor}"
     return spec
 
 

@@ -44,6 +44,8 @@ class RAYFARM_PT_render(bpy.types.Panel):
         sub.prop(s, "samples", text="")
         col.prop(s, "priority")
         col.prop(s, "format")
+        major, minor = bpy.app.version[:2]
+        col.prop(s, "blender", placeholder=f"{major}.{minor}")
         col.prop(s, "allow_missing")
 
         state = session.SESSION

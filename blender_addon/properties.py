@@ -54,6 +54,12 @@ class RayfarmSceneSettings(bpy.types.PropertyGroup):
         ],
         default="png",
     )
+    blender: StringProperty(  # type: ignore[valid-type]
+        name="Blender",
+        description="The Blender version the farm renders with, such as 4.5 (one it offers). "
+        "Empty: this Blender's own version",
+        default="",
+    )
     allow_missing: BoolProperty(  # type: ignore[valid-type]
         name="Allow Missing Files",
         description="Render even when files the scene uses are missing (they render pink)",

@@ -157,8 +157,16 @@ def describe_health(
         signed = f"The API token is NOT valid here: {refused or 'refused'}"
     return (
         f"Connected to rayfarm {health.get('version')} at {url}: Blender "
-        f"{health.get('blender')}, {crew}. {signed}"
+        f"{_versions(health.get('blender'))}, {crew}. {signed}"
     )
+
+
+def _versions(offered: Any) -> str:
+    """The Blender versions a farm offers, as its /healthz says them (a list; a single
+    string from a farm older than version routing)."""
+    if isinstance(offered, list):
+        return ", ".join(str(v) for v in offered)
+    return str(offered)
 
 
 def _merge_jobs(updated: list[dict[str, Any]]) -> None:

@@ -24,7 +24,6 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
-from rayfarm.blendfile import check_version
 from rayfarm.cluster import accounts, observe, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard
@@ -45,6 +44,7 @@ from rayfarm.cluster.events import EVENT_ID
 from rayfarm.cluster.submit import (
     MAX_INPUT_FILES,
     catalogue,
+    check_blender,
     check_listing,
     check_scene,
     check_stored,
@@ -197,8 +197,7 @@ async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
                 {"limit": limit},
             )
         header = await asyncio.to_thread(check_scene, scene.file)
-        check_version(header, ctx.settings.blender_version)
-        return await store_single(ctx, spec, scene, who)
+        return await store_single(ctx, spec, scene, who, header)
     finally:
         await form.close()
 
@@ -222,8 +221,8 @@ async def inspect_scene(request: Request, ctx: Ctx, _: Submitter) -> dict[str, A
     if not isinstance(data, dict) or set(data) != {"main", "files"}:
         raise InvalidRequest("the body must be a JSON object with exactly main and files")
     inputs = check_listing(ctx, data["main"], data["files"])
-    await asyncio.to_thread(check_stored, ctx, inputs)
-    info = await catalogue(ctx, inputs)
+    header = await asyncio.to_thread(check_stored, ctx, inputs)
+    info = await catalogue(ctx, inputs, check_blender(ctx, None, header).version)
     if info is None:
         raise FarmUnavailable("this service has no render actor to inspect scenes with")
     return info
@@ -568,27 +567,31 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     async def healthz(ctx: Ctx) -> dict[str, Any]:
         """Liveness, versions and workers: 200 when Redis answers, 503 otherwise.
 
-        ``workers`` counts the render actors by device (``{"CPU": 2}``, ``{"GPU (OPTIX:
-        NVIDIA L4)": 4}``) and how many are busy; None when the dispatcher does not
-        answer (starting, or this app runs without Ray)."""
+        ``blender`` lists the Blender versions the farm offers, newest first. ``workers``
+        counts the render actors by device (``{"CPU": 2}``, ``{"GPU (OPTIX: NVIDIA L4)":
+        4}``), by the Blender version each runs now, and how many are busy; None when
+        the dispatcher does not answer (starting, or this app runs without Ray)."""
         try:
             await ctx.store.redis.ping()
         except Exception as exc:
             raise FarmUnavailable(f"the job store is unreachable: {exc}") from exc
-        major, minor = ctx.settings.blender_version
         stats = await observe.dispatcher_stats(ctx)
         workers = None
         if stats is not None:
             devices: dict[str, int] = {}
+            versions: dict[str, int] = {}
             for actor in stats["actors"]:
                 name = actor["device"] or "starting"
                 devices[name] = devices.get(name, 0) + 1
+                if actor.get("blender"):
+                    versions[actor["blender"]] = versions.get(actor["blender"], 0) + 1
             busy = sum(bool(a["busy"]) for a in stats["actors"])
-            workers = {"count": len(stats["actors"]), "busy": busy, "devices": devices}
+            workers = {"count": len(stats["actors"]), "busy": busy, "devices": devices,
+                       "blender": versions}  # fmt: skip
         return {
             "status": "ok",
             "version": rayfarm.__version__,
-            "blender": f"{major}.{minor}",
+            "blender": list(ctx.settings.blender),
             "storage": ctx.settings.storage,
             "workers": workers,
         }

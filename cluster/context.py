@@ -79,7 +79,8 @@ class AppContext:
     hub: EventHub = field(init=False)
     auth: AuthStore = field(init=False)
     notify: Any = None  # callable() or None: wakes the dispatcher
-    inspect: Any = None  # async callable(Inputs) -> catalogue dict, or None (no Ray here)
+    # async callable(Inputs, Blender version) -> catalogue dict, or None (no Ray here)
+    inspect: Any = None
     stats: Any = None  # async callable() -> the dispatcher's stats, or None (no Ray here)
 
     def __post_init__(self) -> None:

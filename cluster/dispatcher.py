@@ -3,7 +3,10 @@
 
 - Jobs are admitted from Redis's queue (priority, then submission time) when
   there is spare capacity, or when they outrank the work already waiting.
-- Tasks go to an idle actor, preferring one that already holds the job's scene.
+- Tasks go to an idle actor, preferring one that already runs the job's Blender version
+  (``_next_assignment``) and holds its scene. Each job renders with the Blender version
+  chosen when it was submitted (``rayfarm.versions``); an actor runs one version at a
+  time in its worker process and switches when a task of another version comes.
 - Short whole-frame tasks go in batches (``Run.batch_size``): once a job's frames are
   measured short (well under a second), an actor gets several per call, so a farm of
   quick frames is not bound by one actor call, Redis round trip and storage hop per
@@ -27,6 +30,9 @@
   actor that rendered it finishes the frame (denoise, compositor, colour, format)
   and the frame is written to storage whole. The job is COMPLETED when every
   frame is stored.
+- Cancel and the hang watch stop a render by stopping the actor's Blender worker
+  (``interrupt``); the actor stays. Only an actor that does not answer that within
+  ``INTERRUPT_GRACE_S`` is killed (and replaced).
 - Its state lives in Redis: a restarted dispatcher rebuilds its runs from there.
 """
 
@@ -60,7 +66,7 @@ from rayfarm.cluster.store import (
     outranks,
     queue_score,
 )
-from rayfarm.errors import FarmError, InvalidTransition, RenderError
+from rayfarm.errors import BlenderNotOffered, FarmError, InvalidTransition, RenderError
 from rayfarm.models import JobState, grid_of
 from rayfarm.render.assembler import TileAssembler
 from rayfarm.render.inputs import Inputs, check_path
@@ -76,6 +82,8 @@ POLL_INTERVAL_S = 1.0
 ADMIT_BATCH = 20
 #: Pending tasks of a run considered when its first ones wait for another actor.
 SCHEDULE_LOOKAHEAD = 64
+#: How long an actor told to stop its render (``interrupt``) has before it is killed.
+INTERRUPT_GRACE_S = 10.0
 
 
 class Dispatcher:
@@ -116,18 +124,19 @@ class Dispatcher:
         self._full_round = True
         self._wake.set()
 
-    async def inspect(self, inputs: Inputs) -> dict[str, Any]:
-        """Catalogue an uploaded scene with bpy, in a RenderActor kept for this (it
-        reserves no CPU and never renders, so an inspection never waits behind frames)."""
+    async def inspect(self, inputs: Inputs, blender: str) -> dict[str, Any]:
+        """Catalogue an uploaded scene with Blender ``blender``, in an actor kept for this
+        (it reserves no CPU and never renders, so an inspection never waits behind
+        frames; it keeps a worker per version)."""
         if self.inspector is None:
-            from rayfarm.render.actor import SceneInspector
+            from rayfarm.render.actor import CONTROL, SceneInspector
 
             self.inspector = (
-                ray.remote(SceneInspector)
+                ray.remote(concurrency_groups={CONTROL: 1})(SceneInspector)  # type: ignore[call-overload]
                 .options(num_cpus=0, max_restarts=-1, scheduling_strategy=_here())
                 .remote(threads=1)
             )
-        result: dict[str, Any] = await self.inspector.catalogue.remote(inputs)
+        result: dict[str, Any] = await self.inspector.catalogue.remote(inputs, blender)
         return result
 
     async def progress(self, job_id: str, frame: int, tile: int, samples: int, of: int) -> None:
@@ -156,7 +165,10 @@ class Dispatcher:
         """The pool (each actor's index, device, node, host, busy) and the work waiting."""
         self._ensure_running()
         return {
-            "actors": [{"index": s.index, "busy": s.busy, **_where(s)} for s in self.slots],
+            "actors": [
+                {"index": s.index, "busy": s.busy, "blender": s.blender, **_where(s)}
+                for s in self.slots
+            ],
             "pending": sum(len(r.pending) for r in self.runs.values()),
             "runs": {r.id: len(r.pending) for r in self.runs.values()},
         }
@@ -246,6 +258,9 @@ class Dispatcher:
             try:
                 await self.store.reset_incomplete(job_id)
                 await self._start_run(job_id)
+            except FarmError as exc:  # it cannot run here any more (its Blender, say)
+                self.runs.pop(job_id, None)
+                await self._fail(job_id, f"could not resume the job: {exc}")
             except Exception:
                 log.exception("could not resume job %s", job_id)
 
@@ -273,36 +288,41 @@ class Dispatcher:
                     self._kill(slot, halt)
 
     def _watch(self) -> None:
-        """Kill the actors whose work showed no sign of progress for ``hang_timeout_s``
-        (their calls then fail, and the tasks are retried as for a crash)."""
+        """Stop the renders that showed no sign of progress for ``hang_timeout_s`` (their
+        calls then fail, and the tasks are retried as for a crash); kill the actors that
+        did not stop a render within ``INTERRUPT_GRACE_S`` of being told (the actor
+        itself is stuck: its call fails as an actor death, which replaces it)."""
         limit = self.settings.hang_timeout_s
         now = time.monotonic()
         for slot in self.slots:
-            if slot.busy and slot.run is not None and now - slot.sign_at > limit:
+            if not slot.busy or slot.run is None:
+                continue
+            if slot.killed is None and now - slot.sign_at > limit:
                 self._kill(slot, f"no sign of progress for {limit:g} s (the render hung)")
+            elif slot.killed is not None and 0 < slot.killed_at < now - INTERRUPT_GRACE_S:
+                log.warning("render actor %d (pid %s on %s) did not stop its render; killing it",
+                            slot.index, slot.pid, slot.host)  # fmt: skip
+                slot.killed_at = 0.0  # once
+                ray.kill(slot.handle, no_restart=True)
 
     def _kill(self, slot: Slot, reason: str) -> None:
-        """Stop ``slot``'s render now. bpy cannot be interrupted (``ray.cancel`` waits for
-        the render to end), so its actor process is killed; the call on it fails as an
-        actor death, and that failure path replaces the actor and, from
-        ``slot.killed``, says why."""
+        """Stop ``slot``'s render now. bpy cannot be interrupted from inside, so the actor
+        stops its Blender worker process (``interrupt``); the call on it fails with
+        ``WorkerLost`` and, from ``slot.killed``, says why. The actor, its GPU and its
+        place in the pool stay."""
         if slot.killed is not None:
             return
-        slot.killed = reason
-        log.warning("render actor %d (pid %s on %s): %s; killing it",
+        slot.killed, slot.killed_at = reason, time.monotonic()
+        log.warning("render actor %d (pid %s on %s): %s; stopping its render",
                     slot.index, slot.pid, slot.host, reason)  # fmt: skip
-        ray.kill(slot.handle, no_restart=True)
+        slot.handle.interrupt.remote(reason)
 
     def _assign(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:
-        """Mark ``slot`` busy with ``tasks`` of ``run`` (none: probing its scene). An actor
-        that ran another job's Python (``scripts``) is replaced first: whatever the
-        scripts changed in its process (handlers, modules) must not touch this job."""
-        if slot.tainted is not None and slot.tainted != run.id:
-            log.info("render actor %d ran job %s's scripts: replacing it", slot.index, slot.tainted)
-            self.pool.replace(slot)
-        if run.job.spec.scripts:
-            slot.tainted = run.id
+        """Mark ``slot`` busy with ``tasks`` of ``run`` (none: probing its scene); its
+        worker runs the run's Blender version from now on. (An actor whose worker ran
+        another job's Python replaces that worker itself.)"""
         slot.busy, slot.run, slot.sign_at = True, run.id, time.monotonic()
+        slot.blender = run.blender or slot.blender
         for task in tasks:
             self._doing[(run.id, task.frame, task.tile)] = slot
 
@@ -326,11 +346,23 @@ class Dispatcher:
             try:
                 await self._start_run(job_id)
             except Exception as exc:
-                log.exception("could not start job %s", job_id)
+                if not isinstance(exc, FarmError):
+                    log.exception("could not start job %s", job_id)
+                self.runs.pop(job_id, None)
                 await self._fail(job_id, f"could not start the job: {exc}")
 
     async def _start_run(self, job_id: str) -> None:
         job = await self.store.get(job_id)
+        offered = self.settings.blender
+        if job.rendered_by is None:  # queued before the farm offered versions: the newest
+            job = job.model_copy(update={"rendered_by": offered[0]})
+            await self.store.set_fields(job_id, rendered_by=offered[0])
+        elif job.rendered_by not in offered:
+            raise BlenderNotOffered(
+                f"the job renders with Blender {job.rendered_by}, which this farm no longer "
+                f"offers (it offers {', '.join(offered)})",
+                {"requested": job.rendered_by, "offered": list(offered)},
+            )
         inputs = Inputs.from_json(self.settings.storage, await self.store.inputs(job_id))
         run = Run(
             job=job,
@@ -383,7 +415,8 @@ class Dispatcher:
                 return
             probe = next((r for r in self._by_score() if r.grid is None and not r.probing), None)
             if probe is not None:
-                slot = _prefer(idle, probe.scene_hash)
+                same = [s for s in idle if s.blender == probe.blender]
+                slot = _prefer(same, probe.scene_hash) if same else self._to_switch(idle)
                 probe.probing = True
                 self._assign(slot, probe, [])
                 asyncio.get_running_loop().create_task(self._guarded(self._probe(slot, probe)))
@@ -409,20 +442,50 @@ class Dispatcher:
         A task that failed on an actor goes to another one; while the others are busy it
         waits and the idle actor takes a later task. A node whose actors failed the job
         ``node_failure_limit`` times gets none of its tasks. Only when every actor is
-        ruled out may the task run on one of them again. Among eligible actors, one that
-        already holds the job's scene is preferred.
+        ruled out may the task run on one of them again.
+
+        Among eligible actors, one already running the job's Blender version is
+        preferred, then one that holds the job's scene. Switching an actor to another
+        version costs a worker start, so when no idle actor runs a job's version, a later
+        job of the same priority that one fits as it is takes it instead, as long as the
+        earlier job has an actor working for it already (so each version keeps
+        rendering); otherwise the job takes an idle actor, which switches.
         """
         everyone = {s.index for s in self.slots}
+        served = {s.run for s in self.slots if s.busy}
+        switch: tuple[Run, RenderTask, list[Slot]] | None = None
         for run in self._by_score():
+            if switch is not None and run.job.spec.priority != switch[0].job.spec.priority:
+                break
             blocked = {s.index for s in self.slots if s.node in run.blocked}
             for task in itertools.islice(run.pending, SCHEDULE_LOOKAHEAD):
                 avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set()) | blocked
                 if avoid >= everyone:
                     avoid = set()
                 fresh = [s for s in idle if s.index not in avoid]
-                if fresh:
-                    return run, task, _prefer(fresh, run.scene_hash)
-        return None
+                if not fresh:
+                    continue
+                same = [s for s in fresh if s.blender == task.blender]
+                if same:
+                    return run, task, _prefer(same, run.scene_hash)
+                if switch is None:
+                    switch = (run, task, fresh)
+                    if run.id not in served:
+                        return run, task, self._to_switch(fresh)
+                break  # its other tasks need the same version
+        if switch is None:
+            return None
+        run, task, fresh = switch
+        return run, task, self._to_switch(fresh)
+
+    def _to_switch(self, slots: list[Slot]) -> Slot:
+        """The one of ``slots`` (idle) to switch to another Blender version: one with no
+        worker yet, else one whose version no waiting job needs, else the first."""
+        wanted = {r.blender for r in self.runs.values() if r.pending}
+        return next(
+            (s for s in slots if s.blender is None),
+            next((s for s in slots if s.blender not in wanted), slots[0]),
+        )
 
     async def _probe(self, slot: Slot, run: Run) -> None:
         """Decide ``tiles="auto"`` for a job with fewer frames than actors: an actor opens
@@ -466,8 +529,7 @@ class Dispatcher:
             nonlocal released
             if not released:
                 released = True
-                if slot.killed is not None:  # killed, and no failed call has replaced it
-                    self.pool.replace(slot)
+                slot.killed, slot.killed_at = None, 0.0  # its worker is stopped; it goes on
                 slot.busy, slot.run = False, None
                 for task in tasks:
                     key = (run.id, task.frame, task.tile)
@@ -678,7 +740,7 @@ class Dispatcher:
             done: dict[str, Any] = {}
             if not finishing:
                 done = {"frame": task.frame, "tile": task.tile, "attempt": run.tries.get(key, 1),
-                        **_where(slot)}  # fmt: skip
+                        **_where(slot), "worker": meta.worker}  # fmt: skip
             stored: dict[str, Any] = {}
             if image is not None:
                 # Render seconds of the frame: its task, or its tiles and the finish step.

@@ -222,6 +222,13 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     if address is None:
         local_serve_env()
+        # This machine renders: build what the farm offers now, saying so, rather than in
+        # the render actors at the first task. (On a cluster, nodes bake them in at setup:
+        # ray-cluster.yaml; a node without one builds it when a task first needs it.)
+        from rayfarm.render import environments
+
+        for version in settings.blender:
+            environments.install(version, say=ready)
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:

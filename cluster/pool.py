@@ -2,8 +2,11 @@
 
 One RenderActor per GPU (``num_gpus=1``, or a fraction of one with
 ``gpu_share``), placed by Ray across nodes; on a cluster without GPUs,
-``cpu_actors`` CPU actors. ``reconcile`` runs every dispatcher round: a node that
-joins (autoscaled or added by hand) gets actors for its GPUs without a restart. An
+``cpu_actors`` CPU actors. Each starts warm with one of the offered Blender
+versions (in turn), and runs whichever version its tasks need from then on (the
+dispatcher prefers an actor already running a task's version). ``reconcile`` runs
+every dispatcher round: a node that joins (autoscaled or added by hand) gets actors
+for its GPUs without a restart. An
 actor that dies is replaced where it was; one whose node left the cluster is
 dropped (its task goes back to the queue without counting as a failed attempt),
 and the pool shrinks with the cluster.
@@ -20,6 +23,7 @@ from ray.exceptions import RayActorError
 
 from rayfarm.cluster.runs import Slot
 from rayfarm.cluster.settings import Settings
+from rayfarm.render.actor import CONTROL
 
 __all__ = ["Pool", "actor_died"]
 
@@ -59,7 +63,9 @@ class Pool:
         its death is seen (``lost``)."""
         added = []
         for _ in range(self.target() - len(self.slots)):
-            slot = Slot(self._next_index, self._new_actor(self._next_index))
+            index = self._next_index
+            version = self.settings.blender[index % len(self.settings.blender)]
+            slot = Slot(index, self._new_actor(index, version), blender=version)
             self._next_index += 1
             self.slots.append(slot)
             added.append(slot)
@@ -67,25 +73,30 @@ class Pool:
             log.warning("render pool grew to %d actors (the cluster grew)", len(self.slots))
         return added
 
-    def _new_actor(self, index: int) -> Any:
-        """One RenderActor: a GPU (share) where the cluster has GPUs, else CPU slot
-        ``index`` of the node, pinned to its share of the node's cores."""
+    def _new_actor(self, index: int, blender: str | None) -> Any:
+        """One RenderActor, its worker warming up with Blender ``blender``: a GPU (share)
+        where the cluster has GPUs, else CPU slot ``index`` of the node, pinned to its
+        share of the node's cores."""
         module, _, name = self.settings.actor_class.partition(":")
-        remote = ray.remote(getattr(importlib.import_module(module), name))
+        # ``interrupt`` runs beside a render that blocks the actor's default group.
+        remote = ray.remote(concurrency_groups={CONTROL: 1})(  # type: ignore[call-overload]
+            getattr(importlib.import_module(module), name)
+        )
         if ray.cluster_resources().get("GPU", 0):
             return remote.options(num_gpus=self.settings.gpu_share, num_cpus=0).remote(
-                reporter=self.reporter
+                reporter=self.reporter, blender=blender
             )
         n = max(1, self.settings.cpu_actors)
         return remote.options(num_cpus=1).remote(
-            self.settings.actor_threads, index % n, n, self.reporter
+            self.settings.actor_threads, index % n, n, self.reporter, blender=blender
         )
 
     def replace(self, slot: Slot) -> None:
-        """A new actor in ``slot`` (the old one is killed if it still lives)."""
+        """A new actor in ``slot`` (the old one is killed if it still lives), warming up
+        the Blender version the old one ran."""
         ray.kill(slot.handle, no_restart=True)
-        slot.handle = self._new_actor(slot.index)
-        slot.holds = slot.node = slot.host = slot.device = slot.killed = slot.tainted = None
+        slot.handle = self._new_actor(slot.index, slot.blender)
+        slot.holds = slot.node = slot.host = slot.device = slot.killed = None
         slot.pid = None
 
     def lost(self, slot: Slot, exc: BaseException) -> bool:

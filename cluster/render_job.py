@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int)
     p.add_argument("--max-retries", type=int)
     p.add_argument("--allow-missing", action="store_true", default=None)
+    p.add_argument(
+        "--blender",
+        help="the Blender version to render with (default: the "
+        "one that saved the file, else the nearest newer one offered)",
+    )
     p.add_argument("--project", help="the folder whose layout the farm reproduces")
     p.add_argument(
         "--address",
@@ -88,6 +93,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         "priority": args.priority,
         "max_retries": args.max_retries,
         "allow_missing": args.allow_missing,
+        "blender": args.blender,
     }
     return {k: v for k, v in values.items() if v is not None}
 
@@ -161,8 +167,8 @@ async def _submit_and_follow(
 
     ctx = AppContext(settings)
 
-    async def inspect(inputs: Any) -> dict[str, Any]:
-        result: dict[str, Any] = await dispatcher.inspect.remote(inputs)
+    async def inspect(inputs: Any, blender: str) -> dict[str, Any]:
+        result: dict[str, Any] = await dispatcher.inspect.remote(inputs, blender)
         return result
 
     ctx.inspect = inspect

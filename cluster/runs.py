@@ -51,9 +51,10 @@ class Slot:
     device: str | None = None
     pid: int | None = None
     run: str | None = None  # the job whose work the actor is doing (None: idle)
+    blender: str | None = None  # the Blender version its worker runs (None: none yet)
     sign_at: float = 0.0  # monotonic time of the last sign that the work progresses
-    killed: str | None = None  # why the dispatcher killed the actor (a hang, a cancel)
-    tainted: str | None = None  # the job whose Python the actor ran (it renders no other)
+    killed: str | None = None  # why the dispatcher stopped its render (a hang, a cancel)
+    killed_at: float = 0.0  # monotonic time it was told to stop
 
 
 @dataclass
@@ -82,6 +83,11 @@ class Run:
     @property
     def id(self) -> str:
         return self.job.id
+
+    @property
+    def blender(self) -> str | None:
+        """The Blender version the job renders with (chosen when it was submitted)."""
+        return self.job.rendered_by
 
     def is_batchable(self, task: RenderTask) -> bool:
         """Whether ``task`` may share an actor call: a whole frame that has not failed
@@ -151,4 +157,5 @@ def expand(
                 denoise=spec.denoise,
                 allow_missing=spec.allow_missing,
                 scripts=spec.scripts,
+                blender=job.rendered_by,
             )

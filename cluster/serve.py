@@ -53,9 +53,10 @@ class _Dispatcher:
             self._handle = None
             raise
 
-    async def inspect(self, inputs: Any) -> dict[str, Any]:
-        """Catalogue a scene folder with the dispatcher's inspector actor."""
-        result: dict[str, Any] = await self.call("inspect", inputs)
+    async def inspect(self, inputs: Any, blender: str) -> dict[str, Any]:
+        """Catalogue a scene folder with the dispatcher's inspector actor, read by
+        Blender ``blender``."""
+        result: dict[str, Any] = await self.call("inspect", inputs, blender)
         return result
 
     async def stats(self) -> dict[str, Any]:

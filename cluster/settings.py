@@ -7,29 +7,17 @@ Serve replicas and the dispatcher as a plain dict.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
-from importlib import metadata
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from rayfarm.paths import default_data_dir
+from rayfarm.render.environments import DEFAULT_VERSIONS, parse_versions
 
-__all__ = ["Settings", "default_data_dir", "farm_blender_version"]
+__all__ = ["Settings", "default_data_dir"]
 
 DISPATCHER_NAME = "dispatcher"
 NAMESPACE = "rayfarm"
-
-
-def farm_blender_version() -> tuple[int, int]:
-    """The Blender version the render actors run, read from bpy's package metadata.
-
-    Reading metadata does not import bpy, so the service can check uploads
-    against the workers' version without loading Blender.
-    """
-    override = os.environ.get("RAYFARM_BLENDER_VERSION")
-    text = override or metadata.version("bpy")
-    major, minor = text.split(".")[:2]
-    return int(major), int(minor)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -101,7 +89,10 @@ class Settings:
     max_tasks: int = 100_000
     #: Events kept per job (its execution log), oldest trimmed first.
     events_maxlen: int = 100_000
-    blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
+    #: The Blender versions the farm offers, newest first (``RAYFARM_BLENDER=5.3,5.0``):
+    #: each job renders with the one that saved its file, or the one it asks for, or the
+    #: nearest newer one (``rayfarm.versions.route``).
+    blender: tuple[str, ...] = DEFAULT_VERSIONS
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -131,8 +122,10 @@ class Settings:
             "auth": _env_switch("RAYFARM_AUTH", True),
             "audit_maxlen": _env_int("RAYFARM_AUDIT_MAXLEN", 1_000_000),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
+            "blender": parse_versions(os.environ.get("RAYFARM_BLENDER") or DEFAULT_VERSIONS),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values["blender"] = parse_versions(values["blender"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +135,6 @@ class Settings:
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        if "blender_version" in values:
-            values["blender_version"] = tuple(values["blender_version"])
+        if "blender" in values:
+            values["blender"] = tuple(values["blender"])
         return cls(**values)

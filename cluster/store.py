@@ -138,9 +138,13 @@ class JobStore:
 
     # -- create and read ---------------------------------------------------------------
 
-    async def create(self, job: Job, inputs: str, scene_hash: str) -> None:
+    async def create(
+        self, job: Job, inputs: str, scene_hash: str, warnings: Sequence[str] = ()
+    ) -> None:
         """Store a new PENDING job and queue it, in one MULTI/EXEC. ``inputs`` is the
-        input folder's listing (``Inputs.to_json``), ``scene_hash`` its digest."""
+        input folder's listing (``Inputs.to_json``), ``scene_hash`` its digest;
+        ``warnings`` (the Blender it renders with is not the one that saved it, ...)
+        become the job's first ``warning`` events."""
         created = job.created_at.isoformat()
         fields = {
             "id": job.id,
@@ -153,6 +157,8 @@ class JobStore:
             "frames_total": job.frames_total,
             "tasks_total": job.tasks_total,
             "tiles": job.tiles or "",
+            "saved_by": job.saved_by or "",
+            "rendered_by": job.rendered_by or "",
             "created_at": created,
         }
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -171,6 +177,9 @@ class JobStore:
                 {"kind": "state", "from": "", "to": str(job.state), "at": created},
                 maxlen=self.events_maxlen,
             )
+            for warning in warnings:
+                note = {"kind": "warning", "message": warning, "at": created}
+                pipe.xadd(keys.events(job.id), note, maxlen=self.events_maxlen)
             pipe.xadd(keys.changes(), _change(job.id, job.owner, job.spec.project, job.state),
                       maxlen=CHANGES_MAXLEN)  # fmt: skip
             await pipe.execute()
@@ -600,6 +609,8 @@ def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> J
         tiles=data.get("tiles") or None,
         error=data.get("error") or None,
         device=data.get("device") or None,
+        saved_by=data.get("saved_by") or None,
+        rendered_by=data.get("rendered_by") or None,
         created_at=datetime.fromisoformat(data["created_at"]),
         started_at=_dt(data.get("started_at")),
         finished_at=_dt(data.get("finished_at")),

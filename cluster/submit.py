@@ -1,6 +1,7 @@
 """Taking a job in: the checks every submission passes before anything is stored
-(spec, file listing, stored blobs, the main file's header and Blender version, scene
-and camera names against the scene's catalogue), and the job's creation.
+(spec, file listing, stored blobs, the main file's header, the Blender version that
+renders it, scene and camera names against the scene's catalogue), and the job's
+creation.
 
 Used by ``POST /jobs`` (JSON listing or multipart .blend) and by the gRPC
 ``SubmitJob``, so both answer the same input with the same error.
@@ -17,7 +18,7 @@ from typing import IO, Any
 
 from starlette.datastructures import UploadFile
 
-from rayfarm.blendfile import BlendHeader, check_blend, check_version
+from rayfarm.blendfile import BlendHeader, check_blend
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import AppContext
 from rayfarm.cluster.storage import CHUNK_BYTES, Storage
@@ -31,10 +32,12 @@ from rayfarm.errors import (
 )
 from rayfarm.models import Job, JobSpec, JobState, parse_spec
 from rayfarm.render.inputs import SHA256, InputFile, Inputs, blob_key, check_path
+from rayfarm.versions import Route, format_version, route
 
 __all__ = [
     "MAX_INPUT_FILES",
     "catalogue",
+    "check_blender",
     "check_listing",
     "check_rights",
     "check_scene",
@@ -60,8 +63,14 @@ async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
     spec = check_rights(who, check_size(ctx, parse_spec(data.get("spec"))))
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
-    await asyncio.to_thread(check_stored, ctx, inputs)
-    return await _create_job(ctx, spec, inputs, who.name)
+    header = await asyncio.to_thread(check_stored, ctx, inputs)
+    return await _create_job(ctx, spec, inputs, who.name, header)
+
+
+def check_blender(ctx: AppContext, spec: JobSpec | None, header: BlendHeader) -> Route:
+    """The Blender that renders a file saved by ``header``'s version, for ``spec`` (see
+    ``rayfarm.versions``): refused (422) when the farm offers none that fits."""
+    return route(header.version, spec.blender if spec else None, ctx.settings.blender)
 
 
 def check_size(ctx: AppContext, spec: JobSpec) -> JobSpec:
@@ -139,8 +148,9 @@ def check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
     return Inputs(ctx.settings.storage, main, tuple(listed))
 
 
-def check_stored(ctx: AppContext, inputs: Inputs) -> None:
-    """Every blob stored with the listed size; the main file a .blend the workers open."""
+def check_stored(ctx: AppContext, inputs: Inputs) -> BlendHeader:
+    """Every blob stored with the listed size; the main file a whole .blend (its header
+    returned)."""
     missing = []
     for f in inputs.files:
         key = blob_key(f.sha256)
@@ -161,8 +171,7 @@ def check_stored(ctx: AppContext, inputs: Inputs) -> None:
         )
     main = next(f for f in inputs.files if f.path == inputs.main)
     with ctx.storage.fs.open(ctx.storage.path(blob_key(main.sha256)), "rb") as f:
-        header = check_blend(f)
-    check_version(header, ctx.settings.blender_version)
+        return check_blend(f)
 
 
 def file_size(f: IO[bytes]) -> int:
@@ -180,26 +189,31 @@ def check_scene(f: IO[bytes]) -> BlendHeader:
         f.seek(0)
 
 
-async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile, who: Principal) -> Job:
-    """A single-.blend upload for ``who``: the file becomes a blob and the job's input
-    folder holds just it."""
+async def store_single(
+    ctx: AppContext, spec: JobSpec, scene: UploadFile, who: Principal, header: BlendHeader
+) -> Job:
+    """A single-.blend upload for ``who`` (its ``header`` read already): the file becomes
+    a blob and the job's input folder holds just it. Refused before anything is stored
+    when the farm offers no Blender for it."""
     check_rights(who, check_size(ctx, spec))
+    check_blender(ctx, spec, header)
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
     digest, size = await asyncio.to_thread(store_blob, ctx.storage, scene.file)
     inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
-    return await _create_job(ctx, spec, inputs, who.name)
+    return await _create_job(ctx, spec, inputs, who.name, header)
 
 
-async def catalogue(ctx: AppContext, inputs: Inputs) -> dict[str, Any] | None:
-    """The scene's catalogue entry: stored, or made now by the farm's inspector (once
-    per scene folder); None where the service runs without a farm to inspect with."""
+async def catalogue(ctx: AppContext, inputs: Inputs, blender: str) -> dict[str, Any] | None:
+    """The scene's catalogue entry: stored, or made now by the farm's inspector with
+    Blender ``blender`` (the version that will render it; once per scene folder); None
+    where the service runs without a farm to inspect with."""
     info = await ctx.store.scene_info(inputs.digest)
     if info is not None or ctx.inspect is None:
         return info
     try:
-        info = await ctx.inspect(inputs)
+        info = await ctx.inspect(inputs, blender)
     except Exception as exc:
         cause: BaseException = exc
         while getattr(cause, "cause", None) is not None:  # Ray wraps, once per actor hop
@@ -230,9 +244,12 @@ def _check_names(spec: JobSpec, info: dict[str, Any]) -> None:
         )
 
 
-async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str) -> Job:
+async def _create_job(
+    ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str, header: BlendHeader
+) -> Job:
+    chosen = check_blender(ctx, spec, header)
     try:
-        info = await catalogue(ctx, inputs)
+        info = await catalogue(ctx, inputs, chosen.version)
     except InvalidScene:
         # bpy cannot open it: the job fails on the farm with the same message, so a
         # scene that only the farm's Blender refuses is reported where jobs report.
@@ -252,10 +269,13 @@ async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str
         frames_total=len(frames),
         tasks_total=len(frames) * nx * ny,
         tiles=None if grid is None else str(spec.tiles),
+        saved_by=format_version(header.version),
+        rendered_by=chosen.version,
         created_at=datetime.now(UTC),
     )
     # Blobs are shared by content, never a job's own: nothing to undo if this fails.
-    await ctx.store.create(job, inputs.to_json(), inputs.digest)
+    warnings = [chosen.warning] if chosen.warning else []
+    await ctx.store.create(job, inputs.to_json(), inputs.digest, warnings)
     if spec.scripts:
         # Recorded on its own (the request's record says only POST /jobs), to be found
         # with GET /audit?action=scripts+on.

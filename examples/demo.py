@@ -1,6 +1,7 @@
 """The demo `make demo` runs: a local farm renders the example scene end to end.
 
-1. builds the example scene with bpy (examples/make_scene.py: 320x240, 8 frames);
+1. builds the example scene with bpy (examples/make_scene.py: 320x240, 8 frames), in the
+   Blender 5.3 environment `make setup` built (bpy never loads in this process);
 2. starts a farm on this machine (`rayfarm up`: local Ray, Redis, the Serve app);
 3. submits frames 1-8, and frame 1 again split into 2x2 tiles;
 4. waits, downloads the frames, prints where they are, and stops the farm.
@@ -10,6 +11,7 @@ Everything lands under ./out/demo (the farm's data dir included).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -22,6 +24,8 @@ import rayfarm
 from rayfarm.cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The Blender the demo's scene is saved by (the current release; one the farm offers).
+DEMO_BLENDER = "5.3"
 OUT = ROOT / "out" / "demo"
 
 
@@ -51,6 +55,22 @@ def start_farm(port: int) -> subprocess.Popen[bytes]:
     sys.exit(f"the farm did not start in time; see {OUT / 'farm.log'}")
 
 
+def blender_python() -> str:
+    """The interpreter of this machine's Blender 5.3 environment (`rayfarm blender install`):
+    the farm renders the scene with the Blender that saved it."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "rayfarm", "blender", "list", "--json"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    for env in json.loads(listed.stdout)["environments"]:
+        if env["version"] == DEMO_BLENDER:
+            return str(Path(env["path"]) / "bin" / "python")
+    sys.exit(
+        f"no Blender {DEMO_BLENDER} environment here: run `rayfarm blender install "
+        f"{DEMO_BLENDER}` (make setup does)"
+    )
+
+
 def watch(job: rayfarm.Job, label: str) -> rayfarm.Job:
     """Print each change as the farm reports it (a long-poll, not a busy loop)."""
 
@@ -69,7 +89,7 @@ def main() -> int:
     scene = OUT / "example.blend"
     print(f"building the example scene: {scene}")
     subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "make_scene.py"), str(scene)],
+        [blender_python(), str(ROOT / "examples" / "make_scene.py"), str(scene)],
         check=True, capture_output=True,
     )  # fmt: skip
     port = int(os.environ.get("RAYFARM_PORT") or free_port())
@@ -82,7 +102,8 @@ def main() -> int:
             tiled = farm.submit(scene, frames="1", tiles="2x2")
             print(f"submitted {frames.id} (frames 1-8) and {tiled.id} (frame 1 as 2x2 tiles)")
             results = [watch(frames, "frames 1-8"), watch(tiled, "2x2 tiles")]
-            print(f"rendered in {time.perf_counter() - started:.1f} s on {results[0].device}")
+            print(f"rendered in {time.perf_counter() - started:.1f} s on {results[0].device} "
+                  f"with Blender {results[0].rendered_by}")  # fmt: skip
             failed = [j for j in results if j.state is not rayfarm.JobState.COMPLETED]
             for job in failed:
                 print(f"job {job.id} {job.state}: {job.error}", file=sys.stderr)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rayfarm.errors import RenderError
-from rayfarm.render.exr import Part
 from rayfarm.render.tasks import TileRect
+from rayfarm.render.worker.parts import Part
 
 __all__ = ["TileAssembler"]
 

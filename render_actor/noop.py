@@ -17,11 +17,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
+import threading
 import zlib
 from typing import Any
 
-from rayfarm.errors import RenderError
+import ray
+
+from rayfarm.errors import RenderError, WorkerLost
+from rayfarm.render.actor import CONTROL
 from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import BatchResult, RenderTask, TaskResult, portable
 
@@ -54,12 +57,16 @@ class NoopActor:
         slot: int = 0,
         slots: int = 1,
         reporter: Any = None,
+        blender: str | None = None,
         task_s: float | None = None,
         faults: str | None = None,
     ) -> None:
         env_s = os.environ.get("RAYFARM_NOOP_TASK_S")
         self.task_s = task_s if task_s is not None else float(env_s or 0.0)
         self.faults = faults if faults is not None else os.environ.get("RAYFARM_NOOP_FAULTS")
+        self.blender = blender
+        self._stop = threading.Event()
+        self._why = ""
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -69,11 +76,20 @@ class NoopActor:
             "host": socket.gethostname(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "device": self.device,
+            "blender": self.blender,
         }
 
+    @ray.method(concurrency_group=CONTROL)
+    def interrupt(self, reason: str) -> bool:
+        """Stop the task in progress (as a real actor stops its worker)."""
+        self._why = reason
+        self._stop.set()
+        return True
+
     def render(self, task: RenderTask, inputs: Inputs) -> tuple[TaskResult, Any]:
-        if self.task_s:
-            time.sleep(self.task_s)
+        self._stop.clear()
+        if self.task_s and self._stop.wait(self.task_s):
+            raise WorkerLost(self._why, {"stopped": True})
         if self.faults:
             try:
                 os.unlink(os.path.join(self.faults, str(task.frame)))

@@ -1,7 +1,8 @@
 """Cycles' progress inside a task, reported while the render runs.
 
 Blender calls ``render_stats`` handlers with its status line ("... | Sample 12/64")
-as sampling goes; the handler forwards samples done and total to a reporter (the
+as sampling goes; the worker's handler sends each line to its actor, and
+``SampleProgress.update`` forwards samples done and total to a reporter (the
 dispatcher's ``progress`` method), at most once per ``MIN_INTERVAL_S`` per task, so
 a farm of many actors adds a few events a second, not thousands. Status lines that
 are not a new sample count (scene sync, BVH, kernels) reach the dispatcher's
@@ -36,22 +37,15 @@ def parse_samples(stats: str) -> tuple[int, int] | None:
 
 
 class SampleProgress:
-    """Installs one persistent ``render_stats`` handler into bpy; ``task`` (set around
-    each render) says which task the samples belong to."""
+    """Turns a worker's status lines into reports; ``task`` (set around each render)
+    says which task the samples belong to."""
 
-    def __init__(self, bpy: Any, reporter: Any, min_interval_s: float = MIN_INTERVAL_S) -> None:
+    def __init__(self, reporter: Any, min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.reporter = reporter
         self.min_interval_s = min_interval_s
         self.task: RenderTask | None = None
         self._last_at = self._alive_at = 0.0
         self._last: tuple[int, int] | None = None
-
-        # Persistent: opening a .blend clears every handler not marked so.
-        @bpy.app.handlers.persistent
-        def on_stats(stats: Any, *_: Any) -> None:
-            self.update(str(stats))
-
-        bpy.app.handlers.render_stats.append(on_stats)
 
     def start(self, task: RenderTask) -> None:
         self.task, self._last, self._last_at, self._alive_at = task, None, 0.0, 0.0

@@ -1,4 +1,7 @@
-"""What the dispatcher sends to a RenderActor and what comes back. Plain data, no bpy."""
+"""What the dispatcher sends to a RenderActor and what comes back. Plain data, no bpy.
+
+A ``RenderTask`` crosses to the Blender worker as JSON (``dataclasses.asdict``): keep
+its fields JSON-able."""
 
 from __future__ import annotations
 
@@ -6,30 +9,10 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayfarm.render.worker.errors import FATAL
+from rayfarm.render.worker.geometry import TileRect
+
 __all__ = ["FATAL", "BatchResult", "RenderTask", "TaskResult", "TileRect", "portable"]
-
-#: Flag in a RenderError's ``detail``: no retry can fix it (a scene bpy cannot open,
-#: a camera the file lacks, ...); the dispatcher fails the job at once.
-FATAL = "fatal"
-
-
-@dataclass(frozen=True)
-class TileRect:
-    """A tile in pixels, origin bottom-left as Blender's border is: [x0, x1) x [y0, y1)."""
-
-    index: int
-    x0: int
-    x1: int
-    y0: int
-    y1: int
-
-    @property
-    def width(self) -> int:
-        return self.x1 - self.x0
-
-    @property
-    def height(self) -> int:
-        return self.y1 - self.y0
 
 
 @dataclass(frozen=True)
@@ -50,6 +33,7 @@ class RenderTask:
     denoise: bool | None = None  # None: as the scene says
     allow_missing: bool = False  # render even when the scene's files were not all uploaded
     scripts: bool = False  # run the file's Python (an admin's override, audited)
+    blender: str | None = None  # the Blender version that renders it ("5.3")
 
     @property
     def is_tiled(self) -> bool:
@@ -72,6 +56,7 @@ class TaskResult:
     # Files the scene's compositor File Output nodes wrote for this frame, by path
     # (``<node>/<file>``), confined to the task's folder on the worker.
     files: dict[str, bytes] = field(default_factory=dict)
+    worker: int = 0  # the pid of the Blender worker process that did it
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""Tile geometry: split a frame into a grid of render borders, and place tiles back."""
+"""Tiling decisions: how ``tiles="auto"`` splits a frame, and where seams would show.
+
+The grid geometry itself (``split``, ``border_fractions``) lives in
+``rayfarm.render.worker.geometry``, shared with the Blender worker that renders a tile.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from rayfarm.render.tasks import TileRect
+from rayfarm.render.worker.geometry import border_fractions, split
 
 __all__ = [
     "MAX_TILE_COST_SHARE",
@@ -32,36 +36,6 @@ TILES_PER_ACTOR = 2
 MAX_AXIS = 16
 
 
-def _cuts(size: int, parts: int) -> list[int]:
-    return [round(i * size / parts) for i in range(parts + 1)]
-
-
-def split(width: int, height: int, nx: int, ny: int) -> list[TileRect]:
-    """The tiles of a ``width`` x ``height`` frame in an ``nx`` x ``ny`` grid.
-
-    Tiles cover the frame exactly, without overlap; index runs along x first,
-    from the bottom row (Blender's border origin is bottom-left).
-    """
-    if nx > width or ny > height:
-        raise ValueError(f"a {width}x{height} frame cannot be split into {nx}x{ny} tiles")
-    xs, ys = _cuts(width, nx), _cuts(height, ny)
-    return [
-        TileRect(index=j * nx + i, x0=xs[i], x1=xs[i + 1], y0=ys[j], y1=ys[j + 1])
-        for j in range(ny)
-        for i in range(nx)
-    ]
-
-
-def _edge(px: int, size: int) -> float:
-    # Blender turns a border fraction into pixels by truncation; aim a quarter pixel in
-    # so float rounding can never land one pixel short.
-    if px <= 0:
-        return 0.0
-    if px >= size:
-        return 1.0
-    return (px + 0.25) / size
-
-
 def border_band(width: int, height: int, nx: int, ny: int, band: int) -> np.ndarray:
     """A (height, width) mask, rows top first (as EXR and PNG store them): True within
     ``band`` pixels of an inner edge of the ``nx`` x ``ny`` grid, where a per-tile
@@ -74,16 +48,6 @@ def border_band(width: int, height: int, nx: int, ny: int, band: int) -> np.ndar
         row = height - y
         mask[max(0, row - band) : row + band, :] = True
     return mask
-
-
-def border_fractions(rect: TileRect, width: int, height: int) -> tuple[float, float, float, float]:
-    """(min_x, max_x, min_y, max_y) border fractions that render exactly ``rect``."""
-    return (
-        _edge(rect.x0, width),
-        _edge(rect.x1, width),
-        _edge(rect.y0, height),
-        _edge(rect.y1, height),
-    )
 
 
 def auto_grid(

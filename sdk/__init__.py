@@ -14,6 +14,8 @@ The SDK is this package's top level; ``pip install rayfarm`` brings it and the
 from rayfarm.aio import AsyncFarm, AsyncJob
 from rayfarm.client import Farm
 from rayfarm.errors import (
+    BlenderNotOffered,
+    BlenderUnavailable,
     FarmError,
     FarmUnavailable,
     Forbidden,
@@ -32,6 +34,7 @@ from rayfarm.errors import (
     ServerError,
     Unauthorized,
     UnsupportedMediaType,
+    WorkerLost,
 )
 from rayfarm.events import (
     Event,
@@ -54,6 +57,8 @@ __all__ = [
     "TRANSITIONS",
     "AsyncFarm",
     "AsyncJob",
+    "BlenderNotOffered",
+    "BlenderUnavailable",
     "Event",
     "Farm",
     "FarmError",
@@ -89,6 +94,7 @@ __all__ = [
     "TaskStarted",
     "Unauthorized",
     "UnsupportedMediaType",
+    "WorkerLost",
     "__version__",
     "parse_frames",
 ]

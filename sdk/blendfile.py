@@ -1,7 +1,8 @@
 """Read a .blend file's header and check its block structure, without bpy.
 
-The farm refuses a scene before it is stored when the file is not a .blend,
-is cut short, or was saved by a newer Blender than the workers run.
+The farm refuses a scene before it is stored when the file is not a .blend or is
+cut short; the version the header names decides which Blender renders it
+(``rayfarm.versions``).
 
 Header layouts (after optional zstd compression, magic ``28 B5 2F FD``):
 
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rayfarm.errors import InvalidScene, SceneTooNew
+from rayfarm.errors import InvalidScene
 
-__all__ = ["BlendHeader", "check_blend", "check_version", "read_header"]
+__all__ = ["BlendHeader", "check_blend", "read_header"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _LEGACY = re.compile(rb"^BLENDER([_-])([vV])(\d{3})$")
@@ -170,20 +171,6 @@ def check_blend(source: str | Path | BinaryIO | bytes) -> BlendHeader:
         stream = _Chain(rest, stream)  # type: ignore[assignment]
     _walk_blocks(stream, header)
     return header
-
-
-def check_version(header: BlendHeader, farm_version: tuple[int, int]) -> None:
-    """Refuse a file saved by a newer Blender than the farm's workers run."""
-    if header.version > farm_version:
-        raise SceneTooNew(
-            f"the scene was saved by Blender {header.version_string}, newer than the "
-            f"farm's Blender {farm_version[0]}.{farm_version[1]}: save it from Blender "
-            f"{farm_version[0]}.{farm_version[1]} or older",
-            {
-                "file_version": header.version_string,
-                "farm_version": f"{farm_version[0]}.{farm_version[1]}",
-            },
-        )
 
 
 class _Chain:

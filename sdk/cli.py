@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--cpu-actors", type=int, help="render actors on a CPU-only farm")
     up.add_argument("--actor-threads", type=int, help="Cycles threads per CPU actor")
+    up.add_argument(
+        "--blender",
+        help="Blender versions the farm offers, e.g. 5.3,5.0 ($RAYFARM_BLENDER; default 5.3,5.0)",
+    )
 
     s = sub.add_parser("submit", help="upload a .blend and queue a job")
     s.add_argument("scene", help="the .blend file")
@@ -76,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run the file's Python (drivers, registered scripts): admins only, audited",
     )
     s.add_argument("--max-retries", type=int)
+    s.add_argument(
+        "--blender",
+        help="the Blender version to render with, one the farm offers (default: the one "
+        "that saved the file, else the nearest newer one)",
+    )
     s.add_argument("--wait", action="store_true", help="wait for the job to finish")
     s.add_argument("--json", action="store_true", help="print the job as JSON")
 
@@ -120,6 +129,18 @@ def _parser() -> argparse.ArgumentParser:
     tc.add_argument("--label", default="", help="what the token is for")
     sub.add_parser("whoami", help="the user the token belongs to")
 
+    bl = sub.add_parser("blender", help="this machine's Blender environments (a render node's)")
+    bl_sub = bl.add_subparsers(dest="blender_command", required=True, metavar="ACTION")
+    bi = bl_sub.add_parser(
+        "install", help="build the environment of each version (bpy from PyPI, ~400 MB each)"
+    )
+    bi.add_argument(
+        "versions", nargs="*", help="e.g. 5.3 5.0 (default: $RAYFARM_BLENDER, else 5.3 5.0)"
+    )
+    bi.add_argument("--force", action="store_true", help="rebuild environments already there")
+    bls = bl_sub.add_parser("list", help="the environments installed here, and where")
+    bls.add_argument("--json", action="store_true")
+
     lg = sub.add_parser("logs", help="a job's execution log, or a task's Blender output")
     lg.add_argument("job_id")
     lg.add_argument("--task", help="a task id such as f0000012t003 (frame 12, tile 3)")
@@ -135,9 +156,12 @@ def _print(item: Job | JobStatus, as_json: bool) -> None:
         print(item.model_dump_json(indent=2))
         return
     scene = f"  {item.scene_file}" if isinstance(item, Job) else ""
+    blender = ""
+    if isinstance(item, Job) and item.rendered_by:
+        blender = f"  Blender {item.rendered_by} (saved by {item.saved_by or '?'})"
     print(
         f"{item.id}  {item.state:<10}  frames {item.frames_done}/{item.frames_total}  "
-        f"tasks {item.tasks_done}/{item.tasks_total}{scene}"
+        f"tasks {item.tasks_done}/{item.tasks_total}{scene}{blender}"
         + (f"  error: {item.error}" if item.error else "")
     )
 
@@ -149,6 +173,8 @@ def _outcome(state: JobState) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         return _up(args)
+    if args.command == "blender":
+        return _blender(args)
     farm = Farm(args.url)
     if args.command == "submit":
         overrides: dict[str, Any] = {
@@ -166,6 +192,7 @@ def _run(args: argparse.Namespace) -> int:
                 "allow_missing": args.allow_missing,
                 "project": args.project,
                 "scripts": args.scripts,
+                "blender": args.blender,
             }.items()
             if v is not None
         }
@@ -237,8 +264,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "watch":
         status = job.wait(progress=True)
-    else:
-        status = job.wait() if args.command == "wait" else job.status()
+    elif args.command == "wait":
+        status = job.wait()
+    else:  # status: the job's line (with its Blender), or the compact status as JSON
+        status = job.status()
+        if not args.json:
+            _print(job.refresh(), False)
+            return _outcome(status.state)
     _print(status, args.json)
     return _outcome(status.state)
 
@@ -259,6 +291,37 @@ def _logs(farm: Farm, args: argparse.Namespace) -> int:
     return _outcome(job.status().state)
 
 
+def _blender(args: argparse.Namespace) -> int:
+    """``rayfarm blender install|list``: this machine's Blender environments (see
+    ``rayfarm.render.environments``)."""
+    import os
+
+    from rayfarm.render import environments
+
+    if args.blender_command == "install":
+        wanted = environments.parse_versions(
+            args.versions or os.environ.get("RAYFARM_BLENDER") or environments.DEFAULT_VERSIONS
+        )
+        for version in wanted:
+            env = environments.install(version, say=lambda line: print(line, flush=True),
+                                       force=args.force)  # fmt: skip
+            print(f"Blender {version}: {env.python}")
+        return EXIT_OK
+    found = environments.installed()
+    if args.json:
+        rows = [{"version": e.version, "path": str(e.path), **e.info()} for e in found]
+        print(json.dumps({"root": str(environments.root()), "environments": rows}, indent=2))
+        return EXIT_OK
+    print(f"Blender environments in {environments.root()}:")
+    for env in found:
+        info = env.info()
+        print(f"  {env.version}  bpy {info.get('bpy', '?')}  Python {info.get('python', '?')}"
+              f"  {env.path}")  # fmt: skip
+    if not found:
+        print("  none: `rayfarm blender install 5.3` builds one")
+    return EXIT_OK
+
+
 def _up(args: argparse.Namespace) -> int:
     try:
         from rayfarm.cluster.local import up
@@ -277,6 +340,7 @@ def _up(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         cpu_actors=args.cpu_actors,
         actor_threads=args.actor_threads,
+        blender=args.blender,
         **({"auth": False} if args.no_auth else {}),
     )
     up(settings, address=args.address, ready=lambda line: print(line, flush=True))

@@ -133,8 +133,10 @@ class Farm:
         ``samples``, ``resolution_percentage``, ``denoise``, ``format``, ``color_depth``,
         ``scene``, ``camera``, ``priority``, ``max_retries``, ``allow_missing``, ``post``
         (``{"video": {"fps": 24}}``), ``project`` (the farm project the job belongs to:
-        its members see it). ``root`` (default: the scene's folder) is the folder whose
-        layout the farm reproduces; files outside it are packed too (see
+        its members see it), ``blender`` (the Blender version to render with, one the
+        farm offers; by default the one that saved the file, else the nearest newer one).
+        ``root`` (default: the scene's folder) is the folder whose layout the farm
+        reproduces; files outside it are packed too (see
         ``rayfarm.pack``).
 
         The spec is validated first, so a typo fails before any packing; a file the

@@ -8,8 +8,9 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     ├── InvalidRequest        400  malformed request (missing part, bad JSON)
     │   └── UnsupportedMediaType   415  a body in a format the route does not take
     ├── InvalidSpec           422  the job spec breaks a rule (frames, tiles, ...)
+    │   └── BlenderNotOffered      asks for a Blender version the farm does not offer
     ├── InvalidScene          422  the upload is not a readable .blend
-    │   ├── SceneTooNew       422  saved by a newer Blender than the farm's bpy
+    │   ├── SceneTooNew       422  saved by a newer Blender than every one the farm offers
     │   └── MissingDependencies    files the scene uses are missing (before upload)
     ├── PayloadTooLarge       413  upload over the server's size limit
     ├── Unauthorized          401  no token, or not a valid one
@@ -20,7 +21,9 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     │   └── SceneNotFound
     ├── InvalidTransition     409  a state change the job model refuses
     ├── RenderError           ---  a task failed on a render actor
-    │   └── SceneOpenError    ---  bpy could not open the scene
+    │   ├── SceneOpenError    ---  bpy could not open the scene
+    │   └── WorkerLost        ---  the Blender worker process died or was stopped
+    ├── BlenderUnavailable    503  a Blender environment cannot be found or built here
     ├── FarmUnavailable       503  the farm (or its Redis) cannot be reached
     └── ServerError           500  anything else the server reports
 
@@ -33,6 +36,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "BlenderNotOffered",
+    "BlenderUnavailable",
     "FarmError",
     "FarmUnavailable",
     "Forbidden",
@@ -52,6 +57,7 @@ __all__ = [
     "ServerError",
     "Unauthorized",
     "UnsupportedMediaType",
+    "WorkerLost",
     "error_from_body",
 ]
 
@@ -92,6 +98,12 @@ class UnsupportedMediaType(InvalidRequest):
 class InvalidSpec(FarmError):
     status = 422
     code = "invalid_spec"
+
+
+class BlenderNotOffered(InvalidSpec):
+    """``JobSpec.blender`` names a version the farm does not offer (``detail["offered"]``)."""
+
+    code = "blender_not_offered"
 
 
 class InvalidScene(FarmError):
@@ -152,6 +164,21 @@ class RenderError(FarmError):
 
 class SceneOpenError(RenderError):
     code = "scene_open_error"
+
+
+class WorkerLost(RenderError):
+    """The Blender worker process running a task exited (a crash, or stopped by the farm:
+    a cancel, a hang); its render actor lives on and starts a new one."""
+
+    code = "worker_lost"
+
+
+class BlenderUnavailable(FarmError):
+    """A Blender environment is missing and cannot be built on this machine (no CPython
+    for its bpy, or the package index has no such bpy); the message says what to do."""
+
+    status = 503
+    code = "blender_unavailable"
 
 
 class FarmUnavailable(FarmError):

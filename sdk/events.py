@@ -98,10 +98,13 @@ class TaskStarted(_Placed):
 
 
 class TaskDone(_Placed):
-    """The task rendered in ``seconds``."""
+    """The task rendered in ``seconds``, in the Blender worker process ``worker`` (its
+    pid) of render actor process ``pid``."""
 
     kind: Literal["task_done"] = "task_done"
     seconds: float
+    pid: int | None = None
+    worker: int | None = None
 
 
 class TaskFailed(_Placed):

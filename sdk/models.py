@@ -192,6 +192,12 @@ class JobSpec(_Spec):
         "text blocks). Off for every job: a .blend is untrusted. Only an admin may turn it "
         "on, and that is audited; an actor that ran a job's scripts renders nothing else.",
     )
+    blender: str | None = Field(
+        None,
+        pattern=r"^\d{1,2}\.\d{1,2}$",
+        description="The Blender version to render with ('4.5'), one the farm offers. Unset: "
+        "the version that saved the file, else the nearest newer one the farm offers.",
+    )
     project: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
@@ -343,6 +349,10 @@ class JobRecord(BaseModel):
     )
     error: str | None = None
     device: str | None = None
+    saved_by: str | None = Field(None, description="The Blender version that saved the file.")
+    rendered_by: str | None = Field(
+        None, description="The Blender version the farm renders the job with."
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -1,5 +1,9 @@
 """Shared fixtures: a real redis-server, real .blend files built by bpy, and a real
-local farm (`rayfarm up` in a subprocess: Ray, Redis, Serve, render actors)."""
+local farm (`rayfarm up` in a subprocess: Ray, Redis, Serve, render actors).
+
+bpy never loads in the test process: scenes, reference renders and EXR reads run in
+a Blender environment's own interpreter (``blender_python``), the same environments the
+farm's render actors use, so a reference is rendered by the Blender the farm used."""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from rayfarm import Farm, Job, JobState
 from rayfarm.cluster.auth import new_token
 from rayfarm.cluster.ports import free_port
 from rayfarm.cluster.redis_server import RedisServer
+from rayfarm.render import environments
+from rayfarm.render.supervisor import LOADER, PACKAGE_DIR, run_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +42,20 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PYTHON = sys.executable
 MAKE_SCENE = ROOT / "examples" / "make_scene.py"
 FARM_START_TIMEOUT_S = 120
+#: The Blender the tests build scenes with (so the farm renders them with it, too).
+TEST_BLENDER = "5.0"
+
+
+def blender_python(version: str = TEST_BLENDER) -> str:
+    """The interpreter of the Blender environment for ``version`` (``make setup`` builds
+    the offered ones; a missing one is built here)."""
+    return str(environments.install(version).python)
+
+
+def blender_code(code: str, *args: str, blender: str = TEST_BLENDER) -> list[str]:
+    """The command that runs ``code`` with Blender ``blender``'s interpreter, the worker
+    package importable as ``rayfarm_worker``."""
+    return [blender_python(blender), "-c", f"_d = {PACKAGE_DIR!r}\n{LOADER}{code}", *args]
 
 
 @pytest.fixture(scope="session")
@@ -98,17 +118,18 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 class SceneFactory:
-    """Builds .blend files with examples/make_scene.py (real bpy), cached per arguments."""
+    """Builds .blend files with examples/make_scene.py (real bpy, ``blender``'s version:
+    the file says it saved it), cached per arguments."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def __call__(self, *args: str) -> Path:
-        name = hashlib.sha1(" ".join(args).encode()).hexdigest()[:12] + ".blend"
+    def __call__(self, *args: str, blender: str = TEST_BLENDER) -> Path:
+        name = hashlib.sha1(" ".join((blender, *args)).encode()).hexdigest()[:12] + ".blend"
         path = self.directory / name
         if not path.exists():
             subprocess.run(
-                [PYTHON, str(MAKE_SCENE), str(path), *args],
+                [blender_python(blender), str(MAKE_SCENE), str(path), *args],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -131,13 +152,19 @@ def small_scene(make_scene: SceneFactory) -> Path:
 
 
 def render_reference(
-    scene: Path, out_dir: Path, frames: list[int], exr: bool = False, depth: int = 32
+    scene: Path,
+    out_dir: Path,
+    frames: list[int],
+    exr: bool = False,
+    depth: int = 32,
+    blender: str = TEST_BLENDER,
 ) -> dict[int, Path]:
-    """Render frames directly with bpy in a fresh process (the ground truth): PNG, or
-    with ``exr`` multi-layer OpenEXR with every pass (``depth`` 32 float or 16 half)."""
+    """Render frames directly with bpy ``blender`` in a fresh process (the ground truth):
+    PNG, or with ``exr`` multi-layer OpenEXR with every pass (``depth`` 32 float or 16
+    half)."""
     subprocess.run(
-        [PYTHON, str(ROOT / "tests" / "helpers" / "render_reference.py"), str(scene),
-         str(out_dir), *([f"--exr{depth}"] if exr else []), *map(str, frames)],
+        [blender_python(blender), str(ROOT / "tests" / "helpers" / "render_reference.py"),
+         str(scene), str(out_dir), *([f"--exr{depth}"] if exr else []), *map(str, frames)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -145,17 +172,14 @@ def render_reference(
     return {f: out_dir / f"{f:04d}.{'exr' if exr else 'png'}" for f in frames}
 
 
-def exr_parts(path: Path) -> dict[str, tuple[tuple[str, ...], np.ndarray, str]]:
+def exr_parts(
+    path: Path, blender: str = TEST_BLENDER
+) -> dict[str, tuple[tuple[str, ...], np.ndarray, str]]:
     """Every part of a multi-layer EXR (channels, float32 pixels, "half" or "float" as
     stored), read in a fresh process with the OpenImageIO bpy ships (the test process
     never loads bpy)."""
     out = path.with_suffix(".npz")
-    subprocess.run(
-        [PYTHON, "-m", "rayfarm.render.exr", str(path), str(out)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    run_tool(blender_python(blender), "dump-exr", str(path), str(out), timeout_s=120)
     with np.load(out) as data:
         names = [str(n) for n in data["names"]]
         return {

@@ -28,7 +28,7 @@ def api(redis_url, tmp_path):
         storage=(tmp_path / "storage").as_uri(),
         data_dir=str(tmp_path),
         max_upload_bytes=4 * 1024 * 1024,
-        blender_version=(5, 0),
+        blender=("5.0",),
     )
     nudges = []
     ctx = AppContext(settings)
@@ -115,12 +115,19 @@ def test_bad_scenes_are_refused_and_nothing_is_stored(
     assert api.get("/healthz").status_code == 200
 
 
-def test_too_new_names_both_versions(api, small_scene):
+def test_too_new_names_the_offered_versions(api, small_scene):
+    """A file newer than every version the farm offers (this app offers 5.0) is refused
+    before anything is stored, naming them; so is a request for a version not offered."""
     data = small_scene.read_bytes()
     r = submit(api, data[:13] + b"0600" + data[17:], {"frames": "1"})
-    assert_error(r, 422, "scene_too_new", "newer than the farm's Blender 5.0")
-    assert "6.0" in r.json()["error"]["message"]
-    assert r.json()["error"]["detail"] == {"file_version": "6.0", "farm_version": "5.0"}
+    assert_error(r, 422, "scene_too_new", "newer than every Blender this farm offers (5.0)")
+    assert "saved by Blender 6.0" in r.json()["error"]["message"]
+    assert r.json()["error"]["detail"] == {"file_version": "6.0", "offered": ["5.0"]}
+    assert_nothing_stored(api)
+    r = submit(api, data, {"frames": "1", "blender": "4.2"})
+    assert_error(r, 422, "blender_not_offered", "Blender 4.2, which this farm does not offer")
+    assert r.json()["error"]["detail"]["offered"] == ["5.0"]
+    assert_nothing_stored(api)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +221,7 @@ def test_openapi_enum_is_the_sdk_enum(api):
 
 def test_health_reports_versions(api):
     body = api.get("/healthz").json()
-    assert body["status"] == "ok" and body["blender"] == "5.0"
+    assert body["status"] == "ok" and body["blender"] == ["5.0"]
     assert body["workers"] is None  # no dispatcher behind this app
 
 
@@ -223,7 +230,7 @@ def test_redis_down_is_503_and_the_app_stays_up(tmp_path):
         redis_url="redis://127.0.0.1:1/0",
         storage=tmp_path.as_uri(),
         data_dir=str(tmp_path),
-        blender_version=(5, 0),
+        blender=("5.0",),
     )
     with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
         assert_error(client.get("/healthz"), 503, "farm_unavailable", "unreachable")

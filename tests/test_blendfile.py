@@ -6,8 +6,8 @@ import struct
 import pytest
 import zstandard
 
-from rayfarm import InvalidScene, SceneTooNew
-from rayfarm.blendfile import check_blend, check_version, read_header
+from rayfarm import InvalidScene
+from rayfarm.blendfile import check_blend, read_header
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,10 @@ def _with_version(data: bytes, digits: bytes) -> bytes:
     return data[:13] + digits + data[17:]
 
 
-def test_newer_file_is_refused_naming_both_versions(plain):
+def test_a_newer_files_version_is_read(plain):
+    """What the farm routes by (``rayfarm.versions.route``, tests/test_versions.py)."""
     header = check_blend(_with_version(plain, b"0501"))
-    assert header.version == (5, 1)
-    with pytest.raises(SceneTooNew) as err:
-        check_version(header, (5, 0))
-    assert "Blender 5.1" in str(err.value) and "Blender 5.0" in str(err.value)
-    assert err.value.detail == {"file_version": "5.1", "farm_version": "5.0"}
-    check_version(header, (5, 1))
-    check_version(check_blend(plain), (5, 0))
+    assert header.version == (5, 1) and header.version_string == "5.1"
 
 
 def test_newer_compressed_file_is_detected(plain):

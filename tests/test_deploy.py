@@ -28,8 +28,9 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "cluster" / "deploy"
-#: The image every node runs: Python 3.11 (bpy 5.0's only CPython), CUDA, and the Ray this
-#: machine runs (`ray up` and `serve deploy` refuse a client/cluster version mismatch).
+#: The image every node runs: Python 3.11 (the farm's; Blender has environments of its own),
+#: CUDA, and the Ray this machine runs (`ray up` and `serve deploy` refuse a client/cluster
+#: version mismatch).
 IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 IMAGE_FAMILY = re.compile(r"^rayproject/ray:\d+\.\d+\.\d+-py311-gpu$")
 #: What the dispatcher asks Ray for (cluster/dispatcher.py, _new_actor): a GPU RenderActor
@@ -258,3 +259,33 @@ def test_free_ports_for_listening_servers_are_distinct_free_and_below_the_epheme
     for port in picks[:20]:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))
+
+
+# -- Blender environments on every node ---------------------------------------------------------
+
+
+def test_every_deployment_offers_and_builds_the_same_blender_versions(cluster, kuberay):
+    """ray-cluster.yaml, the KubeRay manifest and the node image all offer the same valid
+    versions (RAYFARM_BLENDER) and build their environments when a node is set up (the
+    image at build time), with the CPython 3.13 that bpy 5.1 and newer need."""
+    from rayfarm.render.environments import parse_versions
+
+    offered = set()
+    options = " ".join(cluster["docker"]["run_options"])
+    (value,) = re.findall(r"--env RAYFARM_BLENDER=(\S+)", options)
+    offered.add(parse_versions(value))
+    setup = " && ".join(cluster["setup_commands"])
+    assert "uv python install 3.13" in setup and "rayfarm blender install" in setup
+    spec = kuberay["spec"]
+    templates = [spec["headGroupSpec"]["template"]]
+    templates += [g["template"] for g in spec["workerGroupSpecs"]]
+    for template in templates:
+        for container in _containers(template):
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            offered.add(parse_versions(env["RAYFARM_BLENDER"]))
+            assert "rayfarm blender install" in container["args"][-1]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (value,) = re.findall(r"RAYFARM_BLENDER=(\S+)", dockerfile)
+    offered.add(parse_versions(value))
+    assert "rayfarm blender install" in dockerfile
+    assert len(offered) == 1, offered

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from rayfarm.render.devices import Choice, Device, choose
+from rayfarm.render.worker.devices import Choice, Device, choose
 
-from conftest import PYTHON
+from conftest import blender_code
 
 CPU = Device("CPU", "AMD EPYC 7R13 Processor", "CPU")
 
@@ -75,13 +75,13 @@ def test_bpy_here_lists_no_gpu_and_an_assigned_gpu_falls_back_to_the_cpu():
     actor assigned a GPU would run it (Cycles finds no GPU, so the actor says CPU)."""
     code = (
         "import json, bpy\n"
-        "from rayfarm.render.devices import listing, select\n"
+        "from rayfarm_worker.devices import listing, select\n"
         "prefs = bpy.context.preferences.addons['cycles'].preferences\n"
         "found = {k: [d.type for d in v] for k, v in listing(prefs).items()}\n"
         "print(json.dumps({'listed': found, 'label': select(prefs, [0]).label,\n"
         "                  'cpu': select(prefs, []).label}))\n"
     )
-    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(blender_code(code), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["listed"]) == {"OPTIX", "CUDA", "HIP", "ONEAPI"}

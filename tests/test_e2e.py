@@ -18,7 +18,15 @@ import pytest
 
 from rayfarm import InvalidScene, InvalidSpec, InvalidTransition, JobState
 
-from conftest import AUTH, PYTHON, WAIT_S, completed, farm_processes, pixels, render_reference
+from conftest import (
+    AUTH,
+    WAIT_S,
+    blender_python,
+    completed,
+    farm_processes,
+    pixels,
+    render_reference,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +86,7 @@ def test_registered_python_does_not_run(farm, make_scene, tmp_path):
     assert not marker.exists()
     # The scene is armed: opened with auto-execution on, it does create the marker.
     subprocess.run(
-        [PYTHON, "-c", "import bpy; bpy.ops.wm.open_mainfile("
+        [blender_python(), "-c", "import bpy; bpy.ops.wm.open_mainfile("
          f"filepath={str(scene)!r}, load_ui=False, use_scripts=True)"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip

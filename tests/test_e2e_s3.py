@@ -67,12 +67,12 @@ def test_a_textured_scene_and_its_video_go_through_s3(s3_farm, tmp_path):
     video all in the bucket; nothing on local disk."""
     import subprocess
 
-    from conftest import MAKE_SCENE, PYTHON
+    from conftest import MAKE_SCENE, blender_python
 
     scene = tmp_path / "project" / "shot.blend"
     scene.parent.mkdir()
     subprocess.run(
-        [PYTHON, str(MAKE_SCENE), str(scene), "--width", "64", "--height", "48",
+        [blender_python(), str(MAKE_SCENE), str(scene), "--width", "64", "--height", "48",
          "--samples", "2", "--frames", "3", "--texture"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip

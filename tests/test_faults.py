@@ -1,7 +1,9 @@
-"""Renders that must be stopped: a render that hangs (its process frozen with SIGSTOP,
-as a wedged GPU driver or a deadlock leaves it) is killed once it shows no progress
-for the farm's hang timeout and retried, and cancelling a job kills its renders in
-progress (bpy cannot be interrupted: the actor process is killed and replaced).
+"""Renders that must be stopped, and Blender workers that die: a render that hangs (its
+worker process frozen with SIGSTOP, as a wedged GPU driver or a deadlock leaves it) is
+stopped once it shows no progress for the farm's hang timeout and retried; cancelling
+a job stops its renders in progress; a worker that is killed or crashes fails its task
+alone. In every case only the Blender worker process goes: the render actor (its pid,
+its GPU, its place in the pool) stays and starts a new worker.
 
 On a farm of its own, with a short ``RAYFARM_HANG_TIMEOUT_S``."""
 
@@ -48,18 +50,37 @@ def _events(farm, job_id: str, kind: str) -> list[dict[str, str]]:
     return [e for e in farm.events(job_id) if e["kind"] == kind]
 
 
-def _running(farm, job_id: str, kind: str, timeout_s: float = WAIT_S) -> tuple[str, int]:
-    """(task, pid of the actor rendering it) once the job has an event ``kind`` (a task
-    started, or reporting samples)."""
+def _running(farm, job_id: str, kind: str, timeout_s: float = WAIT_S) -> tuple[str, int, int]:
+    """(task, pid of the actor rendering it, pid of that actor's Blender worker) once the
+    job has an event ``kind`` (a task started, or reporting samples)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         seen = _events(farm, job_id, kind)
         if seen:
             task = seen[0]["task"]
             started = [e for e in _events(farm, job_id, "task_started") if e["task"] == task]
-            return task, int(started[-1]["pid"])
+            actor = int(started[-1]["pid"])
+            return task, actor, _worker_of(actor)
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} has no {kind} event")
+
+
+def _worker_of(actor: int, timeout_s: float = 60) -> int:
+    """The pid of the Blender worker process render actor ``actor`` runs (its child)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == actor and b"rayfarm_worker" in cmdline and b"serve" in cmdline:
+                return int(entry.name)
+        time.sleep(0.05)
+    raise AssertionError(f"render actor {actor} has no Blender worker")
 
 
 def _gone(pid: int, timeout_s: float) -> float | None:
@@ -77,15 +98,32 @@ def _gone(pid: int, timeout_s: float) -> float | None:
         time.sleep(0.05)
 
 
-def test_a_hung_render_is_killed_and_retried(client, hang_farm, make_scene, tmp_path):
+def _actors(farm) -> set[int]:
+    """The pids of the farm's render actors."""
+    return {
+        pid for pid in farm_processes(farm.mark) - farm.before
+        if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    }  # fmt: skip
+
+
+def _equal_to_bpy(job, scene: Path, tmp_path: Path) -> None:
+    """Each frame stored once, and equal to bpy's own render of it."""
+    got = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", job.spec.frame_list)
+    assert sorted(int(p.stem) for p in got) == job.spec.frame_list
+    for path in got:
+        assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path.name
+
+
+def test_a_hung_render_is_stopped_and_retried(client, hang_farm, make_scene, tmp_path):
     scene = make_scene(*SCENE)
+    actors = _actors(hang_farm)
     job = client.submit(scene, frames="1-2")
-    task, victim = _running(hang_farm, job.id, "task_started")
+    task, actor, victim = _running(hang_farm, job.id, "task_started")
     os.kill(victim, signal.SIGSTOP)  # alive, holding its task, and making no progress
     try:
         status = job.wait(timeout=WAIT_S)
-        # Ray's kill of a process that answers nothing ends in SIGKILL (after ~5 s).
-        assert _gone(victim, 60) is not None, "the hung actor is still there"
+        assert _gone(victim, 60) is not None, "the hung worker is still there"
     finally:
         try:
             os.kill(victim, signal.SIGCONT)
@@ -94,23 +132,22 @@ def test_a_hung_render_is_killed_and_retried(client, hang_farm, make_scene, tmp_
     assert status.state is JobState.COMPLETED, status.error
     (failed,) = [e for e in _events(hang_farm, job.id, "task_failed") if e["task"] == task]
     assert failed["error"] == f"no sign of progress for {HANG_S} s (the render hung)"
-    assert (failed["retry"], int(failed["pid"])) == ("True", victim)
+    assert (failed["retry"], int(failed["pid"])) == ("True", actor)
     done = [e for e in _events(hang_farm, job.id, "task_done") if e["task"] == task]
-    assert len(done) == 1 and int(done[0]["pid"]) != victim and done[0]["attempt"] == "2"
-    # Each frame stored once, and equal to bpy's own render.
+    assert len(done) == 1 and int(done[0]["worker"]) != victim and done[0]["attempt"] == "2"
     stored = sorted(e["frame"] for e in _events(hang_farm, job.id, "frame"))
     assert stored == ["1", "2"]
-    got = job.download(tmp_path / "farm")
-    want = render_reference(scene, tmp_path / "ref", [1, 2])
-    for path in got:
-        assert np.array_equal(pixels(path), pixels(want[int(path.stem)])), path.name
+    _equal_to_bpy(job, scene, tmp_path)
+    assert _actors(hang_farm) == actors  # no actor was lost or replaced
 
 
-def test_cancel_kills_the_render_in_progress(client, hang_farm, make_scene, small_scene):
-    """A render that would take minutes (65 536 samples), far longer than the test waits, stops
-    when its job is cancelled; nothing of it is stored, and the farm renders on."""
+def test_cancel_stops_the_render_in_progress(client, hang_farm, make_scene, small_scene):
+    """A render that would take minutes (65 536 samples), far longer than the test waits,
+    stops when its job is cancelled; nothing of it is stored, and the farm renders on
+    with the same actors."""
+    actors = _actors(hang_farm)
     job = client.submit(make_scene(*SCENE), frames="1", samples=65_536)
-    _, victim = _running(hang_farm, job.id, "progress")
+    _, actor, victim = _running(hang_farm, job.id, "progress")
     assert _gone(victim, 0) is None  # rendering
     job.cancel()
     seconds = _gone(victim, 60)
@@ -120,13 +157,32 @@ def test_cancel_kills_the_render_in_progress(client, hang_farm, make_scene, smal
     assert status.state is JobState.CANCELLED and status.frames_done == 0
     assert not _events(hang_farm, job.id, "task_done")
     assert not (hang_farm.storage_dir / "jobs" / job.id / "frames").exists()
-    # The actor was replaced, and the farm renders on.
     assert completed(client.submit(small_scene, frames="1-4")).frames_done == 4
-    actors = [
-        pid for pid in farm_processes(hang_farm.mark) - hang_farm.before
-        if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]  # fmt: skip
-    assert len(actors) == 2 and victim not in actors
+    assert actor in actors and _actors(hang_farm) == actors
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_worker_that_dies_mid_render_costs_its_task_only(
+    client, hang_farm, make_scene, tmp_path, sig
+):
+    """SIGKILL (the kernel's OOM killer, an operator) or SIGSEGV (a bpy crash) of the
+    Blender worker in the middle of a render: the task fails naming the signal and
+    quoting the worker's last output, is retried, and the job completes with frames equal
+    to bpy's; the render actor's process is the same throughout."""
+    scene = make_scene(*SCENE)
+    actors = _actors(hang_farm)
+    job = client.submit(scene, frames="1-2")
+    task, actor, victim = _running(hang_farm, job.id, "progress")
+    os.kill(victim, sig)
+    assert completed(job).frames_done == 2
+    (failed,) = [e for e in _events(hang_farm, job.id, "task_failed") if e["task"] == task]
+    assert int(failed["pid"]) == actor and failed["retry"] == "True"
+    assert f"worker (pid {victim}) died during the task (signal {sig.name})" in failed["error"]
+    assert "its last output:" in failed["error"] and "Sample" in failed["error"]
+    # The failed attempt's log is the worker's output up to its death.
+    assert "Sample" in job.logs(task).split("attempt 2")[0]
+    _equal_to_bpy(job, scene, tmp_path)
+    assert _actors(hang_farm) == actors
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])

@@ -12,7 +12,7 @@ import pytest
 
 from rayfarm import JobState, MissingDependencies
 
-from conftest import AUTH, PYTHON, WAIT_S, completed, pixels, render_reference
+from conftest import AUTH, WAIT_S, blender_python, completed, pixels, render_reference
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,8 @@ def project(tmp_path):
     scene.parent.mkdir(parents=True)
     outside = tmp_path / "library" / "cube.png"
     subprocess.run(
-        [PYTHON, str(MAKE_SCENE), str(scene), *SCENE, "--texture", "--abs-texture", str(outside)],
+        [blender_python(), str(MAKE_SCENE), str(scene), *SCENE, "--texture",
+         "--abs-texture", str(outside)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     return scene
@@ -107,7 +108,7 @@ def test_a_linked_library_outside_the_project_is_packed_and_renders(farm, tmp_pa
     scene.parent.mkdir()
     library = tmp_path / "library" / "props.blend"
     subprocess.run(
-        [PYTHON, str(MAKE_SCENE), str(scene), *SCENE, "--library", str(library)],
+        [blender_python(), str(MAKE_SCENE), str(scene), *SCENE, "--library", str(library)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     info = farm.inspect(scene)

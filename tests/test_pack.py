@@ -11,14 +11,14 @@ import pytest
 import rayfarm.pack
 from rayfarm.pack import pack_scene, sha256_file
 
-from conftest import MAKE_SCENE, PYTHON
+from conftest import MAKE_SCENE, blender_python
 
 SCENE = ("--width", "32", "--height", "24", "--samples", "1", "--frames", "1")
 
 
 def _scene(path, *extra):
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([PYTHON, str(MAKE_SCENE), str(path), *SCENE, *extra],
+    subprocess.run([blender_python(), str(MAKE_SCENE), str(path), *SCENE, *extra],
                    check=True, capture_output=True, timeout=120)  # fmt: skip
     return path
 

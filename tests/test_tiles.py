@@ -8,7 +8,6 @@ import pytest
 
 from rayfarm.errors import RenderError
 from rayfarm.render.assembler import TileAssembler
-from rayfarm.render.exr import Part
 from rayfarm.render.tiles import (
     MAX_TILE_COST_SHARE,
     auto_grid,
@@ -16,6 +15,7 @@ from rayfarm.render.tiles import (
     border_fractions,
     split,
 )
+from rayfarm.render.worker.parts import Part
 
 
 @pytest.mark.parametrize(

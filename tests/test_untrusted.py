@@ -53,7 +53,8 @@ def test_only_an_admin_runs_a_files_python_audited_in_a_process_of_its_own(
 ):
     """scripts=true is an admin's override: an artist asking for it is refused (403,
     nothing stored); the admin's job runs the file's registered script on the worker
-    (its marker appears), is audited, and the actors that ran it render no other job."""
+    (its marker appears), is audited, and the Blender worker processes that ran it
+    render no other job (their actors do, each with a fresh worker)."""
     marker = tmp_path / "scripts-ran"
     scene = make_scene(*("--width", "32", "--height", "24", "--samples", "2"),
                        "--script-marker", str(marker))  # fmt: skip
@@ -72,15 +73,16 @@ def test_only_an_admin_runs_a_files_python_audited_in_a_process_of_its_own(
     (record,) = farm.audit(action="scripts on", job=job.id)
     assert record["who"] == farm.whoami()["user"] and record["outcome"] == "201"
 
-    ran = {e["pid"] for e in events if e["kind"] == "task_done"}
+    ran = {e["worker"] for e in events if e["kind"] == "task_done"}
     after = completed(farm.submit(small_scene, frames="1-4"))
-    others = {e["pid"] for e in local_farm.events(after.id) if e["kind"] == "task_done"}
+    others = {e["worker"] for e in local_farm.events(after.id) if e["kind"] == "task_done"}
     assert ran and others and not ran & others
+    assert "0" not in ran | others  # every task says which worker did it
 
 
 _FLUID = """
 import json, os, sys, bpy
-from rayfarm.render.blender import confine_outputs
+from rayfarm_worker.blender import confine_outputs
 folder, caches, scene_path = sys.argv[1:4]
 bpy.ops.wm.read_factory_settings(use_empty=True)
 domains = {}
@@ -110,13 +112,13 @@ def test_fluid_caches_outside_the_scenes_folder_move_into_the_job(tmp_path):
     import json
     import subprocess
 
-    from conftest import PYTHON
+    from conftest import blender_code
 
     caches = tmp_path / "caches"
     (tmp_path / "shot").mkdir()
     out = subprocess.run(
-        [PYTHON, "-c", _FLUID, str(tmp_path / "files"), str(caches),
-         str(tmp_path / "shot" / "s.blend")],
+        blender_code(_FLUID, str(tmp_path / "files"), str(caches),
+                     str(tmp_path / "shot" / "s.blend")),
         check=True, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     got = json.loads(out.stdout.strip().splitlines()[-1])

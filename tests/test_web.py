@@ -57,7 +57,7 @@ def app(redis_url, tmp_path) -> Iterator[TestClient]:
         redis_url=redis_url,
         storage=(tmp_path / "storage").as_uri(),
         data_dir=str(tmp_path),
-        blender_version=(5, 0),
+        blender=("5.0",),
     )
     bootstrap_admin(redis_url, ADMIN_TOKEN)
     with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
@@ -441,6 +441,7 @@ def test_sign_in_submit_watch_it_complete_and_open_a_frame(
     page.get_by_label("Samples").fill("2")
     page.get_by_label("Encode the frames to an MP4").check()
     page.get_by_label("Frames per second").fill("4")
+    page.get_by_label("Blender").fill("5.3")  # the scene was saved by 5.0; 5.3 asked for
     page.get_by_role("button", name="Submit", exact=True).click()
 
     expect(page).to_have_url(re.compile(r"#/jobs/[0-9a-f]{16}$"))
@@ -450,6 +451,7 @@ def test_sign_in_submit_watch_it_complete_and_open_a_frame(
     assert state.text_content() == "COMPLETED", page.locator("#job-error").text_content()
     expect(page.locator("#frames li")).to_have_count(3)
     expect(page.locator("#job-frames")).to_have_text("3 of 3")
+    expect(page.locator("#job-blender")).to_have_text("5.3 (saved by 5.0)")
     tasks = page.locator("#tasks-body tr")
     expect(tasks).to_have_count(6)  # 3 frames x 2 tiles, each with where it ran
     expect(tasks.filter(has_text="f0000003t001")).to_contain_text("done")

@@ -522,6 +522,7 @@
 
     $("job-title").textContent = `Job ${id}`;
     for (const field of ["job-owner", "job-frames", "job-tasks", "job-tiles", "job-device",
+      "job-blender",
       "job-created", "job-started", "job-finished", "job-answer", "job-rights", "job-live",
       "frames-count"]) {
       $(field).textContent = "";
@@ -716,6 +717,8 @@
       $("job-tasks").textContent = `${job.tasks_done} of ${job.tasks_total}`;
       $("job-tiles").textContent = job.tiles || String(job.spec.tiles);
       $("job-device").textContent = job.device || "—";
+      $("job-blender").textContent = job.rendered_by
+        ? `${job.rendered_by} (saved by ${job.saved_by || "?"})` : "—";
       setTime($("job-created"), job.created_at);
       setTime($("job-started"), job.started_at);
       setTime($("job-finished"), job.finished_at);
@@ -870,6 +873,7 @@
     }
     if ($("submit-format").value !== "png") spec.format = $("submit-format").value;
     if ($("submit-project").value) spec.project = $("submit-project").value;
+    if ($("submit-blender").value.trim()) spec.blender = $("submit-blender").value.trim();
     if ($("submit-video").checked) spec.post = { video: { fps: Number($("submit-fps").value) } };
     return spec;
   }

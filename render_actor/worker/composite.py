@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rayfarm.errors import RenderError
-from rayfarm.render.tasks import FATAL
+from .errors import FATAL, RenderError
 
 __all__ = ["denoise_tree", "render_layer_nodes", "scene_tree"]
 

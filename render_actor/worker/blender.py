@@ -1,33 +1,23 @@
-"""Small helpers over Blender's data and process for the RenderActor (no bpy import:
-they take bpy objects as arguments)."""
+"""Small helpers over Blender's data for the worker's session (no bpy import: they take
+bpy objects as arguments)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import shutil
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
     "assign",
-    "captured_output",
-    "collect_files",
     "confine_outputs",
     "missing_files",
     "pixel_size",
     "prepare_assembly",
+    "safe_name",
     "script_warnings",
     "set_format",
     "snapshot",
-    "tail",
-    "take",
 ]
-
-_LIBC = ctypes.CDLL(None)
 
 
 #: ID collections whose items may name an external file, and how a file-less one says so.
@@ -126,42 +116,6 @@ def prepare_assembly(scene: Any, width: int, height: int) -> None:
         setattr(r, name, False)
 
 
-@contextmanager
-def captured_output(path: str) -> Iterator[None]:
-    """Point this process's stdout and stderr (file descriptors 1 and 2, which Blender's
-    C code writes to) at ``path``, truncated, for the duration of the block."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        _LIBC.fflush(None)  # C stdio buffers what Blender printed: write it here, not later
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
-
-
-def tail(path: str, limit: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - limit))
-        return f.read().decode(errors="replace")
-
-
-def take(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        os.unlink(path)
-
-
 def script_warnings(bpy: Any) -> list[str]:
     """What running with Python auto-execution off changes in the open file: drivers
     whose expressions need Python (Blender evaluates those to 0 and says so only on
@@ -195,8 +149,6 @@ def script_warnings(bpy: Any) -> list[str]:
 #: expands to a name the file chose) and what storage keys refuse (``check_path``), in
 #: a name that becomes part of a path.
 _UNSAFE = re.compile(r'[/\\{}:*?"<>|\x00-\x1f]|\.\.')
-#: Most bytes of files one task's File Output nodes may hand back.
-MAX_FILE_OUTPUT_BYTES = 1024**3
 
 
 def safe_name(name: str, fallback: str) -> str:
@@ -257,27 +209,3 @@ def confine_outputs(bpy: Any, folder: str, caches: str, originals: dict[str, str
             )
             domain.cache_directory = target
     return changed
-
-
-def collect_files(folder: str) -> dict[str, bytes]:
-    """The files under ``folder`` (File Output nodes' work), by path relative to it;
-    the folder is emptied. More than ``MAX_FILE_OUTPUT_BYTES`` in all is an error."""
-    found: dict[str, bytes] = {}
-    total = 0
-    try:
-        for root, _, names in os.walk(folder):
-            for name in sorted(names):
-                path = os.path.join(root, name)
-                if os.path.islink(path):
-                    continue  # Blender writes files; a link is not its work
-                total += os.path.getsize(path)
-                if total > MAX_FILE_OUTPUT_BYTES:
-                    raise ValueError(
-                        f"the scene's File Output nodes wrote over {MAX_FILE_OUTPUT_BYTES} bytes "
-                        "for one frame"
-                    )
-                with open(path, "rb") as f:
-                    found[os.path.relpath(path, folder)] = f.read()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return found

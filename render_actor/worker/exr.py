@@ -11,8 +11,9 @@ compression code), so it adds nothing to install and never loads a second copy o
 the libraries into a process that already has Blender in it. bpy reads EXR too, but
 only the first layer of a multi-layer file through ``Image.pixels``.
 
-``python -m rayfarm.render.exr IN.exr OUT.npz`` dumps every part of a file to numpy
-(``names``, ``stored``, ``channels<i>``, ``pixels<i>``), for tests and benchmarks that compare
+``dump`` writes every part of a file to one numpy ``.npz`` (``names``, ``stored``,
+``channels<i>``, ``pixels<i>``); the worker's command line runs it (``rayfarm.render.
+supervisor.run_tool(python, "dump-exr", IN, OUT)``) for tests and benchmarks that compare
 EXR output without loading bpy themselves.
 """
 
@@ -20,31 +21,17 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rayfarm.errors import RenderError
+from .errors import RenderError
+from .parts import Part
 
-__all__ = ["Part", "oiio", "read_parts", "write_parts"]
+__all__ = ["dump", "oiio", "read_parts", "write_parts"]
 
 _OIIO: Any = None
 _COLOUR = frozenset("RGBA")
-
-
-@dataclass(frozen=True)
-class Part:
-    """One EXR part: its channel names and its pixels, (height, width, channels) float32,
-    top row first (as EXR stores them)."""
-
-    channels: tuple[str, ...]
-    pixels: np.ndarray
-    stored: str = "float"  # how the file held it: "float" or "half" (read as float32)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.pixels.shape[1], self.pixels.shape[0]
 
 
 def oiio() -> Any:
@@ -126,8 +113,8 @@ def write_parts(
         out.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    src, dst = argv or sys.argv[1:]
+def dump(src: str, dst: str) -> None:
+    """Every part of the EXR ``src`` into the numpy archive ``dst``."""
     parts = read_parts(src)
     arrays: dict[str, np.ndarray] = {
         "names": np.array(list(parts)),
@@ -137,7 +124,3 @@ def main(argv: list[str] | None = None) -> None:
         arrays[f"channels{i}"] = np.array(part.channels)
         arrays[f"pixels{i}"] = part.pixels
     np.savez(dst, **arrays)
-
-
-if __name__ == "__main__":
-    main()
