@@ -196,7 +196,7 @@ async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
                 f"scene of {size} bytes is over the farm's limit of {limit} bytes",
                 {"limit": limit},
             )
-        header = await asyncio.to_thread(check_scene, scene.file)
+        header = await asyncio.to_thread(check_scene, scene.file, ctx.settings.blend_limits)
         check_version(header, ctx.settings.blender_version)
         return await store_single(ctx, spec, scene, who)
     finally:

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from starlette.datastructures import UploadFile
 
-from rayfarm.blendfile import BlendHeader, check_blend, check_version
+from rayfarm.blendfile import BlendHeader, BlendLimits, check_blend, check_version
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import AppContext
 from rayfarm.cluster.storage import CHUNK_BYTES, Storage
@@ -161,7 +161,7 @@ def check_stored(ctx: AppContext, inputs: Inputs) -> None:
         )
     main = next(f for f in inputs.files if f.path == inputs.main)
     with ctx.storage.fs.open(ctx.storage.path(blob_key(main.sha256)), "rb") as f:
-        header = check_blend(f)
+        header = check_blend(f, ctx.settings.blend_limits)
     check_version(header, ctx.settings.blender_version)
 
 
@@ -172,10 +172,11 @@ def file_size(f: IO[bytes]) -> int:
     return n
 
 
-def check_scene(f: IO[bytes]) -> BlendHeader:
+def check_scene(f: IO[bytes], limits: BlendLimits | None = None) -> BlendHeader:
+    """Check the .blend in ``f`` (``check_blend``) and leave it at its start."""
     f.seek(0)
     try:
-        return check_blend(f)
+        return check_blend(f, limits)
     finally:
         f.seek(0)
 

@@ -10,6 +10,7 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     ├── InvalidSpec           422  the job spec breaks a rule (frames, tiles, ...)
     ├── InvalidScene          422  the upload is not a readable .blend
     │   ├── SceneTooNew       422  saved by a newer Blender than the farm's bpy
+    │   ├── SceneTooLarge     413  a compressed .blend expands past the farm's bounds
     │   └── MissingDependencies    files the scene uses are missing (before upload)
     ├── PayloadTooLarge       413  upload over the server's size limit
     ├── Unauthorized          401  no token, or not a valid one
@@ -48,6 +49,7 @@ __all__ = [
     "RenderError",
     "SceneNotFound",
     "SceneOpenError",
+    "SceneTooLarge",
     "SceneTooNew",
     "ServerError",
     "Unauthorized",
@@ -101,6 +103,14 @@ class InvalidScene(FarmError):
 
 class SceneTooNew(InvalidScene):
     code = "scene_too_new"
+
+
+class SceneTooLarge(InvalidScene):
+    """A compressed .blend expands past what the farm reads (a zstd "bomb", or a scene
+    beyond its ``RAYFARM_MAX_BLEND_*`` bounds); ``detail`` names the limit."""
+
+    status = 413
+    code = "scene_too_large"
 
 
 class MissingDependencies(InvalidScene):
