@@ -20,7 +20,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
@@ -48,18 +47,17 @@ from rayfarm.cluster.submit import (
     check_listing,
     check_scene,
     check_stored,
-    file_size,
     store_blob,
     store_single,
     submit_listing,
 )
+from rayfarm.cluster.uploads import read_scene_upload
 from rayfarm.errors import (
     FarmError,
     FarmUnavailable,
     FrameNotFound,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     SceneNotFound,
     UnsupportedMediaType,
 )
@@ -71,7 +69,6 @@ __all__ = ["AppContext", "create_app", "set_process_context"]
 log = logging.getLogger("rayfarm.api")
 
 _MEDIA = {"png": "image/png", "exr": "image/x-exr"}
-_MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: Uploads up to this size stay in memory while their hash is checked; larger spill to disk.
 SPOOL_BYTES = 8 * 1024**2
 #: Furthest a job listing may page (Redis ranges are 64-bit; no farm holds this many jobs).
@@ -169,38 +166,12 @@ async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
             f"multipart/form-data (a .blend and its spec), not content type {media or 'none'!r}",
             {"content_type": media},
         )
-    limit = ctx.settings.max_upload_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD_BYTES:
-        raise PayloadTooLarge(
-            f"upload of {int(length)} bytes is over the farm's limit of {limit} bytes",
-            {"limit": limit},
-        )
-    try:
-        form = await request.form(max_files=1, max_fields=4)
-    except Exception as exc:
-        raise InvalidRequest(f"could not read the multipart form: {exc}") from exc
-    try:
-        raw_spec = form.get("spec")
-        if not isinstance(raw_spec, str):
-            raise InvalidRequest("missing form part 'spec' (the JobSpec as JSON)")
-        spec = parse_spec(raw_spec)
-        scene = form.get("scene")
-        if not isinstance(scene, UploadFile):
-            raise InvalidRequest("missing file part 'scene' (the .blend)")
-        size = (
-            scene.size if scene.size is not None else await asyncio.to_thread(file_size, scene.file)
-        )
-        if size > limit:
-            raise PayloadTooLarge(
-                f"scene of {size} bytes is over the farm's limit of {limit} bytes",
-                {"limit": limit},
-            )
+    async with read_scene_upload(request, ctx.settings.max_upload_bytes) as upload:
+        spec = parse_spec(upload.spec)
+        scene = upload.scene
         header = await asyncio.to_thread(check_scene, scene.file, ctx.settings.blend_limits)
         check_version(header, ctx.settings.blender_version)
         return await store_single(ctx, spec, scene, who)
-    finally:
-        await form.close()
 
 
 scenes = APIRouter(prefix="/scenes", tags=["scenes"])

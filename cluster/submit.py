@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import uuid
 from datetime import UTC, datetime
@@ -44,6 +45,8 @@ __all__ = [
     "store_single",
     "submit_listing",
 ]
+
+log = logging.getLogger("rayfarm.api")
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 #: Most files one job's input folder may hold, and most hashes one question may ask.
@@ -165,13 +168,6 @@ def check_stored(ctx: AppContext, inputs: Inputs) -> None:
     check_version(header, ctx.settings.blender_version)
 
 
-def file_size(f: IO[bytes]) -> int:
-    f.seek(0, 2)
-    n = f.tell()
-    f.seek(0)
-    return n
-
-
 def check_scene(f: IO[bytes], limits: BlendLimits | None = None) -> BlendHeader:
     """Check the .blend in ``f`` (``check_blend``) and leave it at its start."""
     f.seek(0)
@@ -188,9 +184,18 @@ async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile, who: P
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
-    digest, size = await asyncio.to_thread(store_blob, ctx.storage, scene.file)
+    digest, size, created = await asyncio.to_thread(_put_blob, ctx.storage, scene.file)
     inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
-    return await _create_job(ctx, spec, inputs, who.name)
+    try:
+        return await _create_job(ctx, spec, inputs, who.name)
+    except FarmError as exc:
+        # Refused after the upload was stored (a scene or camera the file lacks, found
+        # by the farm's inspector, which reads the stored blob): a refused upload leaves
+        # nothing. A blob that was there before is another job's, and stays; so does one
+        # after a failure of the farm's own (5xx), which may come after the job is made.
+        if created and exc.status < 500:
+            await asyncio.to_thread(_forget_blob, ctx.storage, digest)
+        raise
 
 
 async def catalogue(ctx: AppContext, inputs: Inputs) -> dict[str, Any] | None:
@@ -268,6 +273,19 @@ async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str
 
 def store_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
     """Store a local file as a blob (unless stored already); return (sha256, size)."""
+    digest, size, _ = _put_blob(storage, src)
+    return digest, size
+
+
+def _forget_blob(storage: Storage, digest: str) -> None:
+    try:
+        storage.delete_prefix(blob_key(digest))
+    except Exception:  # the refusal is what the client must hear; the blob is only space
+        log.exception("could not remove the refused upload's blob %s", digest)
+
+
+def _put_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int, bool]:
+    """``store_blob``, and whether this call stored it (False: it was there already)."""
     sha = hashlib.sha256()
     size = 0
     src.seek(0)
@@ -276,7 +294,8 @@ def store_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
         size += len(block)
     digest = sha.hexdigest()
     key = blob_key(digest)
-    if not storage.exists(key) or storage.size(key) != size:
-        src.seek(0)
-        storage.put_stream(key, src)
-    return digest, size
+    if storage.exists(key) and storage.size(key) == size:
+        return digest, size, False
+    src.seek(0)
+    storage.put_stream(key, src)
+    return digest, size, True
