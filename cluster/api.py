@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
 from rayfarm.blendfile import check_version
-from rayfarm.cluster import accounts, observe, web
+from rayfarm.cluster import accounts, faults, observe, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard
 from rayfarm.cluster.auth import Principal
@@ -478,7 +478,13 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(FarmError)
     async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
         if exc.status >= 500:
-            log.error("%s %s: %s", request.method, request.url.path, exc)
+            rid, new = faults.request_id(request.headers)
+            cause = f" ({exc.__cause__!r})" if exc.__cause__ is not None else ""
+            log.error("%s %s (request %s): %s%s", request.method, request.url.path, rid, exc,
+                      cause)  # fmt: skip
+            faults.with_request_id(exc, rid)
+            headers = {faults.REQUEST_ID_HEADER: rid} if new else None
+            return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
         return JSONResponse(exc.to_body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -495,12 +501,16 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
+        # The detail (exception, traceback, server paths) is for the log, under the
+        # request's id; the client gets the id alone.
+        rid, new = faults.request_id(request.headers)
+        faults.log_unexpected(f"{request.method} {request.url.path}", rid, exc)
         if _is_redis_down(exc):
-            err: FarmError = FarmUnavailable(f"the job store is unreachable: {exc}")
+            err: FarmError = FarmUnavailable("the job store is unreachable", {"request_id": rid})
         else:
-            err = FarmError(f"internal error: {type(exc).__name__}: {exc}")
-        return JSONResponse(err.to_body(), status_code=err.status)
+            err = faults.internal_error(rid)
+        headers = {faults.REQUEST_ID_HEADER: rid} if new else None
+        return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
 
 
 def _is_redis_down(exc: Exception) -> bool:
@@ -544,8 +554,8 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
         answer (starting, or this app runs without Ray)."""
         try:
             await ctx.store.redis.ping()
-        except Exception as exc:
-            raise FarmUnavailable(f"the job store is unreachable: {exc}") from exc
+        except Exception as exc:  # logged by the handler, with the request's id
+            raise FarmUnavailable("the job store is unreachable") from exc
         major, minor = ctx.settings.blender_version
         stats = await observe.dispatcher_stats(ctx)
         workers = None

@@ -17,6 +17,8 @@ from rayfarm.paths import default_data_dir
 
 __all__ = ["Settings", "default_data_dir", "farm_blender_version"]
 
+#: Deepest a JSON body's arrays and objects may nest, by default (a job listing: 3).
+MAX_JSON_DEPTH = 32
 DISPATCHER_NAME = "dispatcher"
 NAMESPACE = "rayfarm"
 
@@ -108,6 +110,8 @@ class Settings:
     max_blend_ratio: int = MAX_EXPANSION_RATIO
     #: Most seconds one compressed .blend's check may take (413 past it).
     max_blend_read_s: float = MAX_READ_S
+    #: Deepest nesting of arrays and objects a JSON body may have (400 deeper).
+    max_json_depth: int = MAX_JSON_DEPTH
     blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
 
     @classmethod
@@ -143,6 +147,7 @@ class Settings:
             ),
             "max_blend_ratio": _env_int("RAYFARM_MAX_BLEND_RATIO", MAX_EXPANSION_RATIO),
             "max_blend_read_s": _env_seconds("RAYFARM_MAX_BLEND_READ_S", MAX_READ_S),
+            "max_json_depth": _env_int("RAYFARM_MAX_JSON_DEPTH", MAX_JSON_DEPTH),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

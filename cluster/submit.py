@@ -129,6 +129,7 @@ def check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
         seen[folded] = path
         total += size
         listed.append(InputFile(path, digest, size))
+    _check_folders(seen)
     if total > ctx.settings.max_job_bytes:
         raise PayloadTooLarge(
             f"input files of {total} bytes are over the farm's limit of "
@@ -140,6 +141,22 @@ def check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
     if not main.lower().endswith(".blend"):
         raise InvalidRequest(f"main {main!r} is not a .blend file")
     return Inputs(ctx.settings.storage, main, tuple(listed))
+
+
+def _check_folders(paths: dict[str, str]) -> None:
+    """Refuse a listing in which one file's path is another's folder (``x`` and ``x/y``):
+    no folder holds both, and the render node could not lay the job's folder out.
+    ``paths``: every listed path, keyed case-folded."""
+    for folded, path in paths.items():
+        parts = folded.split("/")
+        for i in range(1, len(parts)):
+            file = paths.get("/".join(parts[:i]))
+            if file is not None:
+                raise InvalidRequest(
+                    f"input {file!r} is a file, so {path!r} cannot be inside it: a path is "
+                    "either a file or a folder",
+                    {"path": file, "inside": path},
+                )
 
 
 def check_stored(ctx: AppContext, inputs: Inputs) -> None:
