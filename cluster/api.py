@@ -20,11 +20,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
-from rayfarm.cluster import accounts, observe, web
+from rayfarm.cluster import accounts, faults, observe, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard
 from rayfarm.cluster.auth import Principal
@@ -48,18 +47,17 @@ from rayfarm.cluster.submit import (
     check_listing,
     check_scene,
     check_stored,
-    file_size,
     store_blob,
     store_single,
     submit_listing,
 )
+from rayfarm.cluster.uploads import read_scene_upload
 from rayfarm.errors import (
     FarmError,
     FarmUnavailable,
     FrameNotFound,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     SceneNotFound,
     UnsupportedMediaType,
 )
@@ -71,7 +69,6 @@ __all__ = ["AppContext", "create_app", "set_process_context"]
 log = logging.getLogger("rayfarm.api")
 
 _MEDIA = {"png": "image/png", "exr": "image/x-exr"}
-_MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: Uploads up to this size stay in memory while their hash is checked; larger spill to disk.
 SPOOL_BYTES = 8 * 1024**2
 #: Furthest a job listing may page (Redis ranges are 64-bit; no farm holds this many jobs).
@@ -169,37 +166,11 @@ async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
             f"multipart/form-data (a .blend and its spec), not content type {media or 'none'!r}",
             {"content_type": media},
         )
-    limit = ctx.settings.max_upload_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD_BYTES:
-        raise PayloadTooLarge(
-            f"upload of {int(length)} bytes is over the farm's limit of {limit} bytes",
-            {"limit": limit},
-        )
-    try:
-        form = await request.form(max_files=1, max_fields=4)
-    except Exception as exc:
-        raise InvalidRequest(f"could not read the multipart form: {exc}") from exc
-    try:
-        raw_spec = form.get("spec")
-        if not isinstance(raw_spec, str):
-            raise InvalidRequest("missing form part 'spec' (the JobSpec as JSON)")
-        spec = parse_spec(raw_spec)
-        scene = form.get("scene")
-        if not isinstance(scene, UploadFile):
-            raise InvalidRequest("missing file part 'scene' (the .blend)")
-        size = (
-            scene.size if scene.size is not None else await asyncio.to_thread(file_size, scene.file)
-        )
-        if size > limit:
-            raise PayloadTooLarge(
-                f"scene of {size} bytes is over the farm's limit of {limit} bytes",
-                {"limit": limit},
-            )
-        header = await asyncio.to_thread(check_scene, scene.file)
+    async with read_scene_upload(request, ctx.settings.max_upload_bytes) as upload:
+        spec = parse_spec(upload.spec)
+        scene = upload.scene
+        header = await asyncio.to_thread(check_scene, scene.file, ctx.settings.blend_limits)
         return await store_single(ctx, spec, scene, who, header)
-    finally:
-        await form.close()
 
 
 scenes = APIRouter(prefix="/scenes", tags=["scenes"])
@@ -506,7 +477,13 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(FarmError)
     async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
         if exc.status >= 500:
-            log.error("%s %s: %s", request.method, request.url.path, exc)
+            rid, new = faults.request_id(request.headers)
+            cause = f" ({exc.__cause__!r})" if exc.__cause__ is not None else ""
+            log.error("%s %s (request %s): %s%s", request.method, request.url.path, rid, exc,
+                      cause)  # fmt: skip
+            faults.with_request_id(exc, rid)
+            headers = {faults.REQUEST_ID_HEADER: rid} if new else None
+            return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
         return JSONResponse(exc.to_body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -523,12 +500,16 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
+        # The detail (exception, traceback, server paths) is for the log, under the
+        # request's id; the client gets the id alone.
+        rid, new = faults.request_id(request.headers)
+        faults.log_unexpected(f"{request.method} {request.url.path}", rid, exc)
         if _is_redis_down(exc):
-            err: FarmError = FarmUnavailable(f"the job store is unreachable: {exc}")
+            err: FarmError = FarmUnavailable("the job store is unreachable", {"request_id": rid})
         else:
-            err = FarmError(f"internal error: {type(exc).__name__}: {exc}")
-        return JSONResponse(err.to_body(), status_code=err.status)
+            err = faults.internal_error(rid)
+        headers = {faults.REQUEST_ID_HEADER: rid} if new else None
+        return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
 
 
 def _is_redis_down(exc: Exception) -> bool:
@@ -573,8 +554,8 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
         the dispatcher does not answer (starting, or this app runs without Ray)."""
         try:
             await ctx.store.redis.ping()
-        except Exception as exc:
-            raise FarmUnavailable(f"the job store is unreachable: {exc}") from exc
+        except Exception as exc:  # logged by the handler, with the request's id
+            raise FarmUnavailable("the job store is unreachable") from exc
         stats = await observe.dispatcher_stats(ctx)
         workers = None
         if stats is not None:

@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from importlib import metadata, resources
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any
 import grpc
 import platformdirs
 
+from rayfarm.cluster import faults
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import (
     AppContext,
@@ -236,6 +238,14 @@ def _refuse(grpc_context: Any, exc: FarmError) -> None:
     grpc_context.set_trailing_metadata([(ERROR_CODE_KEY, exc.code)])
 
 
+def _unexpected(what: str, exc: Exception) -> FarmError:
+    """An unexpected failure, logged in full under a new request id: the caller is
+    told the id alone (``rayfarm.cluster.faults``)."""
+    rid = uuid.uuid4().hex
+    faults.log_unexpected(what, rid, exc)
+    return faults.internal_error(rid)
+
+
 def _context() -> AppContext:
     ctx = process_context()
     if ctx is None:
@@ -274,6 +284,9 @@ async def submit_job(request: Any, grpc_context: Any) -> Any:
         # the context with this empty reply, and raises nothing into the logs.
         _refuse(grpc_context, exc)
         return pb2().JobReply()
+    except Exception as exc:  # Serve would send its text (a Ray traceback) as the details
+        _refuse(grpc_context, _unexpected("gRPC SubmitJob", exc))
+        return pb2().JobReply()
     return job_reply(job)
 
 
@@ -288,6 +301,9 @@ async def cancel_job(request: Any, grpc_context: Any) -> Any:
         job = await ctx.store.get(job_id)
     except FarmError as exc:
         _refuse(grpc_context, exc)
+        return pb2().JobReply()
+    except Exception as exc:
+        _refuse(grpc_context, _unexpected("gRPC CancelJob", exc))
         return pb2().JobReply()
     return job_reply(job)
 

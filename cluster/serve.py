@@ -15,6 +15,7 @@ from ray import serve
 
 from rayfarm.cluster import grpc_ingress
 from rayfarm.cluster.api import AppContext, create_app, set_process_context
+from rayfarm.cluster.backpressure import bound_receive_queues
 from rayfarm.cluster.dispatcher import ON_HEAD, get_dispatcher, start_dispatcher
 from rayfarm.cluster.settings import Settings
 
@@ -88,6 +89,8 @@ class RayfarmAPI:
             dispatcher.stats,
         )
         set_process_context(ctx)
+        # Serve would read every request body ahead of the app, whole, into memory.
+        bound_receive_queues()
 
     # gRPC (rayfarm.v1.RayfarmService): Serve's proxy calls the method named after the RPC.
     async def SubmitJob(self, request: Any, grpc_context: Any) -> Any:

@@ -11,11 +11,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rayfarm.blendfile import MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO, MAX_READ_S, BlendLimits
 from rayfarm.paths import default_data_dir
 from rayfarm.render.environments import DEFAULT_VERSIONS, parse_versions
 
 __all__ = ["Settings", "default_data_dir"]
 
+#: Deepest a JSON body's arrays and objects may nest, by default (a job listing: 3).
+MAX_JSON_DEPTH = 32
 DISPATCHER_NAME = "dispatcher"
 NAMESPACE = "rayfarm"
 
@@ -89,6 +92,14 @@ class Settings:
     max_tasks: int = 100_000
     #: Events kept per job (its execution log), oldest trimmed first.
     events_maxlen: int = 100_000
+    #: Most bytes a compressed .blend may expand to while it is checked (its blocks are
+    #: walked to ENDB), and most per compressed byte (zstd "bombs"); past either, 413.
+    max_blend_expanded_bytes: int = MAX_EXPANDED_BYTES
+    max_blend_ratio: int = MAX_EXPANSION_RATIO
+    #: Most seconds one compressed .blend's check may take (413 past it).
+    max_blend_read_s: float = MAX_READ_S
+    #: Deepest nesting of arrays and objects a JSON body may have (400 deeper).
+    max_json_depth: int = MAX_JSON_DEPTH
     #: The Blender versions the farm offers, newest first (``RAYFARM_BLENDER=5.3,5.0``):
     #: each job renders with the one that saved its file, or the one it asks for, or the
     #: nearest newer one (``rayfarm.versions.route``).
@@ -122,11 +133,24 @@ class Settings:
             "auth": _env_switch("RAYFARM_AUTH", True),
             "audit_maxlen": _env_int("RAYFARM_AUDIT_MAXLEN", 1_000_000),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
+            "max_blend_expanded_bytes": _env_int(
+                "RAYFARM_MAX_BLEND_EXPANDED_BYTES", MAX_EXPANDED_BYTES
+            ),
+            "max_blend_ratio": _env_int("RAYFARM_MAX_BLEND_RATIO", MAX_EXPANSION_RATIO),
+            "max_blend_read_s": _env_seconds("RAYFARM_MAX_BLEND_READ_S", MAX_READ_S),
+            "max_json_depth": _env_int("RAYFARM_MAX_JSON_DEPTH", MAX_JSON_DEPTH),
             "blender": parse_versions(os.environ.get("RAYFARM_BLENDER") or DEFAULT_VERSIONS),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["blender"] = parse_versions(values["blender"])
         return cls(**values)
+
+    @property
+    def blend_limits(self) -> BlendLimits:
+        """How far the farm reads a compressed .blend while checking it."""
+        return BlendLimits(
+            self.max_blend_expanded_bytes, self.max_blend_ratio, self.max_blend_read_s
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import uuid
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from typing import IO, Any
 
 from starlette.datastructures import UploadFile
 
-from rayfarm.blendfile import BlendHeader, check_blend
+from rayfarm.blendfile import BlendHeader, BlendLimits, check_blend
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import AppContext
 from rayfarm.cluster.storage import CHUNK_BYTES, Storage
@@ -47,6 +48,8 @@ __all__ = [
     "store_single",
     "submit_listing",
 ]
+
+log = logging.getLogger("rayfarm.api")
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 #: Most files one job's input folder may hold, and most hashes one question may ask.
@@ -135,6 +138,7 @@ def check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
         seen[folded] = path
         total += size
         listed.append(InputFile(path, digest, size))
+    _check_folders(seen)
     if total > ctx.settings.max_job_bytes:
         raise PayloadTooLarge(
             f"input files of {total} bytes are over the farm's limit of "
@@ -146,6 +150,22 @@ def check_listing(ctx: AppContext, main: Any, files: Any) -> Inputs:
     if not main.lower().endswith(".blend"):
         raise InvalidRequest(f"main {main!r} is not a .blend file")
     return Inputs(ctx.settings.storage, main, tuple(listed))
+
+
+def _check_folders(paths: dict[str, str]) -> None:
+    """Refuse a listing in which one file's path is another's folder (``x`` and ``x/y``):
+    no folder holds both, and the render node could not lay the job's folder out.
+    ``paths``: every listed path, keyed case-folded."""
+    for folded, path in paths.items():
+        parts = folded.split("/")
+        for i in range(1, len(parts)):
+            file = paths.get("/".join(parts[:i]))
+            if file is not None:
+                raise InvalidRequest(
+                    f"input {file!r} is a file, so {path!r} cannot be inside it: a path is "
+                    "either a file or a folder",
+                    {"path": file, "inside": path},
+                )
 
 
 def check_stored(ctx: AppContext, inputs: Inputs) -> BlendHeader:
@@ -171,20 +191,14 @@ def check_stored(ctx: AppContext, inputs: Inputs) -> BlendHeader:
         )
     main = next(f for f in inputs.files if f.path == inputs.main)
     with ctx.storage.fs.open(ctx.storage.path(blob_key(main.sha256)), "rb") as f:
-        return check_blend(f)
+        return check_blend(f, ctx.settings.blend_limits)
 
 
-def file_size(f: IO[bytes]) -> int:
-    f.seek(0, 2)
-    n = f.tell()
-    f.seek(0)
-    return n
-
-
-def check_scene(f: IO[bytes]) -> BlendHeader:
+def check_scene(f: IO[bytes], limits: BlendLimits | None = None) -> BlendHeader:
+    """Check the .blend in ``f`` (``check_blend``) and leave it at its start."""
     f.seek(0)
     try:
-        return check_blend(f)
+        return check_blend(f, limits)
     finally:
         f.seek(0)
 
@@ -200,9 +214,18 @@ async def store_single(
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
-    digest, size = await asyncio.to_thread(store_blob, ctx.storage, scene.file)
+    digest, size, created = await asyncio.to_thread(_put_blob, ctx.storage, scene.file)
     inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
-    return await _create_job(ctx, spec, inputs, who.name, header)
+    try:
+        return await _create_job(ctx, spec, inputs, who.name, header)
+    except FarmError as exc:
+        # Refused after the upload was stored (a scene or camera the file lacks, found
+        # by the farm's inspector, which reads the stored blob): a refused upload leaves
+        # nothing. A blob that was there before is another job's, and stays; so does one
+        # after a failure of the farm's own (5xx), which may come after the job is made.
+        if created and exc.status < 500:
+            await asyncio.to_thread(_forget_blob, ctx.storage, digest)
+        raise
 
 
 async def catalogue(ctx: AppContext, inputs: Inputs, blender: str) -> dict[str, Any] | None:
@@ -287,6 +310,19 @@ async def _create_job(
 
 def store_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
     """Store a local file as a blob (unless stored already); return (sha256, size)."""
+    digest, size, _ = _put_blob(storage, src)
+    return digest, size
+
+
+def _forget_blob(storage: Storage, digest: str) -> None:
+    try:
+        storage.delete_prefix(blob_key(digest))
+    except Exception:  # the refusal is what the client must hear; the blob is only space
+        log.exception("could not remove the refused upload's blob %s", digest)
+
+
+def _put_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int, bool]:
+    """``store_blob``, and whether this call stored it (False: it was there already)."""
     sha = hashlib.sha256()
     size = 0
     src.seek(0)
@@ -295,7 +331,8 @@ def store_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
         size += len(block)
     digest = sha.hexdigest()
     key = blob_key(digest)
-    if not storage.exists(key) or storage.size(key) != size:
-        src.seek(0)
-        storage.put_stream(key, src)
-    return digest, size
+    if storage.exists(key) and storage.size(key) == size:
+        return digest, size, False
+    src.seek(0)
+    storage.put_stream(key, src)
+    return digest, size, True

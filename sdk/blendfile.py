@@ -16,6 +16,9 @@ Blocks follow the header, each a BHead then ``len`` bytes, the last one ``ENDB``
 - pointer size 4: code, len (int32), old pointer (4), SDNA index, count = 20 bytes
 - pointer size 8: code, len (int32), old pointer (8), SDNA index, count = 24 bytes
 - format 1 (5.0+): code, SDNA index (int32), old pointer (8), len (int64), count (int64) = 32 bytes
+
+A compressed file is read within bounds (``BlendLimits``): walking to ``ENDB`` means
+decompressing every block, and a few MB of zstd can expand to terabytes (a "bomb").
 """
 
 from __future__ import annotations
@@ -23,18 +26,50 @@ from __future__ import annotations
 import io
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rayfarm.errors import InvalidScene
+from rayfarm.errors import InvalidScene, SceneTooLarge
 
-__all__ = ["BlendHeader", "check_blend", "read_header"]
+__all__ = ["BlendHeader", "BlendLimits", "check_blend", "read_header"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _LEGACY = re.compile(rb"^BLENDER([_-])([vV])(\d{3})$")
 _MODERN = re.compile(rb"^BLENDER(\d{2})-(\d{2})([vV])(\d{4})$")
 _SKIP_CHUNK = 1 << 20
+
+#: Defaults of the farm's ``RAYFARM_MAX_BLEND_EXPANDED_BYTES``, ``RAYFARM_MAX_BLEND_RATIO``
+#: and ``RAYFARM_MAX_BLEND_READ_S``; the SDK checks a scene with them before upload.
+MAX_EXPANDED_BYTES = 32 * 1024**3
+MAX_EXPANSION_RATIO = 64
+MAX_READ_S = 60.0
+#: What any compressed file may expand to on top of its ratio: a small scene compresses
+#: far better than a big one (mostly empty blocks), and this much costs well under a second.
+EXPANSION_FLOOR_BYTES = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class BlendLimits:
+    """How far ``check_blend`` reads a zstd-compressed .blend: at most
+    ``max_expanded_bytes`` decompressed, at most ``EXPANSION_FLOOR_BYTES`` plus
+    ``max_ratio`` times the compressed size, for at most ``max_read_s`` seconds.
+
+    Real scenes expand 2-10 times; a zstd "bomb" thousands of times. Plain files need
+    no bound: their walk reads each byte once.
+    """
+
+    max_expanded_bytes: int = MAX_EXPANDED_BYTES
+    max_ratio: int = MAX_EXPANSION_RATIO
+    max_read_s: float = MAX_READ_S
+
+    def allowance(self, compressed_bytes: int | None) -> int:
+        """Most bytes a file of ``compressed_bytes`` (None: unknown) may expand to."""
+        if compressed_bytes is None:
+            return self.max_expanded_bytes
+        by_ratio = EXPANSION_FLOOR_BYTES + self.max_ratio * compressed_bytes
+        return min(self.max_expanded_bytes, by_ratio)
 
 
 @dataclass(frozen=True)
@@ -67,6 +102,8 @@ def _open_stream(f: BinaryIO) -> tuple[BinaryIO, bool]:
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
     try:
         data = stream.read(n)
+    except InvalidScene:
+        raise  # a bound passed (SceneTooLarge)
     except Exception as exc:  # zstandard raises ZstdError on a damaged stream
         raise InvalidScene(f"the .blend's compressed data is damaged: {exc}") from exc
     return data
@@ -115,6 +152,67 @@ def read_header(f: BinaryIO) -> BlendHeader:
     return _parse_header(head, compressed)
 
 
+class _Bounded:
+    """A decompressed stream read within ``BlendLimits``: ``SceneTooLarge`` the moment
+    it passes its allowance of expanded bytes or its time. Never decompresses more than
+    one byte past the allowance (``expanded`` counts what it did)."""
+
+    def __init__(self, stream: BinaryIO, compressed_bytes: int | None, limits: BlendLimits) -> None:
+        self._stream = stream
+        self._compressed = compressed_bytes
+        self._limits = limits
+        self._allowance = limits.allowance(compressed_bytes)
+        self._deadline = time.monotonic() + limits.max_read_s
+        self.expanded = 0
+
+    def read(self, n: int) -> bytes:
+        data = self._stream.read(min(n, self._allowance + 1 - self.expanded))
+        self.expanded += len(data)
+        if self.expanded > self._allowance:
+            by_ratio = self._allowance < self._limits.max_expanded_bytes
+            why = (
+                f"{self._limits.max_ratio} times its compressed size of {self._compressed} "
+                "bytes (RAYFARM_MAX_BLEND_RATIO)"
+                if by_ratio
+                else "the farm's limit (RAYFARM_MAX_BLEND_EXPANDED_BYTES)"
+            )
+            raise SceneTooLarge(
+                f"the compressed .blend expands past {self._allowance} bytes, {why}: save it "
+                "uncompressed, or ask the farm's admin to raise the limit",
+                self._detail(
+                    "RAYFARM_MAX_BLEND_RATIO" if by_ratio else "RAYFARM_MAX_BLEND_EXPANDED_BYTES",
+                    self._allowance,
+                ),
+            )
+        if time.monotonic() > self._deadline:
+            raise SceneTooLarge(
+                f"reading the compressed .blend took over {self._limits.max_read_s:g} s "
+                f"(RAYFARM_MAX_BLEND_READ_S) after {self.expanded} expanded bytes: save it "
+                "uncompressed, or ask the farm's admin to raise the limit",
+                self._detail("RAYFARM_MAX_BLEND_READ_S", self._limits.max_read_s),
+            )
+        return data
+
+    def _detail(self, setting: str, limit: float) -> dict[str, object]:
+        return {
+            "setting": setting,
+            "limit": limit,
+            "expanded_bytes": self.expanded,
+            "compressed_bytes": self._compressed,
+        }
+
+
+def _size_of(f: BinaryIO) -> int | None:
+    """The bytes from ``f``'s position to its end, None when it cannot seek."""
+    try:
+        here = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(here)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return end - here
+
+
 def _walk_blocks(stream: BinaryIO, header: BlendHeader) -> int:
     endian = "<" if header.little_endian else ">"
     if header.format_version >= 1:
@@ -149,18 +247,25 @@ def _walk_blocks(stream: BinaryIO, header: BlendHeader) -> int:
             remaining -= len(chunk)
 
 
-def check_blend(source: str | Path | BinaryIO | bytes) -> BlendHeader:
+def check_blend(
+    source: str | Path | BinaryIO | bytes, limits: BlendLimits | None = None
+) -> BlendHeader:
     """Validate a whole .blend: header, then every block up to ``ENDB``.
 
-    Reads the file once, streaming (constant memory even for compressed files).
-    Raises ``InvalidScene`` for anything that is not a complete .blend.
+    Reads the file once, streaming (constant memory even for compressed files); a
+    compressed one within ``limits`` (the defaults when None). Raises ``InvalidScene``
+    for anything that is not a complete .blend, ``SceneTooLarge`` (a kind of it) past
+    the limits.
     """
     if isinstance(source, bytes):
-        return check_blend(io.BytesIO(source))
+        return check_blend(io.BytesIO(source), limits)
     if isinstance(source, str | Path):
         with open(source, "rb") as f:
-            return check_blend(f)
+            return check_blend(f, limits)
+    size = _size_of(source)
     stream, compressed = _open_stream(source)
+    if compressed:
+        stream = _Bounded(stream, size, limits or BlendLimits())  # type: ignore[assignment]
     head = _read_exact(stream, 17)
     if len(head) < 12:
         raise InvalidScene(f"not a .blend file: only {len(head)} bytes")

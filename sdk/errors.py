@@ -11,6 +11,7 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     │   └── BlenderNotOffered      asks for a Blender version the farm does not offer
     ├── InvalidScene          422  the upload is not a readable .blend
     │   ├── SceneTooNew       422  saved by a newer Blender than every one the farm offers
+    │   ├── SceneTooLarge     413  a compressed .blend expands past the farm's bounds
     │   └── MissingDependencies    files the scene uses are missing (before upload)
     ├── PayloadTooLarge       413  upload over the server's size limit
     ├── Unauthorized          401  no token, or not a valid one
@@ -53,6 +54,7 @@ __all__ = [
     "RenderError",
     "SceneNotFound",
     "SceneOpenError",
+    "SceneTooLarge",
     "SceneTooNew",
     "ServerError",
     "Unauthorized",
@@ -113,6 +115,14 @@ class InvalidScene(FarmError):
 
 class SceneTooNew(InvalidScene):
     code = "scene_too_new"
+
+
+class SceneTooLarge(InvalidScene):
+    """A compressed .blend expands past what the farm reads (a zstd "bomb", or a scene
+    beyond its ``RAYFARM_MAX_BLEND_*`` bounds); ``detail`` names the limit."""
+
+    status = 413
+    code = "scene_too_large"
 
 
 class MissingDependencies(InvalidScene):

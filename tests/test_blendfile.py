@@ -5,9 +5,10 @@ import struct
 
 import pytest
 import zstandard
+from helpers.blends import bhead, zstd_bomb
 
-from rayfarm import InvalidScene
-from rayfarm.blendfile import check_blend, read_header
+from rayfarm import InvalidScene, SceneTooLarge
+from rayfarm.blendfile import BlendLimits, check_blend, read_header
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +101,67 @@ def test_legacy_block_cut_short():
     data = _legacy(b"-", b"v", b"405", [(b"REND", b"x" * 100), (b"ENDB", b"")])
     with pytest.raises(InvalidScene, match="truncated inside block 1"):
         check_blend(data[:60])
+
+
+# --- compressed files are read within bounds ----------------------------------------
+
+
+class Counted(io.BytesIO):
+    """The compressed bytes the check pulled from its source."""
+
+    pulled = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = super().read(n)
+        self.pulled += len(data)
+        return data
+
+
+def test_a_zstd_bomb_is_refused_by_its_ratio_having_read_a_sliver():
+    bomb = zstd_bomb()
+    assert 4_000_000 < len(bomb) < 4_500_000
+    source = Counted(bomb)
+    with pytest.raises(SceneTooLarge) as err:
+        check_blend(source)
+    allowance = 256 * 1024**2 + 64 * len(bomb)
+    assert err.value.status == 413 and "RAYFARM_MAX_BLEND_RATIO" in str(err.value)
+    assert err.value.detail == {
+        "setting": "RAYFARM_MAX_BLEND_RATIO",
+        "limit": allowance,
+        "expanded_bytes": allowance + 1,  # never a byte more than the bound
+        "compressed_bytes": len(bomb),
+    }
+    # 0.5 GB of the 128 GiB were expanded: the source was read for those (and zstd's
+    # 128 KiB read-ahead), not to its end.
+    assert source.pulled < len(bomb) // 10, source.pulled
+
+
+def test_the_absolute_bound_and_the_time_bound_name_their_settings():
+    c = zstandard.ZstdCompressor()
+    data = c.compress(b"BLENDER17-01v0500" + bhead(b"DATA", 8 * 1024**2) + b"\0" * 8 * 1024**2)
+    data += c.compress(bhead(b"ENDB", 0))
+    assert check_blend(data).compressed  # well within the defaults
+    with pytest.raises(SceneTooLarge) as err:
+        check_blend(data, BlendLimits(max_expanded_bytes=4 * 1024**2))
+    assert "RAYFARM_MAX_BLEND_EXPANDED_BYTES" in str(err.value)
+    assert err.value.detail["expanded_bytes"] == 4 * 1024**2 + 1
+    with pytest.raises(SceneTooLarge) as err:  # a deadline already past: the first read
+        check_blend(data, BlendLimits(max_read_s=-1.0))
+    assert "RAYFARM_MAX_BLEND_READ_S" in str(err.value)
+    assert err.value.detail["expanded_bytes"] == 17
+
+
+def test_real_compressed_scenes_pass_tight_bounds_and_truncation_is_still_found(compressed):
+    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    size = len(reader.read())  # Blender writes several frames
+    tight = BlendLimits(max_expanded_bytes=size, max_ratio=1)
+    assert check_blend(compressed, tight).version == (5, 0)
+    with pytest.raises(SceneTooLarge):
+        check_blend(compressed, BlendLimits(max_expanded_bytes=size - 1))
+    with pytest.raises(InvalidScene, match="truncated") as err:
+        check_blend(compressed[: len(compressed) * 3 // 4], tight)
+    assert not isinstance(err.value, SceneTooLarge)
+
+
+def test_plain_files_are_not_bounded_by_the_compressed_limits(plain):
+    assert check_blend(plain, BlendLimits(max_expanded_bytes=1, max_read_s=-1.0)).version == (5, 0)
