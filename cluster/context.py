@@ -15,10 +15,12 @@ from fastapi import Depends, Request
 
 from rayfarm.cluster import keys
 from rayfarm.cluster.auth import ADMIN, AuthStore, Principal
+from rayfarm.cluster.deletion import Remover
 from rayfarm.cluster.events import EventHub
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.errors import (
     FarmUnavailable,
     Forbidden,
@@ -78,6 +80,8 @@ class AppContext:
     storage: Storage = field(init=False)
     hub: EventHub = field(init=False)
     auth: AuthStore = field(init=False)
+    remover: Remover = field(init=False)
+    sweeper: Sweeper = field(init=False)
     notify: Any = None  # callable() or None: wakes the dispatcher
     inspect: Any = None  # async callable(Inputs) -> catalogue dict, or None (no Ray here)
     stats: Any = None  # async callable() -> the dispatcher's stats, or None (no Ray here)
@@ -89,6 +93,8 @@ class AppContext:
         self.storage = Storage(self.settings.storage)
         self.hub = EventHub(self.store)
         self.auth = AuthStore(self.store.redis, self.settings.audit_maxlen)
+        self.remover = Remover(self.store, self.storage)
+        self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
         self._owners: dict[str, tuple[str, str | None]] = {}
         self._indexed = False
 
@@ -106,6 +112,10 @@ class AppContext:
             self._owners.clear()
         self._owners[job_id] = (owner, project)
         return owner, project
+
+    def forget_owner(self, job_id: str) -> None:
+        """Drop a deleted job from the (owner, project) cache."""
+        self._owners.pop(job_id, None)
 
     async def ensure_indexes(self) -> None:
         """Build the owner and project indexes over jobs stored before them, once."""

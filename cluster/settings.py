@@ -50,6 +50,20 @@ def _env_seconds(name: str, default: float) -> float:
     return seconds
 
 
+def _env_number(name: str, default: float) -> float:
+    """A number that may be 0 (0 turns a limit off, or keeps things forever)."""
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"{name} must be a number of at least 0, not {value!r}")
+    return number
+
+
 def _env_switch(name: str, default: bool) -> bool:
     value = (os.environ.get(name) or "").strip().lower()
     if not value:
@@ -101,6 +115,18 @@ class Settings:
     max_tasks: int = 100_000
     #: Events kept per job (its execution log), oldest trimmed first.
     events_maxlen: int = 100_000
+    # -- retention and quotas (docs/security.md) --
+    #: Days a finished job (COMPLETED, FAILED, CANCELLED) is kept after it finished, with
+    #: its frames, outputs, logs and the blobs no other job uses; 0 keeps jobs forever.
+    retention_days: float = 30.0
+    #: Seconds between the farm's housekeeping sweeps (retention, unused uploads,
+    #: storage measurement); one API replica sweeps at a time.
+    sweep_interval_s: float = 600.0
+    #: Bytes of blobs one user may have uploaded that no job of theirs uses yet
+    #: (``PUT /blobs``; 413 past it); 0: no quota. Admins are not limited.
+    upload_quota_bytes: int = 64 * 1024**3
+    #: Seconds an uploaded blob no job uses is kept (and counted in its uploader's quota).
+    upload_grace_s: float = 86_400.0
     blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
 
     @classmethod
@@ -131,6 +157,10 @@ class Settings:
             "auth": _env_switch("RAYFARM_AUTH", True),
             "audit_maxlen": _env_int("RAYFARM_AUDIT_MAXLEN", 1_000_000),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
+            "retention_days": _env_number("RAYFARM_RETENTION_DAYS", 30.0),
+            "sweep_interval_s": _env_seconds("RAYFARM_SWEEP_INTERVAL_S", 600.0),
+            "upload_quota_bytes": _env_int("RAYFARM_UPLOAD_QUOTA_BYTES", 64 * 1024**3),
+            "upload_grace_s": _env_seconds("RAYFARM_UPLOAD_GRACE_S", 86_400.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

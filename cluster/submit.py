@@ -40,6 +40,7 @@ __all__ = [
     "check_scene",
     "check_size",
     "check_stored",
+    "content_digest",
     "store_blob",
     "store_single",
     "submit_listing",
@@ -60,8 +61,10 @@ async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
     spec = check_rights(who, check_size(ctx, parse_spec(data.get("spec"))))
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
-    await asyncio.to_thread(check_stored, ctx, inputs)
-    return await _create_job(ctx, spec, inputs, who.name)
+    # Held from the check to the job's creation: no deletion elsewhere takes them away.
+    async with ctx.store.blobs.holding([(f.sha256, f.size) for f in inputs.files]):
+        await asyncio.to_thread(check_stored, ctx, inputs)
+        return await _create_job(ctx, spec, inputs, who.name)
 
 
 def check_size(ctx: AppContext, spec: JobSpec) -> JobSpec:
@@ -187,9 +190,12 @@ async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile, who: P
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
-    digest, size = await asyncio.to_thread(store_blob, ctx.storage, scene.file)
-    inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
-    return await _create_job(ctx, spec, inputs, who.name)
+    digest, size = await asyncio.to_thread(content_digest, scene.file)
+    # Held before it is stored: a deletion elsewhere must not take the blob meanwhile.
+    async with ctx.store.blobs.holding([(digest, size)]):
+        await asyncio.to_thread(store_blob, ctx.storage, scene.file, (digest, size))
+        inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
+        return await _create_job(ctx, spec, inputs, who.name)
 
 
 async def catalogue(ctx: AppContext, inputs: Inputs) -> dict[str, Any] | None:
@@ -265,15 +271,23 @@ async def _create_job(ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str
     return job
 
 
-def store_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
-    """Store a local file as a blob (unless stored already); return (sha256, size)."""
+def content_digest(src: IO[bytes]) -> tuple[str, int]:
+    """(sha256, size) of a local file, read from its start."""
     sha = hashlib.sha256()
     size = 0
     src.seek(0)
     while block := src.read(CHUNK_BYTES):
         sha.update(block)
         size += len(block)
-    digest = sha.hexdigest()
+    return sha.hexdigest(), size
+
+
+def store_blob(
+    storage: Storage, src: IO[bytes], known: tuple[str, int] | None = None
+) -> tuple[str, int]:
+    """Store a local file as a blob (unless stored already); return (sha256, size)
+    (``known``: those, computed already)."""
+    digest, size = known or content_digest(src)
     key = blob_key(digest)
     if not storage.exists(key) or storage.size(key) != size:
         src.seek(0)

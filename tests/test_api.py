@@ -55,11 +55,15 @@ def assert_nothing_stored(client):
 #: Farm-wide keys a refused request may touch: counters (accepted uploads), accounts, and
 #: the audit stream (a refusal is audited too).
 _FARM_KEYS = {b"rayfarm:metrics", b"rayfarm:users", b"rayfarm:tokens", b"rayfarm:audit"}
+#: What an accepted upload leaves (the blob index: who uploaded what, for the quota).
+_FARM_PREFIXES = (b"rayfarm:blob:", b"rayfarm:uploads:", b"rayfarm:upload_bytes",
+                  b"rayfarm:blobs")  # fmt: skip
 
 
 def _job_keys(client) -> list[bytes]:
     """Redis keys other than the farm-wide ones."""
-    return [k for k in client.redis.keys("rayfarm:*") if k not in _FARM_KEYS]
+    return [k for k in client.redis.keys("rayfarm:*")
+            if k not in _FARM_KEYS and not k.startswith(_FARM_PREFIXES)]  # fmt: skip
 
 
 def assert_error(response, status, code, fragment):
