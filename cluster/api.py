@@ -61,6 +61,7 @@ from rayfarm.errors import (
     NotFound,
     PayloadTooLarge,
     SceneNotFound,
+    TooManyRequests,
     UnsupportedMediaType,
 )
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
@@ -169,6 +170,7 @@ async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
             f"multipart/form-data (a .blend and its spec), not content type {media or 'none'!r}",
             {"content_type": media},
         )
+    await ctx.limits.take_submission(who)  # before the upload is read
     limit = ctx.settings.max_upload_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD_BYTES:
@@ -554,7 +556,10 @@ def _install_handlers(app: FastAPI) -> None:
     async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
         if exc.status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(exc.to_body(), status_code=exc.status)
+        headers = None
+        if isinstance(exc, TooManyRequests) and exc.retry_after_s is not None:
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

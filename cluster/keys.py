@@ -35,6 +35,8 @@
 ``sweep``               hash: the last housekeeping sweep (when, what it did)
 ``sweep:lock``          string: held by the replica sweeping now
 ``usage``               hash: storage bytes and objects, by area, as the last sweep measured
+``limit:{kind}:{who}``  hash: a rate limit's token bucket (``auth``, ``submit``, ``record``)
+``limit:tally:{kind}:{address}`` hash: refused anonymous requests not yet in the audit log
 """
 
 from __future__ import annotations
@@ -177,6 +179,18 @@ def sweep_lock() -> str:
 
 def usage() -> str:
     return f"{PREFIX}usage"
+
+
+def limit(kind: str, who: str) -> str:
+    """A token bucket: ``kind`` is ``auth`` (failed sign-ins of an address), ``submit``
+    (a user's submissions) or ``record`` (audit records of refusals; ``who`` ``*`` is
+    the farm-wide one)."""
+    return f"{PREFIX}limit:{kind}:{who}"
+
+
+def tally(kind: str, address: str) -> str:
+    """Refused anonymous requests of one kind from ``address`` not yet audited."""
+    return f"{PREFIX}limit:tally:{kind}:{address}"
 
 
 def task_key(frame: int, tile: int) -> str:

@@ -115,7 +115,7 @@ async def metrics(ctx: Ctx) -> Response:
     done and failed (rate() gives tasks per second), a histogram of render seconds per
     task, render actors by device and state, bytes uploaded, open event streams; storage
     used by jobs and blobs (as the last housekeeping sweep measured it), blobs indexed
-    and uploads no job uses yet, Redis's memory; jobs deleted."""
+    and uploads no job uses yet, Redis's memory; jobs deleted, refused requests."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from prometheus_client.core import CollectorRegistry
 
@@ -169,6 +169,8 @@ class _Collector:
             ("upload_bytes", "Bytes of scene files uploaded (new blobs only)."),
             ("upload_blobs", "Scene files uploaded (new blobs only)."),
             ("jobs_deleted", "Jobs deleted (DELETE /jobs/{id}, rayfarm rm, retention)."),
+            ("refused_sign_in", "Failed sign-ins (401, or 429 past the address's limit)."),
+            ("refused_anonymous", "Other state changes asked without a valid token."),
         ):
             yield CounterMetricFamily(
                 f"rayfarm_{name}", help_text, value=counters.get(f"{name}_total", 0.0)

@@ -60,7 +60,9 @@ async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
     if unknown:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
     spec = check_rights(who, check_size(ctx, parse_spec(data.get("spec"))))
+    ctx.limits.check_priority(who, spec)
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
+    await ctx.limits.take_submission(who)
     # Held from the check to the job's creation: no deletion elsewhere takes them away.
     async with ctx.store.blobs.holding([(f.sha256, f.size) for f in inputs.files]):
         await asyncio.to_thread(check_stored, ctx, inputs)
@@ -186,7 +188,7 @@ def check_scene(f: IO[bytes]) -> BlendHeader:
 async def store_single(ctx: AppContext, spec: JobSpec, scene: UploadFile, who: Principal) -> Job:
     """A single-.blend upload for ``who``: the file becomes a blob and the job's input
     folder holds just it."""
-    check_rights(who, check_size(ctx, spec))
+    ctx.limits.check_priority(who, check_rights(who, check_size(ctx, spec)))
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
