@@ -1,6 +1,6 @@
 """Rate limits and the priority range: ``rayfarm.cluster.limits`` on a real redis-server,
 and the API that applies them as an ASGI app (real Redis, real file storage, no Ray).
-Over a real farm: tests/test_hardening.py."""
+Over a real farm: tests/test_farm_retention.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 real file storage: what a deletion frees (bytes in storage and in Redis), which blobs
 survive it, upload quotas, retention, and one sweep at a time; then ``DELETE /jobs/{id}``
 and ``PUT /blobs``'s quota over HTTP (an ASGI app, no Ray). Over a real farm:
-tests/test_hardening.py."""
+tests/test_farm_retention.py."""
 
 from __future__ import annotations
 
