@@ -6,6 +6,7 @@ quota. The logic in detail: tests/test_retention.py and tests/test_limits.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 import redis
 
 from rayfarm import (
+    AsyncFarm,
     Farm,
     Forbidden,
     InvalidTransition,
@@ -78,6 +80,11 @@ def _job_keys(r: redis.Redis, job_id: str) -> list[str]:
     return [k for k in r.scan_iter(f"rayfarm:job:{job_id}*")]
 
 
+async def _delete_async(url: str, token: str, job_id: str) -> dict:
+    async with AsyncFarm(url, token=token) as farm:
+        return await (await farm.job(job_id)).delete()
+
+
 def _measured(farm: LocalFarm, after: float) -> dict[str, float]:
     """The storage gauges of /metrics, once a sweep measured storage after ``after``."""
     deadline = time.monotonic() + 60
@@ -95,9 +102,9 @@ def test_deleting_jobs_frees_their_storage_and_redis_and_keeps_shared_blobs(
     limited, small_scene, make_scene
 ):
     """Jobs A and B render the same scene, C another. Deleting A frees A's frames, logs
-    and Redis state and keeps the scene (B uses it); deleting C frees its scene too; so
-    does `rayfarm rm B` for the first. A job still rendering is refused (409) until it is
-    cancelled."""
+    and Redis state and keeps the scene (B uses it); deleting C (through the asyncio SDK)
+    frees its scene too, and so does `rayfarm rm B` for the first. A job still rendering
+    is refused (409) until it is cancelled."""
     other = make_scene(*SMALL[:-1], "4")
     r = _redis(limited)
     with _artist(limited, "ana") as ana:
@@ -124,7 +131,7 @@ def test_deleting_jobs_frees_their_storage_and_redis_and_keeps_shared_blobs(
         assert r.zscore("rayfarm:jobs:owner:ana", a.id) is None
         assert r.zscore("rayfarm:jobs:COMPLETED", a.id) is None
 
-        freed = c.delete()
+        freed = asyncio.run(_delete_async(limited.url, ana.token or "", c.id))
         size = other.stat().st_size
         assert (freed["blobs"], freed["blob_bytes"]) == (1, size)
         assert not _blob(limited, other.read_bytes()).exists()
