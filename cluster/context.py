@@ -171,9 +171,9 @@ def client_address(request: Request) -> str:
 async def authenticate(ctx: AppContext, authorization: str | None, source: str) -> Principal:
     """The principal a request's ``Authorization: Bearer <token>`` names; a farm without
     accounts (``RAYFARM_AUTH=off``, loopback only) treats every request as its admin.
-    A missing or unknown token is 401, tallied into the audit log; past the failed
-    sign-ins ``source`` (the client's address) may make, 429 (``Limits``). A valid token
-    costs no limit check."""
+    A missing or unknown token is 401, tallied into the audit log; past the wrong
+    credentials ``source`` (the client's address) may send, 429 (``Limits``). A valid
+    token costs no limit check."""
     if not ctx.settings.auth:
         return ADMIN
     scheme, _, token = (authorization or "").partition(" ")
@@ -182,7 +182,7 @@ async def authenticate(ctx: AppContext, authorization: str | None, source: str) 
         principal = await ctx.auth.principal(token.strip())
     if principal is None:
         reason = "no token" if not authorization else "unknown or malformed token"
-        await ctx.limits.sign_in_failed(source, reason)
+        await ctx.limits.sign_in_failed(source, reason, guess=bool(authorization))
         raise Unauthorized(
             f"{reason}: send Authorization: Bearer <token> (rayfarm token create, or the "
             "first admin's token that rayfarm up printed)"

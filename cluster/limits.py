@@ -1,12 +1,13 @@
 """Rate limits and the priority range, kept in Redis so every API replica shares them.
 
 - **Failed sign-ins, per client address** (``client_address``): a token bucket of
-  ``auth_failure_burst`` failures, refilled at ``auth_failures_per_min``; past it a
-  request without a valid token is answered 429 with ``Retry-After``. A *valid* token
-  still works from that address: the address may be shared by many users (an office's
-  NAT, or the proxy's own address when it does not forward the client's), and a
-  256-bit token is not guessed anyway; what the limit protects is the farm's work and
-  its audit log.
+  ``auth_failure_burst`` wrong credentials, refilled at ``auth_failures_per_min``; past
+  it a request with wrong credentials is answered 429 with ``Retry-After``. A *valid*
+  token still works from that address: the address may be shared by many users (an
+  office's NAT, or the proxy's own address when it does not forward the client's), and
+  a 256-bit token is not guessed anyway; what the limit protects is the farm's work and
+  its audit log. A request with no credentials at all (a browser opening the page
+  before signing in) guesses nothing: always 401, never counted against the address.
 - **Refused anonymous requests in the audit log** (failed sign-ins, a cross-site
   form): aggregated, at most one record per address and kind a minute and
   ``auth_audit_per_min`` farm-wide, each with the ``count`` since the previous one;
@@ -61,12 +62,16 @@ class Limits:
 
     # -- sign-ins ------------------------------------------------------------------------
 
-    async def sign_in_failed(self, address: str, reason: str) -> None:
-        """Count a failed sign-in from ``address`` (and tally it for the audit log);
-        ``TooManyRequests`` when the address is past its limit, else the caller answers
-        401."""
+    async def sign_in_failed(self, address: str, reason: str, guess: bool = True) -> None:
+        """Tally a failed sign-in from ``address`` for the audit log and, when it sent
+        credentials (``guess``), count it against the address: ``TooManyRequests`` past
+        the limit; else the caller answers 401."""
         s = self.settings
-        wait_ms = await self.take("auth", address, s.auth_failures_per_min, s.auth_failure_burst)
+        wait_ms = 0
+        if guess:
+            wait_ms = await self.take(
+                "auth", address, s.auth_failures_per_min, s.auth_failure_burst
+            )
         outcome = 429 if wait_ms else 401
         await self.refused(address, "sign-in", "sign-in failed", outcome, reason)
         if wait_ms:

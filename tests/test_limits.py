@@ -45,9 +45,10 @@ def test_failed_sign_ins_past_the_burst_are_429_per_address(redis_url):
         with pytest.raises(TooManyRequests, match="RAYFARM_AUTH_FAILURE_BURST") as refused:
             await limits.sign_in_failed("10.0.0.9", "unknown or malformed token")
         assert 1 <= refused.value.retry_after_s <= 2  # one failure a second refills
-        await limits.sign_in_failed("10.0.0.10", "no token")  # another address: its own
+        await limits.sign_in_failed("10.0.0.9", "no token", guess=False)  # guessed nothing
+        await limits.sign_in_failed("10.0.0.10", "unknown or malformed token")  # its own
         await asyncio.sleep(refused.value.retry_after_s)
-        await limits.sign_in_failed("10.0.0.9", "no token")  # refilled
+        await limits.sign_in_failed("10.0.0.9", "unknown or malformed token")  # refilled
 
     _limits(redis_url, body, auth_failure_burst=5, auth_failures_per_min=60)
 
@@ -67,7 +68,7 @@ def test_failed_sign_ins_are_aggregated_in_the_audit_log(redis_url):
         (record,) = await auth.audit_log(action="sign-in failed")
         assert (record["from"], record["count"], record["outcome"]) == ("10.0.0.9", "1", "401")
         for n in range(50):
-            await limits.sign_in_failed(f"10.1.0.{n}", "no token")
+            await limits.sign_in_failed(f"10.1.0.{n}", "unknown or malformed token")
         records = await auth.audit_log(action="sign-in failed", limit=1000)
         assert len(records) == 5  # the farm-wide cap: 10.0.0.9's and four others
         assert {r["from"] for r in records[:-1]} <= {f"10.1.0.{n}" for n in range(50)}
@@ -162,7 +163,9 @@ def test_guessing_tokens_is_429_with_retry_after_while_a_valid_token_works(api):
     r = api.get("/jobs", headers=wrong)
     _error(r, 429, "too many failed sign-ins from testclient")
     assert 1 <= int(r.headers["Retry-After"]) <= 60
-    _error(api.post("/jobs", headers={"Authorization": ""}), 429, "RAYFARM_AUTH_FAILURE_BURST")
+    _error(api.post("/jobs", headers={"Authorization": "Basic eA=="}), 429, "RAYFARM_AUTH_")
+    # No credentials at all guess nothing (a browser before signing in): 401 still.
+    _error(api.get("/session", headers={"Authorization": ""}), 401, "no token")
     # A valid token from the very same address is taken: the address may be shared.
     assert api.get("/jobs").status_code == 200
     assert api.get("/whoami", headers=_user(api, "ana")).json()["user"] == "ana"
@@ -170,7 +173,7 @@ def test_guessing_tokens_is_429_with_retry_after_while_a_valid_token_works(api):
     assert [(r["count"], r["from"]) for r in records] == [("1", "testclient")]
     assert api.get("/audit", params={"action": "POST /jobs"}).json()["records"] == []
     metrics = api.get("/metrics").text
-    assert "rayfarm_refused_sign_in_total 7.0" in metrics
+    assert "rayfarm_refused_sign_in_total 8.0" in metrics
 
 
 def test_an_artist_submitting_too_fast_gets_429(api, small_scene):
