@@ -207,3 +207,11 @@ def test_an_artist_priority_above_the_range_is_403_and_stores_nothing(api, small
     assert not (api.storage_dir / "blobs").exists()
     r = api.post("/jobs", files=form, data={"spec": '{"frames": "1", "priority": 90}'})
     assert r.status_code == 201 and r.json()["spec"]["priority"] == 90  # the admin
+
+
+def test_grpc_peers_are_limited_by_address_not_by_connection():
+    from rayfarm.cluster.grpc_ingress import peer_address
+
+    assert peer_address("ipv4:10.0.0.9:51234") == "10.0.0.9"
+    assert peer_address("ipv6:[2001:db8::7]:51234") == "2001:db8::7"
+    assert peer_address("unix:/tmp/grpc.sock") == "unix:/tmp/grpc.sock"
