@@ -18,7 +18,15 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Query, Request
 
 from rayfarm.cluster.auth import Role, check_name
-from rayfarm.cluster.context import Admin, AppContext, Ctx, Who, process_context, read_json
+from rayfarm.cluster.context import (
+    Admin,
+    AppContext,
+    Ctx,
+    Who,
+    client_address,
+    process_context,
+    read_json,
+)
 from rayfarm.errors import Forbidden, InvalidRequest
 
 __all__ = ["AuditMiddleware", "CrossSiteGuard", "router"]
@@ -114,7 +122,9 @@ class _OnWrites:
 class AuditMiddleware(_OnWrites):
     """Appends one audit record per state-changing request once it is answered: who
     (the principal the auth check found, if it got that far), action (method and
-    path), job, from, outcome (status)."""
+    path), job, from, outcome (status). A request refused before anyone signed in (a
+    cross-site form, an unknown route) is tallied per address instead, as failed
+    sign-ins are (``Limits.refused``): a stranger cannot flood the log."""
 
     async def write(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         status = 500
@@ -133,19 +143,22 @@ class AuditMiddleware(_OnWrites):
     async def _record(self, scope: dict[str, Any], status: int) -> None:
         state = scope.get("state") or {}
         who = state.get("principal")
-        if who is None and status == 401:
-            return  # the auth check recorded the failed sign-in itself
+        if who is None and status in (401, 429):
+            return  # the auth check tallied the failed sign-in itself
         app = scope.get("app")
         ctx: AppContext | None = getattr(getattr(app, "state", None), "ctx", None)
         ctx = ctx or process_context()
         if ctx is None:
             return
-        client = scope.get("client")
+        address = client_address(Request(scope))
+        action = f"{scope['method']} {scope['path'][:200]}"
         try:
+            if who is None:
+                await ctx.limits.refused(address, "anonymous", action, status)
+                return
             await ctx.auth.audit(
-                who=who.name if who else "", role=who.role.value if who else "",
-                action=f"{scope['method']} {scope['path']}", job=state.get("job_id"),
-                outcome=status, **{"from": client[0] if client else ""},
+                who=who.name, role=who.role.value, action=action, job=state.get("job_id"),
+                outcome=status, **{"from": address},
             )  # fmt: skip
         except Exception:
             # The request has been answered; a lost record is logged, never silent.

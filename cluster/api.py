@@ -58,7 +58,9 @@ from rayfarm.errors import (
     FrameNotFound,
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     SceneNotFound,
+    TooManyRequests,
     UnsupportedMediaType,
 )
 from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
@@ -166,6 +168,7 @@ async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
             f"multipart/form-data (a .blend and its spec), not content type {media or 'none'!r}",
             {"content_type": media},
         )
+    await ctx.limits.take_submission(who)  # before the upload is read
     async with read_scene_upload(request, ctx.settings.max_upload_bytes) as upload:
         spec = parse_spec(upload.spec)
         scene = upload.scene
@@ -237,18 +240,28 @@ async def missing_blobs(request: Request, ctx: Ctx, _: Submitter) -> dict[str, l
             raise InvalidRequest(f"{h!r} is not a sha256 (64 lowercase hex digits)")
     unique = list(dict.fromkeys(hashes))
     stored = await asyncio.to_thread(lambda: [ctx.storage.exists(blob_key(h)) for h in unique])
-    return {"missing": [h for h, ok in zip(unique, stored, strict=True) if not ok]}
+    dying = await ctx.store.blobs.dying(unique)  # being deleted: upload them again
+    return {"missing": [h for h, ok in zip(unique, stored, strict=True) if not ok or h in dying]}
 
 
 @blobs.put("/{sha256}", status_code=201)
-async def put_blob(sha256: str, request: Request, ctx: Ctx, _: Submitter) -> dict[str, Any]:
+async def put_blob(sha256: str, request: Request, ctx: Ctx, who: Submitter) -> dict[str, Any]:
     """Upload one file by its SHA-256, streamed (the body is the file's bytes).
 
     The body spills to disk past a few MB, its hash is checked before it is stored,
-    and it is refused (413) the moment it passes the upload limit.
+    and it is refused (413) the moment it passes the upload limit. Until a job of the
+    uploader's uses it, the blob counts against their upload quota
+    (``RAYFARM_UPLOAD_QUOTA_BYTES``; 413 past it, naming it; admins have none) and is
+    deleted ``RAYFARM_UPLOAD_GRACE_S`` after the upload.
     """
     if not SHA256.match(sha256):
         raise InvalidRequest(f"{sha256!r} is not a sha256 (64 lowercase hex digits)")
+    quota = 0 if who.is_admin else ctx.settings.upload_quota_bytes
+    length = request.headers.get("content-length")
+    if quota and length is not None and length.isdigit():
+        pending = await ctx.store.blobs.pending_bytes(who.name)
+        if pending + int(length) > quota:
+            raise _over_quota(ctx, who, int(length), pending, quota)
     sha = hashlib.sha256()
     size = 0
     with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
@@ -261,10 +274,32 @@ async def put_blob(sha256: str, request: Request, ctx: Ctx, _: Submitter) -> dic
                 f"the uploaded bytes hash to {sha.hexdigest()}, not {sha256}",
                 {"sha256": sha256},
             )
+        index = ctx.store.blobs
+        upload = await index.register_upload(
+            sha256, size, who.name, ctx.settings.upload_grace_s, quota
+        )
+        if not upload.ok:
+            raise _over_quota(ctx, who, size, upload.pending_bytes, quota)
         spool.seek(0)
-        digest, _ = await asyncio.to_thread(store_blob, ctx.storage, spool)
+        try:
+            digest, _ = await asyncio.to_thread(store_blob, ctx.storage, spool)
+        except BaseException:
+            await index.unregister_upload(sha256, size, who.name)
+            raise
     await ctx.store.count(upload_bytes_total=size, upload_blobs_total=1)
     return {"sha256": digest, "size": size}
+
+
+def _over_quota(ctx: AppContext, who: Principal, size: int, pending: int, quota: int) -> Exception:
+    grace_h = ctx.settings.upload_grace_s / 3600
+    return PayloadTooLarge(
+        f"upload quota: {who.name} has {pending} bytes of uploads no job of theirs uses yet, "
+        f"and this {size}-byte blob would pass the quota of {quota} bytes "
+        f"(RAYFARM_UPLOAD_QUOTA_BYTES). Submit the jobs that use them; uploads no job uses "
+        f"are deleted {grace_h:g} h after they were sent (RAYFARM_UPLOAD_GRACE_S)",
+        {"quota": quota, "pending": pending, "size": size,
+         "setting": "RAYFARM_UPLOAD_QUOTA_BYTES"},
+    )  # fmt: skip
 
 
 @jobs.get("")
@@ -340,6 +375,20 @@ async def retry_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
     await ctx.store.transition(job_id, JobState.PENDING)
     ctx.nudge()
     return await ctx.store.get(job_id)
+
+
+@jobs.delete("/{job_id}")
+async def delete_job(job_id: JobId, ctx: Ctx, who: Who) -> dict[str, Any]:
+    """Delete a finished job (COMPLETED, FAILED or CANCELLED) and everything of it: its
+    record, execution log and task state, its place in every listing and index, its
+    frames, outputs and logs, and the blobs (inputs) no other job or pending upload
+    keeps. The job's owner (an artist) or an admin; 409 for a PENDING or PROCESSING job
+    (cancel it first). Answers what it freed: ``objects`` and ``bytes`` of the job's
+    files, ``blobs`` and ``blob_bytes`` of its inputs."""
+    await check_may_change(ctx, who, job_id)
+    gone = await ctx.remover.delete_job(job_id)
+    ctx.forget_owner(job_id)
+    return gone.to_dict()
 
 
 @jobs.get("/{job_id}/frames")
@@ -484,7 +533,10 @@ def _install_handlers(app: FastAPI) -> None:
             faults.with_request_id(exc, rid)
             headers = {faults.REQUEST_ID_HEADER: rid} if new else None
             return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
-        return JSONResponse(exc.to_body(), status_code=exc.status)
+        headers = None
+        if isinstance(exc, TooManyRequests) and exc.retry_after_s is not None:
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -523,7 +575,12 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = getattr(app.state, "ctx", None) or process_context()
+        # Every replica runs the housekeeping loop; one sweeps at a time (a Redis lock).
+        sweeping = asyncio.create_task(ctx.sweeper.run()) if ctx is not None else None
         yield
+        if sweeping is not None:
+            sweeping.cancel()
         ctx = getattr(app.state, "ctx", None) or process_context()
         if ctx is not None:
             await ctx.store.close()

@@ -15,10 +15,13 @@ from fastapi import Depends, Request
 
 from rayfarm.cluster import keys
 from rayfarm.cluster.auth import ADMIN, AuthStore, Principal
+from rayfarm.cluster.deletion import Remover
 from rayfarm.cluster.events import EventHub
+from rayfarm.cluster.limits import Limits
 from rayfarm.cluster.settings import MAX_JSON_DEPTH, Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.errors import (
     FarmUnavailable,
     Forbidden,
@@ -79,6 +82,9 @@ class AppContext:
     storage: Storage = field(init=False)
     hub: EventHub = field(init=False)
     auth: AuthStore = field(init=False)
+    limits: Limits = field(init=False)
+    remover: Remover = field(init=False)
+    sweeper: Sweeper = field(init=False)
     notify: Any = None  # callable() or None: wakes the dispatcher
     # async callable(Inputs, Blender version) -> catalogue dict, or None (no Ray here)
     inspect: Any = None
@@ -91,6 +97,9 @@ class AppContext:
         self.storage = Storage(self.settings.storage)
         self.hub = EventHub(self.store)
         self.auth = AuthStore(self.store.redis, self.settings.audit_maxlen)
+        self.limits = Limits(self.store.redis, self.auth, self.settings)
+        self.remover = Remover(self.store, self.storage)
+        self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
         self._owners: dict[str, tuple[str, str | None]] = {}
         self._indexed = False
 
@@ -108,6 +117,10 @@ class AppContext:
             self._owners.clear()
         self._owners[job_id] = (owner, project)
         return owner, project
+
+    def forget_owner(self, job_id: str) -> None:
+        """Drop a deleted job from the (owner, project) cache."""
+        self._owners.pop(job_id, None)
 
     async def ensure_indexes(self) -> None:
         """Build the owner and project indexes over jobs stored before them, once."""
@@ -160,7 +173,9 @@ def client_address(request: Request) -> str:
 async def authenticate(ctx: AppContext, authorization: str | None, source: str) -> Principal:
     """The principal a request's ``Authorization: Bearer <token>`` names; a farm without
     accounts (``RAYFARM_AUTH=off``, loopback only) treats every request as its admin.
-    A missing or unknown token is 401, and audited."""
+    A missing or unknown token is 401, tallied into the audit log; past the wrong
+    credentials ``source`` (the client's address) may send, 429 (``Limits``). A valid
+    token costs no limit check."""
     if not ctx.settings.auth:
         return ADMIN
     scheme, _, token = (authorization or "").partition(" ")
@@ -169,8 +184,7 @@ async def authenticate(ctx: AppContext, authorization: str | None, source: str) 
         principal = await ctx.auth.principal(token.strip())
     if principal is None:
         reason = "no token" if not authorization else "unknown or malformed token"
-        await ctx.auth.audit(who="", action="sign-in failed", outcome=401, detail=reason,
-                             **{"from": source})  # fmt: skip
+        await ctx.limits.sign_in_failed(source, reason, guess=bool(authorization))
         raise Unauthorized(
             f"{reason}: send Authorization: Bearer <token> (rayfarm token create, or the "
             "first admin's token that rayfarm up printed)"

@@ -66,6 +66,7 @@ __all__ = [
     "job_reply",
     "pb2",
     "pb2_grpc",
+    "peer_address",
     "status_code",
     "stream_progress",
     "submit_job",
@@ -93,6 +94,7 @@ _CODES = {
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -257,7 +259,19 @@ async def _who(ctx: AppContext, grpc_context: Any) -> Principal:
     """The caller, by its ``authorization: Bearer <token>`` metadata, as over HTTP."""
     metadata = {k.lower(): v for k, v in (grpc_context.invocation_metadata() or [])}
     peer = getattr(grpc_context, "peer", lambda: "")() or ""
-    return await authenticate(ctx, metadata.get("authorization"), peer)
+    return await authenticate(ctx, metadata.get("authorization"), peer_address(peer))
+
+
+def peer_address(peer: str) -> str:
+    """The client's address in a gRPC peer (``ipv4:10.0.0.9:51234``,
+    ``ipv6:[::1]:51234``) without its port, so per-address limits count the client,
+    not each of its connections."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:].split("]", 1)[0]
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    return peer
 
 
 # --- the calls ----------------------------------------------------------------------

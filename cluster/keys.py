@@ -19,6 +19,24 @@
 ``users``               hash: user name -> {"role", "projects", "created_at"} (JSON)
 ``tokens``              hash: SHA-256 of an API token -> {"user", "label", "created_at"}
 ``audit``               stream: who did what to which job, from where, with what outcome
+``blob:{sha}``          hash: an indexed blob's size, state ("live", or "dying" while its
+                        object is deleted) and when it was first indexed
+``blob:{sha}:refs``     sorted set: what keeps a blob: job ids (score +inf), ``up:{user}``
+                        (an upload no job of that user's uses yet) and ``hold:{token}`` (a
+                        submission being checked), scored by when they lapse
+``uploads:{user}``      sorted set: a user's blobs no job of theirs uses yet, by when they
+                        lapse (the upload quota counts them)
+``upload_bytes``        hash: user -> bytes of ``uploads:{user}``
+``blobs``               hash: ``count`` and ``bytes`` of the blobs indexed
+``blobs:due``           sorted set: blobs to look at when a reference lapses, by when
+``blobs:dying``         sorted set: blobs whose objects are being deleted, by since when
+``blobs:indexed``       string: the version of the blob references built over older jobs
+``deleted``             sorted set: ids of deleted jobs, by when (late writes are swept)
+``sweep``               hash: the last housekeeping sweep (when, what it did)
+``sweep:lock``          string: held by the replica sweeping now
+``usage``               hash: storage bytes and objects, by area, as the last sweep measured
+``limit:{kind}:{who}``  hash: a rate limit's token bucket (``auth``, ``submit``, ``record``)
+``limit:tally:{kind}:{address}`` hash: refused anonymous requests not yet in the audit log
 """
 
 from __future__ import annotations
@@ -113,6 +131,66 @@ def audit() -> str:
 
 def queue() -> str:
     return f"{PREFIX}queue"
+
+
+def blob(sha256: str) -> str:
+    return f"{PREFIX}blob:{sha256}"
+
+
+def blob_refs(sha256: str) -> str:
+    return f"{PREFIX}blob:{sha256}:refs"
+
+
+def uploads_of(user: str) -> str:
+    return f"{PREFIX}uploads:{user}"
+
+
+def upload_bytes() -> str:
+    return f"{PREFIX}upload_bytes"
+
+
+def blob_stats() -> str:
+    return f"{PREFIX}blobs"
+
+
+def blobs_due() -> str:
+    return f"{PREFIX}blobs:due"
+
+
+def blobs_dying() -> str:
+    return f"{PREFIX}blobs:dying"
+
+
+def blobs_indexed() -> str:
+    return f"{PREFIX}blobs:indexed"
+
+
+def deleted() -> str:
+    return f"{PREFIX}deleted"
+
+
+def sweep() -> str:
+    return f"{PREFIX}sweep"
+
+
+def sweep_lock() -> str:
+    return f"{PREFIX}sweep:lock"
+
+
+def usage() -> str:
+    return f"{PREFIX}usage"
+
+
+def limit(kind: str, who: str) -> str:
+    """A token bucket: ``kind`` is ``auth`` (failed sign-ins of an address), ``submit``
+    (a user's submissions) or ``record`` (audit records of refusals; ``who`` ``*`` is
+    the farm-wide one)."""
+    return f"{PREFIX}limit:{kind}:{who}"
+
+
+def tally(kind: str, address: str) -> str:
+    """Refused anonymous requests of one kind from ``address`` not yet audited."""
+    return f"{PREFIX}limit:tally:{kind}:{address}"
 
 
 def task_key(frame: int, tile: int) -> str:

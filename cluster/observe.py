@@ -15,6 +15,7 @@ from rayfarm.cluster import storage as layout
 from rayfarm.cluster.context import AppContext, Ctx, JobId
 from rayfarm.cluster.events import EVENT_ID, decode, follow, sse
 from rayfarm.cluster.store import RENDER_S_BUCKETS
+from rayfarm.cluster.sweeper import AREAS, measured_usage
 from rayfarm.errors import InvalidRequest, NotFound
 from rayfarm.events import format_event
 from rayfarm.models import JobState
@@ -110,13 +111,17 @@ async def task_log(job_id: JobId, task: str, ctx: Ctx) -> PlainTextResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["farm"])
 async def metrics(ctx: Ctx) -> Response:
-    """The farm in Prometheus's text format: jobs by state, queue depth, tasks done and
-    failed (rate() gives tasks per second), a histogram of render seconds per task,
-    render actors by device and state, bytes uploaded, open event streams."""
+    """The farm in Prometheus's text format: jobs by state and stored, queue depth, tasks
+    done and failed (rate() gives tasks per second), a histogram of render seconds per
+    task, render actors by device and state, bytes uploaded, open event streams; storage
+    used by jobs and blobs (as the last housekeeping sweep measured it), blobs indexed
+    and uploads no job uses yet, Redis's memory; jobs deleted, refused requests."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from prometheus_client.core import CollectorRegistry
 
     snapshot = await ctx.store.metrics()
+    snapshot["storage"] = await measured_usage(ctx.store.redis)
+    snapshot["blobs"] = await ctx.store.blobs.stats()
     stats = await dispatcher_stats(ctx)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(snapshot, stats, ctx.hub.waiting))
@@ -155,6 +160,7 @@ class _Collector:
         yield GaugeMetricFamily(
             "rayfarm_queue_depth", "Jobs waiting in the queue.", value=self.snapshot["queue_depth"]
         )
+        yield from self._usage()
         for name, help_text in (
             ("jobs_submitted", "Jobs accepted."),
             ("tasks_done", "Render tasks (frames or tiles) finished."),
@@ -162,6 +168,9 @@ class _Collector:
             ("frames_stored", "Frames written to storage."),
             ("upload_bytes", "Bytes of scene files uploaded (new blobs only)."),
             ("upload_blobs", "Scene files uploaded (new blobs only)."),
+            ("jobs_deleted", "Jobs deleted (DELETE /jobs/{id}, rayfarm rm, retention)."),
+            ("refused_sign_in", "Failed sign-ins (401, or 429 past the address's limit)."),
+            ("refused_anonymous", "Other state changes asked without a valid token."),
         ):
             yield CounterMetricFamily(
                 f"rayfarm_{name}", help_text, value=counters.get(f"{name}_total", 0.0)
@@ -197,3 +206,51 @@ class _Collector:
             "rayfarm_event_waits", "Event streams and long-polls open on this replica.",
             value=self.streams,
         )  # fmt: skip
+
+    def _usage(self) -> Any:
+        """What the farm holds: jobs, Redis memory, storage, blobs."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        snap = self.snapshot
+        yield GaugeMetricFamily(
+            "rayfarm_jobs_stored", "Jobs the farm holds, in any state.", value=snap["jobs_stored"]
+        )
+        yield GaugeMetricFamily(
+            "rayfarm_redis_used_memory_bytes", "Redis's used_memory (INFO memory).",
+            value=snap["redis_used_memory"],
+        )  # fmt: skip
+        usage: dict[str, float] = snap["storage"]
+        size = GaugeMetricFamily(
+            "rayfarm_storage_bytes",
+            "Bytes in storage by area (jobs: frames, outputs, logs; blobs: inputs), as the "
+            "last housekeeping sweep measured them.",
+            labels=["area"],
+        )
+        objects = GaugeMetricFamily(
+            "rayfarm_storage_objects", "Objects in storage by area (last sweep).", labels=["area"]
+        )
+        for area in AREAS:
+            if f"{area}_bytes" in usage:
+                size.add_metric([area], usage[f"{area}_bytes"])
+                objects.add_metric([area], usage[f"{area}_objects"])
+        yield size
+        yield objects
+        measured = GaugeMetricFamily(
+            "rayfarm_storage_measured_timestamp_seconds", "When the last sweep measured storage."
+        )
+        if "measured_at" in usage:
+            measured.add_metric([], usage["measured_at"])
+        yield measured
+        blobs = snap["blobs"]
+        yield GaugeMetricFamily(
+            "rayfarm_blobs_indexed", "Blobs (job inputs) the farm keeps.", value=blobs["count"]
+        )
+        yield GaugeMetricFamily(
+            "rayfarm_blobs_indexed_bytes", "Bytes of the blobs the farm keeps.",
+            value=blobs["bytes"],
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "rayfarm_uploads_pending_bytes",
+            "Bytes of uploaded blobs no job of their uploader uses yet (what upload quotas count).",
+            value=blobs["pending_bytes"],
+        )

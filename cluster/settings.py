@@ -41,6 +41,28 @@ def _env_seconds(name: str, default: float) -> float:
     return seconds
 
 
+def _env_rate(name: str, default: float) -> float:
+    """A positive rate (per minute)."""
+    number = _env_number(name, default)
+    if number <= 0:
+        raise ValueError(f"{name} must be a positive number per minute, not {number}")
+    return number
+
+
+def _env_number(name: str, default: float) -> float:
+    """A number that may be 0 (0 turns a limit off, or keeps things forever)."""
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"{name} must be a number of at least 0, not {value!r}")
+    return number
+
+
 def _env_switch(name: str, default: bool) -> bool:
     value = (os.environ.get(name) or "").strip().lower()
     if not value:
@@ -104,6 +126,41 @@ class Settings:
     #: each job renders with the one that saved its file, or the one it asks for, or the
     #: nearest newer one (``rayfarm.versions.route``).
     blender: tuple[str, ...] = DEFAULT_VERSIONS
+    # -- retention and quotas (docs/security.md) --
+    #: Days a finished job (COMPLETED, FAILED, CANCELLED) is kept after it finished, with
+    #: its frames, outputs, logs and the blobs no other job uses; 0 keeps jobs forever.
+    retention_days: float = 30.0
+    #: Seconds between the farm's housekeeping sweeps (retention, unused uploads,
+    #: storage measurement); one API replica sweeps at a time.
+    sweep_interval_s: float = 600.0
+    #: Bytes of blobs one user may have uploaded that no job of theirs uses yet
+    #: (``PUT /blobs``; 413 past it); 0: no quota. Admins are not limited.
+    upload_quota_bytes: int = 64 * 1024**3
+    #: Seconds an uploaded blob no job uses is kept (and counted in its uploader's quota).
+    upload_grace_s: float = 86_400.0
+    # -- rate limits (docs/security.md) --
+    #: Failed sign-ins one client address may make at once, then ``auth_failures_per_min``.
+    auth_failure_burst: int = 20
+    auth_failures_per_min: float = 10.0
+    #: Audit records of refused anonymous requests per minute, farm-wide (the rest are
+    #: counted into the next record and ``/metrics``).
+    auth_audit_per_min: float = 60.0
+    #: Jobs one user (not an admin) may submit at once, then ``submit_per_min``.
+    submit_burst: int = 30
+    submit_per_min: float = 60.0
+    #: Highest priority an artist may give a job (admins: up to 100); at least 50, the
+    #: priority every job gets by default.
+    artist_max_priority: int = 50
+
+    def __post_init__(self) -> None:
+        if not 50 <= self.artist_max_priority <= 100:
+            raise ValueError(
+                "RAYFARM_ARTIST_MAX_PRIORITY must be between 50 (the priority every job gets "
+                f"by default) and 100, not {self.artist_max_priority}"
+            )
+        for name in ("auth_failure_burst", "submit_burst"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RAYFARM_{name.upper()} must be at least 1")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -140,6 +197,16 @@ class Settings:
             "max_blend_read_s": _env_seconds("RAYFARM_MAX_BLEND_READ_S", MAX_READ_S),
             "max_json_depth": _env_int("RAYFARM_MAX_JSON_DEPTH", MAX_JSON_DEPTH),
             "blender": parse_versions(os.environ.get("RAYFARM_BLENDER") or DEFAULT_VERSIONS),
+            "retention_days": _env_number("RAYFARM_RETENTION_DAYS", 30.0),
+            "sweep_interval_s": _env_seconds("RAYFARM_SWEEP_INTERVAL_S", 600.0),
+            "upload_quota_bytes": _env_int("RAYFARM_UPLOAD_QUOTA_BYTES", 64 * 1024**3),
+            "upload_grace_s": _env_seconds("RAYFARM_UPLOAD_GRACE_S", 86_400.0),
+            "auth_failure_burst": _env_int("RAYFARM_AUTH_FAILURE_BURST", 20),
+            "auth_failures_per_min": _env_rate("RAYFARM_AUTH_FAILURES_PER_MIN", 10.0),
+            "auth_audit_per_min": _env_rate("RAYFARM_AUTH_AUDIT_PER_MIN", 60.0),
+            "submit_burst": _env_int("RAYFARM_SUBMIT_BURST", 30),
+            "submit_per_min": _env_rate("RAYFARM_SUBMIT_PER_MIN", 60.0),
+            "artist_max_priority": _env_int("RAYFARM_ARTIST_MAX_PRIORITY", 50),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["blender"] = parse_versions(values["blender"])

@@ -31,6 +31,7 @@ __all__ = [
     "Storage",
     "file_output_key",
     "frame_key",
+    "job_prefix",
     "manifest_key",
     "outputs_prefix",
     "task_log_key",
@@ -39,6 +40,11 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 1 << 20
+
+
+def job_prefix(job_id: str) -> str:
+    """Everything the farm stores for a job (its inputs are blobs, shared)."""
+    return f"jobs/{job_id}"
 
 
 def frame_key(job_id: str, frame: int, extension: str) -> str:
@@ -162,6 +168,26 @@ class Storage:
             for name, info in found.items()
             if info.get("type") == "file" and not os.path.basename(str(name)).startswith(".")
         )
+
+    def usage(self, prefix: str) -> tuple[int, int]:
+        """(objects, bytes) under ``prefix`` (temporary files included: they take space
+        too); (0, 0) when it is absent. Walks one folder at a time, so a large bucket
+        is never listed into memory whole."""
+        objects = size = 0
+        for _, _, files in self.fs.walk(self.path(prefix), detail=True):
+            for info in files.values():
+                if info.get("type") == "file":
+                    objects += 1
+                    size += int(info.get("size") or 0)
+        return objects, size
+
+    def delete(self, key: str) -> bool:
+        """Delete one object; False when there was none."""
+        try:
+            self.fs.rm_file(self.path(key))
+        except FileNotFoundError:
+            return False
+        return True
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.path(prefix)

@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from rayfarm.cluster import keys
+from rayfarm.cluster.blobs import BlobIndex, blobs_of
 from rayfarm.errors import InvalidTransition, JobNotFound
 from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, sources_of
 
@@ -112,6 +113,7 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._start_tasks = redis.register_script(_START_TASKS_LUA)
         self._finish_tasks = redis.register_script(_FINISH_TASKS_LUA)
+        self.blobs = BlobIndex(redis)
 
     @classmethod
     def from_url(
@@ -142,7 +144,8 @@ class JobStore:
         self, job: Job, inputs: str, scene_hash: str, warnings: Sequence[str] = ()
     ) -> None:
         """Store a new PENDING job and queue it, in one MULTI/EXEC. ``inputs`` is the
-        input folder's listing (``Inputs.to_json``), ``scene_hash`` its digest;
+        input folder's listing (``Inputs.to_json``), ``scene_hash`` its digest; the job
+        keeps the blobs it lists (``BlobIndex.link``) from the same MULTI on.
         ``warnings`` (the Blender it renders with is not the one that saved it, ...)
         become the job's first ``warning`` events."""
         created = job.created_at.isoformat()
@@ -182,6 +185,7 @@ class JobStore:
                 pipe.xadd(keys.events(job.id), note, maxlen=self.events_maxlen)
             pipe.xadd(keys.changes(), _change(job.id, job.owner, job.spec.project, job.state),
                       maxlen=CHANGES_MAXLEN)  # fmt: skip
+            await self.blobs.link(pipe, job.id, job.owner, blobs_of(inputs))
             await pipe.execute()
 
     async def get(self, job_id: str) -> Job:
@@ -482,17 +486,22 @@ class JobStore:
             await pipe.execute()
 
     async def metrics(self) -> dict[str, Any]:
-        """Farm-wide counters, jobs by state and the queue's depth, in one round trip."""
+        """Farm-wide counters, jobs by state and stored, the queue's depth and Redis's
+        memory, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.metrics())
             pipe.zcard(keys.queue())
+            pipe.zcard(keys.all_jobs())
+            pipe.info("memory")
             for state in JobState:
                 pipe.zcard(keys.jobs_in(str(state)))
-            counters, queued, *by_state = await pipe.execute()
+            counters, queued, stored, memory, *by_state = await pipe.execute()
         return {
             "counters": {k: float(v) for k, v in counters.items()},
             "queue_depth": int(queued),
             "jobs": dict(zip(JobState, map(int, by_state), strict=True)),
+            "jobs_stored": int(stored),
+            "redis_used_memory": int(memory.get("used_memory", 0)),
         }
 
     async def mark_frame_done(

@@ -44,6 +44,7 @@ __all__ = [
     "check_scene",
     "check_size",
     "check_stored",
+    "content_digest",
     "store_blob",
     "store_single",
     "submit_listing",
@@ -65,9 +66,13 @@ async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
     if unknown:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
     spec = check_rights(who, check_size(ctx, parse_spec(data.get("spec"))))
+    ctx.limits.check_priority(who, spec)
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
-    header = await asyncio.to_thread(check_stored, ctx, inputs)
-    return await _create_job(ctx, spec, inputs, who.name, header)
+    await ctx.limits.take_submission(who)
+    # Held from the check to the job's creation: no deletion elsewhere takes them away.
+    async with ctx.store.blobs.holding([(f.sha256, f.size) for f in inputs.files]):
+        header = await asyncio.to_thread(check_stored, ctx, inputs)
+        return await _create_job(ctx, spec, inputs, who.name, header)
 
 
 def check_blender(ctx: AppContext, spec: JobSpec | None, header: BlendHeader) -> Route:
@@ -209,23 +214,27 @@ async def store_single(
     """A single-.blend upload for ``who`` (its ``header`` read already): the file becomes
     a blob and the job's input folder holds just it. Refused before anything is stored
     when the farm offers no Blender for it."""
-    check_rights(who, check_size(ctx, spec))
+    ctx.limits.check_priority(who, check_rights(who, check_size(ctx, spec)))
     check_blender(ctx, spec, header)
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
-    digest, size, created = await asyncio.to_thread(_put_blob, ctx.storage, scene.file)
-    inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
-    try:
-        return await _create_job(ctx, spec, inputs, who.name, header)
-    except FarmError as exc:
-        # Refused after the upload was stored (a scene or camera the file lacks, found
-        # by the farm's inspector, which reads the stored blob): a refused upload leaves
-        # nothing. A blob that was there before is another job's, and stays; so does one
-        # after a failure of the farm's own (5xx), which may come after the job is made.
-        if created and exc.status < 500:
-            await asyncio.to_thread(_forget_blob, ctx.storage, digest)
-        raise
+    digest, size = await asyncio.to_thread(content_digest, scene.file)
+    # Held before it is stored: a deletion elsewhere must not take the blob meanwhile.
+    async with ctx.store.blobs.holding([(digest, size)]):
+        _, _, created = await asyncio.to_thread(_put_blob, ctx.storage, scene.file, (digest, size))
+        inputs = Inputs(ctx.settings.storage, name, (InputFile(name, digest, size),))
+        try:
+            return await _create_job(ctx, spec, inputs, who.name, header)
+        except FarmError as exc:
+            # Refused after the upload was stored (a scene or camera the file lacks,
+            # found by the farm's inspector, which reads the stored blob): a refused
+            # upload leaves nothing. A blob that was there before is another job's, and
+            # stays; so does one after a failure of the farm's own (5xx), which may come
+            # after the job is made, and one another submission holds meanwhile.
+            if created and exc.status < 500 and await ctx.store.blobs.held_once(digest):
+                await asyncio.to_thread(_forget_blob, ctx.storage, digest)
+            raise
 
 
 async def catalogue(ctx: AppContext, inputs: Inputs, blender: str) -> dict[str, Any] | None:
@@ -308,10 +317,37 @@ async def _create_job(
     return job
 
 
-def store_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int]:
-    """Store a local file as a blob (unless stored already); return (sha256, size)."""
-    digest, size, _ = _put_blob(storage, src)
+def content_digest(src: IO[bytes]) -> tuple[str, int]:
+    """(sha256, size) of a local file, read from its start."""
+    sha = hashlib.sha256()
+    size = 0
+    src.seek(0)
+    while block := src.read(CHUNK_BYTES):
+        sha.update(block)
+        size += len(block)
+    return sha.hexdigest(), size
+
+
+def store_blob(
+    storage: Storage, src: IO[bytes], known: tuple[str, int] | None = None
+) -> tuple[str, int]:
+    """Store a local file as a blob (unless stored already); return (sha256, size)
+    (``known``: those, computed already)."""
+    digest, size, _ = _put_blob(storage, src, known)
     return digest, size
+
+
+def _put_blob(
+    storage: Storage, src: IO[bytes], known: tuple[str, int] | None = None
+) -> tuple[str, int, bool]:
+    """``store_blob``, and whether this call stored it (False: it was there already)."""
+    digest, size = known or content_digest(src)
+    key = blob_key(digest)
+    if storage.exists(key) and storage.size(key) == size:
+        return digest, size, False
+    src.seek(0)
+    storage.put_stream(key, src)
+    return digest, size, True
 
 
 def _forget_blob(storage: Storage, digest: str) -> None:
@@ -319,20 +355,3 @@ def _forget_blob(storage: Storage, digest: str) -> None:
         storage.delete_prefix(blob_key(digest))
     except Exception:  # the refusal is what the client must hear; the blob is only space
         log.exception("could not remove the refused upload's blob %s", digest)
-
-
-def _put_blob(storage: Storage, src: IO[bytes]) -> tuple[str, int, bool]:
-    """``store_blob``, and whether this call stored it (False: it was there already)."""
-    sha = hashlib.sha256()
-    size = 0
-    src.seek(0)
-    while block := src.read(CHUNK_BYTES):
-        sha.update(block)
-        size += len(block)
-    digest = sha.hexdigest()
-    key = blob_key(digest)
-    if storage.exists(key) and storage.size(key) == size:
-        return digest, size, False
-    src.seek(0)
-    storage.put_stream(key, src)
-    return digest, size, True

@@ -119,6 +119,13 @@ class AsyncJob(JobRecord):
     async def retry(self) -> AsyncJob:
         return self._update(await self._bound()._post_json(f"/jobs/{self.id}/retry"))
 
+    async def delete(self) -> dict[str, Any]:
+        """As ``Job.delete``: delete a finished job and what only it used; returns what
+        it freed."""
+        async with self._bound()._request("DELETE", f"/jobs/{self.id}") as r:
+            freed: dict[str, Any] = r.json()
+            return freed
+
     async def frames(self) -> list[FrameInfo]:
         async with self._bound()._request("GET", f"/jobs/{self.id}/frames") as r:
             return [FrameInfo.model_validate(f) for f in r.json()["frames"]]

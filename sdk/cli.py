@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("job_id")
         c.add_argument("--json", action="store_true")
 
+    rm = sub.add_parser(
+        "rm", help="delete finished jobs: record, log, frames, outputs, inputs no other job uses"
+    )
+    rm.add_argument("job_ids", nargs="+", metavar="job_id")
+    rm.add_argument("--json", action="store_true", help="print what each deletion freed as JSON")
+
     ls = sub.add_parser("list", help="list recent jobs")
     ls.add_argument("--state", choices=[s.value for s in JobState])
     ls.add_argument("--limit", type=int, default=20)
@@ -250,6 +256,8 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "logs":
         return _logs(farm, args)
+    if args.command == "rm":
+        return _rm(farm, args)
     if args.command == "download":
         job = farm.job(args.job_id)
         for path in job.download(args.directory):
@@ -273,6 +281,21 @@ def _run(args: argparse.Namespace) -> int:
             return _outcome(status.state)
     _print(status, args.json)
     return _outcome(status.state)
+
+
+def _rm(farm: Farm, args: argparse.Namespace) -> int:
+    """Delete each job; the first refusal (unknown, still running) stops there."""
+    for job_id in args.job_ids:
+        freed = farm.job(job_id).delete()
+        if args.json:
+            print(json.dumps(freed))
+        else:
+            print(
+                f"{job_id}  deleted ({freed['state']}): {freed['objects']} file(s), "
+                f"{freed['bytes']} bytes; {freed['blobs']} input blob(s) no other job used, "
+                f"{freed['blob_bytes']} bytes"
+            )
+    return EXIT_OK
 
 
 def _logs(farm: Farm, args: argparse.Namespace) -> int:

@@ -273,6 +273,11 @@ class Farm:
         with self._request("POST", f"/jobs/{job_id}/{action}") as r:
             return Job.model_validate(r.json(), context=FROM_FARM)
 
+    def _delete_job(self, job_id: str) -> dict[str, Any]:
+        with self._request("DELETE", f"/jobs/{job_id}") as r:
+            freed: dict[str, Any] = r.json()
+            return freed
+
     def _get_frames(self, job_id: str) -> list[FrameInfo]:
         with self._request("GET", f"/jobs/{job_id}/frames") as r:
             return [FrameInfo.model_validate(f) for f in r.json()["frames"]]

@@ -21,6 +21,7 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     │   ├── FrameNotFound
     │   └── SceneNotFound
     ├── InvalidTransition     409  a state change the job model refuses
+    ├── TooManyRequests       429  over a rate limit; ``detail["retry_after_s"]`` says when
     ├── RenderError           ---  a task failed on a render actor
     │   ├── SceneOpenError    ---  bpy could not open the scene
     │   └── WorkerLost        ---  the Blender worker process died or was stopped
@@ -57,6 +58,7 @@ __all__ = [
     "SceneTooLarge",
     "SceneTooNew",
     "ServerError",
+    "TooManyRequests",
     "Unauthorized",
     "UnsupportedMediaType",
     "WorkerLost",
@@ -166,6 +168,20 @@ class SceneNotFound(NotFound):
 class InvalidTransition(FarmError):
     status = 409
     code = "invalid_transition"
+
+
+class TooManyRequests(FarmError):
+    """Over one of the farm's rate limits (failed sign-ins from one address, submissions
+    of one user): ``detail["retry_after_s"]`` (also the ``Retry-After`` header) says how
+    many seconds to wait before the next attempt can succeed."""
+
+    status = 429
+    code = "too_many_requests"
+
+    @property
+    def retry_after_s(self) -> int | None:
+        value = self.detail.get("retry_after_s")
+        return value if isinstance(value, int) else None
 
 
 class RenderError(FarmError):

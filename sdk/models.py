@@ -441,6 +441,17 @@ class Job(JobRecord):
         """Put a FAILED job back in the queue; only missing frames are rendered again."""
         return self._update(self._bound()._post_job(self.id, "retry"))
 
+    def delete(self) -> dict[str, Any]:
+        """Delete the job from the farm: its record and log, frames, outputs, and the
+        input files no other job uses. Only a finished job (COMPLETED, FAILED,
+        CANCELLED): cancel a running one first (409 ``InvalidTransition`` otherwise).
+        Returns what it freed: ``objects`` and ``bytes`` of the job's files, ``blobs``
+        and ``blob_bytes`` of its inputs.
+
+        >>> job.cancel(); job.delete()                    # doctest: +SKIP
+        """
+        return self._bound()._delete_job(self.id)
+
     def frames(self) -> list[FrameInfo]:
         """The frames stored so far, with their URLs."""
         return self._bound()._get_frames(self.id)

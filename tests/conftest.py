@@ -192,6 +192,21 @@ def exr_parts(
         }
 
 
+#: Farm-wide keys a refused request may touch: counters (accepted uploads), accounts, and
+#: the audit stream (a refusal is audited too).
+FARM_KEYS = {b"rayfarm:metrics", b"rayfarm:users", b"rayfarm:tokens", b"rayfarm:audit"}
+#: What an accepted upload leaves (the blob index: who uploaded what, for the quota) and
+#: rate limits' buckets.
+FARM_PREFIXES = (b"rayfarm:blob:", b"rayfarm:uploads:", b"rayfarm:upload_bytes",
+                 b"rayfarm:blobs", b"rayfarm:limit:")  # fmt: skip
+
+
+def job_keys(client: redis.Redis) -> list[bytes]:
+    """Redis keys other than the farm-wide ones (what a job or a stored upload leaves)."""
+    return [k for k in client.keys("rayfarm:*")
+            if k not in FARM_KEYS and not k.startswith(FARM_PREFIXES)]  # fmt: skip
+
+
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGBA"))

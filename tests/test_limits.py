@@ -22,6 +22,7 @@ from rayfarm.cluster.local import bootstrap_admin
 from rayfarm.cluster.settings import Settings
 
 from conftest import ADMIN_TOKEN, AUTH
+from conftest import job_keys as farm_job_keys
 
 LIMIT = 8 * 1024**2
 
@@ -49,8 +50,7 @@ def stored(client) -> list[str]:
 
 
 def job_keys(client) -> list[bytes]:
-    farm_wide = {b"rayfarm:metrics", b"rayfarm:users", b"rayfarm:tokens", b"rayfarm:audit"}
-    return [k for k in client.redis.keys("rayfarm:*") if k not in farm_wide]
+    return farm_job_keys(client.redis)
 
 
 def sha(data: bytes) -> str:

@@ -104,7 +104,10 @@ def test_sign_in_sets_an_httponly_strict_cookie_that_signs_requests_in(app):
     _error(app.post("/session", json={"token": "rf_" + "A" * 43}, headers=PAGE), 401,
            "unauthorized", "unknown or malformed token")  # fmt: skip
     _error(app.post("/session", json={"token": ""}, headers=PAGE), 401, "unauthorized", "")
-    assert _sign_ins_failed(app) == failed + 2  # audited as any bad token is
+    # Audited as any bad token is: aggregated per address, the first recorded at once,
+    # the second counted into the address's next record (and in the metrics).
+    assert _sign_ins_failed(app) == failed + 1
+    assert "rayfarm_refused_sign_in_total 2.0" in app.get("/metrics").text
     for body in (b"not json", b'{"token": 1}', b'{"token": "x", "more": 1}', b"[]"):
         r = app.post("/session", content=body, headers=PAGE)
         _error(r, 400, "invalid_request", "")

@@ -102,8 +102,9 @@ async def watch_list(ctx: Ctx, who: Who) -> StreamingResponse:
     """Which jobs appear or change state, as Server-Sent Events, for a list of jobs to
     stay current: first ``event: ready`` (read the list now: changes from here on
     follow), then ``event: change`` with ``data`` ``{"job", "owner", "project",
-    "state"}`` for each job the requester may see that was submitted (``PENDING``) or
-    moved to ``state``. A comment every 15 s keeps idle connections open; the stream does
+    "state"}`` for each job the requester may see that was submitted (``PENDING``),
+    moved to ``state``, or deleted (``DELETED``: ``DELETE /jobs/{id}``, retention). A
+    comment every 15 s keeps idle connections open; the stream does
     not end. A reconnecting client gets ``ready`` again and re-reads its list, so it
     needs no event id. What a job does between its state changes (frames, progress) is
     ``/watch``'s and ``/jobs/{id}/events``'."""

@@ -479,8 +479,11 @@
       if (kind === "ready") return load();
       if (kind !== "change") return;
       if (rows.has(change.job)) {
-        // Its row changes through /watch; it can only leave a list filtered by state.
-        if (state && change.state !== state) relistSoon();
+        // Its row changes through /watch; it leaves a list filtered by state, and every
+        // list once deleted (DELETE /jobs/{id}, retention).
+        if (change.state === "DELETED" || (state && change.state !== state)) relistSoon();
+      } else if (change.state === "DELETED") {
+        return;
       } else if ((!state || change.state === state) && (!owner || change.owner === owner)) {
         relistSoon();
       }
