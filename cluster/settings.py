@@ -10,14 +10,26 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rayfarm.paths import default_data_dir
 
-__all__ = ["Settings", "default_data_dir", "farm_blender_version"]
+__all__ = ["EdgeLimits", "Settings", "default_data_dir", "farm_blender_version"]
 
 DISPATCHER_NAME = "dispatcher"
 NAMESPACE = "rayfarm"
+#: Connections the farm's front door holds at once, from everyone (HAProxy's maxconn).
+MAX_CONNECTIONS = 4096
+#: Connections one client address (an IPv6 /64) may hold at once: well below
+#: MAX_CONNECTIONS, well above a busy client (bench/load.py's storm opens 210).
+MAX_CLIENT_CONNECTIONS = 256
+#: Longest a client may take to send a request's line and headers (slowloris).
+HEADER_TIMEOUT_S = 10.0
+#: Longest a client may stay silent while it sends a request body, or not read while the
+#: farm answers (event streams send a comment every 15 s, so they never idle this long).
+CLIENT_TIMEOUT_S = 60.0
+#: Event streams one user may hold open at once, farm-wide: a few per browser tab.
+MAX_STREAMS_PER_USER = 64
 
 
 def farm_blender_version() -> tuple[int, int]:
@@ -62,6 +74,53 @@ def _env_switch(name: str, default: bool) -> bool:
 
 
 @dataclass(frozen=True)
+class EdgeLimits:
+    """What the farm's front door enforces on connections, before a request reaches the
+    app: HAProxy (``rayfarm.cluster.haproxy``) or Serve's own proxy
+    (``rayfarm.cluster.connections``). Those run in processes of their own, started by
+    Ray: ``rayfarm up`` hands them the farm's values through the environment
+    (``to_env``), and they read them back with ``from_env``."""
+
+    max_connections: int = MAX_CONNECTIONS
+    max_client_connections: int = MAX_CLIENT_CONNECTIONS
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    client_timeout_s: float = CLIENT_TIMEOUT_S
+
+    #: Field -> the environment variable it is read from.
+    ENV: ClassVar[dict[str, str]] = {
+        "max_connections": "RAYFARM_MAX_CONNECTIONS",
+        "max_client_connections": "RAYFARM_MAX_CLIENT_CONNECTIONS",
+        "header_timeout_s": "RAYFARM_HEADER_TIMEOUT_S",
+        "client_timeout_s": "RAYFARM_CLIENT_TIMEOUT_S",
+    }
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_client_connections <= self.max_connections:
+            raise ValueError(
+                f"max_client_connections ({self.max_client_connections}) must be at least 1 "
+                f"and at most max_connections ({self.max_connections})"
+            )
+        if not (self.header_timeout_s > 0 and self.client_timeout_s > 0):
+            raise ValueError("header_timeout_s and client_timeout_s must be positive")
+
+    @classmethod
+    def from_env(cls) -> EdgeLimits:
+        """The limits ``RAYFARM_*`` set, each else its default."""
+        return cls(
+            max_connections=_env_int(cls.ENV["max_connections"], MAX_CONNECTIONS),
+            max_client_connections=_env_int(
+                cls.ENV["max_client_connections"], MAX_CLIENT_CONNECTIONS
+            ),
+            header_timeout_s=_env_seconds(cls.ENV["header_timeout_s"], HEADER_TIMEOUT_S),
+            client_timeout_s=_env_seconds(cls.ENV["client_timeout_s"], CLIENT_TIMEOUT_S),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` give these limits."""
+        return {name: str(getattr(self, field)) for field, name in self.ENV.items()}
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service needs to run; see the README's configuration table."""
 
@@ -101,6 +160,13 @@ class Settings:
     max_tasks: int = 100_000
     #: Events kept per job (its execution log), oldest trimmed first.
     events_maxlen: int = 100_000
+    #: Event streams (SSE and gRPC) one user may hold open at once, farm-wide; 429 past it.
+    max_streams_per_user: int = MAX_STREAMS_PER_USER
+    #: The front door's connection limits (``EdgeLimits``, docs/security.md).
+    max_connections: int = MAX_CONNECTIONS
+    max_client_connections: int = MAX_CLIENT_CONNECTIONS
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    client_timeout_s: float = CLIENT_TIMEOUT_S
     blender_version: tuple[int, int] = field(default_factory=farm_blender_version)
 
     @classmethod
@@ -131,9 +197,26 @@ class Settings:
             "auth": _env_switch("RAYFARM_AUTH", True),
             "audit_maxlen": _env_int("RAYFARM_AUDIT_MAXLEN", 1_000_000),
             "events_maxlen": _env_int("RAYFARM_EVENTS_MAXLEN", 100_000),
+            "max_streams_per_user": _env_int("RAYFARM_MAX_STREAMS_PER_USER", MAX_STREAMS_PER_USER),
+            **asdict(EdgeLimits.from_env()),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        _ = self.edge  # checks the limits: a bad one fails here, not later in the proxy
+        if self.max_streams_per_user < 1:
+            raise ValueError("max_streams_per_user must be at least 1")
+
+    @property
+    def edge(self) -> EdgeLimits:
+        """The front door's limits among these settings."""
+        return EdgeLimits(
+            max_connections=self.max_connections,
+            max_client_connections=self.max_client_connections,
+            header_timeout_s=self.header_timeout_s,
+            client_timeout_s=self.client_timeout_s,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,6 +30,7 @@ from rayfarm.errors import (
     SceneOpenError,
     SceneTooNew,
     ServerError,
+    TooManyRequests,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "TaskQueued",
     "TaskRetried",
     "TaskStarted",
+    "TooManyRequests",
     "Unauthorized",
     "UnsupportedMediaType",
     "__version__",

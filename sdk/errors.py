@@ -19,6 +19,7 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     │   ├── FrameNotFound
     │   └── SceneNotFound
     ├── InvalidTransition     409  a state change the job model refuses
+    ├── TooManyRequests       429  over a per-user or per-address limit (open streams, ...)
     ├── RenderError           ---  a task failed on a render actor
     │   └── SceneOpenError    ---  bpy could not open the scene
     ├── FarmUnavailable       503  the farm (or its Redis) cannot be reached
@@ -50,6 +51,7 @@ __all__ = [
     "SceneOpenError",
     "SceneTooNew",
     "ServerError",
+    "TooManyRequests",
     "Unauthorized",
     "UnsupportedMediaType",
     "error_from_body",
@@ -144,6 +146,15 @@ class SceneNotFound(NotFound):
 class InvalidTransition(FarmError):
     status = 409
     code = "invalid_transition"
+
+
+class TooManyRequests(FarmError):
+    """Over one of the farm's limits on what a user or an address may hold at once (open
+    event streams, ...); ``detail`` names the limit. Close something, or wait, and ask
+    again."""
+
+    status = 429
+    code = "too_many_requests"
 
 
 class RenderError(FarmError):
