@@ -19,6 +19,7 @@ from rayfarm.cluster.events import EventHub
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.streams import StreamLeases
 from rayfarm.errors import (
     FarmUnavailable,
     Forbidden,
@@ -70,14 +71,16 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass
 class AppContext:
-    """What the routes need: settings, the job store, storage, the event hub, and hooks
-    into the dispatcher (absent where the app runs without Ray)."""
+    """What the routes need: settings, the job store, storage, the event hub, the open
+    streams' leases, and hooks into the dispatcher (absent where the app runs without
+    Ray)."""
 
     settings: Settings
     store: JobStore = field(init=False)
     storage: Storage = field(init=False)
     hub: EventHub = field(init=False)
     auth: AuthStore = field(init=False)
+    streams: StreamLeases = field(init=False)
     notify: Any = None  # callable() or None: wakes the dispatcher
     inspect: Any = None  # async callable(Inputs) -> catalogue dict, or None (no Ray here)
     stats: Any = None  # async callable() -> the dispatcher's stats, or None (no Ray here)
@@ -89,6 +92,7 @@ class AppContext:
         self.storage = Storage(self.settings.storage)
         self.hub = EventHub(self.store)
         self.auth = AuthStore(self.store.redis, self.settings.audit_maxlen)
+        self.streams = StreamLeases(self.store.redis, self.settings.max_streams_per_user)
         self._owners: dict[str, tuple[str, str | None]] = {}
         self._indexed = False
 

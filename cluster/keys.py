@@ -19,6 +19,7 @@
 ``users``               hash: user name -> {"role", "projects", "created_at"} (JSON)
 ``tokens``              hash: SHA-256 of an API token -> {"user", "label", "created_at"}
 ``audit``               stream: who did what to which job, from where, with what outcome
+``streams:{user}``      sorted set: the user's open event streams (lease id -> expiry, ms)
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def tokens() -> str:
 
 def audit() -> str:
     return f"{PREFIX}audit"
+
+
+def streams(user: str) -> str:
+    """The event streams ``user`` holds open, farm-wide (``rayfarm.cluster.streams``)."""
+    return f"{PREFIX}streams:{user}"
 
 
 def queue() -> str:
