@@ -18,7 +18,15 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Query, Request
 
 from rayfarm.cluster.auth import Role, check_name
-from rayfarm.cluster.context import Admin, AppContext, Ctx, Who, process_context, read_json
+from rayfarm.cluster.context import (
+    Admin,
+    AppContext,
+    Ctx,
+    Who,
+    process_context,
+    read_json,
+    scope_address,
+)
 from rayfarm.errors import Forbidden, InvalidRequest
 
 __all__ = ["AuditMiddleware", "CrossSiteGuard", "router"]
@@ -140,12 +148,11 @@ class AuditMiddleware(_OnWrites):
         ctx = ctx or process_context()
         if ctx is None:
             return
-        client = scope.get("client")
         try:
             await ctx.auth.audit(
                 who=who.name if who else "", role=who.role.value if who else "",
                 action=f"{scope['method']} {scope['path']}", job=state.get("job_id"),
-                outcome=status, **{"from": client[0] if client else ""},
+                outcome=status, **{"from": scope_address(scope)},
             )  # fmt: skip
         except Exception:
             # The request has been answered; a lost record is logged, never silent.

@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from rayfarm.cluster.ports import free_range
-from rayfarm.cluster.settings import NAMESPACE, Settings
+from rayfarm.cluster.settings import NAMESPACE, EdgeLimits, Settings
 from rayfarm.errors import InvalidRequest
 from rayfarm.paths import LOOPBACK
 
@@ -72,6 +74,13 @@ DIRECT_INGRESS_PORT_ENV = (
     ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", 16),
 )
 
+
+#: The command Serve runs as HAProxy (``rayfarm.cluster.haproxy``: Serve's config hardened).
+WRAPPER = "rayfarm-haproxy"
+#: Serve's hook into its Python proxy, and what the farm hooks in there: the connection
+#: limits HAProxy would otherwise enforce (``rayfarm.cluster.connections``).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "rayfarm.cluster.connections:proxy_callback"
 
 #: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).
 GRPC_HOST = "0.0.0.0"
@@ -160,6 +169,9 @@ def fast_ingress() -> bool:
         from ray.serve._private.haproxy import get_haproxy_binary
 
         get_haproxy_binary()
+        if haproxy_wrapper() is None:
+            # Never HAProxy without the farm's limits (rayfarm.cluster.haproxy).
+            raise FileNotFoundError("rayfarm-haproxy, rayfarm's wrapper, is not installed")
     except (ImportError, FileNotFoundError) as exc:
         if wanted == "1":
             raise InvalidRequest(
@@ -168,6 +180,15 @@ def fast_ingress() -> bool:
             ) from None
         return False
     return True
+
+
+def haproxy_wrapper() -> str | None:
+    """``rayfarm-haproxy`` (``rayfarm.cluster.haproxy.main``), installed beside this
+    Python or on the PATH; None when neither has it."""
+    beside = Path(sys.executable).parent / WRAPPER
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(WRAPPER)
 
 
 def grpc_options(settings: Settings) -> dict[str, Any] | None:
@@ -181,14 +202,30 @@ def grpc_options(settings: Settings) -> dict[str, Any] | None:
     }
 
 
-def local_serve_env() -> None:
+def local_serve_env(limits: EdgeLimits | None = None) -> None:
     """Set what Serve reads from the environment (once, into constants) for the local
-    Ray ``up`` starts; its processes inherit it. Values already set win."""
+    Ray ``up`` starts; its processes inherit it. Values already set win, but for the
+    front door's ``limits`` (``EdgeLimits``, the farm's settings) and how they are
+    enforced: HAProxy through ``rayfarm-haproxy``, Serve's own proxy through
+    ``rayfarm.cluster.connections``."""
     for name, value in LOCAL_SERVE_ENV.items():
         os.environ.setdefault(name, value)
+    os.environ.update((limits or EdgeLimits()).to_env())
     if fast_ingress():
         for name, value in SERVE_FAST_INGRESS_ENV.items():
             os.environ.setdefault(name, value)
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        # The HAProxy Serve would run (the wheel's, or RAY_SERVE_HAPROXY_BINARY_PATH's)
+        # is the one the wrapper runs; Serve runs the wrapper.
+        wrapper = haproxy_wrapper()
+        assert wrapper is not None  # fast_ingress() said so
+        real = get_haproxy_binary()
+        if Path(real).resolve() != Path(wrapper).resolve():
+            os.environ["RAYFARM_HAPROXY_BINARY"] = real
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+    else:
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     for name in HAPROXY_PORT_ENV:
         if name not in os.environ:
             os.environ[name] = str(free_range(1))
@@ -221,7 +258,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     if address is None:
-        local_serve_env()
+        local_serve_env(settings.edge)
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
