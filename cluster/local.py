@@ -144,17 +144,31 @@ def bootstrap_admin(redis_url: str, token: str | None, generate: bool = True) ->
     return asyncio.run(run())
 
 
-def write_token(data_dir: Path, token: str) -> Path:
-    """The first admin's token in ``data_dir/admin-token``, readable by its owner only
-    (where the SDK and CLI on this machine find it)."""
-    from rayfarm.paths import ADMIN_TOKEN_FILE
+def write_token(data_dir: Path, token: str, port: int) -> Path:
+    """The first admin's token in ``data_dir/admin-token``, readable by its owner only,
+    with the farm's ``port`` (``rayfarm.paths.token_file_text``): the SDK and CLI on
+    this machine hand it to that port on loopback only."""
+    from rayfarm.paths import ADMIN_TOKEN_FILE, token_file_text
 
     path = data_dir / ADMIN_TOKEN_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+        f.write(token_file_text(token, port))
     os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
     return path
+
+
+def record_port(data_dir: Path, port: int) -> None:
+    """Give the admin-token file a farm started before (or on another port) this run's
+    port: the token is this farm's, and the SDK sends it to the port recorded only."""
+    from rayfarm.paths import ADMIN_TOKEN_FILE, read_token_file
+
+    try:
+        token, recorded = read_token_file((data_dir / ADMIN_TOKEN_FILE).read_text())
+    except OSError:
+        return
+    if token and recorded != port:
+        write_token(data_dir, token, port)
 
 
 def fast_ingress() -> bool:
@@ -268,8 +282,10 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         if settings.auth:
             first = bootstrap_admin(settings.redis_url, os.environ.get("RAYFARM_ADMIN_TOKEN"))
             if first is not None:
-                path = write_token(data_dir, first)
+                path = write_token(data_dir, first, settings.port)
                 ready(f"rayfarm: the first admin's token, shown once (also in {path}): {first}")
+            else:
+                record_port(data_dir, settings.port)
         ray.init(
             # "local": always a new local Ray. Without it ray.init() may attach to another
             # Ray on this machine (one still shutting down, say) and serve from that.
