@@ -5,11 +5,13 @@ audits every state-changing request.
 when a role is given (``rayfarm token create --user NAME --role ROLE``); ``GET /users``
 and ``GET /audit`` are for admins; ``GET /whoami`` tells any signed-in user its name,
 role and projects. ``CrossSiteGuard`` refuses state changes a browser sends on another
-site's behalf.
+site's behalf; ``LocalHostGuard`` refuses, on a farm without accounts, requests a
+browser was tricked into sending by DNS rebinding.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from typing import Annotated, Any
@@ -23,13 +25,13 @@ from rayfarm.cluster.context import (
     AppContext,
     Ctx,
     Who,
-    client_address,
     process_context,
     read_json,
+    scope_address,
 )
 from rayfarm.errors import Forbidden, InvalidRequest
 
-__all__ = ["AuditMiddleware", "CrossSiteGuard", "router"]
+__all__ = ["AuditMiddleware", "CrossSiteGuard", "LocalHostGuard", "is_loopback_host", "router"]
 
 log = logging.getLogger("rayfarm.audit")
 
@@ -150,7 +152,7 @@ class AuditMiddleware(_OnWrites):
         ctx = ctx or process_context()
         if ctx is None:
             return
-        address = client_address(Request(scope))
+        address = scope_address(scope)
         action = f"{scope['method']} {scope['path'][:200]}"
         try:
             if who is None:
@@ -197,8 +199,65 @@ class CrossSiteGuard(_OnWrites):
             "farm takes changes from its own page and from API clients only",
             {"origin": origin or ""},
         )
-        body = json.dumps(error.to_body()).encode()
-        await send({"type": "http.response.start", "status": error.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        ]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(send, error)
+
+
+class LocalHostGuard:
+    """On a farm without accounts (``--no-auth``: loopback only, every request its
+    admin), refuse (403) any request whose ``Host`` is not this machine by name.
+
+    Such a farm trusts whoever reaches it, and DNS rebinding lets a web page elsewhere
+    reach it through the visitor's browser: the page's own name (``evil.example``) is
+    made to resolve to 127.0.0.1, so the browser sends the page's requests, and shows it
+    the answers, as same-site. The browser still names the page's host in ``Host``; the
+    farm answers only ``Host`` names that are loopback (``localhost``, ``127.0.0.1``,
+    ``[::1]``, ...: the addresses it listens on), any port (an SSH tunnel's local port
+    may differ). A request with no ``Host`` (HTTP/1.0 tools) is no browser's and passes.
+    With accounts on, every request needs a token, so this check is off."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not _accounts_on(scope):
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if host is not None and not is_loopback_host(host):
+                await _refuse(send, Forbidden(
+                    f"this farm has no accounts (--no-auth) and answers only requests for "
+                    f"this machine (Host localhost or a loopback address), not {host[:100]!r}",
+                    {"host": host[:100]},
+                ))  # fmt: skip
+                return
+        await self.app(scope, receive, send)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header names this machine: ``localhost`` or a loopback address,
+    with or without a port."""
+    try:
+        name = urlsplit(f"//{host}").hostname
+    except ValueError:
+        return False
+    if name is None:
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True  # RFC 6761: always loopback, browsers never resolve it elsewhere
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _accounts_on(scope: dict[str, Any]) -> bool:
+    app = scope.get("app")
+    ctx: AppContext | None = getattr(getattr(app, "state", None), "ctx", None)
+    ctx = ctx or process_context()
+    return ctx is None or ctx.settings.auth  # no context yet: the routes answer 503
+
+
+async def _refuse(send: Any, error: Forbidden) -> None:
+    body = json.dumps(error.to_body()).encode()
+    await send({"type": "http.response.start", "status": error.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+    ]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import rayfarm
 from rayfarm.cluster import accounts, faults, observe, web
 from rayfarm.cluster import storage as layout
-from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard
+from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard, LocalHostGuard
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import (
     AppContext,
@@ -599,7 +599,10 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     app.include_router(accounts.router)
     web.install(app)  # the web page at /, its files under /ui
     app.add_middleware(CrossSiteGuard)
-    app.add_middleware(AuditMiddleware)  # outermost: it records what the guard refuses too
+    app.add_middleware(AuditMiddleware)  # it records what the cross-site guard refuses too
+    # Outermost: on a farm without accounts, nothing (not even an audit record) for a
+    # request a rebound DNS name made a browser send.
+    app.add_middleware(LocalHostGuard)
 
     @app.get("/healthz", tags=["farm"])
     async def healthz(ctx: Ctx) -> dict[str, Any]:

@@ -4,11 +4,14 @@ request-body readers that enforce the farm's size limits."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -21,6 +24,7 @@ from rayfarm.cluster.limits import Limits
 from rayfarm.cluster.settings import MAX_JSON_DEPTH, Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.streams import StreamLeases
 from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.errors import (
     FarmUnavailable,
@@ -74,8 +78,9 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass
 class AppContext:
-    """What the routes need: settings, the job store, storage, the event hub, and hooks
-    into the dispatcher (absent where the app runs without Ray)."""
+    """What the routes need: settings, the job store, storage, the event hub, the open
+    streams' leases, and hooks into the dispatcher (absent where the app runs without
+    Ray)."""
 
     settings: Settings
     store: JobStore = field(init=False)
@@ -85,6 +90,7 @@ class AppContext:
     limits: Limits = field(init=False)
     remover: Remover = field(init=False)
     sweeper: Sweeper = field(init=False)
+    streams: StreamLeases = field(init=False)
     notify: Any = None  # callable() or None: wakes the dispatcher
     # async callable(Inputs, Blender version) -> catalogue dict, or None (no Ray here)
     inspect: Any = None
@@ -100,6 +106,7 @@ class AppContext:
         self.limits = Limits(self.store.redis, self.auth, self.settings)
         self.remover = Remover(self.store, self.storage)
         self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
+        self.streams = StreamLeases(self.store.redis, self.settings.max_streams_per_user)
         self._owners: dict[str, tuple[str, str | None]] = {}
         self._indexed = False
 
@@ -166,8 +173,40 @@ async def _ctx(request: Request) -> AppContext:
 Ctx = Annotated[AppContext, Depends(_ctx)]
 
 
+#: Set by the farm's front door to the client's address, replacing the client's own.
+FORWARDED_FOR = b"x-forwarded-for"
+
+
+@functools.cache
+def _behind_our_proxy() -> bool:
+    """Whether this process serves behind a front door of the farm's, which sets
+    ``X-Forwarded-For`` itself: HAProxy run by ``rayfarm-haproxy``
+    (``rayfarm.cluster.haproxy``), or Serve's proxy with ``rayfarm.cluster.connections``.
+    Replicas see those settings in the environment they share with the proxy. Elsewhere
+    (a test's ASGI client, a cluster without either) the header is the client's and
+    proves nothing."""
+    from rayfarm.cluster.local import PROXY_CALLBACK, PROXY_CALLBACK_ENV, WRAPPER
+
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return Path(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")).name == WRAPPER
+    return os.environ.get(PROXY_CALLBACK_ENV) == PROXY_CALLBACK
+
+
+def scope_address(scope: Any) -> str:
+    """The client's address: as the farm's front door saw it (``X-Forwarded-For``, see
+    ``_behind_our_proxy``), else the connection's peer. Behind HAProxy the peer is
+    HAProxy: audit records and per-address limits need the client."""
+    if _behind_our_proxy():
+        for name, value in scope.get("headers") or ():
+            if name == FORWARDED_FOR:
+                return str(value.decode("latin-1").strip()[:64])
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
 def client_address(request: Request) -> str:
-    return request.client.host if request.client else ""
+    """The client's address (``scope_address``)."""
+    return scope_address(request.scope)
 
 
 async def authenticate(ctx: AppContext, authorization: str | None, source: str) -> Principal:

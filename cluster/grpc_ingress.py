@@ -18,6 +18,7 @@ module's name before it calls the method.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import importlib.abc
@@ -325,17 +326,25 @@ async def cancel_job(request: Any, grpc_context: Any) -> Any:
 async def stream_progress(request: Any, grpc_context: Any) -> AsyncIterator[Any]:
     """``StreamProgress``: what ``GET /jobs/{id}/events`` sends, one ``JobEvent`` each;
     ends after the job's terminal state. Heartbeats are not sent (gRPC keeps the
-    connection alive itself)."""
+    connection alive itself). Counts as one of the caller's open streams, as over HTTP
+    (``RESOURCE_EXHAUSTED`` past ``RAYFARM_MAX_STREAMS_PER_USER``)."""
     try:
         ctx = _context()
         job_id = request.job_id
         after = request.after or None
         if after is not None and not _EVENT_ID.match(after):
             raise InvalidRequest(f"after {after!r} is not an event id (such as 1-0)")
-        await visible_job(ctx, await _who(ctx, grpc_context), job_id)
-        async for event in follow(ctx.store, ctx.hub, job_id, after):
-            if event is not None:
-                yield job_event(event)
+        who = await _who(ctx, grpc_context)
+        await visible_job(ctx, who, job_id)
+        lease = await ctx.streams.take(who.name, f"the events of job {job_id}")
+        try:
+            async for event in follow(ctx.store, ctx.hub, job_id, after):
+                if event is not None:
+                    yield job_event(event)
+        finally:
+            # Released here, not by a wrapped generator: a cancelled call closes this
+            # generator at its yield, and a wrapped one would wait for the collector.
+            await asyncio.shield(lease.release())
     except FarmError as exc:
         # A stream's status travels only with a raised error (Serve sends the context of
         # each message, and there may be none): the code set here is the one it answers.

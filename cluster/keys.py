@@ -37,6 +37,7 @@
 ``usage``               hash: storage bytes and objects, by area, as the last sweep measured
 ``limit:{kind}:{who}``  hash: a rate limit's token bucket (``auth``, ``submit``, ``record``)
 ``limit:tally:{kind}:{address}`` hash: refused anonymous requests not yet in the audit log
+``streams:{user}``      sorted set: the user's open event streams (lease id -> expiry, ms)
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ def tokens() -> str:
 
 def audit() -> str:
     return f"{PREFIX}audit"
+
+
+def streams(user: str) -> str:
+    """The event streams ``user`` holds open, farm-wide (``rayfarm.cluster.streams``)."""
+    return f"{PREFIX}streams:{user}"
 
 
 def queue() -> str:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from rayfarm.cluster.ports import free_range
-from rayfarm.cluster.settings import NAMESPACE, Settings
+from rayfarm.cluster.settings import NAMESPACE, EdgeLimits, Settings
 from rayfarm.errors import InvalidRequest
 from rayfarm.paths import LOOPBACK
 
@@ -72,6 +74,13 @@ DIRECT_INGRESS_PORT_ENV = (
     ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", 16),
 )
 
+
+#: The command Serve runs as HAProxy (``rayfarm.cluster.haproxy``: Serve's config hardened).
+WRAPPER = "rayfarm-haproxy"
+#: Serve's hook into its Python proxy, and what the farm hooks in there: the connection
+#: limits HAProxy would otherwise enforce (``rayfarm.cluster.connections``).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "rayfarm.cluster.connections:proxy_callback"
 
 #: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).
 GRPC_HOST = "0.0.0.0"
@@ -135,17 +144,31 @@ def bootstrap_admin(redis_url: str, token: str | None, generate: bool = True) ->
     return asyncio.run(run())
 
 
-def write_token(data_dir: Path, token: str) -> Path:
-    """The first admin's token in ``data_dir/admin-token``, readable by its owner only
-    (where the SDK and CLI on this machine find it)."""
-    from rayfarm.paths import ADMIN_TOKEN_FILE
+def write_token(data_dir: Path, token: str, port: int) -> Path:
+    """The first admin's token in ``data_dir/admin-token``, readable by its owner only,
+    with the farm's ``port`` (``rayfarm.paths.token_file_text``): the SDK and CLI on
+    this machine hand it to that port on loopback only."""
+    from rayfarm.paths import ADMIN_TOKEN_FILE, token_file_text
 
     path = data_dir / ADMIN_TOKEN_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+        f.write(token_file_text(token, port))
     os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
     return path
+
+
+def record_port(data_dir: Path, port: int) -> None:
+    """Give the admin-token file a farm started before (or on another port) this run's
+    port: the token is this farm's, and the SDK sends it to the port recorded only."""
+    from rayfarm.paths import ADMIN_TOKEN_FILE, read_token_file
+
+    try:
+        token, recorded = read_token_file((data_dir / ADMIN_TOKEN_FILE).read_text())
+    except OSError:
+        return
+    if token and recorded != port:
+        write_token(data_dir, token, port)
 
 
 def fast_ingress() -> bool:
@@ -160,6 +183,9 @@ def fast_ingress() -> bool:
         from ray.serve._private.haproxy import get_haproxy_binary
 
         get_haproxy_binary()
+        if haproxy_wrapper() is None:
+            # Never HAProxy without the farm's limits (rayfarm.cluster.haproxy).
+            raise FileNotFoundError("rayfarm-haproxy, rayfarm's wrapper, is not installed")
     except (ImportError, FileNotFoundError) as exc:
         if wanted == "1":
             raise InvalidRequest(
@@ -168,6 +194,15 @@ def fast_ingress() -> bool:
             ) from None
         return False
     return True
+
+
+def haproxy_wrapper() -> str | None:
+    """``rayfarm-haproxy`` (``rayfarm.cluster.haproxy.main``), installed beside this
+    Python or on the PATH; None when neither has it."""
+    beside = Path(sys.executable).parent / WRAPPER
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(WRAPPER)
 
 
 def grpc_options(settings: Settings) -> dict[str, Any] | None:
@@ -181,14 +216,30 @@ def grpc_options(settings: Settings) -> dict[str, Any] | None:
     }
 
 
-def local_serve_env() -> None:
+def local_serve_env(limits: EdgeLimits | None = None) -> None:
     """Set what Serve reads from the environment (once, into constants) for the local
-    Ray ``up`` starts; its processes inherit it. Values already set win."""
+    Ray ``up`` starts; its processes inherit it. Values already set win, but for the
+    front door's ``limits`` (``EdgeLimits``, the farm's settings) and how they are
+    enforced: HAProxy through ``rayfarm-haproxy``, Serve's own proxy through
+    ``rayfarm.cluster.connections``."""
     for name, value in LOCAL_SERVE_ENV.items():
         os.environ.setdefault(name, value)
+    os.environ.update((limits or EdgeLimits()).to_env())
     if fast_ingress():
         for name, value in SERVE_FAST_INGRESS_ENV.items():
             os.environ.setdefault(name, value)
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        # The HAProxy Serve would run (the wheel's, or RAY_SERVE_HAPROXY_BINARY_PATH's)
+        # is the one the wrapper runs; Serve runs the wrapper.
+        wrapper = haproxy_wrapper()
+        assert wrapper is not None  # fast_ingress() said so
+        real = get_haproxy_binary()
+        if Path(real).resolve() != Path(wrapper).resolve():
+            os.environ["RAYFARM_HAPROXY_BINARY"] = real
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+    else:
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     for name in HAPROXY_PORT_ENV:
         if name not in os.environ:
             os.environ[name] = str(free_range(1))
@@ -221,7 +272,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     if address is None:
-        local_serve_env()
+        local_serve_env(settings.edge)
         # This machine renders: build what the farm offers now, saying so, rather than in
         # the render actors at the first task. (On a cluster, nodes bake them in at setup:
         # ray-cluster.yaml; a node without one builds it when a task first needs it.)
@@ -238,8 +289,10 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         if settings.auth:
             first = bootstrap_admin(settings.redis_url, os.environ.get("RAYFARM_ADMIN_TOKEN"))
             if first is not None:
-                path = write_token(data_dir, first)
+                path = write_token(data_dir, first, settings.port)
                 ready(f"rayfarm: the first admin's token, shown once (also in {path}): {first}")
+            else:
+                record_port(data_dir, settings.port)
         ray.init(
             # "local": always a new local Ray. Without it ray.init() may attach to another
             # Ray on this machine (one still shutting down, say) and serve from that.

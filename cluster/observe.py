@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from rayfarm.cluster import storage as layout
-from rayfarm.cluster.context import AppContext, Ctx, JobId
+from rayfarm.cluster.context import AppContext, Ctx, JobId, Who
 from rayfarm.cluster.events import EVENT_ID, decode, follow, sse
 from rayfarm.cluster.store import RENDER_S_BUCKETS
 from rayfarm.cluster.sweeper import AREAS, measured_usage
@@ -42,6 +42,7 @@ STATS_TIMEOUT_S = 2.0
 async def stream_events(
     job_id: JobId,
     ctx: Ctx,
+    who: Who,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query(pattern=EVENT_ID)] = None,
 ) -> StreamingResponse:
@@ -53,11 +54,13 @@ async def stream_events(
     ``progress``, ``task_done``, ``task_failed``, ``task_retried``, ``frame``,
     ``warning``, ...) and JSON ``data``. A comment every 15 s keeps idle connections
     open. After the job's terminal state the stream sends ``event: end`` and closes.
+    A user holds at most ``RAYFARM_MAX_STREAMS_PER_USER`` streams open (429 past it).
     """
     start = last_event_id.strip() if last_event_id else after
     if start is not None and not _EVENT_ID.match(start):
         raise InvalidRequest(f"Last-Event-ID {start!r} is not an event id (such as 1-0)")
     await ctx.store.status(job_id)  # 404 before the stream starts
+    lease = await ctx.streams.take(who.name, f"the events of job {job_id}")
 
     async def body() -> AsyncIterator[bytes]:
         yield f"retry: {SSE_RETRY_MS}\n\n".encode()
@@ -67,7 +70,7 @@ async def stream_events(
         yield f'event: end\ndata: {{"state": "{state}"}}\n\n'.encode()
 
     return StreamingResponse(
-        body(),
+        lease.hold(body()),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -9,18 +9,30 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rayfarm.blendfile import MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO, MAX_READ_S, BlendLimits
 from rayfarm.paths import default_data_dir
 from rayfarm.render.environments import DEFAULT_VERSIONS, parse_versions
 
-__all__ = ["Settings", "default_data_dir"]
+__all__ = ["EdgeLimits", "Settings", "default_data_dir"]
 
 #: Deepest a JSON body's arrays and objects may nest, by default (a job listing: 3).
 MAX_JSON_DEPTH = 32
 DISPATCHER_NAME = "dispatcher"
 NAMESPACE = "rayfarm"
+#: Connections the farm's front door holds at once, from everyone (HAProxy's maxconn).
+MAX_CONNECTIONS = 4096
+#: Connections one client address (an IPv6 /64) may hold at once: well below
+#: MAX_CONNECTIONS, well above a busy client (bench/load.py's storm opens 210).
+MAX_CLIENT_CONNECTIONS = 256
+#: Longest a client may take to send a request's line and headers (slowloris).
+HEADER_TIMEOUT_S = 10.0
+#: Longest a client may stay silent while it sends a request body, or not read while the
+#: farm answers (event streams send a comment every 15 s, so they never idle this long).
+CLIENT_TIMEOUT_S = 60.0
+#: Event streams one user may hold open at once, farm-wide: a few per browser tab.
+MAX_STREAMS_PER_USER = 64
 
 
 def _env_int(name: str, default: int) -> int:
@@ -72,6 +84,53 @@ def _env_switch(name: str, default: bool) -> bool:
     if value in ("0", "off", "false", "no"):
         return False
     raise ValueError(f"{name} must be on or off, not {value!r}")
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What the farm's front door enforces on connections, before a request reaches the
+    app: HAProxy (``rayfarm.cluster.haproxy``) or Serve's own proxy
+    (``rayfarm.cluster.connections``). Those run in processes of their own, started by
+    Ray: ``rayfarm up`` hands them the farm's values through the environment
+    (``to_env``), and they read them back with ``from_env``."""
+
+    max_connections: int = MAX_CONNECTIONS
+    max_client_connections: int = MAX_CLIENT_CONNECTIONS
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    client_timeout_s: float = CLIENT_TIMEOUT_S
+
+    #: Field -> the environment variable it is read from.
+    ENV: ClassVar[dict[str, str]] = {
+        "max_connections": "RAYFARM_MAX_CONNECTIONS",
+        "max_client_connections": "RAYFARM_MAX_CLIENT_CONNECTIONS",
+        "header_timeout_s": "RAYFARM_HEADER_TIMEOUT_S",
+        "client_timeout_s": "RAYFARM_CLIENT_TIMEOUT_S",
+    }
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_client_connections <= self.max_connections:
+            raise ValueError(
+                f"max_client_connections ({self.max_client_connections}) must be at least 1 "
+                f"and at most max_connections ({self.max_connections})"
+            )
+        if not (self.header_timeout_s > 0 and self.client_timeout_s > 0):
+            raise ValueError("header_timeout_s and client_timeout_s must be positive")
+
+    @classmethod
+    def from_env(cls) -> EdgeLimits:
+        """The limits ``RAYFARM_*`` set, each else its default."""
+        return cls(
+            max_connections=_env_int(cls.ENV["max_connections"], MAX_CONNECTIONS),
+            max_client_connections=_env_int(
+                cls.ENV["max_client_connections"], MAX_CLIENT_CONNECTIONS
+            ),
+            header_timeout_s=_env_seconds(cls.ENV["header_timeout_s"], HEADER_TIMEOUT_S),
+            client_timeout_s=_env_seconds(cls.ENV["client_timeout_s"], CLIENT_TIMEOUT_S),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` give these limits."""
+        return {name: str(getattr(self, field)) for field, name in self.ENV.items()}
 
 
 @dataclass(frozen=True)
@@ -152,6 +211,14 @@ class Settings:
     #: priority every job gets by default.
     artist_max_priority: int = 50
 
+    #: Event streams (SSE and gRPC) one user may hold open at once, farm-wide; 429 past it.
+    max_streams_per_user: int = MAX_STREAMS_PER_USER
+    #: The front door's connection limits (``EdgeLimits``, docs/security.md).
+    max_connections: int = MAX_CONNECTIONS
+    max_client_connections: int = MAX_CLIENT_CONNECTIONS
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    client_timeout_s: float = CLIENT_TIMEOUT_S
+
     def __post_init__(self) -> None:
         if not 50 <= self.artist_max_priority <= 100:
             raise ValueError(
@@ -161,6 +228,9 @@ class Settings:
         for name in ("auth_failure_burst", "submit_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RAYFARM_{name.upper()} must be at least 1")
+        _ = self.edge  # checks the limits: a bad one fails here, not later in the proxy
+        if self.max_streams_per_user < 1:
+            raise ValueError("max_streams_per_user must be at least 1")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -207,6 +277,8 @@ class Settings:
             "submit_burst": _env_int("RAYFARM_SUBMIT_BURST", 30),
             "submit_per_min": _env_rate("RAYFARM_SUBMIT_PER_MIN", 60.0),
             "artist_max_priority": _env_int("RAYFARM_ARTIST_MAX_PRIORITY", 50),
+            "max_streams_per_user": _env_int("RAYFARM_MAX_STREAMS_PER_USER", MAX_STREAMS_PER_USER),
+            **asdict(EdgeLimits.from_env()),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["blender"] = parse_versions(values["blender"])
@@ -217,6 +289,16 @@ class Settings:
         """How far the farm reads a compressed .blend while checking it."""
         return BlendLimits(
             self.max_blend_expanded_bytes, self.max_blend_ratio, self.max_blend_read_s
+        )
+
+    @property
+    def edge(self) -> EdgeLimits:
+        """The front door's limits among these settings."""
+        return EdgeLimits(
+            max_connections=self.max_connections,
+            max_client_connections=self.max_client_connections,
+            header_timeout_s=self.header_timeout_s,
+            client_timeout_s=self.client_timeout_s,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,8 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     │   ├── FrameNotFound
     │   └── SceneNotFound
     ├── InvalidTransition     409  a state change the job model refuses
-    ├── TooManyRequests       429  over a rate limit; ``detail["retry_after_s"]`` says when
+    ├── TooManyRequests       429  over a limit: a rate (``detail["retry_after_s"]`` says when
+    │                              to ask again) or what one may hold at once (open streams)
     ├── RenderError           ---  a task failed on a render actor
     │   ├── SceneOpenError    ---  bpy could not open the scene
     │   └── WorkerLost        ---  the Blender worker process died or was stopped
@@ -171,9 +172,11 @@ class InvalidTransition(FarmError):
 
 
 class TooManyRequests(FarmError):
-    """Over one of the farm's rate limits (failed sign-ins from one address, submissions
-    of one user): ``detail["retry_after_s"]`` (also the ``Retry-After`` header) says how
-    many seconds to wait before the next attempt can succeed."""
+    """Over one of the farm's limits: a rate limit (failed sign-ins from one address,
+    submissions of one user), where ``detail["retry_after_s"]`` (also the
+    ``Retry-After`` header) says how many seconds to wait before the next attempt can
+    succeed; or a limit on what a user or an address may hold at once (open event
+    streams, ...), where ``detail`` names the limit: close something, or wait."""
 
     status = 429
     code = "too_many_requests"

@@ -426,7 +426,7 @@ def test_no_token_or_a_wrong_one_is_401_and_audited(api):
     wrong = {"Authorization": "Bearer rf_" + "A" * 43}
     assert_error(api.get("/jobs/0123456789abcdef", headers=wrong), 401, "unauthorized", "unknown")
     assert_error(api.post("/jobs", headers={"Authorization": "Basic x"}), 401, "unauthorized", "")
-    # Aggregated per address (tests/test_limits.py): the first is recorded at once, the
+    # Aggregated per address (tests/test_rate_limits.py): the first is recorded at once, the
     # others are counted into the address's next record.
     (failure,) = api.get("/audit", params={"action": "sign-in failed"}).json()["records"]
     assert (failure["outcome"], failure["from"], failure["count"]) == ("401", "testclient", "1")

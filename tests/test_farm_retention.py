@@ -2,7 +2,7 @@
 behind its proxy, render actors, file storage): what deleting a job frees in storage and
 in Redis, a retention that deletes old jobs by itself, 429 on token guessing while a
 valid token works, the submission rate, the artists' priority range and the upload
-quota. The logic in detail: tests/test_retention.py and tests/test_limits.py."""
+quota. The logic in detail: tests/test_retention.py and tests/test_rate_limits.py."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def test_a_waiting_client_rides_out_a_restart_mid_job(tmp_path, farm_env, make_s
         client.close()
 
 
-def test_the_first_admin_token_is_made_once_and_kept_private(tmp_path, farm_env):
+def test_the_first_admin_token_is_made_once_and_kept_private(tmp_path, farm_env, monkeypatch):
     import re
     import stat
 
@@ -76,16 +76,24 @@ def test_the_first_admin_token_is_made_once_and_kept_private(tmp_path, farm_env)
         (line,) = [x for x in farm.log.read_text().splitlines() if "first admin's token" in x]
         token = re.search(r"(rf_[A-Za-z0-9_-]{43})$", line)[1]
         path = data_dir / "admin-token"
-        assert path.read_text().strip() == token and f"also in {path}" in line
+        # The token, then the port of the farm it is for (the SDK sends it there only).
+        assert path.read_text().splitlines() == [token, f"port={farm.port}"]
+        assert f"also in {path}" in line
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         with Farm(farm.url, token=token) as client:
             assert client.whoami() == {"user": "admin", "role": "admin", "projects": []}
         with Farm(farm.url, token="") as anonymous, pytest.raises(Unauthorized):
             anonymous.jobs()
+    # The same data dir on another port: the file follows the farm to it.
+    monkeypatch.delenv("RAYFARM_TOKEN")
+    monkeypatch.setenv("RAYFARM_DATA_DIR", str(data_dir))
     for farm in run_farm(data_dir, env):
         assert farm.log.read_text().count("first admin's token") == 1  # the first run's only
+        assert path.read_text().splitlines() == [token, f"port={farm.port}"]
         with Farm(farm.url, token=token) as client:
             assert client.whoami()["user"] == "admin"  # the same admin, its token kept
+        with Farm(farm.url) as local:  # no token given: the one this farm wrote
+            assert local.whoami()["user"] == "admin"
 
 
 def test_a_redis_restart_mid_job_loses_nothing(tmp_path, farm_env, make_scene):

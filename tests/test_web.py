@@ -180,7 +180,9 @@ def test_sign_out_clears_the_cookie_and_a_bad_cookie_is_401(app):
 def test_a_farm_without_accounts_needs_no_sign_in(redis_url, tmp_path):
     settings = Settings(redis_url=redis_url, storage=(tmp_path / "s").as_uri(),
                         data_dir=str(tmp_path), auth=False)  # fmt: skip
-    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
+    # Such a farm answers its own machine's names only (Host: no DNS rebinding).
+    app = create_app(AppContext(settings))
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         me = {"user": "local", "role": "admin", "projects": [], "may_submit": True,
               "accounts": False}  # fmt: skip
         assert client.get("/session").json() == me

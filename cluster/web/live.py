@@ -76,7 +76,8 @@ async def watch_jobs(
     transition table). A job's messages stop after it reaches a terminal state;
     ``event: end`` follows the last and the stream closes. A comment every 15 s keeps
     idle connections open. A reconnecting client gets every job's record again, so it
-    needs no event id. Every job must be one the requester may see (404 otherwise)."""
+    needs no event id. Every job must be one the requester may see (404 otherwise). It
+    counts as one of the user's open streams (``RAYFARM_MAX_STREAMS_PER_USER``, 429)."""
     ids = list(dict.fromkeys(part.strip() for part in jobs.split(",") if part.strip()))
     if not ids:
         raise InvalidRequest("jobs: give at least one job id (comma-separated)")
@@ -86,8 +87,9 @@ async def watch_jobs(
     for job_id in ids:
         await visible_job(ctx, who, job_id)  # 404 naming the job before the stream starts
         may_change[job_id] = await _may_change(ctx, who, job_id)
+    lease = await ctx.streams.take(who.name, "a watch of jobs")
     return StreamingResponse(
-        _stream(ctx, may_change),
+        lease.hold(_stream(ctx, may_change)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -107,9 +109,11 @@ async def watch_list(ctx: Ctx, who: Who) -> StreamingResponse:
     comment every 15 s keeps idle connections open; the stream does
     not end. A reconnecting client gets ``ready`` again and re-reads its list, so it
     needs no event id. What a job does between its state changes (frames, progress) is
-    ``/watch``'s and ``/jobs/{id}/events``'."""
+    ``/watch``'s and ``/jobs/{id}/events``'. It counts as one of the user's open streams
+    (``RAYFARM_MAX_STREAMS_PER_USER``, 429)."""
+    lease = await ctx.streams.take(who.name, "a watch of the job list")
     return StreamingResponse(
-        _changes(ctx, who),
+        lease.hold(_changes(ctx, who)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
