@@ -243,6 +243,7 @@ class RenderActor:
         scene laid out; the worker's output during the block becomes ``last_log``."""
         task = task or reported
         assert task is not None
+        self.last_log = ""  # a task that fails before its worker runs has no log of its own
         if self.tainted is not None and self.tainted != task.job_id:
             # The worker ran another job's Python: whatever it changed (handlers, modules)
             # must not touch this job.

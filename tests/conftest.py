@@ -16,18 +16,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from rayfarm import Farm, Job, JobState
+from rayfarm.cluster.api import AppContext, create_app
 from rayfarm.cluster.auth import new_token
+from rayfarm.cluster.local import bootstrap_admin
 from rayfarm.cluster.ports import free_port
 from rayfarm.cluster.redis_server import RedisServer
+from rayfarm.cluster.settings import Settings
 from rayfarm.render import environments
 from rayfarm.render.supervisor import LOADER, PACKAGE_DIR, run_tool
 
@@ -205,6 +211,44 @@ def job_keys(client: redis.Redis) -> list[bytes]:
     """Redis keys other than the farm-wide ones (what a job or a stored upload leaves)."""
     return [k for k in client.keys("rayfarm:*")
             if k not in FARM_KEYS and not k.startswith(FARM_PREFIXES)]  # fmt: skip
+
+
+@contextmanager
+def api_client(
+    redis_url: str, tmp_path: Path, notify: Any = None, **overrides: Any
+) -> Iterator[TestClient]:
+    """The HTTP API as an ASGI app on a real Redis and ``file://`` storage under
+    ``tmp_path`` (no Ray: nothing renders), its first admin ``ADMIN_TOKEN``, offering
+    Blender 5.0; ``overrides`` are ``Settings`` fields. The client sends the admin's token
+    and carries ``storage_dir`` and a ``redis`` client."""
+    values = {"redis_url": redis_url, "storage": (tmp_path / "storage").as_uri(),
+              "data_dir": str(tmp_path), "blender": ("5.0",), **overrides}  # fmt: skip
+    settings = Settings(**values)
+    ctx = AppContext(settings)
+    ctx.notify = notify
+    bootstrap_admin(redis_url, ADMIN_TOKEN)
+    with TestClient(create_app(ctx), raise_server_exceptions=False, headers=AUTH) as client:
+        client.storage_dir = tmp_path / "storage"  # type: ignore[attr-defined]
+        client.redis = redis.Redis.from_url(redis_url)  # type: ignore[attr-defined]
+        try:
+            yield client
+        finally:
+            client.redis.close()  # type: ignore[attr-defined]
+
+
+def user_headers(api: Any, name: str, role: str = "artist", projects: Any = ()) -> dict[str, str]:
+    """Headers with a new token for user ``name`` (made by the admin through ``api``)."""
+    r = api.post("/tokens", json={"user": name, "role": role, "projects": list(projects)})
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def refused(response: Any, status: int, fragment: str) -> dict[str, Any]:
+    """The error body of ``response``, which must be ``status`` with ``fragment`` in its
+    message."""
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"], response.text
+    error: dict[str, Any] = response.json()["error"]
+    return error
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -10,36 +10,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import redis as sync_redis
 from fastapi.testclient import TestClient
 
 from rayfarm import JobState
 from rayfarm.cluster.api import AppContext, create_app
-from rayfarm.cluster.local import bootstrap_admin
 from rayfarm.cluster.settings import Settings
 
-from conftest import ADMIN_TOKEN, AUTH, job_keys
+from conftest import AUTH, api_client, job_keys
 
 
 @pytest.fixture
 def api(redis_url, tmp_path):
-    settings = Settings(
-        redis_url=redis_url,
-        storage=(tmp_path / "storage").as_uri(),
-        data_dir=str(tmp_path),
-        max_upload_bytes=4 * 1024 * 1024,
-        blender=("5.0",),
-    )
-    nudges = []
-    ctx = AppContext(settings)
-    ctx.notify = lambda: nudges.append(1)
-    bootstrap_admin(redis_url, ADMIN_TOKEN)
-    with TestClient(create_app(ctx), raise_server_exceptions=False, headers=AUTH) as client:
+    nudges: list[int] = []
+    with api_client(redis_url, tmp_path, lambda: nudges.append(1),
+                    max_upload_bytes=4 * 1024 * 1024) as client:  # fmt: skip
         client.nudges = nudges
-        client.storage_dir = tmp_path / "storage"
-        client.redis = sync_redis.Redis.from_url(redis_url)
         yield client
-        client.redis.close()
 
 
 def submit(client, data: bytes, spec, name="shot.blend"):

@@ -12,16 +12,14 @@ import json
 import shutil
 
 import pytest
-import redis as sync_redis
 from fastapi.testclient import TestClient
 from helpers.blends import zstd_bomb
 
 from rayfarm.cluster.api import AppContext, create_app
 from rayfarm.cluster.backpressure import bound_receive_queues
-from rayfarm.cluster.local import bootstrap_admin
 from rayfarm.cluster.settings import Settings
 
-from conftest import ADMIN_TOKEN, AUTH
+from conftest import api_client
 from conftest import job_keys as farm_job_keys
 
 LIMIT = 8 * 1024**2
@@ -29,20 +27,8 @@ LIMIT = 8 * 1024**2
 
 @pytest.fixture
 def api(redis_url, tmp_path):
-    settings = Settings(
-        redis_url=redis_url,
-        storage=(tmp_path / "storage").as_uri(),
-        data_dir=str(tmp_path),
-        max_upload_bytes=LIMIT,
-        blender=("5.0",),
-    )
-    bootstrap_admin(redis_url, ADMIN_TOKEN)
-    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False,
-                    headers=AUTH) as client:  # fmt: skip
-        client.storage_dir = tmp_path / "storage"
-        client.redis = sync_redis.Redis.from_url(redis_url)
+    with api_client(redis_url, tmp_path, max_upload_bytes=LIMIT) as client:
         yield client
-        client.redis.close()
 
 
 def stored(client) -> list[str]:

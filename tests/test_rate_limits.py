@@ -9,16 +9,13 @@ import hashlib
 
 import pytest
 import redis.asyncio as aioredis
-from fastapi.testclient import TestClient
 
 from rayfarm import Forbidden, JobSpec, TooManyRequests
-from rayfarm.cluster.api import AppContext, create_app
 from rayfarm.cluster.auth import AuthStore, Principal, Role
 from rayfarm.cluster.limits import Limits
-from rayfarm.cluster.local import bootstrap_admin
 from rayfarm.cluster.settings import Settings
 
-from conftest import ADMIN_TOKEN, AUTH
+from conftest import AUTH, api_client, refused, user_headers
 
 ANA = Principal("ana", Role.ARTIST)
 ROOT = Principal("root", Role.ADMIN)
@@ -128,47 +125,24 @@ def test_settings_refuse_a_priority_range_below_the_default():
 
 @pytest.fixture
 def api(redis_url, tmp_path):
-    settings = Settings(
-        redis_url=redis_url,
-        storage=(tmp_path / "storage").as_uri(),
-        data_dir=str(tmp_path),
-        blender=("5.0",),
-        auth_failure_burst=5,
-        auth_failures_per_min=1,
-        submit_burst=2,
-        submit_per_min=1,
-    )
-    bootstrap_admin(redis_url, ADMIN_TOKEN)
-    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False,
-                    headers=AUTH) as client:  # fmt: skip
-        client.storage_dir = tmp_path / "storage"
+    with api_client(redis_url, tmp_path, auth_failure_burst=5, auth_failures_per_min=1,
+                    submit_burst=2, submit_per_min=1) as client:  # fmt: skip
         yield client
-
-
-def _user(api, name, role="artist", projects=()):
-    r = api.post("/tokens", json={"user": name, "role": role, "projects": list(projects)})
-    return {"Authorization": f"Bearer {r.json()['token']}"}
-
-
-def _error(response, status, fragment):
-    assert response.status_code == status, response.text
-    assert fragment in response.json()["error"]["message"], response.text
-    return response.json()["error"]
 
 
 def test_guessing_tokens_is_429_with_retry_after_while_a_valid_token_works(api):
     wrong = {"Authorization": "Bearer rf_" + "A" * 43}
     for _ in range(5):
-        _error(api.get("/jobs", headers=wrong), 401, "unknown or malformed token")
+        refused(api.get("/jobs", headers=wrong), 401, "unknown or malformed token")
     r = api.get("/jobs", headers=wrong)
-    _error(r, 429, "too many failed sign-ins from testclient")
+    refused(r, 429, "too many failed sign-ins from testclient")
     assert 1 <= int(r.headers["Retry-After"]) <= 60
-    _error(api.post("/jobs", headers={"Authorization": "Basic eA=="}), 429, "RAYFARM_AUTH_")
+    refused(api.post("/jobs", headers={"Authorization": "Basic eA=="}), 429, "RAYFARM_AUTH_")
     # No credentials at all guess nothing (a browser before signing in): 401 still.
-    _error(api.get("/session", headers={"Authorization": ""}), 401, "no token")
+    refused(api.get("/session", headers={"Authorization": ""}), 401, "no token")
     # A valid token from the very same address is taken: the address may be shared.
     assert api.get("/jobs").status_code == 200
-    assert api.get("/whoami", headers=_user(api, "ana")).json()["user"] == "ana"
+    assert api.get("/whoami", headers=user_headers(api, "ana")).json()["user"] == "ana"
     records = api.get("/audit", params={"action": "sign-in failed"}).json()["records"]
     assert [(r["count"], r["from"]) for r in records] == [("1", "testclient")]
     assert api.get("/audit", params={"action": "POST /jobs"}).json()["records"] == []
@@ -177,7 +151,7 @@ def test_guessing_tokens_is_429_with_retry_after_while_a_valid_token_works(api):
 
 
 def test_an_artist_submitting_too_fast_gets_429(api, small_scene):
-    ana = _user(api, "ana")
+    ana = user_headers(api, "ana")
     scene = small_scene.read_bytes()
 
     def post(headers):
@@ -186,23 +160,23 @@ def test_an_artist_submitting_too_fast_gets_429(api, small_scene):
 
     assert [post(ana).status_code for _ in range(2)] == [201, 201]
     r = post(ana)
-    _error(r, 429, "ana is submitting too fast")
+    refused(r, 429, "ana is submitting too fast")
     assert int(r.headers["Retry-After"]) == 60
     # The listing route counts the same way; an admin is not limited.
     digest = hashlib.sha256(scene).hexdigest()
     body = {"spec": {"frames": "1"}, "main": "shot.blend",
             "files": [{"path": "shot.blend", "sha256": digest, "size": len(scene)}]}  # fmt: skip
-    _error(api.post("/jobs", json=body, headers=ana), 429, "RAYFARM_SUBMIT_PER_MIN")
+    refused(api.post("/jobs", json=body, headers=ana), 429, "RAYFARM_SUBMIT_PER_MIN")
     assert [post(AUTH).status_code for _ in range(4)] == [201] * 4
     assert api.get("/jobs", params={"owner": "ana"}).json()["total"] == 2
 
 
 def test_an_artist_priority_above_the_range_is_403_and_stores_nothing(api, small_scene):
-    ana = _user(api, "ana")
+    ana = user_headers(api, "ana")
     form = {"scene": ("shot.blend", small_scene.read_bytes())}
     r = api.post("/jobs", files=form, data={"spec": '{"frames": "1", "priority": 90}'},
                  headers=ana)  # fmt: skip
-    error = _error(r, 403, "priority 90 is above the range an artist may use: 0-50")
+    error = refused(r, 403, "priority 90 is above the range an artist may use: 0-50")
     assert error["detail"]["max"] == 50
     assert not (api.storage_dir / "blobs").exists()
     r = api.post("/jobs", files=form, data={"spec": '{"frames": "1", "priority": 90}'})

@@ -14,15 +14,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from rayfarm import InvalidRequest, InvalidTransition, JobNotFound, JobSpec, JobState
 from rayfarm.cluster import blobs as blob_index
 from rayfarm.cluster import keys
-from rayfarm.cluster.api import AppContext, create_app
 from rayfarm.cluster.auth import AuthStore
 from rayfarm.cluster.deletion import LATE_WRITES_S, Remover
-from rayfarm.cluster.local import bootstrap_admin
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage, frame_key, task_log_key
 from rayfarm.cluster.store import JobStore
@@ -30,7 +27,7 @@ from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.models import Job
 from rayfarm.render.inputs import InputFile, Inputs, blob_key
 
-from conftest import ADMIN_TOKEN, AUTH
+from conftest import AUTH, api_client, refused, user_headers
 
 GRACE_S = 3600.0
 
@@ -340,33 +337,12 @@ def test_what_a_cancelled_render_writes_after_the_deletion_is_swept_later(redis_
 
 @pytest.fixture
 def api(redis_url, tmp_path):
-    settings = Settings(
-        redis_url=redis_url,
-        storage=(tmp_path / "storage").as_uri(),
-        data_dir=str(tmp_path),
-        blender=("5.0",),
-        upload_quota_bytes=1_000_000,
-    )
-    bootstrap_admin(redis_url, ADMIN_TOKEN)
-    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False,
-                    headers=AUTH) as client:  # fmt: skip
-        client.storage_dir = tmp_path / "storage"
+    with api_client(redis_url, tmp_path, upload_quota_bytes=1_000_000) as client:  # fmt: skip
         yield client
 
 
-def _user(api, name, role="artist", projects=()):
-    r = api.post("/tokens", json={"user": name, "role": role, "projects": list(projects)})
-    return {"Authorization": f"Bearer {r.json()['token']}"}
-
-
-def _error(response, status, fragment):
-    assert response.status_code == status, response.text
-    assert fragment in response.json()["error"]["message"], response.text
-    return response.json()["error"]
-
-
 def test_uploads_past_the_quota_are_413_naming_it(api):
-    ana = _user(api, "ana")
+    ana = user_headers(api, "ana")
 
     def put(data, headers=ana, chunked=False):
         sha = hashlib.sha256(data).hexdigest()
@@ -375,26 +351,26 @@ def test_uploads_past_the_quota_are_413_naming_it(api):
 
     assert put(b"1" * 700_000).status_code == 201
     too_much = b"2" * 350_000
-    error = _error(put(too_much), 413, "the quota of 1000000 bytes (RAYFARM_UPLOAD_QUOTA_BYTES)")
+    error = refused(put(too_much), 413, "the quota of 1000000 bytes (RAYFARM_UPLOAD_QUOTA_BYTES)")
     assert error["detail"]["pending"] == 700_000
-    _error(put(too_much, chunked=True), 413, "RAYFARM_UPLOAD_QUOTA_BYTES")  # no length
+    refused(put(too_much, chunked=True), 413, "RAYFARM_UPLOAD_QUOTA_BYTES")  # no length
     assert not (api.storage_dir / "blobs" / "sha256" / hashlib.sha256(too_much).hexdigest()[:2]
                 ).exists()  # fmt: skip
     assert put(b"3" * 100_000).status_code == 201  # within what is left
-    assert put(too_much, headers=_user(api, "bo")).status_code == 201  # bo's own quota
+    assert put(too_much, headers=user_headers(api, "bo")).status_code == 201  # bo's own quota
     assert put(too_much, headers=AUTH).status_code == 201  # admins have none
     assert "rayfarm_uploads_pending_bytes 1.5e+06" in api.get("/metrics").text
 
 
 def test_a_job_using_the_uploads_gives_the_quota_back(api, small_scene):
-    ana = _user(api, "ana")
+    ana = user_headers(api, "ana")
     scene = small_scene.read_bytes()
     digest = hashlib.sha256(scene).hexdigest()
     assert api.put(f"/blobs/{digest}", content=scene, headers=ana).status_code == 201
     filler = b"F" * (1_000_000 - len(scene))
     sha = hashlib.sha256(filler).hexdigest()
     assert api.put(f"/blobs/{sha}", content=filler, headers=ana).status_code == 201
-    _error(api.put(f"/blobs/{'0' * 64}", content=b"x", headers=ana), 413, "quota")
+    refused(api.put(f"/blobs/{'0' * 64}", content=b"x", headers=ana), 413, "quota")
     body = {"spec": {"frames": "1"}, "main": "shot.blend",
             "files": [{"path": "shot.blend", "sha256": digest, "size": len(scene)}]}  # fmt: skip
     assert api.post("/jobs", json=body, headers=ana).status_code == 201
@@ -404,15 +380,15 @@ def test_a_job_using_the_uploads_gives_the_quota_back(api, small_scene):
 
 
 def test_delete_is_for_the_owner_or_an_admin_and_a_finished_job(api, small_scene):
-    ana, bo = _user(api, "ana", projects=["p1"]), _user(api, "bo")
-    vic = _user(api, "vic", "viewer", ["p1"])
+    ana, bo = user_headers(api, "ana", projects=["p1"]), user_headers(api, "bo")
+    vic = user_headers(api, "vic", "viewer", ["p1"])
     form = {"scene": ("shot.blend", small_scene.read_bytes())}
     job = api.post("/jobs", files=form, data={"spec": json.dumps(
         {"frames": "1", "project": "p1"})}, headers=ana).json()  # fmt: skip
-    _error(api.delete(f"/jobs/{job['id']}", headers=ana), 409,
+    refused(api.delete(f"/jobs/{job['id']}", headers=ana), 409,
            f"job {job['id']} is PENDING: cancel it first")  # fmt: skip
-    _error(api.delete(f"/jobs/{job['id']}", headers=bo), 404, "no job")
-    _error(api.delete(f"/jobs/{job['id']}", headers=vic), 403, "may not change it")
+    refused(api.delete(f"/jobs/{job['id']}", headers=bo), 404, "no job")
+    refused(api.delete(f"/jobs/{job['id']}", headers=vic), 403, "may not change it")
     assert api.post(f"/jobs/{job['id']}/cancel", headers=ana).status_code == 200
     r = api.delete(f"/jobs/{job['id']}", headers=ana)
     assert r.status_code == 200, r.text
