@@ -123,4 +123,6 @@ def dump(src: str, dst: str) -> None:
     for i, part in enumerate(parts.values()):
         arrays[f"channels{i}"] = np.array(part.channels)
         arrays[f"pixels{i}"] = part.pixels
-    np.savez(dst, **arrays)
+    # Any: numpy 2's stubs read ``**arrays`` as possibly ``allow_pickle``.
+    save: Any = np.savez
+    save(dst, **arrays)
