@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
 
-.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load bench-stop clean addon
+.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load bench-stop bench-worker clean addon
 
 ## setup: create or reuse .venv with the SDK, cluster, render and dev extras; build the
 ## Blender environments the farm offers ($RAYFARM_BLENDER, default 5.3 and 5.0: bpy from
@@ -59,6 +59,10 @@ bench-load: setup
 ## bench-stop: how soon a cancel stops a render in progress, and a hung render is killed
 bench-stop: setup
 	$(BIN)/python bench/stop.py
+
+## bench-worker: the Blender worker boundary: a cold and a warm worker against a bpy process
+bench-worker: setup
+	$(BIN)/python bench/worker.py
 
 ## bench-scale: dispatch throughput with a no-op render, 10 000 tasks on 8 simulated GPU nodes
 bench-scale: setup
