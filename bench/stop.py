@@ -11,8 +11,8 @@ scene, and measures:
 2. **cancel**: ``--cancels`` times, a frame at 65 536 samples (minutes of rendering) is
    cancelled once it reports samples; the time from sending the cancel to the render
    process being gone;
-3. **hang**: ``--hangs`` times, a render actor is frozen with SIGSTOP as soon as it
-   starts a task; the time from the freeze to the task's ``task_failed`` (hung), next
+3. **hang**: ``--hangs`` times, a render's Blender worker is frozen with SIGSTOP as soon
+   as it reports samples; the time from the freeze to the task's ``task_failed`` (hung), next
    to the configured timeout, and the job must still complete;
 4. **crash**: ``--crashes`` times, a render's worker is sent SIGSEGV (a bpy crash) once
    it reports samples; the time from the crash to its task's ``task_failed``, and to
@@ -146,7 +146,7 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         hangs = []
         for _ in range(args.hangs):
             job = client.submit(scene, frames="1")
-            first = _first(farm, job.id, "task_started")
+            first = _first(farm, job.id, "progress")
             frozen = time.perf_counter()
             os.kill(first["worker"], signal.SIGSTOP)
             try:

@@ -290,9 +290,11 @@ class RenderActor:
             pass  # the first task of that version tries again and reports why
 
     def _warmed(self) -> None:
-        warming, self._warming = self._warming, None
+        """Wait for the warm-up to end (it runs ``_worker`` itself, so it does not wait)."""
+        warming = self._warming
         if warming is not None and warming is not threading.current_thread():
             warming.join()
+            self._warming = None
 
     def _close(self, worker: WorkerProcess | None) -> None:
         if worker is not None:

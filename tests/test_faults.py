@@ -119,7 +119,9 @@ def test_a_hung_render_is_stopped_and_retried(client, hang_farm, make_scene, tmp
     scene = make_scene(*SCENE)
     actors = _actors(hang_farm)
     job = client.submit(scene, frames="1-2")
-    task, actor, victim = _running(hang_farm, job.id, "task_started")
+    # Once it samples: the worker is the one rendering the task (not one the actor is
+    # replacing with another Blender version's).
+    task, actor, victim = _running(hang_farm, job.id, "progress")
     os.kill(victim, signal.SIGSTOP)  # alive, holding its task, and making no progress
     try:
         status = job.wait(timeout=WAIT_S)
