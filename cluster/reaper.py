@@ -39,6 +39,8 @@ __all__ = ["MARK_ENV", "Reaper", "leftovers", "stop"]
 MARK_ENV = "RAYFARM_UP"
 #: How long a process is given to exit on SIGTERM (Redis writes its AOF) before SIGKILL.
 GRACE_S = 10.0
+#: Looks for marked processes the reaper takes at most, each after the last stopped.
+REAP_ROUNDS = 5
 #: What ``rayfarm up`` writes to its reaper: a pid to stop with it, and a clean exit.
 WATCH, CLEAN = "pid", "clean"
 
@@ -63,39 +65,42 @@ def _marks() -> Iterable[tuple[int, str]]:
                 break
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+def started(pid: int) -> str | None:
+    """When ``pid`` started (``/proc/PID/stat``'s 22nd field, clock ticks since boot): with
+    the pid, what tells a process from a later one given the same pid. None when it does not
+    run (a zombie, dead but not yet reaped, included)."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc here
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] == "Z" else fields[19]
 
 
-def stop(pids: Iterable[int], grace_s: float = GRACE_S) -> list[int]:
-    """SIGTERM each of ``pids``, SIGKILL those still running after ``grace_s``; the pids
-    that were running."""
-    running = [pid for pid in dict.fromkeys(pids) if _running(pid)]
-    for pid in running:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while any(map(_running, running)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in filter(_running, running):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return running
+def stop(pids: Iterable[int] | dict[int, str | None], grace_s: float = GRACE_S) -> list[int]:
+    """SIGTERM each of ``pids`` that runs, SIGKILL those still running after ``grace_s``; a
+    pid that another process has taken since is left alone (``pids`` may map each to when
+    it started). The pids that were running."""
+    known = pids if isinstance(pids, dict) else dict.fromkeys(pids)
+    running = {}
+    for pid, when in known.items():
+        now = started(pid)
+        if now is not None and when in (None, now):
+            running[pid] = now
+
+    def alive(pid: int) -> bool:
+        return started(pid) == running[pid]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 0)
+        for pid in filter(alive, running):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        while any(map(alive, running)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return list(running)
 
 
 def _data_dir(mark: str) -> str:
@@ -133,12 +138,18 @@ class Reaper:
 
     def watch(self, pid: int) -> None:
         """Stop ``pid`` too when ``rayfarm up`` dies."""
-        os.write(self._pipe, f"{WATCH} {pid}\n".encode())
+        self._tell(f"{WATCH} {pid}")
+
+    def _tell(self, line: str) -> None:
+        try:
+            os.write(self._pipe, f"{line}\n".encode())
+        except OSError:
+            pass  # the reaper is gone (killed): a farm starting later sweeps instead
 
     def close(self) -> None:
         if os.environ.get(MARK_ENV) == self.mark:
             del os.environ[MARK_ENV]
-        os.write(self._pipe, f"{CLEAN}\n".encode())
+        self._tell(CLEAN)
         os.close(self._pipe)
         self.process.wait()
 
@@ -151,14 +162,23 @@ class Reaper:
 
 def reap(mark: str, lines: Iterable[str], say: Callable[[str], None]) -> list[int]:
     """The reaper's work: read ``lines`` (from ``rayfarm up``) to their end, then stop
-    every process carrying ``mark`` and every pid it was told to watch."""
-    watched, clean = [], False
+    every process carrying ``mark`` and every pid it was told to watch (the one that had
+    the pid then: each is noted with when it started)."""
+    watched: dict[int, str | None] = {}
+    clean = False
     for line in lines:
         kind, _, value = line.strip().partition(" ")
-        if kind == WATCH and value.isdigit():
-            watched.append(int(value))
+        if kind == WATCH and value.isdigit() and (when := started(int(value))):
+            watched[int(value)] = when
         clean = kind == CLEAN
-    stopped = stop([*watched, *(pid for pid, m in _marks() if m == mark)])
+    stopped = stop(watched)
+    # Again while some are found: a process being started as the others were stopped (a
+    # Ray worker its raylet was starting, say) is found by the next look.
+    for _ in range(REAP_ROUNDS):
+        found = stop(pid for pid, m in _marks() if m == mark)
+        if not found:
+            break
+        stopped += found
     if stopped and not clean:
         say(
             f"rayfarm: the farm (pid {mark.partition(':')[0]}) was killed; stopped the "

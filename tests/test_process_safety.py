@@ -22,7 +22,7 @@ import redis
 
 from rayfarm import Farm, JobState
 from rayfarm.cluster.farm_lock import FarmLock
-from rayfarm.cluster.reaper import MARK_ENV, leftovers, stop
+from rayfarm.cluster.reaper import MARK_ENV, leftovers, started, stop
 from rayfarm.cluster.redis_server import RedisServer
 from rayfarm.errors import FarmUnavailable
 from rayfarm.paths import local_token, register_farm, token_file_text, unregister_farm
@@ -75,9 +75,24 @@ def wait_gone(mark: str, redis_dir: Path) -> set[int]:
         time.sleep(0.2)
 
 
+def describe(pids: set[int]) -> list[str]:
+    out = []
+    for pid in sorted(pids):
+        try:
+            out.append(f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:120]!r}")
+        except OSError:
+            out.append(f"{pid} (gone)")
+    return out
+
+
 def redis_url_of(farm: LocalFarm) -> str:
-    line = [x for x in farm.log.read_text().splitlines() if "rayfarm is up at" in x][-1]
-    return line.split("redis ", 1)[1].split(")", 1)[0]
+    """The Redis URL of the line `rayfarm up` prints once up (a moment after /healthz
+    answers)."""
+    deadline = time.monotonic() + GONE_S
+    while not (up := [x for x in farm.log.read_text().splitlines() if "rayfarm is up at" in x]):
+        assert time.monotonic() < deadline, farm.log.read_text()[-3000:]
+        time.sleep(0.2)
+    return up[-1].split("redis ", 1)[1].split(")", 1)[0]
 
 
 def test_a_redis_server_is_never_started_on_files_another_one_keeps(tmp_path):
@@ -104,6 +119,22 @@ def test_a_redis_server_is_never_started_on_files_another_one_keeps(tmp_path):
         assert client.get("written before the crash") == b"kept"
         client.close()
     assert redis_servers(directory) == set()
+
+
+def test_a_pid_taken_by_another_process_since_is_left_alone():
+    """The reaper notes when each watched process started: a pid that names a process
+    started at another time (the watched one died, its pid reused) is not stopped."""
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        assert started(other.pid) is not None
+        assert stop({other.pid: "1"}) == []  # "started" at tick 1: not this process
+        assert other.poll() is None
+        assert stop({other.pid: started(other.pid)}) == [other.pid]
+        assert other.wait(timeout=GONE_S) == -signal.SIGTERM
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
 
 
 def test_the_token_of_a_farm_on_any_data_dir_is_found_for_its_port_only(tmp_path, monkeypatch):
@@ -209,7 +240,7 @@ def test_kill_9_of_rayfarm_up_stops_everything_and_a_restart_loses_nothing(
     farm.process = None
 
     left = wait_gone(farm.mark, data_dir / "redis")
-    assert not left, f"processes outlived rayfarm up: {sorted(left)}"
+    assert not left, f"processes outlived rayfarm up: {describe(left)}"
     assert "was killed; stopped the" in farm.log.read_text()  # its reaper says so
 
     for again in run_farm(data_dir, env, port=port):
