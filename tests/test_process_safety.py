@@ -205,6 +205,18 @@ def test_a_second_farm_on_a_data_dir_in_use_is_refused(local_farm):
 
 
 @pytest.mark.slow
+def test_the_cli_says_where_a_token_comes_from_when_it_finds_none(local_farm, tmp_path):
+    env = {k: v for k, v in local_farm.env.items() if not k.startswith("RAYFARM_")}
+    env.update(XDG_STATE_HOME=str(tmp_path / "state"), XDG_DATA_HOME=str(tmp_path / "data"))
+    refused = subprocess.run(
+        [PYTHON, "-m", "rayfarm", "--url", local_farm.url, "whoami"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 4
+    assert f"No token was found for {local_farm.url}: set RAYFARM_TOKEN" in refused.stderr
+
+
+@pytest.mark.slow
 def test_kill_9_of_rayfarm_up_stops_everything_and_a_restart_loses_nothing(
     tmp_path, farm_env, small_scene
 ):
