@@ -275,15 +275,17 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
         # First, before anything is built or started: a second farm on this data dir
         # fails here, naming the first one's pid.
         stack.enter_context(FarmLock(data_dir, settings.port))
-        _check_port(settings.host, settings.port)
-        if settings.grpc_port:
-            # Serve's gRPC proxy listens on every interface ([::]), whatever the HTTP host.
-            _check_port(GRPC_HOST, settings.grpc_port, "--grpc-port")
+        # Then what an earlier farm here left running (its Redis on these files, its
+        # proxy perhaps on this port), before the ports are checked.
         left = leftovers(data_dir, data_dir / REDIS_DIR)
         if left:
             ready(f"rayfarm: stopping what an earlier farm on {data_dir} left running "
                   f"(pids {' '.join(map(str, left))})")  # fmt: skip
             stop(left)
+        _check_port(settings.host, settings.port)
+        if settings.grpc_port:
+            # Serve's gRPC proxy listens on every interface ([::]), whatever the HTTP host.
+            _check_port(GRPC_HOST, settings.grpc_port, "--grpc-port")
         reaper = stack.enter_context(Reaper(data_dir))
         # A plain flag, not a threading.Event: a handler that takes a lock can deadlock
         # with the main thread it interrupts (seen: Event.set() inside Event.wait()).

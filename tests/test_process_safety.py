@@ -267,20 +267,28 @@ def test_kill_9_of_rayfarm_up_stops_everything_and_a_restart_loses_nothing(
 @pytest.mark.slow
 def test_what_an_earlier_farm_left_running_is_stopped_before_a_new_one_starts(tmp_path, farm_env):
     """Left by a farm whose reaper died with it (or one from before the reaper): its
-    redis-server on the data dir, and a process carrying its mark (here a `sleep`
-    started with the mark, standing in for a Ray daemon it left)."""
-    data_dir = tmp_path / "farm"
+    redis-server on the data dir, and a process carrying its mark that still holds the
+    farm's port (standing in for a Serve proxy it left: a Python process with the mark,
+    listening)."""
+    data_dir, port = tmp_path / "farm", free_port()
     stale = RedisServer(data_dir / "redis").start()
     assert stale.process is not None
     client = redis.Redis.from_url(stale.url)
     client.set("rayfarm:written-before-the-crash", "kept")
     client.close()
+    listen = (
+        "import socket, sys, time; s = socket.socket(); "
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('listening', flush=True); "
+        "time.sleep(600)"
+    )
     marked = subprocess.Popen(
-        ["sleep", "600"], env={**os.environ, MARK_ENV: f"1:{data_dir.resolve()}"},
-        start_new_session=True,
+        [PYTHON, "-c", listen], env={**os.environ, MARK_ENV: f"1:{data_dir.resolve()}"},
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    assert marked.stdout is not None and marked.stdout.readline() == "listening\n"
     try:
-        for farm in run_farm(data_dir, farm_env):
+        for farm in run_farm(data_dir, farm_env, port=port):
             assert stale.process.poll() is not None and marked.poll() is not None
             (fresh,) = redis_servers(data_dir / "redis")
             assert fresh != stale.process.pid
@@ -293,3 +301,4 @@ def test_what_an_earlier_farm_left_running_is_stopped_before_a_new_one_starts(tm
             if process.poll() is None:
                 process.kill()
             process.wait()
+        marked.stdout.close()
