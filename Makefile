@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayfarm-setup
+#: Where setup steps write what they print (scripts/quietly.sh shows one line each).
+LOGS   := build/setup
 
 .PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load bench-stop bench-worker clean addon
 
@@ -17,14 +19,14 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "rayfarm needs Python 3.11 ($(PYTHON) not found): install it (pyenv install 3.11) or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[cluster,render,dev]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || ./scripts/quietly.sh "creating $(VENV) with $(PYTHON)" $(LOGS)/venv.log $(PYTHON) -m venv $(VENV)
+	@./scripts/quietly.sh "upgrading pip in $(VENV)" $(LOGS)/pip.log $(BIN)/python -m pip install --upgrade pip
+	@./scripts/quietly.sh "installing rayfarm and its extras into $(VENV), about 1.3 GB with Ray (minutes the first time)" $(LOGS)/install.log $(BIN)/python -m pip install -e '.[cluster,render,dev]'
+	@touch $(STAMP)
 
 ## demo: start a local farm, render the example scene (frames 1-8, one frame as 2x2 tiles), download
 demo: setup
-	$(BIN)/python examples/demo.py
+	@$(BIN)/python examples/demo.py
 
 ## test: lint, type-check and run every test (slow ones included) against real Redis, Ray and bpy
 test: setup

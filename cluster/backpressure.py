@@ -16,7 +16,7 @@ one that leaves mid-upload is noticed when the app reaches the end of what was q
 
 Serve's own Python proxy (no HAProxy, or the fallback while replicas start) queues the
 body in the proxy actor instead, out of a replica's reach; there the upload limit, met
-while reading, is what bounds it (README, "Configuration": RAYFARM_FAST_INGRESS).
+while reading, is what bounds it (docs/operations.md, "Configuration": RAYFARM_FAST_INGRESS).
 """
 
 from __future__ import annotations

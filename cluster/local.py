@@ -18,10 +18,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from rayfarm.cluster.farm_lock import FarmLock
 from rayfarm.cluster.ports import free_range
+from rayfarm.cluster.reaper import Reaper, leftovers, stop
 from rayfarm.cluster.settings import NAMESPACE, EdgeLimits, Settings
 from rayfarm.errors import InvalidRequest
-from rayfarm.paths import LOOPBACK
+from rayfarm.paths import LOOPBACK, register_farm, unregister_farm
 
 __all__ = ["up"]
 
@@ -84,6 +86,8 @@ PROXY_CALLBACK = "rayfarm.cluster.connections:proxy_callback"
 
 #: Where Serve's gRPC proxy binds: every interface (Serve 2.x has no host option).
 GRPC_HOST = "0.0.0.0"
+#: The local redis-server's folder (its AOF) in the data dir.
+REDIS_DIR = "redis"
 
 
 def _check_port(host: str, port: int, option: str = "--port") -> None:
@@ -253,7 +257,11 @@ def local_serve_env(limits: EdgeLimits | None = None) -> None:
 
 
 def up(settings: Settings, address: str | None = None, ready: Any = print) -> None:
-    """Run the farm in the foreground until SIGINT/SIGTERM; then stop what was started."""
+    """Run the farm in the foreground until SIGINT/SIGTERM; then stop what was started.
+
+    One farm per data directory (``FarmLock``); what an earlier farm on it left running
+    is stopped first, and what this one starts is stopped even if it is killed
+    (``rayfarm.cluster.reaper``)."""
     import ray
     from ray import serve
 
@@ -262,29 +270,42 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
     check_auth(settings)
-    _check_port(settings.host, settings.port)
-    if settings.grpc_port:
-        # Serve's gRPC proxy listens on every interface ([::]), whatever the HTTP host.
-        _check_port(GRPC_HOST, settings.grpc_port, "--grpc-port")
-    # A plain flag, not a threading.Event: a handler that takes a lock can deadlock with
-    # the main thread it interrupts (seen: Event.set() inside Event.wait()).
-    stopping: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
-    if address is None:
-        local_serve_env(settings.edge)
-        # This machine renders: build what the farm offers now, saying so, rather than in
-        # the render actors at the first task. (On a cluster, nodes bake them in at setup:
-        # ray-cluster.yaml; a node without one builds it when a task first needs it.)
-        from rayfarm.render import environments
-
-        for version in settings.blender:
-            environments.install(version, say=ready)
     data_dir = Path(settings.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
+        # First, before anything is built or started: a second farm on this data dir
+        # fails here, naming the first one's pid.
+        stack.enter_context(FarmLock(data_dir, settings.port))
+        # Then what an earlier farm here left running (its Redis on these files, its
+        # proxy perhaps on this port), before the ports are checked.
+        left = leftovers(data_dir, data_dir / REDIS_DIR)
+        if left:
+            ready(f"rayfarm: stopping what an earlier farm on {data_dir} left running "
+                  f"(pids {' '.join(map(str, left))})")  # fmt: skip
+            stop(left)
+        _check_port(settings.host, settings.port)
+        if settings.grpc_port:
+            # Serve's gRPC proxy listens on every interface ([::]), whatever the HTTP host.
+            _check_port(GRPC_HOST, settings.grpc_port, "--grpc-port")
+        reaper = stack.enter_context(Reaper(data_dir))
+        # A plain flag, not a threading.Event: a handler that takes a lock can deadlock
+        # with the main thread it interrupts (seen: Event.set() inside Event.wait()).
+        stopping: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: stopping.append(signum))
+        if address is None:
+            local_serve_env(settings.edge)
+            # This machine renders: build what the farm offers now, saying so, rather than
+            # in the render actors at the first task. (On a cluster, nodes bake them in at
+            # setup: ray-cluster.yaml; a node without one builds it when a task first
+            # needs it.)
+            from rayfarm.render import environments
+
+            for version in settings.blender:
+                environments.install(version, say=ready)
         if not settings.redis_url:
-            redis = stack.enter_context(RedisServer(data_dir / "redis"))
+            redis = stack.enter_context(RedisServer(data_dir / REDIS_DIR))
+            assert redis.process is not None
+            reaper.watch(redis.process.pid)
             settings = dataclasses.replace(settings, redis_url=redis.url)
         if settings.auth:
             first = bootstrap_admin(settings.redis_url, os.environ.get("RAYFARM_ADMIN_TOKEN"))
@@ -293,6 +314,9 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
                 ready(f"rayfarm: the first admin's token, shown once (also in {path}): {first}")
             else:
                 record_port(data_dir, settings.port)
+        # Where a client in another shell finds this farm's admin-token.
+        register_farm(settings.port, data_dir)
+        stack.callback(unregister_farm, settings.port, data_dir)
         ray.init(
             # "local": always a new local Ray. Without it ray.init() may attach to another
             # Ray on this machine (one still shutting down, say) and serve from that.

@@ -1,7 +1,15 @@
-"""A local ``redis-server`` for the embedded default, with AOF in the data dir."""
+"""A local ``redis-server`` for the embedded default, with AOF in the data dir.
+
+Two servers on one append-only file lose data (each rewrites it without the other's
+writes), so a server is never started on a directory another one still keeps its data
+in. Such a server is found by that directory, its working directory (redis-server
+changes into ``--dir``), not by its port, which changes with every start, nor by its
+command line or environment, which it overwrites with its title.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -12,9 +20,34 @@ import redis
 from rayfarm.cluster.ports import free_port
 from rayfarm.errors import FarmUnavailable
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisServer", "servers_in"]
 
 START_TIMEOUT_S = 15.0
+#: Linux's /proc: where running processes are found (none are found without it).
+PROC = Path("/proc")
+
+
+def servers_in(directory: str | Path) -> list[int]:
+    """Pids of the redis-servers running now with their data in ``directory`` (this
+    user's: another user's processes cannot be read)."""
+    wanted = Path(directory).resolve()
+    found = []
+    try:
+        entries = list(PROC.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "redis-server":
+                continue
+            # A zombie has no working directory: it keeps no data.
+            if Path(os.readlink(entry / "cwd")) == wanted:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 class RedisServer:
@@ -41,6 +74,14 @@ class RedisServer:
                 "`apt-get install redis-server`) or point REDIS_URL at a Redis"
             )
         self.directory.mkdir(parents=True, exist_ok=True)
+        running = servers_in(self.directory)
+        if running:
+            raise FarmUnavailable(
+                f"a redis-server (pid {', '.join(map(str, running))}) already keeps its data "
+                f"in {self.directory}: stop it first (two servers on one append-only file "
+                "lose data)",
+                {"directory": str(self.directory), "pids": running},
+            )
         cmd = [
             exe,
             "--port", str(self.port),

@@ -135,7 +135,7 @@ class EdgeLimits:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the service needs to run; see the README's configuration table."""
+    """Everything the service needs to run; see the configuration table in docs/operations.md."""
 
     redis_url: str = ""
     storage: str = ""

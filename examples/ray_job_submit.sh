@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Render a scene as a plain Ray job on a running cluster (see README, "Running on a cluster").
+# Render a scene as a plain Ray job on a running cluster (see docs/deploy.md).
 #
 #   RAY_ADDRESS=http://127.0.0.1:8265 examples/ray_job_submit.sh shot.blend 1-250 s3://renders/rayfarm
 #

@@ -19,11 +19,13 @@ if command -v apt-get >/dev/null 2>&1; then
     command -v sudo >/dev/null 2>&1 || { echo "$cmd missing: install it as root (apt-get install $deb)" >&2; exit 2; }
     SUDO="sudo"
   fi
+  echo "rayfarm setup: installing $deb with apt-get ($cmd is missing)"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "$deb" >/dev/null
 elif [ -n "$brew" ] && command -v brew >/dev/null 2>&1; then
-  brew install "$brew"
+  echo "rayfarm setup: installing $brew with brew ($cmd is missing)"
+  brew install --quiet "$brew"
 else
   echo "$cmd missing and no apt-get${brew:+ or brew} here: install $deb and put $cmd on PATH" >&2
   exit 2

@@ -182,6 +182,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "blender":
         return _blender(args)
     farm = Farm(args.url)
+    try:
+        return _farm_command(farm, args)
+    except Unauthorized as exc:
+        if farm.token:
+            raise
+        # Found neither in $RAYFARM_TOKEN nor beside a farm on this machine (rayfarm.paths).
+        raise Unauthorized(
+            f"{exc}. No token was found for {farm.url}: set RAYFARM_TOKEN (a farm started "
+            "here by this user writes its first admin's token to <data dir>/admin-token)",
+            exc.detail,
+        ) from None
+
+
+def _farm_command(farm: Farm, args: argparse.Namespace) -> int:
+    """The commands that talk to a farm."""
     if args.command == "submit":
         overrides: dict[str, Any] = {
             k: v

@@ -5,6 +5,11 @@
 and the farm's port on the next (``port=8000``); the SDK and the CLI read it there when
 talking to that farm — a loopback URL with that port — and no token was given. Any
 other URL, another user's "farm" on another loopback port included, never gets it.
+
+A farm may keep its data anywhere (``--data-dir``, ``RAYFARM_DATA_DIR``): ``rayfarm up``
+notes which data dir serves its port in the user's state folder
+(``~/.local/state/rayfarm/ports/<port>``), so a client in another shell, without the
+farm's environment, still finds the token.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ __all__ = [
     "default_data_dir",
     "local_token",
     "read_token_file",
+    "register_farm",
+    "registered_data_dir",
     "token_file_text",
+    "unregister_farm",
 ]
 
 ADMIN_TOKEN_FILE = "admin-token"
@@ -51,10 +59,43 @@ def read_token_file(text: str) -> tuple[str | None, int | None]:
     return (lines[0] if lines else None), port
 
 
+def _ports_dir() -> Path:
+    """Where ``rayfarm up`` notes the data dir of the farm on each port of this machine."""
+    return Path(platformdirs.user_state_dir("rayfarm", appauthor=False)) / "ports"
+
+
+def register_farm(port: int, data_dir: Path) -> None:
+    """Note that the farm on ``port`` keeps its data (and its admin-token) in ``data_dir``:
+    the latest farm started on a port wins."""
+    folder = _ports_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / str(port)
+    partial = path.with_name(f".{port}.{os.getpid()}")
+    partial.write_text(f"{Path(data_dir).resolve()}\n")
+    partial.replace(path)  # a reader never sees half a path
+
+
+def unregister_farm(port: int, data_dir: Path) -> None:
+    """Forget the note for ``port`` if it still names ``data_dir`` (a farm started since on
+    the same port keeps its own)."""
+    if registered_data_dir(port) == Path(data_dir).resolve():
+        (_ports_dir() / str(port)).unlink(missing_ok=True)
+
+
+def registered_data_dir(port: int) -> Path | None:
+    """The data dir of the latest farm started on ``port`` here, if one noted it."""
+    try:
+        text = (_ports_dir() / str(port)).read_text().strip()
+    except OSError:
+        return None
+    return Path(text) if text else None
+
+
 def local_token(url: str) -> str | None:
     """The first admin's token of the farm at ``url`` when that farm runs on this machine
-    (a loopback URL) and wrote its token, for ``url``'s port, to its data dir
-    (``$RAYFARM_DATA_DIR`` or the default); None otherwise."""
+    (a loopback URL) and wrote its token, for ``url``'s port, to its data dir: the one
+    noted for that port by ``rayfarm up`` (``register_farm``), else ``$RAYFARM_DATA_DIR``,
+    else the default. None otherwise."""
     parts = urlsplit(url)
     if parts.hostname not in LOOPBACK:
         return None
@@ -62,9 +103,19 @@ def local_token(url: str) -> str | None:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return None
-    folder = Path(os.environ.get("RAYFARM_DATA_DIR") or default_data_dir())
-    try:
-        token, recorded = read_token_file((folder / ADMIN_TOKEN_FILE).read_text())
-    except OSError:
-        return None
-    return token if recorded == port else None
+    folders = (
+        registered_data_dir(port),
+        os.environ.get("RAYFARM_DATA_DIR") or None,
+        default_data_dir(),
+    )
+    for folder in folders:
+        if folder is None:
+            continue
+        try:
+            token, recorded = read_token_file((Path(folder) / ADMIN_TOKEN_FILE).read_text())
+        except OSError:
+            continue
+        # A token goes only to the port its farm recorded, whichever folder it is in.
+        if token and recorded == port:
+            return token
+    return None

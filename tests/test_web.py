@@ -5,7 +5,7 @@ storage). The page itself is driven in a real headless Chromium (Debian's, throu
 Playwright) against a real local farm: sign in, submit a scene through the form and
 watch it complete, open a frame, play the video, cancel a job, see a refusal, and check
 that a viewer sees exactly what the API lets it see. Screenshots go to
-``$RAYFARM_WEB_SHOTS`` (the README's are made so) or pytest's temporary folder.
+``$RAYFARM_WEB_SHOTS`` (docs/'s are made so: docs/web.md) or pytest's temporary folder.
 """
 
 from __future__ import annotations
