@@ -172,9 +172,8 @@ class Session:
         full-frame multi-layer render does (denoised combined, ``Composite.Combined``
         first when the scene composites).
 
-        It runs with as many threads as its process may use (the actor finishes frames
-        in a worker that may use every core of the node: ``RenderActor.finish``);
-        ``threads`` in the answer says how many.
+        It runs with the threads its worker was given: the actor finishes frames in a
+        worker that may use every core of the node (``RenderActor.finish``).
         """
         clock = Stopwatch()
         self.open(scene)
@@ -201,7 +200,7 @@ class Session:
             write_parts(out, written, task.color_depth, _exr_attributes(bscene, task))
         self._preview(bscene, out, task, preview)
         clock.lap("write_s")
-        return {"steps": clock.rounded(), "threads": bscene.render.threads}
+        return {"steps": clock.rounded()}
 
     def probe(self, task: Task, scene: dict[str, Any]) -> dict[str, Any]:
         """Open the task's scene (it stays open for the tasks that follow) and measure
