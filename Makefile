@@ -38,9 +38,9 @@ test: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
-## bench: the overhead benchmark (see BENCHMARKS.md)
+## bench: the overhead benchmark, median of 3 runs of each way (see BENCHMARKS.md)
 bench: setup
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/overhead.py --repeat 3
 
 ## bench-tiles: one frame whole vs tiled 2x2 vs auto on two actors (see BENCHMARKS.md)
 bench-tiles: setup

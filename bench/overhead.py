@@ -29,7 +29,7 @@ Targets: (c)/(a) <= 1.05 on both scenes; (c)/(b) <= 0.80 on the light scene and
 <= 0.65 on the heavy one. Each measurement is repeated ``--repeat`` times and
 the median reported. Run it on a quiet machine:
 
-    make bench                                  # python bench/overhead.py
+    make bench                                  # python bench/overhead.py --repeat 3
     python bench/overhead.py --frames 8 --repeat 3 --scenes light,heavy \\
         --out bench/results --json bench/results/overhead.json
 
@@ -38,10 +38,19 @@ render process notes (launch, bpy import, open, each frame, exit); for (c) from
 the job's server timestamps, the moments the client saw each frame land (it
 waits with ``Job.wait``, which long-polls the status: one request per change),
 and the CPU seconds every process of the farm used during the job (read from
-/proc). Before timing (c) it also reports what the idle farm burns. Frames
-of all three ways are checked to have the same pixels. Everything (scenes,
-frames, logs, ``farm.log``) stays in ``--out``, the temp dir included, for a
-look afterwards.
+/proc). Then (c) step by step, from the client's ``last_upload`` and the job's
+events: the submit (pack: tracing the scene's files; hash; upload: asking what the
+farm lacks and sending it; queue: ``POST /jobs``, the farm's checks), catalogue
+(the farm opening a new scene to list its cameras and passes, beside the render),
+dispatch (queued to the first task started), then summed over the tasks, inside the
+render actor: load (a worker started, the job's files laid out, the scene opened),
+render (Blender's render, its image written), write (the preview, the files read
+back); store (frames into storage); and outside the tasks: what the farm spent
+between the actor's tasks (Ray calls, dispatching, recording), per task. Before
+timing (c) it also reports what the idle farm burns. Frames of all three ways are
+checked to have the same pixels. Everything (scenes, frames, logs, ``farm.log``)
+stays in ``--out``, the temp dir included, for a look afterwards. At the end, both
+scenes' (c)/(a) with the runs they are the median of.
 
 Exit status: 0 when the measurement ran (the table says PASS or FAIL), 1 when
 something broke, 130 on Ctrl-C or SIGTERM. Every process the bench starts
@@ -54,6 +63,7 @@ The driver itself imports neither bpy nor ray: only the stdlib and the SDK.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -74,9 +84,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 import rayfarm
+from rayfarm.client import UploadReport
 from rayfarm.cluster.ports import free_port
+from rayfarm.pack import pack_scene
 from rayfarm.render import environments
+from rayfarm.render.inputs import InputFile, Inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_SCENE = ROOT / "examples" / "make_scene.py"
@@ -225,6 +240,8 @@ def _name(argv: list[str]) -> str:
     if words[0].startswith("ray::"):
         return words[0].split(".")[0]
     program = os.path.basename(words[0])
+    if program.startswith("python") and any(w.endswith("/worker") for w in words[1:4]):
+        return "blender worker"  # a render actor's Blender (supervisor.BOOT PACKAGE_DIR)
     if program.startswith("python"):
         for i, word in enumerate(words[1:], 1):
             if word == "-m" and i + 1 < len(words):
@@ -281,6 +298,17 @@ class LocalFarm:
                     raise BenchError(f"the farm did not answer in time; see {self.log}") from None
                 time.sleep(0.25)
 
+    def catalogue_s(self, scene: Path) -> float | None:
+        """How long the farm took to catalogue ``scene`` (once per scene: made beside
+        its first job), from its entry (``GET /scenes/{id}``); None if it has none."""
+        with pack_scene(scene) as packed:
+            files = tuple(InputFile(f.path, f.sha256, f.size) for f in packed.files)
+            digest = Inputs("", packed.main, files).digest
+        r = httpx.get(
+            f"{self.url}/scenes/{digest}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        return float(r.json().get("catalogue_s", 0.0)) if r.status_code == 200 else None
+
     def cpu(self) -> CpuSnapshot:
         """CPU seconds of every process under the farm, and of this driver."""
         assert self.process is not None
@@ -326,9 +354,10 @@ def _cpu_delta(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, Any]:
         old = before.processes.get(pid)
         used = seconds - (old[2] if old is not None and old[0] == start else 0.0)
         by_name[name] = by_name.get(name, 0.0) + used
-    actor = sum(s for n, s in by_name.items() if n.startswith("ray::RenderActor"))
+    renders = ("ray::RenderActor", "blender worker")  # the actor and its Blender workers
+    actor = sum(s for n, s in by_name.items() if n.startswith(renders))
     others = {n: round(s, 2) for n, s in sorted(by_name.items(), key=lambda kv: -kv[1]) if s}
-    others = {n: s for n, s in others.items() if not n.startswith("ray::RenderActor")}
+    others = {n: s for n, s in others.items() if not n.startswith(renders)}
     return {
         "seconds": round(after.at - before.at, 3),
         "actor_cpu_s": round(actor, 2),
@@ -400,6 +429,9 @@ class Bench:
         seconds = time.perf_counter() - t0
         after = self.farm.cpu()
         _finish(job, self.frames)
+        upload = self.farm.client.last_upload
+        events = [e.model_dump(mode="json", by_alias=True) for e in job.events()]
+        catalogue_s = self.farm.catalogue_s(scene)
 
         def since(stamp: Any) -> float | None:
             return None if stamp is None else round(stamp.timestamp() - wall0, 3)
@@ -412,10 +444,54 @@ class Bench:
             "seen_done_s": round(seconds, 3),
             "frames_seen_s": [[round(t - t0, 3), n] for t, n in progress],
             "cpu": _cpu_delta(before, after),
+            "steps": {
+                **job_steps(events, job.created_at, upload, submitted - t0),
+                "catalogue_s": catalogue_s,
+            },
         }
         _fresh(dest)
         job.download(dest)
         return Run(seconds, detail)
+
+
+def job_steps(
+    events: list[dict[str, Any]],
+    created_at: datetime.datetime | None,
+    upload: UploadReport | None,
+    submit_s: float,
+) -> dict[str, Any]:
+    """Where a rayfarm job's time went, step by step (see the module's docstring), from
+    the client's upload report and the job's events (``task_done`` carries each
+    task's steps, ``frame`` its ``store_s``)."""
+
+    def total(kind: str, name: str) -> float:
+        return round(sum(float(e.get(name) or 0) for e in events if e["kind"] == kind), 3)
+
+    def at(event: dict[str, Any]) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(str(event["at"]))
+
+    done = [e for e in events if e["kind"] == "task_done"]
+    started = [at(e) for e in events if e["kind"] == "task_started"]
+    pack_s, hash_s, upload_s = (
+        (upload.pack_s, upload.hash_s, upload.upload_s) if upload else (0.0, 0.0, 0.0)
+    )
+    steps: dict[str, Any] = {
+        "pack_s": round(pack_s, 3),
+        "hash_s": round(hash_s, 3),
+        "upload_s": round(upload_s, 3),
+        "queue_s": round(submit_s - pack_s - hash_s - upload_s, 3),
+        "tasks": len(done),
+    }
+    if started and created_at is not None:
+        steps["dispatch_s"] = round((min(started) - created_at).total_seconds(), 3)
+    for name in ("start_s", "inputs_s", "open_s", "render_s", "write_s"):
+        steps[name] = total("task_done", name)
+    steps["load_s"] = round(steps["start_s"] + steps["inputs_s"] + steps["open_s"], 3)
+    steps["store_s"] = total("frame", "store_s")
+    if started and done:
+        span = (max(at(e) for e in done) - min(started)).total_seconds()
+        steps["outside_tasks_s"] = round(span - total("task_done", "seconds"), 3)
+    return steps
 
 
 def _fresh(dest: Path) -> None:
@@ -611,12 +687,50 @@ def print_table(
         cpu = c["cpu"]
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(cpu["farm_by_process"].items())[:5])
         print(
-            f"      CPU s during the job: render actor {cpu['actor_cpu_s']:.2f}, rest of the "
-            f"farm {cpu['farm_cpu_s']:.2f} ({top}), this driver {cpu['driver_cpu_s']:.2f}"
+            f"      CPU s during the job: render actor and its Blender {cpu['actor_cpu_s']:.2f}, "
+            f"rest of the farm {cpu['farm_cpu_s']:.2f} ({top}), this driver "
+            f"{cpu['driver_cpu_s']:.2f}"
         )
+        print_steps(c.get("steps"))
     for way, frames in differ.items():
         if frames:
             print(f"  note: {way} frames {frames} differ in pixels from (a)'s")
+
+
+def print_steps(steps: dict[str, Any] | None) -> None:
+    """(c) step by step: the submit, then the job's tasks summed (see ``job_steps``)."""
+    if not steps:
+        return
+    n = max(1, steps["tasks"])
+    print(
+        f"      steps: submit = pack {steps['pack_s']:.2f} + hash {steps['hash_s']:.2f} + "
+        f"upload {steps['upload_s']:.2f} + queue {steps['queue_s']:.2f} s; dispatch "
+        f"{steps.get('dispatch_s', 0):.2f} s; the scene's catalogue "
+        + (f"{steps['catalogue_s']:.2f} s" if steps.get("catalogue_s") is not None else "-")
+        + " (once per scene, beside its first job)"
+    )
+    print(
+        f"      in the actor, {steps['tasks']} tasks: load {steps['load_s']:.2f} s (worker "
+        f"{steps['start_s']:.2f}, inputs {steps['inputs_s']:.2f}, open {steps['open_s']:.2f}), "
+        f"render {steps['render_s']:.2f} s, write {steps['write_s']:.2f} s; store "
+        f"{steps['store_s']:.2f} s; outside the tasks {steps.get('outside_tasks_s', 0):.2f} s "
+        f"({steps.get('outside_tasks_s', 0) / n:.3f} s a task)"
+    )
+
+
+def print_summary(results: dict[str, Any], repeat: int) -> None:
+    """Both scenes' (c)/(a) on one line each, with their runs: the figure the targets
+    are about."""
+    print(f"\n(c)/(a), median of {repeat}:")
+    for name, result in results["scenes"].items():
+        value, target = result["ratios"]["c/a"], result["targets"]["c/a"]
+        runs = ", ".join(f"{x:.2f}" for x in result["runs_s"]["c"])
+        print(
+            f"  {name:<6} {value:.3f} (target <= {target:.2f}) "
+            f"{'PASS' if result['pass']['c/a'] else 'FAIL'}   (c) runs {runs} s, (a) "
+            + ", ".join(f"{x:.2f}" for x in result["runs_s"]["a"])
+            + " s"
+        )
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -703,6 +817,7 @@ def measure(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         result["pixels_differ_from_a"] = differ
         results["scenes"][name] = result
         print_table(name, result, args.repeat, differ)
+    print_summary(results, args.repeat)
     verdicts = [ok for r in results["scenes"].values() for ok in r["pass"].values()]
     print(f"\noverall: {'PASS' if all(verdicts) else 'FAIL'}")
     return results

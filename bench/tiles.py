@@ -1,16 +1,17 @@
 """Split-frame rendering: one frame whole on one actor vs tiled over the farm's actors.
 
 The bench builds a scene with ``examples/make_scene.py`` (default 960x540, 16
-samples, Cycles denoising on: several seconds a frame on one core), starts a local
-farm with ``--actors`` CPU render actors (one core each on this 2-core machine), warms
-every actor up with the scene, then renders frame 1 as multi-layer EXR three ways,
-each ``--repeat`` times:
+samples, Cycles denoising on: several seconds a frame on one core; ``--4k``:
+3840x2160 in 16 tiles), starts a local farm with ``--actors`` CPU render actors (one
+core each on this 2-core machine), warms every actor up with the scene, then renders
+frame 1 as multi-layer EXR three ways, each ``--repeat`` times:
 
 - whole: ``tiles=1``, one task on one actor while the others idle (the baseline);
 - whole x2: frames 1 and 2 whole, one per actor at once: the whole frame's render time
   when the other actors are busy too, as they are while a frame's tiles render (on
   this 2-vCPU machine two renders at once are each slower than one alone);
-- 2x2: four tiles over the actors, assembled, denoised and composited once;
+- the grid (``--grid``, 2x2; 4x4 with ``--4k``): tiles over the actors, joined,
+  denoised and composited once;
 - auto: ``tiles="auto"``: the farm picks the split from the frame and the pool.
 
 For each: the wall time from ``farm.submit()`` until the job is COMPLETED (the
@@ -22,17 +23,26 @@ the seam figures: the max abs
 difference of the tiled frame's combined pass from the whole frame's, over the
 frame, within 4 pixels of a tile border, and away from the borders.
 
+A tiled frame's own costs are shown apart, from its events: the join (``join s``:
+the assembler's copies of the tiles into the frame, and the frame handed to the
+worker that finishes it) and the finish (``finish s``: denoise, compositor, format
+and preview, on every core of the node), each with its share of the frame's work
+(tiles' render seconds + join + finish).
+
 Targets: tile overhead at 2x2 <= 1.10 (render seconds, finish included, against
 the whole frame rendered while the other actors work too); tiled wall time < whole
 wall time for K > 1 actors.
 
 ``--sweep`` also measures the fixed cost of a tile (``bench/tile_sweep.py``: the
-frame whole and as 4x4 and 16x16 tiles in one pinned process) and the work per
+frame whole and as 4x4 and 16x16 tiles, or ``--sweep-grids``, in one pinned process)
+and the work per
 tile at which that cost is ``MAX_TILE_COST_SHARE`` of the tile's render time, the
 bound ``tiles="auto"`` applies to the cost it measures per scene.
 
     python bench/tiles.py                             # make bench-tiles
     python bench/tiles.py --repeat 3 --sweep --json bench/results/tiles.json
+    python bench/tiles.py --4k                        # 3840x2160 in 4x4 tiles
+    python bench/tiles.py --width 64 --height 48 --samples 1 --sweep --sweep-grids 2x2
 
 Exit status: 0 when the measurement ran (the table says PASS or FAIL), 1 when
 something broke, 130 on Ctrl-C. Every process it starts is stopped before it exits.
@@ -73,6 +83,9 @@ SWEEP = Path(__file__).resolve().parent / "tile_sweep.py"
 JOB_TIMEOUT_S = 3600.0
 BAND = 4
 TARGET_OVERHEAD = 1.10
+#: The finish's steps, from its frame event: waiting for the finisher to start, the
+#: scene laid out and opened there, then the work.
+FINISH_STEPS = ("start_s", "inputs_s", "open_s", "denoise_s", "composite_s", "write_s")
 
 
 @dataclass
@@ -83,25 +96,19 @@ class Way:
     walls: list[float] = field(default_factory=list)
     render_s: list[float] = field(default_factory=list)  # summed task render seconds
     task_s: list[float] = field(default_factory=list)  # each task's render seconds
-    finish_s: list[float] = field(default_factory=list)
+    finish_s: list[float] = field(default_factory=list)  # finishing tiled frames
+    join_s: list[float] = field(default_factory=list)  # joining their tiles, handing over
+    finish_steps: list[dict[str, float]] = field(default_factory=list)  # the finish's steps
     grid: str = ""
     frame: Path | None = None
 
 
-def _events(farm: LocalFarm, job_id: str) -> list[dict[str, str]]:
-    import redis
-
-    match = re.search(r"redis (redis://\S+?)\)", farm.log.read_text())
-    if match is None:
-        raise BenchError(f"the farm did not print its Redis URL; see {farm.log}")
-    client = redis.Redis.from_url(match[1], decode_responses=True)
-    try:
-        return [f for _, f in client.xrange(f"rayfarm:job:{job_id}:events")]
-    finally:
-        client.close()
+def _events(job: rayfarm.Job) -> list[dict[str, Any]]:
+    """The finished job's events (its execution log), as the API gives them."""
+    return [e.model_dump(mode="json", by_alias=True) for e in job.events()]
 
 
-def _run(farm: LocalFarm, client: rayfarm.Farm, scene: Path, way: Way, out: Path) -> None:
+def _run(client: rayfarm.Farm, scene: Path, way: Way, out: Path) -> None:
     started = time.perf_counter()
     job = client.submit(scene, frames=way.frames, tiles=way.tiles, format="exr")
     status = job.wait(timeout=JOB_TIMEOUT_S)
@@ -109,12 +116,21 @@ def _run(farm: LocalFarm, client: rayfarm.Farm, scene: Path, way: Way, out: Path
     job.refresh()
     if status.state is not rayfarm.JobState.COMPLETED:
         raise BenchError(f"{way.name}: job {job.id} is {status.state}: {job.error}")
-    events = _events(farm, job.id)
+    events = _events(job)
     way.walls.append(wall)
-    tasks = [float(e["seconds"]) for e in events if e["kind"] == "task"]
+    tasks = [float(e["seconds"]) for e in events if e["kind"] == "task_done"]
+    if not tasks:
+        raise BenchError(f"{way.name}: job {job.id} has no task_done events")
     way.task_s.extend(tasks)
     way.render_s.append(sum(tasks))
-    way.finish_s.append(sum(float(e.get("finish_s", 0)) for e in events if e["kind"] == "frame"))
+    frames = [e for e in events if e["kind"] == "frame"]
+    # The finish call's seconds include handing the frame over: that is joining.
+    handoff = sum(float(e.get("handoff_s", 0)) for e in frames)
+    way.finish_s.append(sum(float(e.get("finish_s", 0)) for e in frames) - handoff)
+    way.join_s.append(sum(float(e.get("join_s", 0)) for e in frames) + handoff)
+    way.finish_steps.append(
+        {name: sum(float(e.get(name) or 0) for e in frames) for name in FINISH_STEPS}
+    )
     way.grid = job.tiles or "?"
     way.frame = job.download(out / way.name.replace(" ", "_") / str(len(way.walls)))[0]
 
@@ -134,9 +150,11 @@ def _band(w: int, h: int, grid: str) -> np.ndarray:
     return border_band(w, h, nx, ny, BAND)
 
 
-def _sweep(procs: Processes, scene: Path, out: Path, pixel_samples: int) -> list[dict[str, Any]]:
+def _sweep(
+    procs: Processes, scene: Path, out: Path, pixel_samples: int, grids: list[str]
+) -> list[dict[str, Any]]:
     log = out / "sweep.log"
-    procs.run([PYTHON, SWEEP, scene, "4x4", "16x16"], log)
+    procs.run([PYTHON, SWEEP, scene, *grids], log)
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     for row in rows:
         row["per_tile_s"] = (row["tiles_s"] - row["whole_s"]) / row["tiles"]
@@ -148,16 +166,31 @@ def _sweep(procs: Processes, scene: Path, out: Path, pixel_samples: int) -> list
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=960)
-    p.add_argument("--height", type=int, default=540)
+    p.add_argument("--width", type=int, help="frame width (960; 3840 with --4k)")
+    p.add_argument("--height", type=int, help="frame height (540; 2160 with --4k)")
     p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--grid", help="the tiled way's grid, NxM (2x2; 4x4 with --4k)")
+    p.add_argument("--4k", dest="uhd", action="store_true",
+                   help="a 4K frame (3840x2160) in 16 tiles (4x4)")  # fmt: skip
     p.add_argument("--heavy", action="store_true", help="the ~2.5M-triangle scene")
     p.add_argument("--actors", type=int, default=2, help="CPU render actors on the farm")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--sweep", action="store_true", help="also measure the per-tile cost")
+    p.add_argument("--sweep-grids", default="4x4,16x16",
+                   help="the grids --sweep renders, comma-separated (4x4,16x16)")  # fmt: skip
     p.add_argument("--out", type=Path, help="keep scenes, frames and logs here")
     p.add_argument("--json", type=Path, help="write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.width = args.width or (3840 if args.uhd else 960)
+    args.height = args.height or (2160 if args.uhd else 540)
+    args.grid = args.grid or ("4x4" if args.uhd else "2x2")
+    args.sweep_list = [g.strip() for g in args.sweep_grids.split(",") if g.strip()]
+    for grid in [args.grid, *args.sweep_list]:
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", grid):
+            p.error(f"{grid!r} is not a grid (NxM, e.g. 2x2)")
+    if min(args.width, args.height, args.samples, args.actors, args.repeat) < 1:
+        p.error("--width, --height, --samples, --actors and --repeat must be at least 1")
+    return args
 
 
 def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, Any]:
@@ -168,25 +201,28 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
     scene = make_scene(procs, out / "scene.blend", extra)
     result: dict[str, Any] = {"machine": machine(), "args": {**vars(args), "out": str(out)}}
     if args.sweep:
-        result["sweep"] = _sweep(procs, scene, out, args.width * args.height * args.samples)
+        pixel_samples = args.width * args.height * args.samples
+        result["sweep"] = _sweep(procs, scene, out, pixel_samples, args.sweep_list)
 
     farm = LocalFarm(procs, out / "farm", out / "farm.log")
     farm.env["RAYFARM_CPU_ACTORS"] = str(args.actors)
     ways = [
         Way("whole", 1),
         Way("whole x2", 1, frames=",".join(map(str, range(1, args.actors + 1)))),
-        Way("2x2", "2x2"),
+        Way(args.grid, args.grid),
         Way("auto", "auto"),
     ]
     try:
         client = farm.start()
-        # Warm-up: every actor imports bpy and opens the scene (one tile each, 1 sample).
-        warm = client.submit(scene, frames="2", tiles=f"{args.actors}x1", samples=1)
+        # Warm-up: every actor imports bpy and opens the scene (one tile each, 1 sample),
+        # and finishes a frame (a frame per actor: likely one finish on each).
+        frames = f"1-{args.actors}"
+        warm = client.submit(scene, frames=frames, tiles=f"{args.actors}x1", samples=1)
         if warm.wait(timeout=JOB_TIMEOUT_S).state is not rayfarm.JobState.COMPLETED:
             raise BenchError(f"the warm-up job failed: {warm.refresh().error}")
         for _ in range(args.repeat):
             for way in ways:
-                _run(farm, client, scene, way, out)
+                _run(client, scene, way, out)
     finally:
         farm.stop()
 
@@ -206,12 +242,18 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         error = np.abs(_combined(procs, way.frame, out / "exr.log") - reference).max(axis=2)
         band = _band(args.width, args.height, way.grid)
         render, finish = statistics.median(way.render_s), statistics.median(way.finish_s)
+        join = statistics.median(way.join_s)
+        work = render + join + finish
         rows.append({
             "way": way.name, "grid": way.grid, "wall_s": statistics.median(way.walls),
             "walls": way.walls, "speedup": base_wall / statistics.median(way.walls),
-            "render_s": render, "finish_s": finish,
-            "overhead": render / base_render, "overhead_finish": (render + finish) / base_render,
-            "overhead_busy": (render + finish) / busy_render,
+            "render_s": render, "join_s": join, "finish_s": finish,
+            "join_share": join / work, "finish_share": finish / work,
+            "finish_steps": {name: statistics.median(s[name] for s in way.finish_steps)
+                             for name in FINISH_STEPS},
+            "overhead": render / base_render,
+            "overhead_finish": (render + join + finish) / base_render,
+            "overhead_busy": (render + join + finish) / busy_render,
             "max_err": float(error.max()),
             "band_err": float(error[band].max()) if band.any() else None,
             "interior_err": float(error[~band].max()),
@@ -232,23 +274,31 @@ def report(result: dict[str, Any]) -> None:
     print(f"{m['nproc']} CPUs ({m['cpu_model']}), bpy {m['bpy']}, ray {m['ray']}\n")
     print(f"whole frame's render: {result['whole_render_s']:.2f} s alone, "
           f"{result['whole_render_busy_s']:.2f} s with every actor rendering\n")  # fmt: skip
-    head = ("way", "grid", "wall s", "speedup", "tiles render s", "finish s", "overhead",
-            "+finish", "+finish vs busy", "max err", "band err", "interior err")  # fmt: skip
+    head = ("way", "grid", "wall s", "speedup", "tiles render s", "join s", "join share",
+            "finish s", "finish share", "overhead", "+join+finish", "+join+finish vs busy",
+            "max err", "band err", "interior err")  # fmt: skip
     print(" | ".join(head))
     print(" | ".join("-" * len(h) for h in head))
     for r in result["ways"]:
         cells = (r["way"], r["grid"], f"{r['wall_s']:.2f}", f"{r['speedup']:.2f}x",
-                 f"{r['render_s']:.2f}", f"{r['finish_s']:.2f}", f"{r['overhead']:.3f}",
+                 f"{r['render_s']:.2f}", f"{r['join_s']:.3f}", f"{r['join_share']:.1%}",
+                 f"{r['finish_s']:.2f}", f"{r['finish_share']:.1%}", f"{r['overhead']:.3f}",
                  f"{r['overhead_finish']:.3f}", f"{r['overhead_busy']:.3f}",
                  _f(r["max_err"], ".1e"),
                  _f(r["band_err"], ".1e"), _f(r["interior_err"], ".1e"))  # fmt: skip
         print(" | ".join(cells))
-    two = next(r for r in result["ways"] if r["way"] == "2x2")
+    grid = a["grid"]
+    tiled = next(r for r in result["ways"] if r["way"] == grid)
     whole = next(r for r in result["ways"] if r["way"] == "whole")
-    ok = two["overhead_busy"] <= TARGET_OVERHEAD
-    print(f"\ntile overhead at 2x2 (finish included, vs the whole frame with every actor "
-          f"busy): {two['overhead_busy']:.3f} (target <= {TARGET_OVERHEAD}) "
-          f"{'PASS' if ok else 'FAIL'}; alone: {two['overhead_finish']:.3f}")  # fmt: skip
+    ok = tiled["overhead_busy"] <= TARGET_OVERHEAD
+    print(f"\ntile overhead at {grid} (join and finish included, vs the whole frame with "
+          f"every actor busy): {tiled['overhead_busy']:.3f} (target <= {TARGET_OVERHEAD}) "
+          f"{'PASS' if ok else 'FAIL'}; alone: {tiled['overhead_finish']:.3f}")  # fmt: skip
+    print(f"joining {grid} tiles: {tiled['join_s']:.3f} s ({tiled['join_share']:.1%} of the "
+          f"frame's work); finishing: {tiled['finish_s']:.2f} s "
+          f"({tiled['finish_share']:.1%}): "
+          + ", ".join(f"{name.removesuffix('_s')} {seconds:.2f}"
+                      for name, seconds in tiled["finish_steps"].items()))  # fmt: skip
     for r in result["ways"][1:]:
         faster = r["wall_s"] < whole["wall_s"]
         print(f"{r['way']} ({r['grid']}) first frame in {r['wall_s']:.2f} s vs whole "

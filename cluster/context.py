@@ -95,6 +95,8 @@ class AppContext:
     # async callable(Inputs, Blender version) -> catalogue dict, or None (no Ray here)
     inspect: Any = None
     stats: Any = None  # async callable() -> the dispatcher's stats, or None (no Ray here)
+    # Scene digest -> the task cataloguing it beside its first job's render (submit.py).
+    cataloguing: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store = JobStore.from_url(

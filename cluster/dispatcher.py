@@ -704,8 +704,8 @@ class Dispatcher:
         caller's failure path; the rest are recorded."""
         put = self.storage.put_bytes
 
-        def write() -> list[tuple[str, int] | Exception]:
-            outcomes: list[tuple[str, int] | Exception] = []
+        def write() -> list[tuple[str, int, float] | Exception]:
+            outcomes: list[tuple[str, int, float] | Exception] = []
             for task, meta, image in items:
                 key = keys.task_key(task.frame, task.tile)
                 if meta.log and not finishing:
@@ -716,15 +716,17 @@ class Dispatcher:
                         log.warning("job %s: could not store the log of %s", run.id, key,
                                     exc_info=True)  # fmt: skip
                 if image is None:
-                    outcomes.append(("", 0))
+                    outcomes.append(("", 0, 0.0))
                     continue
                 try:
+                    storing = time.perf_counter()
                     if meta.preview:
                         put(layout.thumbnail_key(run.id, task.frame), meta.preview)
                     put(layout.frame_key(run.id, task.frame, run.job.spec.extension), image)
                     for name, data in meta.files.items():
                         put(layout.file_output_key(run.id, task.frame, check_path(name)), data)
-                    outcomes.append((hashlib.sha256(image).hexdigest(), len(image)))
+                    digest = hashlib.sha256(image).hexdigest()
+                    outcomes.append((digest, len(image), time.perf_counter() - storing))
                 except Exception as exc:
                     outcomes.append(exc)
             return outcomes
@@ -738,20 +740,25 @@ class Dispatcher:
                 continue
             key = keys.task_key(task.frame, task.tile)
             done: dict[str, Any] = {}
+            # Where the actor's seconds went (open, render, write, ...; bench/overhead.py).
+            steps = {name: f"{seconds:.3f}" for name, seconds in meta.steps.items()}
             if not finishing:
                 done = {"frame": task.frame, "tile": task.tile, "attempt": run.tries.get(key, 1),
-                        **_where(slot), "worker": meta.worker}  # fmt: skip
+                        **_where(slot), "worker": meta.worker, **steps}  # fmt: skip
             stored: dict[str, Any] = {}
             if image is not None:
                 # Render seconds of the frame: its task, or its tiles and the finish step.
                 seconds = run.render_s.pop(task.frame, 0.0) + meta.seconds
-                sha256, size = outcome
+                sha256, size, store_s = outcome
                 stored = {
                     "object_key": layout.frame_key(run.id, task.frame, run.job.spec.extension),
                     "meta": {"sha256": sha256, "size": size, "render_s": round(seconds, 3),
                              "device": meta.device},
                     # A tiled frame's finish (denoise, compositor, format) is timed on its own.
-                    "frame_event": {"finish_s": f"{meta.seconds:.3f}"} if finishing else {},
+                    "frame_event": {
+                        **({"finish_s": f"{meta.seconds:.3f}", **steps} if finishing else {}),
+                        "store_s": f"{store_s:.3f}",
+                    },
                 }  # fmt: skip
             records.append(Finished(
                 task.frame, None if finishing else key, meta.seconds, done, **stored

@@ -42,6 +42,7 @@ BATCH = 500
 
 #: Event fields that are numbers (Redis streams hold strings).
 _INTS = frozenset({"frame", "tile", "actor", "attempt", "samples", "of", "tasks", "frames"})
+#: ... and so is every field named ``*_s`` (seconds: a task's steps, ``finish_s``, ...).
 _FLOATS = frozenset({"seconds", "finish_s", "remaining_s"})
 _BOOLS = frozenset({"retry"})
 
@@ -53,7 +54,7 @@ def decode(event_id: str, fields: dict[str, str]) -> dict[str, Any]:
     for name, value in fields.items():
         if name in _INTS:
             out[name] = int(value)
-        elif name in _FLOATS:
+        elif name in _FLOATS or name.endswith("_s"):
             out[name] = float(value)
         elif name in _BOOLS:
             out[name] = value == "True"

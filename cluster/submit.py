@@ -5,6 +5,12 @@ creation.
 
 Used by ``POST /jobs`` (JSON listing or multipart .blend) and by the gRPC
 ``SubmitJob``, so both answer the same input with the same error.
+
+A new scene is catalogued (opened with bpy by the farm's inspector) before its job is
+queued only when the spec names a scene or camera to check against it; otherwise the
+job is queued at once and the catalogue is made beside its first render (the render
+does not wait for a second Blender to open the file first). Either way the
+catalogue is made once per scene folder and says how long it took (``catalogue_s``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -244,6 +251,36 @@ async def catalogue(ctx: AppContext, inputs: Inputs, blender: str) -> dict[str, 
     info = await ctx.store.scene_info(inputs.digest)
     if info is not None or ctx.inspect is None:
         return info
+    beside = ctx.cataloguing.get(inputs.digest)
+    if beside is not None:  # being made beside a job's render: that one, not a second
+        info = await asyncio.shield(beside)
+        if info is not None:
+            return info
+    return await _make_catalogue(ctx, inputs, blender)
+
+
+def _catalogue_beside(ctx: AppContext, inputs: Inputs, blender: str) -> None:
+    """Make the scene's catalogue in the background (a job of it is queued already),
+    unless it is stored or being made. A failure is logged: the job reports its own."""
+    if ctx.inspect is None or inputs.digest in ctx.cataloguing:
+        return
+
+    async def make() -> dict[str, Any] | None:
+        try:
+            if await ctx.store.scene_info(inputs.digest) is not None:
+                return None
+            return await _make_catalogue(ctx, inputs, blender)
+        except Exception:
+            log.info("could not catalogue scene %s", inputs.digest, exc_info=True)
+            return None
+        finally:
+            ctx.cataloguing.pop(inputs.digest, None)
+
+    ctx.cataloguing[inputs.digest] = asyncio.get_running_loop().create_task(make())
+
+
+async def _make_catalogue(ctx: AppContext, inputs: Inputs, blender: str) -> dict[str, Any]:
+    started = time.perf_counter()
     try:
         info = await ctx.inspect(inputs, blender)
     except Exception as exc:
@@ -254,6 +291,7 @@ async def catalogue(ctx: AppContext, inputs: Inputs, blender: str) -> dict[str, 
             raise InvalidScene(str(cause.message), {"scene": inputs.main}) from None
         raise
     assert info is not None
+    info = {**info, "catalogue_s": round(time.perf_counter() - started, 3)}
     await ctx.store.set_scene_info(inputs.digest, info)
     return info
 
@@ -280,14 +318,16 @@ async def _create_job(
     ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str, header: BlendHeader
 ) -> Job:
     chosen = check_blender(ctx, spec, header)
-    try:
-        info = await catalogue(ctx, inputs, chosen.version)
-    except InvalidScene:
-        # bpy cannot open it: the job fails on the farm with the same message, so a
-        # scene that only the farm's Blender refuses is reported where jobs report.
-        info = None
-    if info is not None:
-        _check_names(spec, info)
+    names = spec.scene is not None or spec.camera is not None
+    if names:  # checked against the catalogue before the job exists
+        try:
+            info = await catalogue(ctx, inputs, chosen.version)
+        except InvalidScene:
+            # bpy cannot open it: the job fails on the farm with the same message, so a
+            # scene that only the farm's Blender refuses is reported where jobs report.
+            info = None
+        if info is not None:
+            _check_names(spec, info)
     job_id = uuid.uuid4().hex[:16]
     grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
     nx, ny = grid or (1, 1)
@@ -314,6 +354,8 @@ async def _create_job(
         await ctx.auth.audit(who=owner, action="scripts on", job=job_id, outcome=201,
                              detail=f"job {job_id} runs the Python in {inputs.main}")  # fmt: skip
     ctx.nudge()
+    if not names:
+        _catalogue_beside(ctx, inputs, chosen.version)
     return job
 
 

@@ -10,10 +10,13 @@ the task's log. Cycles' status lines come back as progress reports (``SampleProg
 
 A render actor keeps one worker at a time: the scene stays open in it between tasks
 of a job (and its BVH with ``use_persistent_data``), and a task of another Blender
-version replaces it. A worker that crashes, or that the farm stops (``interrupt``: a
-cancel, a hung render), fails its task alone; the actor, its GPU and its place in the
-pool stay, and the next task starts a fresh worker. A worker that ran a job's own
-Python (``scripts``) is replaced before another job's task.
+version replaces it. An actor pinned to a share of its node's cores finishes tiled
+frames (denoise, compositor) in a second worker, the finisher, that may use every
+core of the node (see ``finish`` and ``rayfarm.render.workers``). A worker that
+crashes, or that the farm stops (``interrupt``: a cancel, a hung render), fails its
+task alone; the actor, its GPU and its place in the pool stay, and the next task
+starts a fresh worker. A worker that ran a job's own Python (``scripts``) is replaced
+before another job's task. Each result says where its seconds went (``steps``).
 
 ``SceneInspector`` catalogues uploaded scenes with a worker of the file's own version.
 """
@@ -24,7 +27,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -35,7 +37,7 @@ from typing import Any
 import ray
 
 from rayfarm.errors import RenderError
-from rayfarm.render import environments
+from rayfarm.render.assembler import AssembledFrame
 from rayfarm.render.cache import BlobCache
 from rayfarm.render.inputs import Inputs, materialize
 from rayfarm.render.progress import SampleProgress
@@ -43,6 +45,7 @@ from rayfarm.render.supervisor import WorkerProcess
 from rayfarm.render.tasks import FATAL, BatchResult, RenderTask, TaskResult, TileRect, portable
 from rayfarm.render.worker.files import collect_files, take
 from rayfarm.render.worker.parts import Part, load_parts, save_parts
+from rayfarm.render.workers import Workers
 
 __all__ = ["CONTROL", "RenderActor", "SceneInspector"]
 
@@ -65,6 +68,8 @@ class RenderActor:
 
     #: Workers (Blender versions) kept running at once.
     KEEP_WORKERS = 1
+    #: Finishers (Blender versions) kept running at once.
+    KEEP_FINISHERS = 1
 
     def __init__(
         self,
@@ -89,31 +94,34 @@ class RenderActor:
         cores instead, so the host threads of several GPU actors on one node do not
         oversubscribe its CPU.
         """
+        node_cores = sorted(os.sched_getaffinity(0))  # before pinning: the node's
         slot, slots = _gpu_share() or (slot, slots)
         self.cores = _pin(slot, slots, threads)
         self.threads = threads or len(self.cores)
-        self.gpu_ids = list(ray.get_gpu_ids()) if ray.is_initialized() else []
         self.workdir = tempfile.mkdtemp(prefix="rayfarm-actor-")
+        self.workers = Workers(
+            self.workdir, self.threads, self.cores, node_cores,
+            list(ray.get_gpu_ids()) if ray.is_initialized() else [],
+            self.KEEP_WORKERS, self.KEEP_FINISHERS,
+        )  # fmt: skip
         self.progress = SampleProgress(reporter)
         self.cache = BlobCache()  # the node's copy of job inputs, shared by its actors
         self.scenes: OrderedDict[str, str] = OrderedDict()  # input digest -> folder, LRU
-        self.workers: OrderedDict[str, WorkerProcess] = OrderedDict()  # version -> worker, LRU
         self.tainted: str | None = None  # the job whose Python the worker ran
         self.tainted_version = ""  # ... in a worker of this Blender version
         self.last_log = ""
-        self.device = ""
-        self._warming: threading.Thread | None = None
         if blender:
-            self._warming = threading.Thread(
-                target=self._warm_up, args=(blender,), name="warm-up", daemon=True
-            )
-            self._warming.start()
+            self.workers.warm(blender)
+
+    @property
+    def device(self) -> str:
+        """What this actor renders on ("CPU", "GPU (OPTIX: ...)"), once a worker runs."""
+        return self.workers.device
 
     # -- info ------------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        self._warmed()
-        worker = next(reversed(self.workers.values()), None)
+        worker, finisher = self.workers.latest(), self.workers.latest("finish")
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -123,7 +131,11 @@ class RenderActor:
             "worker_pid": worker.pid if worker and worker.alive else None,
             "cores": self.cores,
             "threads": self.threads,
-        }
+            "node_cores": self.workers.node_cores,
+            "finisher": {"pid": finisher.pid, "cores": finisher.cores,
+                         "threads": finisher.threads, "blender": finisher.blender}
+            if finisher is not None and finisher.alive else None,
+        }  # fmt: skip
 
     def task_log(self) -> str:
         """Blender's output during the last task (its tail), kept for a failed one."""
@@ -134,12 +146,7 @@ class RenderActor:
         """Stop the render in progress now (a cancel, a hung render): its worker is
         stopped, and the call that waits on it fails with ``WorkerLost(reason)``. The
         actor stays; its next task starts a new worker. True if a worker was stopped."""
-        stopped = False
-        for worker in list(self.workers.values()):
-            if worker.alive:
-                worker.stop(reason)
-                stopped = True
-        return stopped
+        return self.workers.interrupt(reason)
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -153,7 +160,11 @@ class RenderActor:
         output during the task comes back in the result's ``log``.
         """
         started = time.perf_counter()
-        with self._running(task, inputs) as (worker, scene):
+        if not task.is_tiled:
+            self.workers.close_finishers()  # whole frames again: none to finish soon
+        with self._running(task, inputs) as (worker, scene, steps):
+            if task.is_tiled:
+                self.workers.warm(worker.version, "finish")  # up when the last tile lands
             stem = os.path.join(self.workdir, f"{task.job_id}_{task.frame}_{task.tile}")
             folder = os.path.join(self.workdir, "files", os.path.basename(stem))
             caches = os.path.join(self.workdir, "caches", task.job_id)
@@ -163,27 +174,32 @@ class RenderActor:
                 out, preview = f"{stem}.{task.format}", f"{stem}_preview.png"
                 value = worker.call("render", self.progress.update, out=out, preview=preview,
                                     **common)  # fmt: skip
+                collecting = time.perf_counter()
                 image, thumbnail = take(out), take(preview)
                 try:
                     files = collect_files(folder)
                 except ValueError as exc:
                     raise RenderError(str(exc), {FATAL: True}) from None
+                steps = _merged(steps, value.get("steps"), write_s=time.perf_counter() - collecting)
                 result = TaskResult(
                     task.frame, 0, self.device, time.perf_counter() - started,
                     preview=thumbnail, warnings=tuple(value["warnings"]), files=files,
+                    steps=steps,
                 )  # fmt: skip
                 payload: Any = image
             else:
                 parts_dir = f"{stem}_parts"
                 value = worker.call("tile", self.progress.update, parts_dir=parts_dir, **common)
+                collecting = time.perf_counter()
                 try:
                     payload = load_parts(parts_dir, value["parts"])
                 finally:
                     shutil.rmtree(parts_dir, ignore_errors=True)
+                steps = _merged(steps, value.get("steps"), write_s=time.perf_counter() - collecting)
                 result = TaskResult(
                     task.frame, task.tile, self.device, time.perf_counter() - started,
                     TileRect(*value["rect"]), tuple(value["size"]),
-                    warnings=tuple(value["warnings"]),
+                    warnings=tuple(value["warnings"]), steps=steps,
                 )  # fmt: skip
         return replace(result, log=self.last_log, worker=worker.pid), payload
 
@@ -203,33 +219,59 @@ class RenderActor:
         return batch
 
     def finish(
-        self, task: RenderTask, inputs: Inputs, parts: dict[str, Part]
+        self, task: RenderTask, inputs: Inputs, frame: AssembledFrame | dict[str, Part]
     ) -> tuple[TaskResult, bytes]:
         """Finish an assembled frame and write it in the job's format; call with
         ``num_returns=2``: denoising, the scene's compositor, colour management and
-        dither, once, on the whole frame (see the worker's ``Session.finish``)."""
+        dither, once, on the whole frame (see the worker's ``Session.finish``).
+
+        The frame is finished with every core of the node, not just this actor's
+        share: an actor pinned to fewer cores than its node has hands it to its
+        finisher, a worker of the same Blender whose process may use all of them, with
+        as many threads (the render worker cannot widen itself: Blender's thread pool
+        takes its size from the cores the process had when bpy loaded, and Cycles'
+        persistent session caps it at the render's threads; measured with bpy 5.0.1).
+        The finisher starts while the frame's tiles render, and goes when the actor
+        renders whole frames again. A job that runs its file's Python finishes in the
+        render worker that already ran it. ``steps`` gives ``join_s`` (the
+        assembler's copies of the tiles into the frame), ``handoff_s`` (the frame handed
+        to the worker), then the worker's ``open_s``, ``denoise_s``, ``composite_s`` and
+        ``write_s``.
+        """
         started = time.perf_counter()
-        with self._running(None, inputs, task) as (worker, scene):
+        if isinstance(frame, AssembledFrame):
+            parts, join_s = frame.parts, frame.join_s
+        else:
+            parts, join_s = frame, 0.0
+        with self._running(None, inputs, task, finishing=True) as (worker, scene, steps):
             stem = os.path.join(self.workdir, f"{task.job_id}_{task.frame}_finish")
             parts_dir = f"{stem}_parts"
             out, preview = f"{stem}.{task.format}", f"{stem}_preview.png"
             try:
+                handing = time.perf_counter()
                 listing = save_parts(parts, parts_dir)
-                worker.call("finish", task=_message(task), scene=scene, parts_dir=parts_dir,
-                            listing=listing, out=out, preview=preview)  # fmt: skip
+                handoff_s = time.perf_counter() - handing
+                value = worker.call("finish", task=_message(task), scene=scene,
+                                    parts_dir=parts_dir, listing=listing, out=out,
+                                    preview=preview)  # fmt: skip
             finally:
                 shutil.rmtree(parts_dir, ignore_errors=True)
+            collecting = time.perf_counter()
             image, thumbnail = take(out), take(preview)
+            steps = _merged(
+                {"join_s": join_s, "handoff_s": handoff_s, **steps}, (value or {}).get("steps"),
+                write_s=time.perf_counter() - collecting,
+            )  # fmt: skip
         seconds = time.perf_counter() - started
         result = TaskResult(task.frame, -1, self.device, seconds, preview=thumbnail,
-                            worker=worker.pid)  # fmt: skip
+                            worker=worker.pid, steps=steps)  # fmt: skip
         return result, image
 
     def inspect(self, task: RenderTask, inputs: Inputs) -> dict[str, Any]:
         """Open the task's scene (it stays open for the tasks that follow) and measure
         what the dispatcher needs to split its frames (``tiles="auto"``): the frame's
         size, its render time and the fixed cost of a tile (the worker's ``probe``)."""
-        with self._running(None, inputs, task) as (worker, scene):
+        with self._running(None, inputs, task) as (worker, scene, _):
             value: dict[str, Any] = worker.call("probe", task=_message(task), scene=scene)
         return value
 
@@ -237,68 +279,41 @@ class RenderActor:
 
     @contextmanager
     def _running(
-        self, reported: RenderTask | None, inputs: Inputs, task: RenderTask | None = None
-    ) -> Iterator[tuple[WorkerProcess, dict[str, Any]]]:
+        self,
+        reported: RenderTask | None,
+        inputs: Inputs,
+        task: RenderTask | None = None,
+        finishing: bool = False,
+    ) -> Iterator[tuple[WorkerProcess, dict[str, Any], dict[str, float]]]:
         """The worker for ``task`` (``reported``, whose samples are reported) with its
-        scene laid out; the worker's output during the block becomes ``last_log``."""
+        scene laid out, and the seconds that took (``start_s``, ``inputs_s``);
+        ``finishing``: the finisher where the actor has one (see ``finish``). The
+        worker's output during the block becomes ``last_log``."""
         task = task or reported
         assert task is not None
         self.last_log = ""  # a task that fails before its worker runs has no log of its own
         if self.tainted is not None and self.tainted != task.job_id:
             # The worker ran another job's Python: whatever it changed (handlers, modules)
             # must not touch this job.
-            self._close(self.workers.pop(self.tainted_version, None))
+            self.workers.drop(self.tainted_version)
             self.tainted = None
-        worker = self._worker(task.blender)
+        clock = time.perf_counter()
+        worker = self.workers.worker(task.blender)
         if task.scripts:
             self.tainted, self.tainted_version = task.job_id, worker.version
+        elif finishing and self.workers.narrow:
+            worker = self.workers.finisher(worker.version)
+        steps = {"start_s": time.perf_counter() - clock}
+        clock = time.perf_counter()
         scene = self._scene(task, inputs)
+        steps["inputs_s"] = time.perf_counter() - clock
         if reported is not None:
             self.progress.start(reported)
         try:
-            yield worker, scene
+            yield worker, scene, steps
         finally:
             self.progress.stop()
             self.last_log = worker.log(LOG_TAIL_BYTES)
-
-    def _worker(self, version: str | None) -> WorkerProcess:
-        """A running worker of Blender ``version`` (started, and its environment built,
-        if need be); the least recently used one goes when the actor keeps too many."""
-        self._warmed()
-        if version is None:  # a task of a farm that predates versions: the newest here
-            version = next(reversed(self.workers), None) or environments.DEFAULT_VERSIONS[0]
-        worker = self.workers.get(version)
-        if worker is not None and worker.alive:
-            self.workers.move_to_end(version)
-            return worker
-        self._close(self.workers.pop(version, None))
-        env = environments.install(version)
-        while len(self.workers) >= self.KEEP_WORKERS:
-            _, old = self.workers.popitem(last=False)
-            self._close(old)
-        worker = WorkerProcess(
-            version, str(env.python), self.workdir, self.threads, self.cores, self.gpu_ids
-        )
-        self.workers[version] = worker
-        self.device = worker.device
-        return worker
-
-    def _warm_up(self, version: str) -> None:
-        try:
-            self._worker(version)
-        except Exception:
-            pass  # the first task of that version tries again and reports why
-
-    def _warmed(self) -> None:
-        """Wait for the warm-up to end (it runs ``_worker`` itself, so it does not wait)."""
-        warming = self._warming
-        if warming is not None and warming is not threading.current_thread():
-            warming.join()
-            self._warming = None
-
-    def _close(self, worker: WorkerProcess | None) -> None:
-        if worker is not None:
-            worker.close()
 
     def _scene(self, task: RenderTask, inputs: Inputs) -> dict[str, Any]:
         """Lay the task's input folder out on local disk (each blob fetched once per
@@ -319,11 +334,9 @@ class RenderActor:
                 "allow_missing": task.allow_missing}  # fmt: skip
 
     def __del__(self) -> None:
-        for worker in list(getattr(self, "workers", {}).values()):
-            try:
-                worker.close()
-            except Exception:
-                pass
+        workers = getattr(self, "workers", None)
+        if workers is not None:
+            workers.close()
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
@@ -344,7 +357,7 @@ class SceneInspector(RenderActor):
             scene=None, camera=None, samples=None, resolution_percentage=None, format="png",
             color_depth=8, allow_missing=True, blender=blender,
         )  # fmt: skip
-        with self._running(None, inputs, task) as (worker, scene):
+        with self._running(None, inputs, task) as (worker, scene, _):
             value: dict[str, Any] = worker.call("catalogue", scene=scene)
         return {
             "id": inputs.digest,
@@ -353,6 +366,16 @@ class SceneInspector(RenderActor):
             **value,
             "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in inputs.files],
         }
+
+
+def _merged(
+    steps: dict[str, float], worker: dict[str, float] | None, **more: float
+) -> dict[str, float]:
+    """The actor's ``steps``, the worker's and ``more``, summed by name, to the ms."""
+    total = dict(steps)
+    for name, seconds in [*(worker or {}).items(), *more.items()]:
+        total[name] = total.get(name, 0.0) + float(seconds)
+    return {name: round(seconds, 3) for name, seconds in total.items()}
 
 
 def _message(task: RenderTask) -> dict[str, Any]:

@@ -78,18 +78,26 @@ class WorkerProcess:
         threads: int,
         cores: list[int],
         gpu_ids: list[Any],
+        role: str = "render",
     ) -> None:
         """Start the worker and wait for its hello. It renders with ``threads`` Cycles
         threads pinned to ``cores`` (its actor's share of the node), on the GPUs Ray
-        assigned its actor (``gpu_ids``; none: the CPU)."""
+        assigned its actor (``gpu_ids``; none: the CPU). ``role`` names a second worker
+        of the same version beside the actor's render worker (``"finish"``: the one
+        that finishes tiled frames on every core of the node), so their logs and
+        scratch folders stay apart."""
         self.version = version
-        self.log_path = os.path.join(workdir, f"blender-{version}.log")
+        self.role = role
+        self.cores = list(cores)
+        self.threads = threads
+        name = version if role == "render" else f"{version}-{role}"
+        self.log_path = os.path.join(workdir, f"blender-{name}.log")
         self.stopping: str | None = None  # why the actor stopped it (a cancel, a hang)
         self._lock = threading.Lock()  # one request at a time
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config = {"fd": theirs.fileno(), "parent": os.getpid(), "threads": threads,
                   "cores": cores, "gpu_ids": [str(g) for g in gpu_ids],
-                  "workdir": os.path.join(workdir, f"scratch-{version}")}  # fmt: skip
+                  "workdir": os.path.join(workdir, f"scratch-{name}")}  # fmt: skip
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
             self.process = subprocess.Popen(

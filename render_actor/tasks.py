@@ -57,6 +57,12 @@ class TaskResult:
     # (``<node>/<file>``), confined to the task's folder on the worker.
     files: dict[str, bytes] = field(default_factory=dict)
     worker: int = 0  # the pid of the Blender worker process that did it
+    # Where ``seconds`` went, by step (seconds): ``start_s`` (a worker started),
+    # ``inputs_s`` (the job's files laid out on the node), ``open_s`` (the scene
+    # opened), ``render_s``, ``write_s`` (the image, preview or passes written and read
+    # back); a finished tiled frame has ``join_s`` (its tiles copied into it),
+    # ``handoff_s`` (handed to the worker), ``denoise_s``, ``composite_s``.
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

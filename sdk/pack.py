@@ -8,6 +8,13 @@ outside the project (absolute paths, other drives, ``..`` above the project) go
 under ``_outside_project/`` instead of being dropped. Every packed file is then
 hashed (SHA-256), so the farm is sent only what it lacks.
 
+A scene whose files BAT would only copy unchanged is not copied: its files are hashed
+where they are, and a file hashed before in this process is not read again while its
+size, times and inode are unchanged (``sha256_file``), so re-submitting an unchanged
+scene from a notebook or the add-on costs a trace, not a read of every texture.
+A ``Pack`` says how long tracing, copying and hashing took (``trace_s``, ``copy_s``,
+``hash_s``).
+
 A dependency missing on this machine stops the submission before anything is
 uploaded (``MissingDependencies``, naming the files), unless the job says
 ``allow_missing=True``.
@@ -22,7 +29,9 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,6 +44,11 @@ __all__ = ["Pack", "PackedFile", "pack_scene", "sha256_file"]
 #: BAT's note about the pack (it holds the time it was made): not a render input.
 _BAT_INFO = "pack-info.txt"
 CHUNK_BYTES = 1 << 20
+#: Files whose hashes ``sha256_file`` remembers (the least recently used go first).
+HASH_CACHE_FILES = 10_000
+#: A file changed less than this long before it is hashed is not remembered: a second
+#: change within its timestamps' granularity would leave them as they were.
+RACY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,9 @@ class Pack:
     files: list[PackedFile]
     missing: list[str]
     folder: Path
+    trace_s: float = 0.0  # BAT following the scene's references
+    copy_s: float = 0.0  # BAT copying (and rewriting) files into the pack folder
+    hash_s: float = 0.0  # hashing the packed files
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -108,7 +125,9 @@ def _pack(
         # BAT logs each missing file as a warning; we report them ourselves.
         logging.getLogger("blender_asset_tracer").setLevel(logging.ERROR)
         with Packer(path, root, str(folder)) as packer:
+            started = time.perf_counter()
             packer.strategise()
+            trace_s = time.perf_counter() - started
             missing = sorted(str(p) for p in packer.missing_files)
             if missing and not allow_missing:
                 shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
@@ -118,16 +137,22 @@ def _pack(
                     {"missing": missing},
                 )
             main = PurePosixPath(Path(packer.output_path).relative_to(folder)).as_posix()
+            started = time.perf_counter()
             in_place = _as_they_are(packer, folder)
             if in_place is not None:
-                return Pack(main, in_place, missing, folder)
+                hash_s = time.perf_counter() - started
+                return Pack(main, in_place, missing, folder, trace_s, 0.0, hash_s)
+            started = time.perf_counter()
             packer.execute()
+            copy_s = time.perf_counter() - started
+        started = time.perf_counter()
         files = [
             _hashed(folder, p)
             for p in sorted(folder.rglob("*"))
             if p.is_file() and p.relative_to(folder).as_posix() != _BAT_INFO
         ]
-        return Pack(main, files, missing, folder)
+        hash_s = time.perf_counter() - started
+        return Pack(main, files, missing, folder, trace_s, copy_s, hash_s)
     except BlendFileError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         # BAT leaves the file it failed to parse open (its constructor raises after
@@ -179,6 +204,39 @@ def _as_they_are(packer: Any, folder: Path) -> list[PackedFile] | None:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes. A file this process hashed before is not read
+    again while it has the same size, modification and change times (ns), inode and
+    device: writing a file changes its change time, which no one can set back, so an
+    edited file is always read (and one edited within ``RACY_S`` of being hashed is
+    never remembered). A file changed between this hash and its upload is refused by
+    the farm's own hash check, never stored wrong."""
+    st = os.stat(path)
+    key = os.path.realpath(path)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    with _HASHES_LOCK:
+        known = _HASHES.get(key)
+        if known is not None and known[0] == stamp:
+            _HASHES.move_to_end(key)
+            return known[1]
+    digest = _digest(path)
+    if _now() - max(st.st_mtime, st.st_ctime) > RACY_S:
+        with _HASHES_LOCK:
+            _HASHES[key] = (stamp, digest)
+            while len(_HASHES) > HASH_CACHE_FILES:
+                _HASHES.popitem(last=False)
+    return digest
+
+
+#: Real path -> ((size, mtime ns, ctime ns, inode, device), sha256), LRU.
+_HASHES: OrderedDict[str, tuple[tuple[int, ...], str]] = OrderedDict()
+_HASHES_LOCK = threading.Lock()
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _digest(path: str | os.PathLike[str]) -> str:
     """The SHA-256 of a file's bytes, read in chunks."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
@@ -188,5 +246,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _hashed(folder: Path, path: Path) -> PackedFile:
+    # A copy in a pack folder of its own: read once, never worth remembering.
     rel = path.relative_to(folder).as_posix()
-    return PackedFile(rel, path, sha256_file(path), path.stat().st_size)
+    return PackedFile(rel, path, _digest(path), path.stat().st_size)

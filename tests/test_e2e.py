@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from rayfarm import InvalidScene, InvalidSpec, InvalidTransition, JobState
+from rayfarm.pack import pack_scene
+from rayfarm.render.inputs import InputFile, Inputs
 
 from conftest import (
     AUTH,
@@ -151,6 +153,23 @@ def test_the_catalogue_describes_an_uploaded_scene(farm, local_farm, small_scene
     assert httpx.get(f"{local_farm.url}/scenes/{info['id']}", headers=AUTH).json() == info
     r = httpx.get(f"{local_farm.url}/scenes/{'0' * 64}", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "scene_not_found"
+
+
+def test_a_new_scene_is_catalogued_beside_its_first_job(farm, local_farm, make_scene):
+    """A job naming no scene or camera is queued without waiting for a second Blender to
+    open the file; the catalogue is made beside its render, once: the one POST /scenes
+    gives is the same."""
+    scene = make_scene("--width", "41", "--height", "31", "--samples", "1", "--frames", "2")
+    completed(farm.submit(scene, frames="1"))
+    with pack_scene(scene) as packed:
+        files = tuple(InputFile(f.path, f.sha256, f.size) for f in packed.files)
+        digest = Inputs("", packed.main, files).digest
+    url = f"{local_farm.url}/scenes/{digest}"
+    _wait_for(lambda: httpx.get(url, headers=AUTH).status_code == 200)
+    info = httpx.get(url, headers=AUTH).json()
+    assert info["id"] == digest and info["active_scene"] == "Shot"
+    assert info["scenes"][0]["resolution"] == [41, 31, 100] and info["catalogue_s"] > 0
+    assert farm.inspect(scene) == info
 
 
 def _wait_for(predicate, timeout_s=WAIT_S):

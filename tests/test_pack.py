@@ -4,7 +4,10 @@ unchanged); anything that needs a path rewritten goes through BAT's own pack."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
+import time
 
 import pytest
 
@@ -66,3 +69,48 @@ def test_a_missing_texture_stops_either_way(tmp_path):
         pack_scene(scene)
     with pack_scene(scene, allow_missing=True) as pack:
         assert [f.path for f in pack.files] == ["shot.blend"] and len(pack.missing) == 1
+
+
+def test_an_unchanged_file_is_hashed_once_and_an_edited_one_again(tmp_path, monkeypatch):
+    """``sha256_file`` remembers a hash while the file's size, times and inode stay as
+    they were: an unchanged re-submit reads nothing. An edit that keeps the size and
+    puts the modification time back is still seen (its change time moved)."""
+    reads = []
+
+    def digest(path):
+        reads.append(path)
+        return real(path)
+
+    real = rayfarm.pack._digest
+    monkeypatch.setattr(rayfarm.pack, "_digest", digest)  # counts reads; hashes for real
+    # Hashed well after it was written (a file changed just before is never remembered).
+    monkeypatch.setattr(rayfarm.pack, "_now", lambda: time.time() + 10 * rayfarm.pack.RACY_S)
+    texture = tmp_path / "tex.png"
+    texture.write_bytes(b"a" * 4096)
+    first = texture.stat()
+    assert sha256_file(texture) == sha256_file(texture) == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert len(reads) == 1
+    while texture.stat().st_ctime_ns == first.st_ctime_ns:  # the clock moves on (a tick)
+        texture.write_bytes(b"b" * 4096)
+    os.utime(texture, ns=(first.st_atime_ns, first.st_mtime_ns))  # mtime and size as before
+    assert sha256_file(texture) == hashlib.sha256(b"b" * 4096).hexdigest()
+    assert len(reads) == 2
+    assert sha256_file(texture) == hashlib.sha256(b"b" * 4096).hexdigest()
+    assert len(reads) == 2
+
+
+def test_a_file_changed_just_before_it_is_hashed_is_not_remembered(tmp_path, monkeypatch):
+    reads = []
+    real = rayfarm.pack._digest
+    monkeypatch.setattr(rayfarm.pack, "_digest", lambda path: reads.append(path) or real(path))
+    texture = tmp_path / "tex.png"
+    texture.write_bytes(b"c" * 64)  # written now: within RACY_S of the hash
+    sha256_file(texture)
+    sha256_file(texture)
+    assert len(reads) == 2
+
+
+def test_a_pack_says_where_its_time_went(tmp_path):
+    scene = _scene(tmp_path / "project" / "shot.blend", "--texture")
+    with pack_scene(scene) as packed:
+        assert packed.trace_s > 0 and packed.hash_s > 0 and packed.copy_s == 0  # in place

@@ -79,10 +79,11 @@ def test_the_assembler_stitches_every_pass_in_any_order(w, h, nx, ny):
     assert counts == list(range(1, len(rects) + 1))
     assert asm.stats()["frames"] == 1
     done = asm.take("job", 7)
-    assert list(done) == list(passes)
+    assert list(done.parts) == list(passes)
+    assert done.join_s > 0
     for name, want in passes.items():
-        assert done[name].channels == channels[name]
-        assert np.array_equal(done[name].pixels, want), name
+        assert done.parts[name].channels == channels[name]
+        assert np.array_equal(done.parts[name].pixels, want), name
     assert asm.stats() == {"frames": 0, "bytes": 0}
 
 

@@ -26,8 +26,7 @@ def test_info_waits_for_the_workers_warm_up():
         assert info["device"] == "CPU" and info["blender"].startswith(f"{TEST_BLENDER}.")
         assert info["worker_pid"] and info["worker_pid"] != info["pid"]
     finally:
-        for worker in actor.workers.values():
-            worker.close()
+        actor.workers.close()
 
 
 def test_a_stopped_worker_says_why_and_the_next_task_gets_a_new_one():
@@ -35,13 +34,13 @@ def test_a_stopped_worker_says_why_and_the_next_task_gets_a_new_one():
     try:
         first = actor.info()["worker_pid"]
         assert actor.interrupt("the job was cancelled") is True
-        (worker,) = actor.workers.values()
+        worker = actor.workers.latest()
+        assert worker is not None
         with pytest.raises(WorkerLost, match="the job was cancelled"):
             worker.call("catalogue", scene={"key": "x", "path": "/nonexistent.blend"})
-        assert actor._worker(TEST_BLENDER).pid != first
+        assert actor.workers.worker(TEST_BLENDER).pid != first
     finally:
-        for worker in actor.workers.values():
-            worker.close()
+        actor.workers.close()
 
 
 def test_messages_are_framed_json_and_a_closed_peer_is_an_error():

@@ -83,16 +83,17 @@ def assign(target: Any, name: str, value: Any) -> None:
         setattr(target, name, value)
 
 
-def set_format(settings: Any, fmt: str, depth: int) -> None:
+def set_format(settings: Any, fmt: str, depth: int, codec: str = "ZIP") -> None:
     """``png``; ``exr`` (multi-layer: every pass of every view layer, one part each); or
-    ``exr1`` (single-layer RGBA, the composited image alone)."""
+    ``exr1`` (single-layer RGBA, the composited image alone). ``codec``: an EXR's
+    compression (``"NONE"`` for a scratch file read back at once; lossless either way)."""
     # 5.0: a scene may ask for video; we write images (multi-layer ones for exr).
     assign(settings, "media_type", "MULTI_LAYER_IMAGE" if fmt == "exr" else "IMAGE")
     if fmt == "png":
         assign(settings, "file_format", "PNG")
     else:
         assign(settings, "file_format", "OPEN_EXR_MULTILAYER" if fmt == "exr" else "OPEN_EXR")
-        assign(settings, "exr_codec", "ZIP")
+        assign(settings, "exr_codec", codec)
         assign(settings, "use_exr_interleave", False)  # one part per pass
     assign(settings, "color_depth", str(depth))
     if settings.color_mode not in ("RGB", "RGBA", "BW"):

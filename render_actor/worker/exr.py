@@ -76,10 +76,16 @@ def read_parts(path: str) -> dict[str, Part]:
 
 
 def write_parts(
-    path: str, parts: dict[str, Part], depth: int, attributes: dict[str, str] | None = None
+    path: str,
+    parts: dict[str, Part],
+    depth: int,
+    attributes: dict[str, str] | None = None,
+    compression: str = "zip",
 ) -> None:
-    """Write ``parts`` as a multi-part EXR (ZIP, ``depth`` 16 = half or 32 = float), as
+    """Write ``parts`` as a multi-part EXR (``depth`` 16 = half or 32 = float), as
     Blender writes a multi-layer file; ``attributes`` go into every part's header.
+    ``compression``: ZIP for files the farm keeps; ``"none"`` for a scratch file that
+    Blender reads back at once (lossless either way, and no time spent compressing).
 
     As Blender does, half depth applies to colour passes only (channels R, G, B, A):
     data passes (depth, normals, vectors: X, Y, Z, ...) stay float, where half would
@@ -94,7 +100,7 @@ def write_parts(
         spec = io.ImageSpec(width, height, nch, fmt)
         spec.channelnames = part.channels
         spec.attribute("name", name)
-        spec.attribute("compression", "zip")
+        spec.attribute("compression", compression)
         for key, value in (attributes or {}).items():
             spec.attribute(key, value)
         specs.append(spec)
@@ -123,6 +129,5 @@ def dump(src: str, dst: str) -> None:
     for i, part in enumerate(parts.values()):
         arrays[f"channels{i}"] = np.array(part.channels)
         arrays[f"pixels{i}"] = part.pixels
-    # Any: numpy 2's stubs read ``**arrays`` as possibly ``allow_pickle``.
-    save: Any = np.savez
+    save: Any = np.savez  # its stubs take any keyword for allow_pickle (a bool)
     save(dst, **arrays)

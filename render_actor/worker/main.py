@@ -137,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop(0) if args else ""
     if command == "serve":
         config = json.loads(args[0])
-        _watch_parent(int(config["parent"]))
         if config.get("cores"):
-            # Before bpy starts a thread: Cycles' threads inherit the actor's share of cores.
+            # Before any thread starts (bpy's, the watchdog): each inherits these cores,
+            # and Blender sizes its thread pool from them when it loads.
             os.sched_setaffinity(0, config["cores"])
+        _watch_parent(int(config["parent"]))
         # Cancel and the hang watch stop a render with SIGTERM: die at once, as by default
         # (in case anything imported on the way installed a handler).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
