@@ -18,7 +18,8 @@
   in the job's log.
 - Where to: http(s) only, never following redirects, and only to public addresses unless
   the host is one of ``webhook_allow_hosts`` (a name, an address or a network): a user's
-  URL must not turn the farm against its own private network.
+  URL must not turn the farm against its own private network. A name is resolved once
+  and the call goes to the address checked (DNS rebinding cannot redirect it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import socket
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -201,8 +202,13 @@ class Notifier:
             "X-Rayfarm-Event": delivery["event"], "X-Rayfarm-Delivery": delivery["id"],
         }  # fmt: skip
         try:
-            await self._check_address(delivery["url"])
-            response = await http.post(delivery["url"], content=body, headers=headers)
+            url, pinned = await self._pin(delivery["url"])
+            extensions = {}
+            if pinned is not None:  # connect to the address checked, not to a new answer
+                headers["Host"] = pinned
+                if url.startswith("https:"):
+                    extensions["sni_hostname"] = urlsplit(delivery["url"]).hostname
+            response = await http.post(url, content=body, headers=headers, extensions=extensions)
             outcome = f"HTTP {response.status_code}"
             ok = 200 <= response.status_code < 300
         except _Refused as exc:
@@ -235,29 +241,43 @@ class Notifier:
             attempt=attempt, outcome=outcome,
         )  # fmt: skip
 
-    async def _check_address(self, url: str) -> None:
-        """Refuse a host that is, or resolves to, a private, loopback, link-local or
-        otherwise non-public address, unless ``webhook_allow_hosts`` allows it."""
-        host = urlsplit(url).hostname or ""
-        if _allowed(host, self.settings.webhook_allow_hosts):
-            return
+    async def _pin(self, url: str) -> tuple[str, str | None]:
+        """The URL to call and, when its host is a name, the ``Host`` to send: a name is
+        resolved once, each of its addresses checked, and the call goes to the first of
+        them (IPv4 first), so a second DNS answer cannot send it elsewhere. A host that is,
+        or resolves to, a loopback, private, link-local or otherwise non-public address
+        is refused (``_Refused``) unless ``webhook_allow_hosts`` allows it; a name the
+        list names is called as it is."""
+        parts = urlsplit(url)
+        host, allowed = parts.hostname or "", self.settings.webhook_allow_hosts
         try:
             addresses = [ipaddress.ip_address(host)]
+            literal = True
         except ValueError:
+            if _allowed(host, allowed):
+                return url, None
             try:
                 found = await asyncio.get_running_loop().getaddrinfo(
-                    host, None, type=socket.SOCK_STREAM
+                    host, parts.port, type=socket.SOCK_STREAM
                 )
             except OSError as exc:
                 raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from None
-            addresses = [ipaddress.ip_address(info[4][0]) for info in found]
-        allowed = self.settings.webhook_allow_hosts
+            addresses = sorted({ipaddress.ip_address(info[4][0]) for info in found},
+                               key=lambda a: (a.version, str(a)))  # fmt: skip
+            literal = False
         for address in addresses:
             if not address.is_global and not _allowed(str(address), allowed):
                 raise _Refused(
                     f"{host} is a non-public address ({address}); the farm's admin may allow "
                     "it with RAYFARM_WEBHOOK_ALLOW_HOSTS"
                 )
+        if literal or not addresses:
+            return url, None
+        first = addresses[0]
+        netloc = f"[{first}]" if first.version == 6 else str(first)
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc)), parts.netloc
 
 
 class _Refused(Exception):

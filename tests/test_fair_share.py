@@ -45,7 +45,7 @@ def faults(tmp_path_factory) -> Path:
 def shared_farm(tmp_path_factory, farm_env, faults):
     env = {**farm_env, "RAYFARM_ACTOR_CLASS": NOOP, "RAYFARM_NOOP_TASK_S": str(TASK_S),
            "RAYFARM_CPU_ACTORS": str(ACTORS), "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": ACTORS}),
-           "RAYFARM_NOOP_FAULTS": str(faults), "RAYFARM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+           "RAYFARM_NOOP_FAULTS": str(faults), "RAYFARM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1,::1",
            "RAYFARM_WEBHOOK_BACKOFF_S": "0.5"}  # fmt: skip
     yield from run_farm(tmp_path_factory.mktemp("share-farm"), env)
 
@@ -263,8 +263,10 @@ def test_a_jobs_end_is_posted_signed_and_retried_after_a_500(shared_farm, artist
     base = f"http://127.0.0.1:{server.server_port}"
     try:
         dora = artist("dora", [])
-        secret = dora.set_webhook(f"{base}/mine")["secret"]
-        assert secret and dora.webhook() == {"url": f"{base}/mine", "secret": secret}
+        # A name: resolved, its addresses checked, the call sent to the address checked.
+        mine = f"http://localhost:{server.server_port}/mine"
+        secret = dora.set_webhook(mine)["secret"]
+        assert secret and dora.webhook() == {"url": mine, "secret": secret}
         job = completed(dora.submit(small_scene, frames="1-2", webhook=f"{base}/job?t=x"))
         deadline = time.monotonic() + 60
         while len(_Receiver.calls) < 4:  # each URL: the 500, then the retry
@@ -275,6 +277,8 @@ def test_a_jobs_end_is_posted_signed_and_retried_after_a_500(shared_farm, artist
         server.server_close()
     by_path: dict[str, list[dict]] = {}
     for path, headers, body in _Receiver.calls:
+        host = "localhost" if path == "/mine" else "127.0.0.1"
+        assert headers["Host"] == f"{host}:{server.server_port}"
         # The receiver's check: the HMAC-SHA256 of the raw body with the secret.
         want = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
         assert hmac.compare_digest(headers["X-Rayfarm-Signature"], want)
