@@ -140,28 +140,33 @@ class Plan:
 
 
 class Usage:
-    """The busy slots, counted by share: what fair share and quotas look at."""
+    """The busy slots, counted by share: what fair share and quotas look at. With
+    ``count`` False (one share at work and no quota: a round on the hot path of a farm
+    with one job), only which runs are served is kept, and every count reads 0."""
 
-    def __init__(self, slots: Iterable[Slot]) -> None:
+    def __init__(self, slots: Iterable[Slot], count: bool = True) -> None:
         self.projects: Counter[str] = Counter()
         self.users: Counter[tuple[str, str]] = Counter()  # (project, user)
         self.user_kinds: Counter[tuple[str, str]] = Counter()  # (user, kind)
         self.project_kinds: Counter[tuple[str, str]] = Counter()  # (project, kind)
         self.served: set[str] = set()  # runs with a slot working for them
+        self.count = count
         for slot in slots:
             if slot.busy:
                 if slot.run is not None:
                     self.served.add(slot.run)
-                if slot.user is not None:
+                if count and slot.user is not None:
                     self.add(slot.user, slot.project or "", slot.kind)
 
     def add(self, user: str, project: str, kind: str, run: str | None = None) -> None:
+        if run is not None:
+            self.served.add(run)
+        if not self.count:
+            return
         self.projects[project] += 1
         self.users[(project, user)] += 1
         self.user_kinds[(user, kind)] += 1
         self.project_kinds[(project, kind)] += 1
-        if run is not None:
-            self.served.add(run)
 
     def over_quota(
         self,
@@ -272,11 +277,11 @@ class Scheduler:
         live = [r for r in runs if not r.stopped and (r.pending or needs_probe(r))]
         if not idle or not live:
             return Plan([], {}, len(idle))
-        usage = Usage(slots)
-        everyone = frozenset(s.index for s in slots)
+        quotas = bool(policy.users or policy.projects)
+        usage = Usage(slots, quotas or len({(r.project, r.user) for r in live}) > 1)
         assignments = []
         while idle and live:
-            choice = self._choose(live, idle, slots, everyone, usage, policy)
+            choice = self._choose(live, idle, slots, usage, policy)
             if choice is None:
                 break
             run, task, slot = choice
@@ -291,9 +296,10 @@ class Scheduler:
             if not run.pending and not needs_probe(run):
                 live.remove(run)
         waiting: dict[str, str] = {}
-        if idle:
+        if idle and quotas:
             for run in live:
-                reasons = [usage.over_quota(run.user, run.project, s.kind, policy) for s in idle]
+                kinds = sorted({s.kind for s in idle})
+                reasons = [usage.over_quota(run.user, run.project, k, policy) for k in kinds]
                 if all(reasons):
                     waiting[run.id] = str(reasons[0])
         return Plan(assignments, waiting, len(idle))
@@ -303,7 +309,6 @@ class Scheduler:
         live: list[Run],
         idle: list[Slot],
         slots: Sequence[Slot],
-        everyone: frozenset[int],
         usage: Usage,
         policy: Policy,
     ) -> tuple[Run, RenderTask | None, Slot] | None:
@@ -316,16 +321,29 @@ class Scheduler:
                     usage.users[(project, user)], not needs_probe(run), run.score)  # fmt: skip
 
         switch: tuple[Run, RenderTask, list[Slot]] | None = None
-        for run in sorted(live, key=rank):
+        idle_kinds = {s.kind for s in idle}
+        quotas = bool(policy.users or policy.projects)
+        everyone: frozenset[int] | None = None  # every slot's index, once a run needs it
+        if len(live) == 1:
+            ranked = live
+        elif usage.count:
+            ranked = sorted(live, key=rank)
+        else:  # one share, no quota: urgency, the probe, then priority and age
+            ranked = sorted(live, key=lambda r: (not r.urgent, not needs_probe(r), r.score))
+        for run in ranked:
             if switch is not None and (run.urgent, run.priority) != (
                 switch[0].urgent,
                 switch[0].priority,
             ):
                 break
-            user, project = run.user, run.project
-            allowed = [s for s in idle if usage.over_quota(user, project, s.kind, policy) is None]
-            if not allowed:
+            # Quotas count slots by kind (a farm's are usually all of one): asked once a kind.
+            kinds = idle_kinds if not quotas else {
+                k for k in idle_kinds if usage.over_quota(run.user, run.project, k, policy) is None
+            }  # fmt: skip
+            if not kinds:
                 continue
+            allowed = idle if len(kinds) == len(idle_kinds) else [
+                s for s in idle if s.kind in kinds]  # fmt: skip
             if needs_probe(run):
                 same = [s for s in allowed if s.blender == run.blender]
                 return (
@@ -334,9 +352,11 @@ class Scheduler:
                     prefer(same, run.scene_hash) if same else self._to_switch(allowed, live),
                 )
             blocked = {s.index for s in slots if s.node in run.blocked} if run.blocked else set()
+            if (run.failed_on or blocked) and everyone is None:
+                everyone = frozenset(s.index for s in slots)
             for task in itertools.islice(run.pending, LOOKAHEAD):
                 fresh = allowed
-                if run.failed_on or blocked:
+                if everyone is not None and (run.failed_on or blocked):
                     avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set()) | blocked
                     if avoid and not avoid >= everyone:
                         fresh = [s for s in allowed if s.index not in avoid]
