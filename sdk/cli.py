@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from rayfarm import sharing
 from rayfarm.client import Farm
 from rayfarm.errors import FarmError, FarmUnavailable, Forbidden, ServerError, Unauthorized
 from rayfarm.events import format_event
@@ -145,38 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     tc.add_argument("--label", default="", help="what the token is for")
     sub.add_parser("whoami", help="the user the token belongs to")
 
-    wh = sub.add_parser("webhook", help="your jobs' webhook: a URL called when a job ends")
-    wh_sub = wh.add_subparsers(dest="webhook_command", required=True, metavar="ACTION")
-    wh_sub.add_parser("show", help="the URL and the secret that signs its calls")
-    whs = wh_sub.add_parser("set", help="call URL whenever a job of yours ends")
-    whs.add_argument("url")
-    whs.add_argument("--rotate", action="store_true", help="make a new signing secret")
-    wh_sub.add_parser("rm", help="no webhook for your jobs")
-
-    ad = sub.add_parser("admin", help="the farm's scheduling policy (admins)")
-    ad_sub = ad.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
-    sh = ad_sub.add_parser("share", help="projects' fair-share weights")
-    sh_sub = sh.add_subparsers(dest="share_command", required=True, metavar="ACTION")
-    shs = sh_sub.add_parser("set", help="weigh a project (default 1)")
-    shs.add_argument("project")
-    shs.add_argument("weight", type=float)
-    sh_sub.add_parser("list", help="the weighted projects")
-    shr = sh_sub.add_parser("rm", help="back to the default weight, 1")
-    shr.add_argument("project")
-    qu = ad_sub.add_parser("quota", help="the most slots a user's or project's jobs hold")
-    qu_sub = qu.add_subparsers(dest="quota_command", required=True, metavar="ACTION")
-    qus = qu_sub.add_parser("set", help="limit GPU and/or CPU slots")
-    qus.add_argument("scope", choices=["user", "project"])
-    qus.add_argument("name")
-    qus.add_argument("--gpu", type=int, help="most GPU slots at once")
-    qus.add_argument("--cpu", type=int, help="most CPU slots at once")
-    qu_sub.add_parser("list", help="every quota")
-    qur = qu_sub.add_parser("rm", help="remove a quota")
-    qur.add_argument("scope", choices=["user", "project"])
-    qur.add_argument("name")
-    ur = ad_sub.add_parser("urgent", help="mark a job urgent: it renders before all else")
-    ur.add_argument("job_id")
-    ur.add_argument("--off", action="store_true", help="no longer urgent")
+    sharing.add_commands(sub)
 
     bl = sub.add_parser("blender", help="this machine's Blender environments (a render node's)")
     bl_sub = bl.add_subparsers(dest="blender_command", required=True, metavar="ACTION")
@@ -275,10 +245,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"token for {args.user} (shown once; the farm keeps only its hash):", file=sys.stderr)
         print(token)
         return EXIT_OK
-    if args.command == "webhook":
-        return _webhook(farm, args)
-    if args.command == "admin":
-        return _admin(farm, args)
+    if args.command in ("webhook", "admin"):
+        return sharing.run(farm, args)
     if args.command == "whoami":
         who = farm.whoami()
         print(f"{who['user']} ({who['role']}) projects: {', '.join(who['projects']) or '-'}")
@@ -333,46 +301,6 @@ def _run(args: argparse.Namespace) -> int:
             return _outcome(status.state)
     _print(status, args.json)
     return _outcome(status.state)
-
-
-def _webhook(farm: Farm, args: argparse.Namespace) -> int:
-    if args.webhook_command == "set":
-        found = farm.set_webhook(args.url, rotate=args.rotate)
-    elif args.webhook_command == "rm":
-        found = farm.set_webhook(None)
-    else:
-        found = farm.webhook()
-    print(f"url: {found['url'] or '-'}")
-    print(f"secret: {found['secret'] or '-'}  (verify X-Rayfarm-Signature with it)")
-    return EXIT_OK
-
-
-def _admin(farm: Farm, args: argparse.Namespace) -> int:
-    """``rayfarm admin share|quota|urgent``."""
-    if args.admin_command == "urgent":
-        job = farm.mark_urgent(args.job_id, not args.off)
-        print(f"{job.id}  {'urgent' if job.urgent else 'not urgent'}  {job.state}")
-        return EXIT_OK
-    if args.admin_command == "share":
-        if args.share_command == "set":
-            farm.set_share(args.project, args.weight)
-        elif args.share_command == "rm":
-            farm.set_share(args.project, None)
-        for project, weight in sorted(farm.shares().items()):
-            print(f"{project}  {weight:g}")
-        return EXIT_OK
-    if args.quota_command == "set":
-        if args.gpu is None and args.cpu is None:
-            print("rayfarm: give --gpu, --cpu or both", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        farm.set_quota(args.scope, args.name, gpu=args.gpu, cpu=args.cpu)
-    elif args.quota_command == "rm":
-        farm.set_quota(args.scope, args.name)
-    for scope, quotas in sorted(farm.quotas().items()):
-        for name, limits in sorted(quotas.items()):
-            gpu, cpu = (limits[k] if limits[k] is not None else "-" for k in ("gpu", "cpu"))
-            print(f"{scope} {name}  gpu {gpu}  cpu {cpu}")
-    return EXIT_OK
 
 
 def _rm(farm: Farm, args: argparse.Namespace) -> int:
