@@ -166,7 +166,8 @@ def test_render_on_farm_matches_a_direct_render(blender_home, local_farm, make_s
     assert got["submitted"], got["log"]
     assert got["state"] == "COMPLETED", got["log"]
     # The add-on announced the end of the job it submitted, once, as a Blender report.
-    ends = [(level, text) for level, text in got["log"] if f"job {got['job_id']} (" in text]
+    ends = [(level, text) for level, text in got["log"]
+            if text.startswith(f"rayfarm: job {got['job_id']} (")]  # fmt: skip
     assert len(ends) == 1 and ends[0][0] == "INFO", got["log"]
     assert ends[0][1].endswith(") completed: 2/2 frame(s)"), ends
     assert got["progress"] == [2, 2]

@@ -731,7 +731,7 @@
       const after = job.spec.depends_on || [];
       $("job-after-fact").hidden = after.length === 0;
       $("job-after").replaceChildren(...after.flatMap((dep, i) => [
-        ...(i ? [", "] : []), el("a", { href: `#/jobs/${dep}`, text: dep })]));
+        ...(i ? [", "] : []), el("a", { href: `#/jobs/${encodeURIComponent(dep)}`, text: dep })]));
       const waits = job.detail ? `Waiting: ${job.detail}` : "";
       $("job-detail").hidden = !(waits || job.urgent);
       $("job-detail").textContent = [job.urgent ? "Urgent (marked by an admin)." : "", waits]
