@@ -73,11 +73,14 @@ def _baseline(n_tasks: int) -> float:
     """Tasks/s of the no-op actors driven directly (one call in flight per actor)."""
     import ray
 
+    from rayfarm.render.actor import CONTROL
     from rayfarm.render.noop import NoopActor
     from rayfarm.render.tasks import RenderTask
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = [ray.remote(NoopActor).options(num_gpus=1, num_cpus=0).remote() for _ in range(gpus)]
+    # As the farm's pool makes them: ``interrupt`` has a concurrency group of its own.
+    remote = ray.remote(concurrency_groups={CONTROL: 1})(NoopActor)  # type: ignore[call-overload]
+    actors = [remote.options(num_gpus=1, num_cpus=0).remote() for _ in range(gpus)]
     ray.get([a.info.remote() for a in actors])
     task = RenderTask("b" * 16, "h", 1, 0, (1, 1), None, None, None, None, "png", 8)
     started = time.perf_counter()

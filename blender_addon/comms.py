@@ -104,6 +104,9 @@ class FarmClient:
         jobs: list[dict[str, Any]] = self.call("GET", f"/jobs?limit={limit}")["jobs"]
         return jobs
 
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/jobs/{_quote(job_id)}")
+
     def action(self, job_id: str, action: str) -> dict[str, Any]:
         """``cancel`` or ``retry`` a job; returns the job."""
         return self.call("POST", f"/jobs/{_quote(job_id)}/{action}")

@@ -40,6 +40,9 @@ class Session:
         self.log: deque[tuple[str, str]] = deque(maxlen=20)
         self.loaded: list[str] = []  # names of images loaded from downloaded frames
         self.watcher: work.Watcher | None = None
+        # Jobs submitted from this Blender, by id, with their last known state: each one's
+        # end (completed, failed, cancelled) is announced once, as a Blender report.
+        self.submitted: dict[str, str] = {}
 
     def client(self) -> FarmClient:
         prefs = preferences()
@@ -114,12 +117,16 @@ def _apply(m: work.Message) -> None:
         _merge_jobs([job])
         if "action" in data:
             report("INFO", f"rayfarm: job {job['id']} {data['action']}: now {job['state']}")
+            _announce_ends([job])
         else:
             report(
                 "INFO",
                 f"rayfarm: submitted job {job['id']} ({job['frames_total']} frame(s)); sent "
                 f"{data['files_sent']} of {data['files']} file(s), {data['bytes_sent']} bytes",
             )
+            s.submitted[job["id"]] = job["state"]
+            if s.watcher is not None:
+                s.watcher.track(job["id"])
         if s.watcher is not None:
             s.watcher.has_active = True
             s.watcher.refresh()
@@ -130,6 +137,7 @@ def _apply(m: work.Message) -> None:
             s.jobs_error = ""
             s.jobs = data["jobs"]
             _sync_list()
+            _announce_ends(data["jobs"])
     elif m.kind == "frames":
         show_frames(data["job_id"], [Path(p) for p in data["paths"]])
     elif m.kind == "done":
@@ -137,6 +145,27 @@ def _apply(m: work.Message) -> None:
             s.upload, s.stage, s.fraction = None, "", 0.0
         if m.task is s.download:
             s.download, s.stage, s.fraction = None, "", 0.0
+
+
+def _announce_ends(jobs: list[dict[str, Any]]) -> None:
+    """A Blender report for each job submitted from here that has just ended: INFO when
+    it completed, WARNING when it failed (with why) or was cancelled."""
+    for job in jobs:
+        before = SESSION.submitted.get(job["id"])
+        state = job.get("state", "")
+        if before is None or before == state:
+            continue
+        SESSION.submitted[job["id"]] = state
+        if before not in work.ACTIVE_STATES or state in work.ACTIVE_STATES:
+            continue  # not an end (a retry starts it again: its next end is announced)
+        name = job.get("scene_file") or job["id"]
+        frames = f"{job.get('frames_done', 0)}/{job.get('frames_total', 0)} frame(s)"
+        if state == "COMPLETED":
+            report("INFO", f"rayfarm: job {job['id']} ({name}) completed: {frames}")
+        elif state == "FAILED":
+            report("WARNING", f"rayfarm: job {job['id']} ({name}) failed: {job.get('error')}")
+        else:
+            report("WARNING", f"rayfarm: job {job['id']} ({name}) {state.lower()}: {frames}")
 
 
 def describe_health(

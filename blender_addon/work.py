@@ -198,6 +198,15 @@ class Watcher(threading.Thread):
         self.stopped = threading.Event()
         self.watch_until = 0.0
         self.has_active = False
+        # Jobs submitted from this Blender that have not ended: followed (fetched one by
+        # one when the recent list no longer holds them) until they end, however many
+        # jobs others submit meanwhile, so their end is always announced.
+        self.tracked: set[str] = set()
+
+    def track(self, job_id: str) -> None:
+        """Follow ``job_id`` until it ends (called from the main thread)."""
+        self.tracked.add(job_id)
+        self.refresh()
 
     def watch(self) -> None:
         """Someone is looking at the list (cheap: no network; the thread fetches)."""
@@ -216,8 +225,14 @@ class Watcher(threading.Thread):
             url, token = self.config
             if url and (self.has_active or time.monotonic() < self.watch_until):
                 try:
-                    jobs = FarmClient(url, token).jobs(self.limit)
-                    self.has_active = any(j.get("state") in ACTIVE_STATES for j in jobs)
+                    client = FarmClient(url, token)
+                    jobs = client.jobs(self.limit)
+                    jobs += self._tracked_beyond(client, {j["id"] for j in jobs})
+                    for job in jobs:
+                        if job.get("state") not in ACTIVE_STATES:
+                            self.tracked.discard(job["id"])
+                    active = any(j.get("state") in ACTIVE_STATES for j in jobs)
+                    self.has_active = active or bool(self.tracked)
                     self.outbox.put(Message(self, "jobs", {"jobs": jobs, "url": url}))
                 except FarmError as exc:
                     self.outbox.put(Message(self, "jobs", {"error": str(exc), "url": url}))
@@ -225,3 +240,15 @@ class Watcher(threading.Thread):
                     self.outbox.put(Message(self, "jobs", {"error": repr(exc), "url": url}))
             self.wake.wait(POLL_S)
             self.wake.clear()
+
+    def _tracked_beyond(self, client: FarmClient, listed: set[str]) -> list[dict[str, Any]]:
+        """Tracked jobs the recent list left out, fetched one by one (a job gone from the
+        farm is no longer followed)."""
+        found = []
+        for job_id in sorted(self.tracked - listed):
+            try:
+                found.append(client.job(job_id))
+            except FarmError as exc:
+                if exc.status == 404:
+                    self.tracked.discard(job_id)
+        return found

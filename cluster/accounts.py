@@ -1,12 +1,14 @@
-"""Accounts over HTTP: who am I, users, tokens, the audit log, and the middleware that
-audits every state-changing request.
+"""Accounts over HTTP: who am I, users, tokens, webhooks, the audit log, and the
+middleware that audits every state-changing request.
 
-``POST /tokens`` (admin) creates a token for a user, creating or updating the user
-when a role is given (``rayfarm token create --user NAME --role ROLE``); ``GET /users``
-and ``GET /audit`` are for admins; ``GET /whoami`` tells any signed-in user its name,
-role and projects. ``CrossSiteGuard`` refuses state changes a browser sends on another
-site's behalf; ``LocalHostGuard`` refuses, on a farm without accounts, requests a
-browser was tricked into sending by DNS rebinding.
+``GET``/``PUT``/``DELETE /webhook``: the signed-in user's job-end webhook and its signing
+secret (``rayfarm.cluster.notifier`` calls it). ``POST /tokens`` (admin) creates a token
+for a user, creating or updating the user when a role is given (``rayfarm token create
+--user NAME --role ROLE``); ``GET /users`` and ``GET /audit`` are for admins; ``GET
+/whoami`` tells any signed-in user its name, role and projects. ``CrossSiteGuard``
+refuses state changes a browser sends on another site's behalf; ``LocalHostGuard``
+refuses, on a farm without accounts, requests a browser was tricked into sending by DNS
+rebinding.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from rayfarm.cluster.context import (
     Admin,
     AppContext,
     Ctx,
+    Submitter,
     Who,
     process_context,
     read_json,
     scope_address,
 )
+from rayfarm.cluster.notifier import WebhookStore
 from rayfarm.errors import Forbidden, InvalidRequest
+from rayfarm.models import check_webhook_url
 
 __all__ = ["AuditMiddleware", "CrossSiteGuard", "LocalHostGuard", "is_loopback_host", "router"]
 
@@ -101,6 +106,49 @@ async def audit_log(
     """The audit log, newest first (admins only): every state-changing request and every
     failed sign-in, with who, role, action, job, from (address), outcome (HTTP status)."""
     return {"records": await ctx.auth.audit_log(user, action, job, since, limit)}
+
+
+# -- webhooks ----------------------------------------------------------------------------------
+
+
+@router.get("/webhook")
+async def get_webhook(ctx: Ctx, who: Submitter) -> dict[str, str | None]:
+    """Your webhook: ``url`` (None: none) and the ``secret`` that signs every call to it
+    and to your jobs' own webhooks."""
+    return await WebhookStore(ctx.store.redis).get(who.name)
+
+
+@router.put(
+    "/webhook",
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+        "type": "object", "required": ["url"],
+        "properties": {"url": {"type": "string"}, "rotate": {"type": "boolean"}},
+    }}}}},
+)  # fmt: skip
+async def put_webhook(request: Request, ctx: Ctx, who: Submitter) -> dict[str, str | None]:
+    """Call ``url`` when any job of yours ends: ``{"url": "https://...", "rotate": false}``
+    (``rotate``: a new signing secret). Answers the URL and the secret."""
+    data = await read_json(request, "webhook")
+    if not isinstance(data, dict) or "url" not in data or not set(data) <= {"url", "rotate"}:
+        raise InvalidRequest('the body is {"url": "https://...", "rotate": false}')
+    rotate = data.get("rotate", False)
+    if not isinstance(rotate, bool):
+        raise InvalidRequest("rotate must be true or false", {"field": "rotate"})
+    try:
+        url = check_webhook_url(data["url"])
+    except ValueError as exc:
+        raise InvalidRequest(f"url: {exc}", {"field": "url"}) from None
+    return await WebhookStore(ctx.store.redis).put(who.name, url, rotate)
+
+
+@router.delete("/webhook")
+async def delete_webhook(ctx: Ctx, who: Submitter) -> dict[str, str | None]:
+    """No webhook for your jobs (the secret stays: jobs' own webhooks use it)."""
+    store = WebhookStore(ctx.store.redis)
+    found = await store.get(who.name)
+    if found["secret"] is None:
+        return found
+    return await store.put(who.name, None)
 
 
 class _OnWrites:

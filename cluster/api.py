@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
-from rayfarm.cluster import accounts, faults, observe, web
+from rayfarm.cluster import accounts, faults, observe, scheduling, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard, LocalHostGuard
 from rayfarm.cluster.auth import Principal
@@ -577,10 +577,16 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = getattr(app.state, "ctx", None) or process_context()
         # Every replica runs the housekeeping loop; one sweeps at a time (a Redis lock).
-        sweeping = asyncio.create_task(ctx.sweeper.run()) if ctx is not None else None
+        # Every replica sends job-end webhooks; each end goes to one (a consumer group).
+        loops = []
+        if ctx is not None:
+            loops = [
+                asyncio.create_task(ctx.sweeper.run()),
+                asyncio.create_task(ctx.notifier.run()),
+            ]
         yield
-        if sweeping is not None:
-            sweeping.cancel()
+        for loop in loops:
+            loop.cancel()
         ctx = getattr(app.state, "ctx", None) or process_context()
         if ctx is not None:
             await ctx.store.close()
@@ -597,6 +603,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     app.include_router(scenes)
     app.include_router(observe.router)
     app.include_router(accounts.router)
+    app.include_router(scheduling.router)
     web.install(app)  # the web page at /, its files under /ui
     app.add_middleware(CrossSiteGuard)
     app.add_middleware(AuditMiddleware)  # it records what the cross-site guard refuses too

@@ -21,6 +21,7 @@ from rayfarm.cluster.auth import ADMIN, AuthStore, Principal
 from rayfarm.cluster.deletion import Remover
 from rayfarm.cluster.events import EventHub
 from rayfarm.cluster.limits import Limits
+from rayfarm.cluster.notifier import Notifier
 from rayfarm.cluster.settings import MAX_JSON_DEPTH, Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore
@@ -91,6 +92,7 @@ class AppContext:
     remover: Remover = field(init=False)
     sweeper: Sweeper = field(init=False)
     streams: StreamLeases = field(init=False)
+    notifier: Notifier = field(init=False)
     notify: Any = None  # callable() or None: wakes the dispatcher
     # async callable(Inputs, Blender version) -> catalogue dict, or None (no Ray here)
     inspect: Any = None
@@ -109,6 +111,7 @@ class AppContext:
         self.remover = Remover(self.store, self.storage)
         self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
         self.streams = StreamLeases(self.store.redis, self.settings.max_streams_per_user)
+        self.notifier = Notifier(self.store, self.settings)
         self._owners: dict[str, tuple[str, str | None]] = {}
         self._indexed = False
 

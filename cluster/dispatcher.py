@@ -1,12 +1,15 @@
 """The dispatcher: a named, detached, async Ray actor that turns queued jobs into
 (frame, tile) tasks and hands them to a pool of RenderActors.
 
-- Jobs are admitted from Redis's queue (priority, then submission time) when
-  there is spare capacity, or when they outrank the work already waiting.
-- Tasks go to an idle actor, preferring one that already runs the job's Blender version
-  (``_next_assignment``) and holds its scene. Each job renders with the Blender version
-  chosen when it was submitted (``rayfarm.versions``); an actor runs one version at a
-  time in its worker process and switches when a task of another version comes.
+- Which queued job starts and which task goes to which idle actor is the scheduler's
+  policy (``rayfarm.cluster.scheduler``: fair share between projects and users, quotas,
+  dependencies, urgent jobs, Blender versions, scene affinity, failed-on avoidance);
+  this actor does the I/O around its decisions: it reads the queue, the jobs'
+  dependencies and the admins' policy (``rayfarm.cluster.policy``) from Redis, starts
+  the jobs and the tasks it chose, and says why a job waits (a ``waiting`` event and
+  the job's ``detail``). Each job renders with the Blender version chosen when it was
+  submitted (``rayfarm.versions``); an actor runs one version at a time in its worker
+  process and switches when a task of another version comes.
 - Short whole-frame tasks go in batches (``Run.batch_size``): once a job's frames are
   measured short (well under a second), an actor gets several per call, so a farm of
   quick frames is not bound by one actor call, Redis round trip and storage hop per
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import logging
 import time
@@ -53,21 +55,23 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
+from rayfarm.cluster.policy import PolicyStore
 from rayfarm.cluster.pool import Pool, actor_died
 from rayfarm.cluster.post import encode_video
 from rayfarm.cluster.runs import Run, Slot, expand
+from rayfarm.cluster.scheduler import Plan, Policy, Queued, Scheduler
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import (
     NOT_PROCESSING,
     Finished,
     JobStore,
+    is_urgent_score,
     now_iso,
-    outranks,
     queue_score,
 )
 from rayfarm.errors import BlenderNotOffered, FarmError, InvalidTransition, RenderError
-from rayfarm.models import JobState, grid_of
+from rayfarm.models import JobSpec, JobState, grid_of
 from rayfarm.render.assembler import TileAssembler
 from rayfarm.render.inputs import Inputs, check_path
 from rayfarm.render.tasks import FATAL, BatchResult, RenderTask, TaskResult
@@ -78,10 +82,12 @@ __all__ = ["Dispatcher", "get_dispatcher", "start_dispatcher"]
 log = logging.getLogger("rayfarm.dispatcher")
 
 POLL_INTERVAL_S = 1.0
-#: Queued jobs looked at per admission round.
-ADMIT_BATCH = 20
-#: Pending tasks of a run considered when its first ones wait for another actor.
-SCHEDULE_LOOKAHEAD = 64
+#: Queued jobs looked at per admission round (jobs blocked by a dependency or a quota
+#: stay queued: those behind them are looked at too).
+QUEUE_SCAN = 200
+#: How long what the dispatcher read of a queued job (owner, project, dependencies) is
+#: trusted before it is read again (a change through the API also says so: ``notify``).
+QUEUED_TTL_S = 5.0
 #: How long an actor told to stop its render (``interrupt``) has before it is killed.
 INTERRUPT_GRACE_S = 10.0
 
@@ -94,7 +100,15 @@ class Dispatcher:
         self.store = JobStore.from_url(self.settings.redis_url)
         self.storage = Storage(self.settings.storage)
         self.pool = Pool(self.settings)
+        self.scheduler = Scheduler()
+        self.policies = PolicyStore(self.store.redis)
+        self.policy = Policy()
         self.runs: dict[str, Run] = {}
+        # Queued jobs as admission sees them (read once per QUEUED_TTL_S), and the reason
+        # each waiting job was last said to wait (job id -> reason).
+        self._queued: dict[str, Queued] = {}
+        self._queued_at = 0.0
+        self._waiting: dict[str, str] = {}
         self.assembler: Any = None
         self.inspector: Any = None
         self._wake: asyncio.Event | None = None
@@ -122,6 +136,7 @@ class Dispatcher:
         self._ensure_running()
         assert self._wake is not None
         self._full_round = True
+        self._queued.clear()  # a job's dependencies may have changed
         self._wake.set()
 
     async def inspect(self, inputs: Inputs, blender: str) -> dict[str, Any]:
@@ -166,7 +181,16 @@ class Dispatcher:
         self._ensure_running()
         return {
             "actors": [
-                {"index": s.index, "busy": s.busy, "blender": s.blender, **_where(s)}
+                {
+                    "index": s.index,
+                    "busy": s.busy,
+                    "blender": s.blender,
+                    "kind": s.kind,
+                    "user": s.user,
+                    "project": s.project,
+                    "job": s.run,
+                    **_where(s),
+                }
                 for s in self.slots
             ],
             "pending": sum(len(r.pending) for r in self.runs.values()),
@@ -211,6 +235,7 @@ class Dispatcher:
                 if self._full_round or now - last_full >= POLL_INTERVAL_S or self._capacity() > 0:
                     self._full_round, last_full = False, now
                     self.pool.reconcile()  # actors for nodes that joined
+                    self.policy = await self.policies.load()
                     await self._sync_runs()
                     await self._admit()
                 self._schedule()
@@ -266,11 +291,12 @@ class Dispatcher:
 
     async def _sync_runs(self) -> None:
         """Drop runs whose job left PROCESSING (cancelled through the API); their renders
-        in progress are stopped."""
+        in progress are stopped. Follow an admin's urgent mark."""
         for run in list(self.runs.values()):
-            state = await self.store.field(run.id, "state")
+            state, urgent = await self.store.redis.hmget(keys.job(run.id), ["state", "urgent"])
             if state != JobState.PROCESSING:
                 self._stop(run, halt=f"the job is {str(state or 'gone').lower()}")
+            run.urgent = urgent == "1"
 
     def _stop(self, run: Run, halt: str | None = None, spare: Slot | None = None) -> None:
         """Forget ``run``: its pending tasks are dropped and what its actors return is not
@@ -280,6 +306,7 @@ class Dispatcher:
         run.stopped = True
         run.pending.clear()
         self.runs.pop(run.id, None)
+        self._waiting.pop(run.id, None)
         if run.grid != (1, 1):
             self.assembler.drop.remote(run.id)
         if halt is not None:
@@ -322,6 +349,7 @@ class Dispatcher:
         worker runs the run's Blender version from now on. (An actor whose worker ran
         another job's Python replaces that worker itself.)"""
         slot.busy, slot.run, slot.sign_at = True, run.id, time.monotonic()
+        slot.user, slot.project = run.user, run.project
         slot.blender = run.blender or slot.blender
         for task in tasks:
             self._doing[(run.id, task.frame, task.tile)] = slot
@@ -332,17 +360,30 @@ class Dispatcher:
         return idle - waiting
 
     async def _admit(self) -> None:
-        for job_id, score in await self.store.queue_head(ADMIT_BATCH):
-            if job_id in self.runs:
-                continue
-            best_waiting = min((r.score for r in self.runs.values() if r.pending), default=None)
-            jumps_queue = best_waiting is not None and outranks(score, best_waiting)
-            if self._capacity() <= 0 and not jumps_queue:
-                return
+        """Start the queued jobs the scheduler admits (``Scheduler.admit``), fail those
+        whose dependencies failed, and say why the others wait."""
+        head = await self.store.queue_head(QUEUE_SCAN)
+        queued = await self._queued_jobs(head)
+        deps = [d for q in queued for d in q.depends_on]
+        states = await self.store.states(deps) if deps else {}
+        admission = self.scheduler.admit(queued, states, self.runs.values(), self.slots,
+                                         self.policy)  # fmt: skip
+        for job_id, reason in admission.fail.items():
+            await self._fail(job_id, reason)
+        for job_id in admission.fail:
+            self._waiting.pop(job_id, None)
+        # Forget reasons of jobs that left the queue (cancelled, deleted) unseen.
+        here = {job_id for job_id, _ in head}
+        for job_id in [j for j in self._waiting if j not in here and j not in self.runs]:
+            del self._waiting[job_id]
+        waiting = {q.id: admission.wait.get(q.id) for q in queued if q.id not in admission.fail}
+        await self._say_waiting(waiting)
+        for job_id in admission.start:
             try:
                 await self.store.transition(job_id, JobState.PROCESSING)
             except (InvalidTransition, FarmError):
                 continue  # cancelled or gone meanwhile
+            self._waiting.pop(job_id, None)  # the transition cleared its detail
             try:
                 await self._start_run(job_id)
             except Exception as exc:
@@ -350,6 +391,46 @@ class Dispatcher:
                     log.exception("could not start job %s", job_id)
                 self.runs.pop(job_id, None)
                 await self._fail(job_id, f"could not start the job: {exc}")
+
+    async def _queued_jobs(self, head: list[tuple[str, float]]) -> list[Queued]:
+        """The queue's head as the scheduler sees it: owner, project, priority, tasks and
+        dependencies of each job (read once per ``QUEUED_TTL_S``), urgent from its score."""
+        now = time.monotonic()
+        if now - self._queued_at > QUEUED_TTL_S:
+            self._queued.clear()
+            self._queued_at = now
+        unknown = [job_id for job_id, _ in head if job_id not in self._queued]
+        if unknown:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for job_id in unknown:
+                    pipe.hmget(keys.job(job_id), ["owner", "spec", "tasks_total"])
+                found = await pipe.execute()
+            for job_id, (owner, spec_json, tasks) in zip(unknown, found, strict=True):
+                if spec_json is None:
+                    continue  # deleted meanwhile
+                spec = JobSpec.model_validate_json(spec_json)
+                self._queued[job_id] = Queued(
+                    job_id, owner or "", spec.project or "", spec.priority, int(tasks or 0),
+                    depends_on=spec.depends_on or (),
+                )  # fmt: skip
+        queued = []
+        for job_id, score in head:
+            known = self._queued.get(job_id)
+            if known is not None:
+                queued.append(replace(known, urgent=is_urgent_score(score)))
+        return queued
+
+    async def _say_waiting(self, reasons: dict[str, str | None]) -> None:
+        """Say why each job waits (None: it no longer waits for anything but a slot),
+        when that changed since it was last said: a ``waiting`` event and its detail."""
+        for job_id, reason in reasons.items():
+            if self._waiting.get(job_id) == reason:
+                continue
+            if reason is None:
+                self._waiting.pop(job_id, None)
+            else:
+                self._waiting[job_id] = reason
+            await self.store.set_detail(job_id, reason)
 
     async def _start_run(self, job_id: str) -> None:
         job = await self.store.get(job_id)
@@ -369,6 +450,7 @@ class Dispatcher:
             scene_hash=inputs.digest,
             inputs=inputs,
             score=queue_score(job.spec.priority, job.created_at.isoformat()),
+            urgent=job.urgent,
         )
         self.runs[job_id] = run
         await self.store.event(job_id, "started")
@@ -409,83 +491,33 @@ class Dispatcher:
             await self._complete(run)
 
     def _schedule(self) -> None:
-        while True:
-            idle = [s for s in self.slots if not s.busy]
-            if not idle:
-                return
-            probe = next((r for r in self._by_score() if r.grid is None and not r.probing), None)
-            if probe is not None:
-                same = [s for s in idle if s.blender == probe.blender]
-                slot = _prefer(same, probe.scene_hash) if same else self._to_switch(idle)
-                probe.probing = True
-                self._assign(slot, probe, [])
-                asyncio.get_running_loop().create_task(self._guarded(self._probe(slot, probe)))
-                continue
-            choice = self._next_assignment(idle)
-            if choice is None:
-                return
-            run, task, slot = choice
-            batch = run.take_batch(task, run.batch_size(len(self.slots)))
-            self._assign(slot, run, batch)
-            if len(batch) == 1:
-                work = self._execute(slot, run, task)
+        """Hand the idle actors what the scheduler chose (``Scheduler.plan``)."""
+        plan = self.scheduler.plan(self.runs.values(), self.slots, self.policy)
+        for a in plan.assignments:
+            self._assign(a.slot, a.run, a.tasks)
+            if not a.tasks:
+                work = self._probe(a.slot, a.run)
+            elif len(a.tasks) == 1:
+                work = self._execute(a.slot, a.run, a.tasks[0])
             else:
-                work = self._execute_batch(slot, run, batch)
+                work = self._execute_batch(a.slot, a.run, a.tasks)
             asyncio.get_running_loop().create_task(self._guarded(work))
+        changed = self._waiting_changes(plan)
+        if changed:
+            asyncio.get_running_loop().create_task(self._guarded(self._say_waiting(changed)))
 
-    def _by_score(self) -> list[Run]:
-        return sorted(self.runs.values(), key=lambda r: r.score)
-
-    def _next_assignment(self, idle: list[Slot]) -> tuple[Run, RenderTask, Slot] | None:
-        """The best (run, task, idle slot): runs by priority then age, tasks in order.
-
-        A task that failed on an actor goes to another one; while the others are busy it
-        waits and the idle actor takes a later task. A node whose actors failed the job
-        ``node_failure_limit`` times gets none of its tasks. Only when every actor is
-        ruled out may the task run on one of them again.
-
-        Among eligible actors, one already running the job's Blender version is
-        preferred, then one that holds the job's scene. Switching an actor to another
-        version costs a worker start, so when no idle actor runs a job's version, a later
-        job of the same priority that one fits as it is takes it instead, as long as the
-        earlier job has an actor working for it already (so each version keeps
-        rendering); otherwise the job takes an idle actor, which switches.
-        """
-        everyone = {s.index for s in self.slots}
-        served = {s.run for s in self.slots if s.busy}
-        switch: tuple[Run, RenderTask, list[Slot]] | None = None
-        for run in self._by_score():
-            if switch is not None and run.job.spec.priority != switch[0].job.spec.priority:
-                break
-            blocked = {s.index for s in self.slots if s.node in run.blocked}
-            for task in itertools.islice(run.pending, SCHEDULE_LOOKAHEAD):
-                avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set()) | blocked
-                if avoid >= everyone:
-                    avoid = set()
-                fresh = [s for s in idle if s.index not in avoid]
-                if not fresh:
-                    continue
-                same = [s for s in fresh if s.blender == task.blender]
-                if same:
-                    return run, task, _prefer(same, run.scene_hash)
-                if switch is None:
-                    switch = (run, task, fresh)
-                    if run.id not in served:
-                        return run, task, self._to_switch(fresh)
-                break  # its other tasks need the same version
-        if switch is None:
-            return None
-        run, task, fresh = switch
-        return run, task, self._to_switch(fresh)
-
-    def _to_switch(self, slots: list[Slot]) -> Slot:
-        """The one of ``slots`` (idle) to switch to another Blender version: one with no
-        worker yet, else one whose version no waiting job needs, else the first."""
-        wanted = {r.blender for r in self.runs.values() if r.pending}
-        return next(
-            (s for s in slots if s.blender is None),
-            next((s for s in slots if s.blender not in wanted), slots[0]),
-        )
+    def _waiting_changes(self, plan: Plan) -> dict[str, str | None]:
+        """Runs whose reason to wait changed with this plan. Only a plan that left actors
+        idle says why each run waits (a quota); while every actor is busy, what was said
+        stands (a run capped by its quota takes each slot it frees again: it still
+        waits for more, and says so once, not once per task)."""
+        changed: dict[str, str | None] = {}
+        if plan.idle and (plan.waiting or self._waiting):
+            for run_id in self.runs:
+                reason = plan.waiting.get(run_id)
+                if reason != self._waiting.get(run_id):
+                    changed[run_id] = reason
+        return changed
 
     async def _probe(self, slot: Slot, run: Run) -> None:
         """Decide ``tiles="auto"`` for a job with fewer frames than actors: an actor opens
@@ -530,7 +562,7 @@ class Dispatcher:
             if not released:
                 released = True
                 slot.killed, slot.killed_at = None, 0.0  # its worker is stopped; it goes on
-                slot.busy, slot.run = False, None
+                slot.busy, slot.run, slot.user, slot.project = False, None, None, None
                 for task in tasks:
                     key = (run.id, task.frame, task.tile)
                     if self._doing.get(key) is slot:  # not already the task's next attempt
@@ -953,11 +985,6 @@ def _where(slot: Slot) -> dict[str, Any]:
         "device": slot.device or "",
         "pid": slot.pid or 0,
     }
-
-
-def _prefer(slots: list[Slot], scene_hash: str) -> Slot:
-    """The first of ``slots`` that holds the scene already, else the first."""
-    return next((s for s in slots if s.holds == scene_hash), slots[0])
 
 
 def _tiles(grid: tuple[int, int]) -> str:

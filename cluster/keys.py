@@ -38,6 +38,11 @@
 ``limit:{kind}:{who}``  hash: a rate limit's token bucket (``auth``, ``submit``, ``record``)
 ``limit:tally:{kind}:{address}`` hash: refused anonymous requests not yet in the audit log
 ``streams:{user}``      sorted set: the user's open event streams (lease id -> expiry, ms)
+``shares``              hash: project -> its fair-share weight (admins set it; default 1)
+``quotas``              hash: ``user:{name}`` / ``project:{name}`` -> most slots at once,
+                        ``{"gpu": n, "cpu": n}`` (JSON; a kind left out has no limit)
+``webhooks``            hash: user -> ``{"url", "secret"}`` (JSON): their jobs' webhook
+``webhooks:due``        sorted set: webhook deliveries to try again (JSON), by when
 """
 
 from __future__ import annotations
@@ -197,6 +202,22 @@ def limit(kind: str, who: str) -> str:
 def tally(kind: str, address: str) -> str:
     """Refused anonymous requests of one kind from ``address`` not yet audited."""
     return f"{PREFIX}limit:tally:{kind}:{address}"
+
+
+def shares() -> str:
+    return f"{PREFIX}shares"
+
+
+def quotas() -> str:
+    return f"{PREFIX}quotas"
+
+
+def webhooks() -> str:
+    return f"{PREFIX}webhooks"
+
+
+def webhooks_due() -> str:
+    return f"{PREFIX}webhooks:due"
 
 
 def task_key(frame: int, tile: int) -> str:

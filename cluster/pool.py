@@ -62,10 +62,11 @@ class Pool:
         new slots. Slots are never removed here: an actor of a lost node is dropped when
         its death is seen (``lost``)."""
         added = []
+        kind = "gpu" if ray.cluster_resources().get("GPU", 0) else "cpu"
         for _ in range(self.target() - len(self.slots)):
             index = self._next_index
             version = self.settings.blender[index % len(self.settings.blender)]
-            slot = Slot(index, self._new_actor(index, version), blender=version)
+            slot = Slot(index, self._new_actor(index, version), blender=version, kind=kind)
             self._next_index += 1
             self.slots.append(slot)
             added.append(slot)

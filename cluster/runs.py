@@ -51,6 +51,11 @@ class Slot:
     device: str | None = None
     pid: int | None = None
     run: str | None = None  # the job whose work the actor is doing (None: idle)
+    kind: str = "cpu"  # "gpu" or "cpu": what quotas count it as
+    # The share (user, project) its work is for, while busy: what fair share and quotas
+    # count (kept until the slot is free, even when its run is already forgotten).
+    user: str | None = None
+    project: str | None = None
     blender: str | None = None  # the Blender version its worker runs (None: none yet)
     sign_at: float = 0.0  # monotonic time of the last sign that the work progresses
     killed: str | None = None  # why the dispatcher stopped its render (a hang, a cancel)
@@ -79,10 +84,24 @@ class Run:
     # Render seconds of recent whole-frame tasks (sizes batches).
     frame_s: deque[float] = field(default_factory=lambda: deque(maxlen=MEASURED_TASKS))
     solo: set[str] = field(default_factory=set)  # task keys that run alone from now on
+    urgent: bool = False  # an admin's mark: before every share's work
 
     @property
     def id(self) -> str:
         return self.job.id
+
+    @property
+    def user(self) -> str:
+        return self.job.owner
+
+    @property
+    def project(self) -> str:
+        """The job's project; "" for none (those jobs share as one project)."""
+        return self.job.spec.project or ""
+
+    @property
+    def priority(self) -> int:
+        return self.job.spec.priority
 
     @property
     def blender(self) -> str | None:
@@ -134,11 +153,11 @@ class Run:
 def expand(
     job: Job, scene_hash: str, done_frames: set[int], grid: tuple[int, int]
 ) -> Iterator[RenderTask]:
-    """The job's (frame, tile) tasks for a ``grid`` of tiles, in frame order, skipping
-    frames already stored."""
+    """The job's (frame, tile) tasks for a ``grid`` of tiles, in its render order (frame
+    order, or ``order="preview"``'s), skipping frames already stored."""
     spec = job.spec
     nx, ny = grid
-    for frame in spec.frame_list:
+    for frame in spec.render_order:
         if frame in done_frames:
             continue
         for tile in range(nx * ny):

@@ -75,6 +75,11 @@ def _env_number(name: str, default: float) -> float:
     return number
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated list (empty when unset)."""
+    return tuple(item.strip() for item in (os.environ.get(name) or "").split(",") if item.strip())
+
+
 def _env_switch(name: str, default: bool) -> bool:
     value = (os.environ.get(name) or "").strip().lower()
     if not value:
@@ -211,6 +216,18 @@ class Settings:
     #: priority every job gets by default.
     artist_max_priority: int = 50
 
+    # -- notifications (docs/scheduling.md) --
+    #: Hosts (names, addresses or networks such as 10.0.0.0/8) webhooks may call although
+    #: they are not public: by default the farm calls public addresses only.
+    webhook_allow_hosts: tuple[str, ...] = ()
+    #: Tries of one webhook call before the farm gives up on it.
+    webhook_attempts: int = 8
+    #: Seconds before the first retry of a failed webhook call; each next one waits twice
+    #: as long (at most an hour).
+    webhook_backoff_s: float = 5.0
+    #: Seconds one webhook call may take.
+    webhook_timeout_s: float = 10.0
+
     #: Event streams (SSE and gRPC) one user may hold open at once, farm-wide; 429 past it.
     max_streams_per_user: int = MAX_STREAMS_PER_USER
     #: The front door's connection limits (``EdgeLimits``, docs/security.md).
@@ -231,6 +248,8 @@ class Settings:
         _ = self.edge  # checks the limits: a bad one fails here, not later in the proxy
         if self.max_streams_per_user < 1:
             raise ValueError("max_streams_per_user must be at least 1")
+        if self.webhook_attempts < 1:
+            raise ValueError("RAYFARM_WEBHOOK_ATTEMPTS must be at least 1")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -278,10 +297,15 @@ class Settings:
             "submit_per_min": _env_rate("RAYFARM_SUBMIT_PER_MIN", 60.0),
             "artist_max_priority": _env_int("RAYFARM_ARTIST_MAX_PRIORITY", 50),
             "max_streams_per_user": _env_int("RAYFARM_MAX_STREAMS_PER_USER", MAX_STREAMS_PER_USER),
+            "webhook_allow_hosts": _env_list("RAYFARM_WEBHOOK_ALLOW_HOSTS"),
+            "webhook_attempts": _env_int("RAYFARM_WEBHOOK_ATTEMPTS", 8),
+            "webhook_backoff_s": _env_seconds("RAYFARM_WEBHOOK_BACKOFF_S", 5.0),
+            "webhook_timeout_s": _env_seconds("RAYFARM_WEBHOOK_TIMEOUT_S", 10.0),
             **asdict(EdgeLimits.from_env()),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["blender"] = parse_versions(values["blender"])
+        values["webhook_allow_hosts"] = tuple(values["webhook_allow_hosts"])
         return cls(**values)
 
     @property
@@ -308,6 +332,7 @@ class Settings:
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        if "blender" in values:
-            values["blender"] = tuple(values["blender"])
+        for name in ("blender", "webhook_allow_hosts"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)

@@ -30,6 +30,7 @@ __all__ = [
     "RENDER_S_BUCKETS",
     "Finished",
     "JobStore",
+    "is_urgent_score",
     "now_iso",
     "outranks",
     "queue_score",
@@ -51,6 +52,7 @@ _LUA = resources.files("rayfarm.cluster").joinpath("lua")
 _TRANSITION_LUA = _LUA.joinpath("transition.lua").read_text()
 _START_TASKS_LUA = _LUA.joinpath("start_tasks.lua").read_text()
 _FINISH_TASKS_LUA = _LUA.joinpath("finish_tasks.lua").read_text()
+_SET_DETAIL_LUA = _LUA.joinpath("set_detail.lua").read_text()
 
 
 #: What ``finish_tasks`` answers when the job left PROCESSING (nothing was recorded).
@@ -84,12 +86,20 @@ def now_iso() -> str:
 
 #: Queue score distance between two priorities: larger than any epoch in ms (until 2286).
 PRIORITY_STEP = 1e13
+#: The priority an urgent job is queued with: above the highest a job may ask for (100).
+URGENT_PRIORITY = 101
 
 
-def queue_score(priority: int, created_at: str) -> float:
-    """Higher priority first, then older first: (100 - priority) * PRIORITY_STEP + epoch ms."""
+def queue_score(priority: int, created_at: str, urgent: bool = False) -> float:
+    """Higher priority first, then older first: (100 - priority) * PRIORITY_STEP + epoch ms;
+    an urgent job (an admin's mark) as if its priority were above every other's."""
     ms = datetime.fromisoformat(created_at).timestamp() * 1000.0
-    return (100 - priority) * PRIORITY_STEP + ms
+    return (100 - (URGENT_PRIORITY if urgent else priority)) * PRIORITY_STEP + ms
+
+
+def is_urgent_score(score: float) -> bool:
+    """Whether a queue score is an urgent job's (``queue_score``)."""
+    return score < 0
 
 
 def outranks(score: float, other: float) -> bool:
@@ -113,6 +123,7 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._start_tasks = redis.register_script(_START_TASKS_LUA)
         self._finish_tasks = redis.register_script(_FINISH_TASKS_LUA)
+        self._set_detail = redis.register_script(_SET_DETAIL_LUA)
         self.blobs = BlobIndex(redis)
 
     @classmethod
@@ -141,13 +152,19 @@ class JobStore:
     # -- create and read ---------------------------------------------------------------
 
     async def create(
-        self, job: Job, inputs: str, scene_hash: str, warnings: Sequence[str] = ()
+        self,
+        job: Job,
+        inputs: str,
+        scene_hash: str,
+        warnings: Sequence[str] = (),
+        webhook: str | None = None,
     ) -> None:
         """Store a new PENDING job and queue it, in one MULTI/EXEC. ``inputs`` is the
         input folder's listing (``Inputs.to_json``), ``scene_hash`` its digest; the job
         keeps the blobs it lists (``BlobIndex.link``) from the same MULTI on.
         ``warnings`` (the Blender it renders with is not the one that saved it, ...)
-        become the job's first ``warning`` events."""
+        become the job's first ``warning`` events; ``webhook``: the URL its end is sent to
+        (kept apart from its spec)."""
         created = job.created_at.isoformat()
         fields = {
             "id": job.id,
@@ -163,6 +180,7 @@ class JobStore:
             "saved_by": job.saved_by or "",
             "rendered_by": job.rendered_by or "",
             "created_at": created,
+            **({"webhook": webhook} if webhook else {}),
         }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job(job.id), mapping=fields)
@@ -205,12 +223,14 @@ class JobStore:
     async def status(self, job_id: str) -> JobStatus:
         """The compact status, in one round trip; ``event`` is the job's newest event id."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.job(job_id), ["state", "frames_total", "tasks_total", "error"])
+            pipe.hmget(
+                keys.job(job_id), ["state", "frames_total", "tasks_total", "error", "detail"]
+            )
             pipe.hlen(keys.frames(job_id))
             pipe.hlen(keys.tasks(job_id))
             pipe.xrevrange(keys.events(job_id), count=1)
             fields, frames_done, tasks_done, last = await pipe.execute()
-        state, frames_total, tasks_total, error = fields
+        state, frames_total, tasks_total, error, detail = fields
         if state is None:
             raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
         return JobStatus(
@@ -221,6 +241,7 @@ class JobStore:
             tasks_done=tasks_done,
             tasks_total=int(tasks_total),
             error=error or None,
+            detail=detail or None,
             event=last[0][0] if last else None,
         )
 
@@ -339,6 +360,7 @@ class JobStore:
         now = now_iso()
         queue_action, score = "", "0"
         pairs: dict[str, str] = dict(fields)
+        pairs.setdefault("detail", "")  # what held the job back is past (a waiter sets anew)
         if target is JobState.PROCESSING:
             pairs["started_at"] = now
             queue_action = "rem"
@@ -348,10 +370,13 @@ class JobStore:
             if error is not None:
                 pairs["error"] = error
         elif target is JobState.PENDING:
-            spec, created = await self.redis.hmget(keys.job(job_id), ["spec", "created_at"])
+            spec, created, urgent = await self.redis.hmget(
+                keys.job(job_id), ["spec", "created_at", "urgent"]
+            )
             if spec is not None:
                 priority = JobSpec.model_validate_json(spec).priority
-                queue_action, score = "add", repr(queue_score(priority, created))
+                score = repr(queue_score(priority, created, urgent == "1"))
+                queue_action = "add"
             pairs.update({"error": "", "finished_at": "", "started_at": ""})
         argv: list[str] = [
             job_id,
@@ -593,6 +618,40 @@ class JobStore:
         if task_keys:
             await self.redis.hdel(keys.tasks(job_id), *task_keys)
 
+    async def states(self, job_ids: Sequence[str]) -> dict[str, str | None]:
+        """Each job's state (None: no such job), in one round trip."""
+        ids = list(dict.fromkeys(job_ids))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.job(job_id), "state")
+            found = await pipe.execute()
+        return dict(zip(ids, found, strict=True))
+
+    async def set_detail(self, job_id: str, reason: str | None) -> bool:
+        """Say why the job waits (a ``waiting`` event and its ``detail``), or, with None,
+        that it no longer does; only while it is PENDING or PROCESSING (False otherwise:
+        nothing changed)."""
+        done = await self._set_detail(
+            keys=[keys.job(job_id), keys.events(job_id)],
+            args=[reason or "", now_iso(), self.events_maxlen],
+        )
+        return bool(done)
+
+    async def set_urgent(self, job_id: str, urgent: bool) -> None:
+        """Mark the job urgent (or not); a queued job moves in the queue at once."""
+        spec, created = await self.redis.hmget(keys.job(job_id), ["spec", "created_at"])
+        if spec is None:
+            raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+        priority = JobSpec.model_validate_json(spec).priority
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if urgent:
+                pipe.hset(keys.job(job_id), "urgent", "1")
+            else:
+                pipe.hdel(keys.job(job_id), "urgent")
+            # XX: only a job in the queue (PENDING) is moved; others are not queued.
+            pipe.zadd(keys.queue(), {job_id: queue_score(priority, created, urgent)}, xx=True)
+            await pipe.execute()
+
     async def active(self) -> list[str]:
         """Ids of PROCESSING jobs (for a dispatcher rebuilding its queue)."""
         ids: list[str] = await self.redis.zrange(keys.jobs_in(str(JobState.PROCESSING)), 0, -1)
@@ -617,6 +676,8 @@ def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> J
         tasks_done=tasks_done,
         tiles=data.get("tiles") or None,
         error=data.get("error") or None,
+        detail=data.get("detail") or None,
+        urgent=data.get("urgent") == "1",
         device=data.get("device") or None,
         saved_by=data.get("saved_by") or None,
         rendered_by=data.get("rendered_by") or None,

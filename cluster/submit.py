@@ -29,6 +29,8 @@ from starlette.datastructures import UploadFile
 from rayfarm.blendfile import BlendHeader, BlendLimits, check_blend
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import AppContext
+from rayfarm.cluster.notifier import WebhookStore
+from rayfarm.cluster.scheduling import check_dependencies
 from rayfarm.cluster.storage import CHUNK_BYTES, Storage
 from rayfarm.errors import (
     FarmError,
@@ -75,6 +77,7 @@ async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
     spec = check_rights(who, check_size(ctx, parse_spec(data.get("spec"))))
     ctx.limits.check_priority(who, spec)
     inputs = check_listing(ctx, data.get("main"), data.get("files"))
+    await check_dependencies(ctx, who, spec.depends_on)
     await ctx.limits.take_submission(who)
     # Held from the check to the job's creation: no deletion elsewhere takes them away.
     async with ctx.store.blobs.holding([(f.sha256, f.size) for f in inputs.files]):
@@ -223,6 +226,7 @@ async def store_single(
     when the farm offers no Blender for it."""
     ctx.limits.check_priority(who, check_rights(who, check_size(ctx, spec)))
     check_blender(ctx, spec, header)
+    await check_dependencies(ctx, who, spec.depends_on)
     name = _SAFE_NAME.sub("_", (scene.filename or "scene.blend").rsplit("/", 1)[-1])[:200]
     if not name.lower().endswith(".blend"):
         name = (name or "scene") + ".blend"
@@ -329,6 +333,11 @@ async def _create_job(
         if info is not None:
             _check_names(spec, info)
     job_id = uuid.uuid4().hex[:16]
+    # A job's webhook URL may hold the receiver's token: kept apart from the spec, which
+    # everyone who may read the job sees.
+    webhook, spec = spec.webhook, spec.model_copy(update={"webhook": None})
+    if webhook is not None:
+        await WebhookStore(ctx.store.redis).secret(owner)  # what will sign its calls
     grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
     nx, ny = grid or (1, 1)
     frames = spec.frame_list
@@ -347,7 +356,7 @@ async def _create_job(
     )
     # Blobs are shared by content, never a job's own: nothing to undo if this fails.
     warnings = [chosen.warning] if chosen.warning else []
-    await ctx.store.create(job, inputs.to_json(), inputs.digest, warnings)
+    await ctx.store.create(job, inputs.to_json(), inputs.digest, warnings, webhook=webhook)
     if spec.scripts:
         # Recorded on its own (the request's record says only POST /jobs), to be found
         # with GET /audit?action=scripts+on.

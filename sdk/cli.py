@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from rayfarm import sharing
 from rayfarm.client import Farm
 from rayfarm.errors import FarmError, FarmUnavailable, Forbidden, ServerError, Unauthorized
 from rayfarm.events import format_event
@@ -85,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the Blender version to render with, one the farm offers (default: the one "
         "that saved the file, else the nearest newer one)",
     )
+    s.add_argument(
+        "--after",
+        action="append",
+        metavar="JOB",
+        help="start only once job JOB has COMPLETED (repeat; fails if JOB fails)",
+    )
+    s.add_argument(
+        "--order", choices=["frames", "preview"], help="preview: first, last, middle frames first"
+    )
+    s.add_argument("--webhook", metavar="URL", help="a URL the farm calls when the job ends")
     s.add_argument("--wait", action="store_true", help="wait for the job to finish")
     s.add_argument("--json", action="store_true", help="print the job as JSON")
 
@@ -135,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     tc.add_argument("--label", default="", help="what the token is for")
     sub.add_parser("whoami", help="the user the token belongs to")
 
+    sharing.add_commands(sub)
+
     bl = sub.add_parser("blender", help="this machine's Blender environments (a render node's)")
     bl_sub = bl.add_subparsers(dest="blender_command", required=True, metavar="ACTION")
     bi = bl_sub.add_parser(
@@ -165,9 +178,11 @@ def _print(item: Job | JobStatus, as_json: bool) -> None:
     blender = ""
     if isinstance(item, Job) and item.rendered_by:
         blender = f"  Blender {item.rendered_by} (saved by {item.saved_by or '?'})"
+    urgent = "  URGENT" if isinstance(item, Job) and item.urgent else ""
     print(
         f"{item.id}  {item.state:<10}  frames {item.frames_done}/{item.frames_total}  "
-        f"tasks {item.tasks_done}/{item.tasks_total}{scene}{blender}"
+        f"tasks {item.tasks_done}/{item.tasks_total}{scene}{blender}{urgent}"
+        + (f"  waiting: {item.detail}" if item.detail else "")
         + (f"  error: {item.error}" if item.error else "")
     )
 
@@ -214,6 +229,9 @@ def _farm_command(farm: Farm, args: argparse.Namespace) -> int:
                 "project": args.project,
                 "scripts": args.scripts,
                 "blender": args.blender,
+                "depends_on": args.after,
+                "order": args.order,
+                "webhook": args.webhook,
             }.items()
             if v is not None
         }
@@ -242,6 +260,8 @@ def _farm_command(farm: Farm, args: argparse.Namespace) -> int:
         print(f"token for {args.user} (shown once; the farm keeps only its hash):", file=sys.stderr)
         print(token)
         return EXIT_OK
+    if args.command in ("webhook", "admin"):
+        return sharing.run(farm, args)
     if args.command == "whoami":
         who = farm.whoami()
         print(f"{who['user']} ({who['role']}) projects: {', '.join(who['projects']) or '-'}")

@@ -140,7 +140,14 @@ class Farm:
         ``scene``, ``camera``, ``priority``, ``max_retries``, ``allow_missing``, ``post``
         (``{"video": {"fps": 24}}``), ``project`` (the farm project the job belongs to:
         its members see it), ``blender`` (the Blender version to render with, one the
-        farm offers; by default the one that saved the file, else the nearest newer one).
+        farm offers; by default the one that saved the file, else the nearest newer one),
+        ``order`` (``"preview"``: first, last and middle frames first), ``depends_on``
+        (job ids it waits for: it starts once they all COMPLETED, and fails if one fails
+        or is cancelled), ``webhook`` (a URL called when it ends; see ``set_webhook``).
+
+        >>> lighting = farm.submit("light.blend", frames="1-250")      # doctest: +SKIP
+        >>> comp = farm.submit("comp.blend", frames="1-250",           # doctest: +SKIP
+        ...                    depends_on=[lighting.id], order="preview")
         ``root`` (default: the scene's folder) is the folder whose layout the farm
         reproduces; files outside it are packed too (see
         ``rayfarm.pack``).
@@ -253,6 +260,69 @@ class Farm:
         with self._request("POST", "/tokens", json=body) as r:
             token: str = r.json()["token"]
             return token
+
+    # -- scheduling (docs/scheduling.md) ----------------------------------------------------
+
+    def shares(self) -> dict[str, float]:
+        """Each weighted project's fair-share weight (a project not listed weighs 1)."""
+        with self._request("GET", "/shares") as r:
+            shares: dict[str, float] = r.json()["shares"]
+            return shares
+
+    def set_share(self, project: str, weight: float | None) -> None:
+        """Weigh ``project`` for fair share (admins); None: back to the default, 1. At
+        equal priority, projects' running slots converge to their weights."""
+        if weight is None:
+            with self._request("DELETE", f"/shares/{project}"):
+                return
+        with self._request("PUT", f"/shares/{project}", json={"weight": weight}):
+            return
+
+    def quotas(self) -> dict[str, dict[str, dict[str, int | None]]]:
+        """Every quota: ``{"user": {name: {"gpu", "cpu"}}, "project": {...}}``."""
+        with self._request("GET", "/quotas") as r:
+            quotas: dict[str, dict[str, dict[str, int | None]]] = r.json()["quotas"]
+            return quotas
+
+    def set_quota(
+        self, scope: str, name: str, gpu: int | None = None, cpu: int | None = None
+    ) -> None:
+        """Limit the slots of each kind (None: no limit) that ``scope`` ("user" or
+        "project") ``name``'s jobs hold at once (admins); both None removes the quota."""
+        if gpu is None and cpu is None:
+            with self._request("DELETE", f"/quotas/{scope}/{name}"):
+                return
+        with self._request("PUT", f"/quotas/{scope}/{name}", json={"gpu": gpu, "cpu": cpu}):
+            return
+
+    def mark_urgent(self, job_id: str, urgent: bool = True) -> Job:
+        """Mark a job urgent (admins): it starts and renders before every share's work."""
+        with self._request("POST", f"/jobs/{job_id}/urgent", json={"urgent": urgent}) as r:
+            return self._bind(Job.model_validate(r.json(), context=FROM_FARM))
+
+    def set_dependencies(self, job_id: str, depends_on: list[str]) -> Job:
+        """Change what a queued (PENDING) job waits for (``[]``: nothing)."""
+        body = {"depends_on": list(depends_on)}
+        with self._request("PUT", f"/jobs/{job_id}/depends_on", json=body) as r:
+            return self._bind(Job.model_validate(r.json(), context=FROM_FARM))
+
+    def webhook(self) -> dict[str, str | None]:
+        """Your webhook: ``url`` (None: none) and ``secret``, the key of the HMAC-SHA256
+        signature (``X-Rayfarm-Signature``) on every call to it and to your jobs' own."""
+        with self._request("GET", "/webhook") as r:
+            found: dict[str, str | None] = r.json()
+            return found
+
+    def set_webhook(self, url: str | None, rotate: bool = False) -> dict[str, str | None]:
+        """Have the farm POST to ``url`` whenever a job of yours ends (None: no more);
+        ``rotate`` makes a new signing secret. Returns the URL and the secret."""
+        if url is None:
+            with self._request("DELETE", "/webhook") as r:
+                gone: dict[str, str | None] = r.json()
+                return gone
+        with self._request("PUT", "/webhook", json={"url": url, "rotate": rotate}) as r:
+            found: dict[str, str | None] = r.json()
+            return found
 
     def audit(self, **filters: Any) -> list[dict[str, str]]:
         """The audit log, newest first (admins only); ``user``, ``action``, ``job``,

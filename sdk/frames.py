@@ -8,10 +8,11 @@ unique. Specs are bounded so a typo cannot expand into millions of tasks.
 from __future__ import annotations
 
 import re
+from collections import deque
 
 from rayfarm.errors import InvalidSpec
 
-__all__ = ["MAX_FRAME", "MAX_FRAMES_PER_JOB", "parse_frames"]
+__all__ = ["MAX_FRAME", "MAX_FRAMES_PER_JOB", "parse_frames", "preview_order"]
 
 #: Blender's own upper bound for a frame number (MAXFRAME).
 MAX_FRAME = 1_048_574
@@ -72,3 +73,26 @@ def parse_frames(spec: str | int) -> list[int]:
             )
         frames.update(range(a, b + 1, step))
     return sorted(frames)
+
+
+def preview_order(frames: list[int]) -> list[int]:
+    """``frames`` in the order a preview wants them: the first, the last, the middle one,
+    then the middles of each half, and so on (the gaps halve at each pass), so the whole
+    shot can be looked at early and in ever finer steps.
+
+    >>> preview_order([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    [1, 9, 5, 3, 7, 2, 4, 6, 8]
+    """
+    n = len(frames)
+    if n <= 2:
+        return list(frames)
+    order = [0, n - 1]
+    gaps = deque([(0, n - 1)])  # breadth first: every gap of one size before the next
+    while gaps:
+        lo, hi = gaps.popleft()
+        mid = (lo + hi) // 2
+        if lo < mid < hi:
+            order.append(mid)
+            gaps.append((lo, mid))
+            gaps.append((mid, hi))
+    return [frames[i] for i in order]

@@ -11,6 +11,7 @@ import re
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -24,7 +25,7 @@ from pydantic import (
 )
 
 from rayfarm.errors import InvalidSpec, InvalidTransition
-from rayfarm.frames import parse_frames
+from rayfarm.frames import parse_frames, preview_order
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -65,7 +66,8 @@ class JobState(StrEnum):
 
 #: Every allowed state change. Anything else is refused (HTTP 409).
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.PROCESSING, JobState.CANCELLED}),
+    # PENDING -> FAILED: a job whose dependency failed fails without running.
+    JobState.PENDING: frozenset({JobState.PROCESSING, JobState.FAILED, JobState.CANCELLED}),
     JobState.PROCESSING: frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}),
     JobState.COMPLETED: frozenset(),
     JobState.FAILED: frozenset({JobState.PENDING}),
@@ -91,6 +93,34 @@ def check_transition(job_id: str, current: JobState, target: JobState) -> None:
 
 _TILES = re.compile(r"^(\d+)x(\d+)$")
 MAX_TILES_PER_AXIS = 16
+#: A job id, as the farm makes them.
+JOB_ID = re.compile(r"^[0-9a-f]{16}$")
+#: Most jobs one job may wait for (``depends_on``).
+MAX_DEPENDENCIES = 64
+#: Longest webhook URL.
+MAX_URL_CHARS = 2048
+
+
+def check_webhook_url(url: Any) -> str | None:
+    """``url`` if it can be a webhook (None stays None): http or https, a host, no user
+    or password in it; ``ValueError`` saying why not."""
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("a webhook is an http(s) URL")
+    url = url.strip()
+    if len(url) > MAX_URL_CHARS:
+        raise ValueError(f"a webhook URL has at most {MAX_URL_CHARS} characters")
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        raise ValueError(f"{url!r} has a port that is not a number") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("a webhook URL may not hold a user name or password")
+    return url
 
 
 def grid_of(tiles: str) -> tuple[int, int]:
@@ -204,6 +234,23 @@ class JobSpec(_Spec):
         description="The project the job belongs to: its members (viewers, artists) see it. "
         "An artist submits only to projects they are a member of.",
     )
+    order: Literal["frames", "preview"] | None = Field(
+        None,
+        description="The order frames render in: 'frames' (the default: in frame order), or "
+        "'preview': the first, last and middle frames first, then the middles of each half, "
+        "halving the gaps, so the whole shot can be checked early.",
+    )
+    depends_on: tuple[str, ...] | None = Field(
+        None,
+        description="Ids of jobs this one waits for: it starts once every one of them is "
+        "COMPLETED, and fails, naming it, if one fails or is cancelled.",
+    )
+    webhook: str | None = Field(
+        None,
+        description="An http(s) URL the farm calls (POST, signed JSON) when the job ends, "
+        "besides the owner's own webhook. Kept apart from the job's spec on the farm: it is "
+        "not shown back.",
+    )
 
     @field_validator("frames", mode="before")
     @classmethod
@@ -215,6 +262,23 @@ class JobSpec(_Spec):
         except InvalidSpec as exc:
             raise ValueError(exc.message) from exc
         return str(v).replace(" ", "")
+
+    @field_validator("depends_on")
+    @classmethod
+    def _depends_on(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if not v:
+            return None
+        for job_id in v:
+            if not JOB_ID.match(job_id):
+                raise ValueError(f"{job_id!r} is not a job id (16 lowercase hex digits)")
+        if len(v) > MAX_DEPENDENCIES:
+            raise ValueError(f"a job may wait for at most {MAX_DEPENDENCIES} jobs, not {len(v)}")
+        return tuple(dict.fromkeys(v))  # each once, in the order given
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        return check_webhook_url(v)
 
     @field_validator("scene", "camera")
     @classmethod
@@ -273,6 +337,12 @@ class JobSpec(_Spec):
         return parse_frames(self.frames)
 
     @property
+    def render_order(self) -> list[int]:
+        """The frames in the order they render (``order``)."""
+        frames = self.frame_list
+        return preview_order(frames) if self.order == "preview" else frames
+
+    @property
     def tile_grid(self) -> tuple[int, int] | None:
         """(columns, rows) of tiles per frame; None for 'auto' (the farm decides)."""
         if self.tiles == 1:
@@ -318,6 +388,7 @@ class JobStatus(BaseModel):
     tasks_done: int
     tasks_total: int
     error: str | None = None
+    detail: str | None = Field(None, description="Why the job waits now (as ``Job.detail``).")
     event: str | None = Field(
         None, description="Newest event id; pass it as `after` to long-poll for the next change."
     )
@@ -348,6 +419,12 @@ class JobRecord(BaseModel):
         "farm has chosen.",
     )
     error: str | None = None
+    detail: str | None = Field(
+        None,
+        description="Why the job is waiting now, when something other than a free render "
+        "slot holds it: a dependency ('blocked by ...') or a quota.",
+    )
+    urgent: bool = Field(False, description="Marked urgent by an admin: it renders first.")
     device: str | None = None
     saved_by: str | None = Field(None, description="The Blender version that saved the file.")
     rendered_by: str | None = Field(

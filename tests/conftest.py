@@ -199,8 +199,10 @@ def exr_parts(
 
 
 #: Farm-wide keys a refused request may touch: counters (accepted uploads), accounts, and
-#: the audit stream (a refusal is audited too).
-FARM_KEYS = {b"rayfarm:metrics", b"rayfarm:users", b"rayfarm:tokens", b"rayfarm:audit"}
+#: the audit stream (a refusal is audited too); and the changes stream, which the app's
+#: webhook sender makes when it starts (its consumer group lives there).
+FARM_KEYS = {b"rayfarm:metrics", b"rayfarm:users", b"rayfarm:tokens", b"rayfarm:audit",
+             b"rayfarm:changes"}  # fmt: skip
 #: What an accepted upload leaves (the blob index: who uploaded what, for the quota) and
 #: rate limits' buckets.
 FARM_PREFIXES = (b"rayfarm:blob:", b"rayfarm:uploads:", b"rayfarm:upload_bytes",

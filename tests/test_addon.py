@@ -165,6 +165,11 @@ def test_render_on_farm_matches_a_direct_render(blender_home, local_farm, make_s
     assert got["longest_drain_s"] < 0.1
     assert got["submitted"], got["log"]
     assert got["state"] == "COMPLETED", got["log"]
+    # The add-on announced the end of the job it submitted, once, as a Blender report.
+    ends = [(level, text) for level, text in got["log"]
+            if text.startswith(f"rayfarm: job {got['job_id']} (")]  # fmt: skip
+    assert len(ends) == 1 and ends[0][0] == "INFO", got["log"]
+    assert ends[0][1].endswith(") completed: 2/2 frame(s)"), ends
     assert got["progress"] == [2, 2]
     assert got["image_source"] == "SEQUENCE"
     assert got["unchanged"] and got["filepath"] == str(scene)
@@ -195,6 +200,11 @@ def test_never_saved_files_farm_errors_retry_and_cancel(blender_home, local_farm
     [(level, text)] = got["refused"]
     assert level == "ERROR" and "5-1" in text, text
     assert "EEVEE" in got["failed_error"] and got["can_retry_failed"]
+    # Each end of a job submitted from Blender is a report: the failure says why.
+    assert any(level == "WARNING" and "failed: " in text and "EEVEE" in text
+               for level, text in got["log"]), got["log"]  # fmt: skip
+    assert any(level == "WARNING" and ") cancelled: " in text and "frame(s)" in text
+               for level, text in got["log"]), got["log"]  # fmt: skip
     assert any("retry: now PENDING" in text for _, text in got["log"]), got["log"]
     assert got["rendered_state"] == "COMPLETED", got["log"]
     assert got["scene_file"].endswith("untitled.blend")

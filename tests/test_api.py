@@ -69,7 +69,7 @@ def test_submit_stores_scene_and_queues_pending_job(api, small_scene: Path):
     assert status.pop("event")
     assert status == {
         "id": job["id"], "state": "PENDING", "frames_done": 0, "frames_total": 4,
-        "tasks_done": 0, "tasks_total": 16, "error": None,
+        "tasks_done": 0, "tasks_total": 16, "error": None, "detail": None,
     }  # fmt: skip
     listed = api.get("/jobs", params={"state": "PENDING"}).json()
     assert listed["total"] == 1 and listed["jobs"][0]["id"] == job["id"]

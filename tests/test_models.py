@@ -19,6 +19,7 @@ def test_states_are_exactly_the_five():
 
 ALLOWED = {
     ("PENDING", "PROCESSING"),
+    ("PENDING", "FAILED"),  # a dependency failed: it fails without running
     ("PENDING", "CANCELLED"),
     ("PROCESSING", "COMPLETED"),
     ("PROCESSING", "FAILED"),

@@ -66,7 +66,7 @@ def test_create_get_list_and_queue(redis_url):
         ((), JobState.PROCESSING, True),
         ((), JobState.CANCELLED, True),
         ((), JobState.COMPLETED, False),
-        ((), JobState.FAILED, False),
+        ((), JobState.FAILED, True),  # a dependency failed
         ((JobState.PROCESSING,), JobState.COMPLETED, True),
         ((JobState.PROCESSING,), JobState.PENDING, False),
         ((JobState.PROCESSING, JobState.FAILED), JobState.PENDING, True),

@@ -536,6 +536,39 @@ def test_cancel_from_the_page_and_the_list_follows(browser, local_farm, users, s
 
 
 @pytest.mark.slow
+def test_a_job_submitted_after_another_says_it_waits_and_fails_with_it(
+    browser, local_farm, users, small_scene
+):
+    blocker = _long_job(users, "web-ana", small_scene, samples=1)
+    try:
+        page = _page(browser)
+        _sign_in(page, local_farm.url, users.tokens["web-ana"], "web-ana (artist)")
+        page.get_by_role("link", name="Submit").click()
+        scene = {"name": "shot.blend", "mimeType": "application/octet-stream",
+                 "buffer": small_scene.read_bytes()}  # fmt: skip
+        page.get_by_label("Scene (.blend)").set_input_files(scene)
+        page.get_by_role("textbox", name="Frames", exact=True).fill("1-3")
+        page.get_by_label("Frame order").select_option("preview")
+        page.get_by_label("After jobs").fill(f" {blocker}, ")
+        page.get_by_role("button", name="Submit", exact=True).click()
+        expect(page).to_have_url(re.compile(r"#/jobs/[0-9a-f]{16}$"))
+        job_id = page.url.rsplit("/", 1)[1]
+        expect(page.locator("#job-after a")).to_have_text(blocker)
+        expect(page.locator("#job-detail")).to_contain_text(f"Waiting: blocked by {blocker} (")
+        spec = httpx.get(f"{local_farm.url}/jobs/{job_id}", headers=AUTH).json()["spec"]
+        assert (spec["order"], spec["depends_on"]) == ("preview", [blocker])
+    finally:
+        _cancel(local_farm, blocker)
+    # The job it waited for was cancelled: it fails, naming it, and waits no more.
+    expect(page.locator("#job-state")).to_have_text("FAILED", timeout=RENDER_MS)
+    expect(page.locator("#job-error")).to_have_text(
+        f"job {blocker}, which this job depends on, was cancelled"
+    )
+    expect(page.locator("#job-detail")).to_be_hidden()
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
 def test_a_viewer_sees_what_the_api_shows_it_and_changes_nothing(
     browser, local_farm, users, small_scene
 ):

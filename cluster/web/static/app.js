@@ -728,6 +728,14 @@
       $("job-progress").max = Math.max(job.frames_total, 1);
       $("job-progress").value = job.frames_done;
       $("frames-count").textContent = `(${frames.size} of ${job.frames_total})`;
+      const after = job.spec.depends_on || [];
+      $("job-after-fact").hidden = after.length === 0;
+      $("job-after").replaceChildren(...after.flatMap((dep, i) => [
+        ...(i ? [", "] : []), el("a", { href: `#/jobs/${encodeURIComponent(dep)}`, text: dep })]));
+      const waits = job.detail ? `Waiting: ${job.detail}` : "";
+      $("job-detail").hidden = !(waits || job.urgent);
+      $("job-detail").textContent = [job.urgent ? "Urgent (marked by an admin)." : "", waits]
+        .filter(Boolean).join(" ");
       $("job-error").hidden = !job.error;
       $("job-error").textContent = job.error || "";
       if (!previous || previous.state !== job.state) {
@@ -878,6 +886,9 @@
     if ($("submit-project").value) spec.project = $("submit-project").value;
     if ($("submit-blender").value.trim()) spec.blender = $("submit-blender").value.trim();
     if ($("submit-video").checked) spec.post = { video: { fps: Number($("submit-fps").value) } };
+    if ($("submit-order").value) spec.order = $("submit-order").value;
+    const after = $("submit-after").value.split(/[\s,]+/).filter(Boolean);
+    if (after.length) spec.depends_on = after;
     return spec;
   }
 
