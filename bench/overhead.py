@@ -240,7 +240,8 @@ def _name(argv: list[str]) -> str:
     if words[0].startswith("ray::"):
         return words[0].split(".")[0]
     program = os.path.basename(words[0])
-    if program.startswith("python") and any(w.endswith("/worker") for w in words[1:4]):
+    # argv, not words: the worker's -c code is one argument of many words.
+    if program.startswith("python") and any(a.endswith("/worker") for a in argv[1:5]):
         return "blender worker"  # a render actor's Blender (supervisor.BOOT PACKAGE_DIR)
     if program.startswith("python"):
         for i, word in enumerate(words[1:], 1):

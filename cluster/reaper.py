@@ -39,8 +39,15 @@ __all__ = ["MARK_ENV", "Reaper", "leftovers", "stop"]
 MARK_ENV = "RAYFARM_UP"
 #: How long a process is given to exit on SIGTERM (Redis writes its AOF) before SIGKILL.
 GRACE_S = 10.0
-#: Looks for marked processes the reaper takes at most, each after the last stopped.
-REAP_ROUNDS = 5
+#: The same for marked processes (Ray's daemons and workers, Blender workers): they keep
+#: nothing that a SIGKILL would lose, and a slow exit only keeps their GPU busy.
+MARKED_GRACE_S = 3.0
+#: How long the reaper keeps looking for marked processes; it ends sooner once a look,
+#: a moment after the last process it stopped, finds none.
+REAP_S = 120.0
+#: The pause between two looks: a process being started as the others were stopped (an
+#: agent or a worker its raylet was starting) shows up by the next one.
+SETTLE_S = 1.0
 #: What ``rayfarm up`` writes to its reaper: a pid to stop with it, and a clean exit.
 WATCH, CLEAN = "pid", "clean"
 
@@ -63,6 +70,15 @@ def _marks() -> Iterable[tuple[int, str]]:
             if item.startswith(prefix):
                 yield int(entry.name), item[len(prefix) :].decode(errors="replace")
                 break
+
+
+def _name(pid: int) -> str | None:
+    """The process's name (its title, for Ray's: ``ray::DashboardAgent``), for the log."""
+    try:
+        argv = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return None
+    return argv.decode(errors="replace")[:60] or None
 
 
 def started(pid: int) -> str | None:
@@ -171,18 +187,27 @@ def reap(mark: str, lines: Iterable[str], say: Callable[[str], None]) -> list[in
         if kind == WATCH and value.isdigit() and (when := started(int(value))):
             watched[int(value)] = when
         clean = kind == CLEAN
+    names = {pid: _name(pid) for pid in watched}
     stopped = stop(watched)
-    # Again while some are found: a process being started as the others were stopped (a
-    # Ray worker its raylet was starting, say) is found by the next look.
-    for _ in range(REAP_ROUNDS):
-        found = stop(pid for pid, m in _marks() if m == mark)
-        if not found:
-            break
+    # Look again until a look finds none: a process being started as the others were
+    # stopped (a Ray worker or agent its raylet was starting) is found by a later look.
+    deadline = time.monotonic() + REAP_S
+    while time.monotonic() < deadline:
+        marked = [pid for pid, m in _marks() if m == mark]
+        names.update((pid, _name(pid)) for pid in marked)
+        found = stop(marked, MARKED_GRACE_S)
         stopped += found
+        if not found:
+            if clean:  # rayfarm up stopped its farm: what it left was found by now
+                break
+            time.sleep(SETTLE_S)
+            if not any(m == mark for _, m in _marks()):
+                break
     if stopped and not clean:
         say(
             f"rayfarm: the farm (pid {mark.partition(':')[0]}) was killed; stopped the "
-            f"{len(stopped)} process(es) it left running: {' '.join(map(str, stopped))}"
+            f"{len(stopped)} process(es) it left running: "
+            + " ".join(f"{pid} ({names.get(pid) or '?'})" for pid in stopped)
         )
     return stopped
 

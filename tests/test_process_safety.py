@@ -22,15 +22,16 @@ import redis
 
 from rayfarm import Farm, JobState
 from rayfarm.cluster.farm_lock import FarmLock
-from rayfarm.cluster.reaper import MARK_ENV, leftovers, started, stop
+from rayfarm.cluster.reaper import GRACE_S, MARK_ENV, REAP_S, leftovers, started, stop
 from rayfarm.cluster.redis_server import RedisServer
 from rayfarm.errors import FarmUnavailable
 from rayfarm.paths import local_token, register_farm, token_file_text, unregister_farm
 
 from conftest import FARM_MARK, PYTHON, LocalFarm, free_port, run_farm
 
-#: Longest a test waits for processes to exit after their farm is gone.
-GONE_S = 60
+#: Longest a test waits for processes to exit after their farm is gone (the reaper looks
+#: for up to REAP_S, after giving Redis its GRACE_S).
+GONE_S = REAP_S + GRACE_S + 30
 
 
 def redis_servers(directory: Path) -> set[int]:
@@ -252,7 +253,8 @@ def test_kill_9_of_rayfarm_up_stops_everything_and_a_restart_loses_nothing(
     farm.process = None
 
     left = wait_gone(farm.mark, data_dir / "redis")
-    assert not left, f"processes outlived rayfarm up: {describe(left)}"
+    log = farm.log.read_text()
+    assert not left, f"processes outlived rayfarm up: {describe(left)}\n{log[-3000:]}"
     assert "was killed; stopped the" in farm.log.read_text()  # its reaper says so
 
     for again in run_farm(data_dir, env, port=port):
