@@ -74,12 +74,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # the sibling bench: process handling and the machine's facts
+from _common import (  # what the benches share
     BenchError,
     Processes,
-    _proc_table,
     descendants,
+    kill_seen,
+    killpg,
     machine,
+    percentile,
     run_bench,
 )
 
@@ -559,18 +561,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 print(f"{self.name} did not stop in {SERVER_STOP_S:.0f} s: killing it")
         self.process = None
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        killpg(process.pid)
         process.wait()
-        table = _proc_table()
-        for pid, start in self.seen.items():
-            if pid in table and table[pid][1] == start:  # that process, not a reused pid
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_seen(self.seen)
 
 
 def _env() -> dict[str, str]:
@@ -590,13 +583,6 @@ def _answers(url: str) -> bool:
             return bool(answer.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _cpu_by_name(
@@ -638,9 +624,9 @@ class Bench:
             "clients": clients,
             "requests": len(lat),
             "rps": round(len(lat) / raw["seconds"], 1),
-            "p50_ms": round(_percentile(lat, 0.50), 2),
-            "p90_ms": round(_percentile(lat, 0.90), 2),
-            "p99_ms": round(_percentile(lat, 0.99), 2),
+            "p50_ms": round(percentile(lat, 50), 2),
+            "p90_ms": round(percentile(lat, 90), 2),
+            "p99_ms": round(percentile(lat, 99), 2),
             "max_ms": round(max(lat), 2) if lat else None,
             "errors": errors,
             "error_kinds": raw["errors"],

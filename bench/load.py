@@ -44,12 +44,13 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # the sibling bench: process and farm handling
+from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,
     machine,
     make_scene,
+    percentile,
     run_bench,
 )
 
@@ -58,13 +59,6 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 #: Longest the storm waits for its jobs to finish.
 FINISH_TIMEOUT_S = 600.0
 HEALTH_EVERY_S = 0.1
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 @dataclass
@@ -129,11 +123,11 @@ class StormResult:
             extra=self.extra,
             unfinished=self.unfinished,
             states=dict(Counter(self.final.values())),
-            submit_p50_ms=_percentile(self.submit_ms, 50),
-            submit_p99_ms=_percentile(self.submit_ms, 99),
+            submit_p50_ms=percentile(self.submit_ms, 50),
+            submit_p99_ms=percentile(self.submit_ms, 99),
             submit_max_ms=max(self.submit_ms, default=float("nan")),
             health_checks=len(self.health_ms),
-            health_p99_ms=_percentile(self.health_ms, 99),
+            health_p99_ms=percentile(self.health_ms, 99),
             health_max_ms=max(self.health_ms, default=float("nan")),
         )
         return out
@@ -294,8 +288,8 @@ async def _status_load(
     return {
         "clients": clients,
         "rps": round(len(latencies) / duration_s, 1),
-        "p50_ms": round(_percentile(latencies, 50), 2),
-        "p99_ms": round(_percentile(latencies, 99), 2),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
         "errors": len(errors),
     }
 
@@ -346,8 +340,8 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "out")},
         "baseline_submit_ms": {
             "n": len(base),
-            "p50": round(_percentile(base, 50), 1),
-            "p99": round(_percentile(base, 99), 1),
+            "p50": round(percentile(base, 50), 1),
+            "p99": round(percentile(base, 99), 1),
         },
         "storm": summary,
         "status_load": load,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import Processes, run_bench
+from _common import Processes, run_bench
 
 from rayfarm import Job, JobSpec, JobState
 
@@ -148,7 +149,8 @@ def _farm(redis_url: str, storage: str, n_tasks: int) -> tuple[float, dict[str, 
     job_id, seconds = _run_job(client, dispatcher, redis_url, "5ca1e", n_tasks)
     key = f"rayfarm:job:{job_id}"
     calls1, scripts1, mem1 = _redis_stats(client)
-    state = client.hget(key, "state").decode()
+    state = client.hget(key, "state")
+    state = state.decode() if isinstance(state, bytes) else str(state)
     events = client.xlen(f"{key}:events")
     per_call = _tasks_per_call(client, f"{key}:events")
     ray.kill(dispatcher)
@@ -174,7 +176,7 @@ def measure(procs: Processes, out: Path, n_tasks: int, nodes: int) -> dict[str, 
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=0, num_gpus=1)
-        ray.init(address=cluster.address, namespace="rayfarm", logging_level="ERROR")
+        ray.init(address=cluster.address, namespace="rayfarm", logging_level=logging.ERROR)
         cluster.wait_for_nodes()
         baseline = _baseline(min(n_tasks, 5000))
         seconds, farm = _farm(redis_server.url, (out / "storage").as_uri(), n_tasks)

@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import BenchError, LocalFarm, Processes, machine, make_scene, run_bench
+from _common import BenchError, LocalFarm, Processes, machine, make_scene, run_bench
 
 LONG_SAMPLES = 65_536
 WAIT_S = 300.0

@@ -68,7 +68,7 @@ from rayfarm.render.supervisor import BOOT, PACKAGE_DIR
 from rayfarm.render.tiles import MAX_TILE_COST_SHARE, border_band
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # the sibling bench: process and farm handling
+from _common import (  # what the benches share
     PYTHON,
     BenchError,
     LocalFarm,

@@ -35,7 +35,7 @@ from PIL import Image
 import rayfarm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # the sibling bench: process and farm handling
+from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from overhead import (  # the sibling bench: process handling, scenes, machine facts
+from _common import (  # what the benches share
     BLENDER,
     RENDER_FRAMES,
     SCENES,

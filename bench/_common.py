@@ -1,0 +1,382 @@
+"""What the benches share: their processes, a local farm, scenes, the machine's facts,
+percentiles, and a bench's main.
+
+Every bench starts what it measures as child processes (``Processes``: each in a session
+of its own, all stopped at the end), a farm as ``rayfarm up`` (``LocalFarm``, with its
+own Redis, storage and Ray), scenes with ``examples/make_scene.py`` in the bench's Blender
+environment (``make_scene``), and reports through ``run_bench`` (a temp folder, JSON
+results, exit 0 / 1 / 130). A bench imports ``_common``, never another bench.
+
+The driver imports neither bpy nor ray: only the stdlib and the SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import rayfarm
+from rayfarm.cluster.ports import free_port
+from rayfarm.pack import pack_scene
+from rayfarm.render import environments
+from rayfarm.render.inputs import InputFile, Inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_SCENE = ROOT / "examples" / "make_scene.py"
+RENDER_FRAMES = Path(__file__).resolve().parent / "render_frames.py"
+PYTHON = sys.executable
+#: The Blender the benches build scenes with, so the farm renders them with it too, and
+#: the one ways (a) and (b) render with (``RAYFARM_BENCH_BLENDER``, default 5.0).
+BLENDER = os.environ.get("RAYFARM_BENCH_BLENDER", "5.0")
+
+
+def blender_python() -> str:
+    """The interpreter of the bench's Blender environment (built if missing)."""
+    return str(environments.install(BLENDER).python)
+
+
+SCENES: dict[str, list[str]] = {"light": [], "heavy": ["--heavy"]}
+TINY = ["--width", "32", "--height", "24", "--samples", "1"]
+
+FARM_START_S = 300.0
+FARM_STOP_S = 60.0
+PROCESS_TIMEOUT_S = 3600.0
+#: The farm gets its own Redis, storage and Ray: none of these may leak in.
+FARM_ENV_DROP = (
+    "REDIS_URL",
+    "RAYFARM_STORAGE",
+    "RAYFARM_DATA_DIR",
+    "RAYFARM_PORT",
+    "RAYFARM_CPU_ACTORS",
+    "RAYFARM_ACTOR_THREADS",
+)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """The measurement could not be made."""
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+class Processes:
+    """Every child process the bench starts, each in a session of its own, so that a
+    Ctrl-C at the terminal reaches only the driver and ``kill_all`` can stop each one
+    with everything it started."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, cmd: Sequence[object], log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [str(c) for c in cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        self.started.append(process)
+        return process
+
+    def run(self, cmd: Sequence[object], log: Path) -> float:
+        """Run ``cmd`` to the end; return its wall-clock seconds, start to exit."""
+        started = time.perf_counter()
+        process = self.start(cmd, log)
+        try:
+            rc = process.wait(PROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{cmd[1]} ran over {PROCESS_TIMEOUT_S:.0f} s; see {log}") from None
+        seconds = time.perf_counter() - started
+        if rc != 0:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise BenchError(f"{' '.join(map(str, cmd))} exited {rc}; see {log}:\n{tail}")
+        return seconds
+
+    def kill_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                killpg(process.pid)
+                process.wait()
+
+
+def killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def proc_table() -> dict[int, tuple[int, int, str, float]]:
+    """Every process: pid -> (ppid, start time in ticks, name, CPU seconds so far)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
+        ppid, start = int(fields[1]), int(fields[19])
+        cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        table[int(entry)] = (ppid, start, process_name(argv), cpu)
+    return table
+
+
+def kill_seen(seen: dict[int, int]) -> None:
+    """SIGKILL each process of ``seen`` (pid -> start ticks) still running: those that
+    left their parent's session (Ray's workers), never a later process given the pid."""
+    table = proc_table()
+    for pid, start in seen.items():
+        if pid in table and table[pid][1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def descendants(root: int) -> dict[int, tuple[int, str, float]]:
+    """``root`` and every process under it now: pid -> (start ticks, name, CPU seconds)."""
+    table = proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            _, start, name, seconds = table[pid]
+            found[pid] = (start, name, seconds)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def process_name(argv: list[str]) -> str:
+    """A short name for a farm process: Ray's titles (``ray::RenderActor``), else the
+    program, or the script or module a Python runs."""
+    if not argv:
+        return "?"
+    words = " ".join(argv).split()
+    if words[0].startswith("ray::"):
+        return words[0].split(".")[0]
+    program = os.path.basename(words[0])
+    # argv, not words: the worker's -c code is one argument of many words.
+    if program.startswith("python") and any(a.endswith("/worker") for a in argv[1:5]):
+        return "blender worker"  # a render actor's Blender (supervisor.BOOT PACKAGE_DIR)
+    if program.startswith("python"):
+        for i, word in enumerate(words[1:], 1):
+            if word == "-m" and i + 1 < len(words):
+                return " ".join(words[i + 1 : i + 3])
+            if word.endswith(".py"):
+                return os.path.basename(word)
+    return program
+
+
+# -- the farm ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CpuSnapshot:
+    at: float
+    processes: dict[int, tuple[int, str, float]]  # pid -> (start ticks, name, CPU s)
+    driver: float
+
+
+class LocalFarm:
+    """``rayfarm up`` in a subprocess of its own session, with its data in ``data_dir``."""
+
+    def __init__(self, procs: Processes, data_dir: Path, log: Path) -> None:
+        self.procs, self.data_dir, self.log = procs, data_dir, log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client: rayfarm.Farm | None = None
+        self.port = 0
+        self.seen: dict[int, int] = {}  # every descendant ever seen: pid -> start ticks
+        self.env: dict[str, str] = {}  # settings for this farm (RAYFARM_CPU_ACTORS, ...)
+        self.token = "rf_" + secrets.token_urlsafe(32)  # the farm's first admin
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> rayfarm.Farm:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in FARM_ENV_DROP}
+        env["RAY_ADDRESS"] = "local"  # a Ray of its own, never a cluster found on the machine
+        env["RAYFARM_ADMIN_TOKEN"] = self.token  # its first admin: the bench
+        env.update(self.env)
+        cmd = [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port)]
+        self.process = self.procs.start([*cmd, "--data-dir", str(self.data_dir)], self.log, env)
+        self.client = rayfarm.Farm(self.url, token=self.token)
+        deadline = time.monotonic() + FARM_START_S
+        while True:
+            if self.process.poll() is not None:
+                raise BenchError(f"the farm exited ({self.process.returncode}); see {self.log}")
+            try:
+                self.client.health()
+                return self.client
+            except rayfarm.FarmError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the farm did not answer in time; see {self.log}") from None
+                time.sleep(0.25)
+
+    def catalogue_s(self, scene: Path) -> float | None:
+        """How long the farm took to catalogue ``scene`` (once per scene: made beside
+        its first job), from its entry (``GET /scenes/{id}``); None if it has none."""
+        with pack_scene(scene) as packed:
+            files = tuple(InputFile(f.path, f.sha256, f.size) for f in packed.files)
+            digest = Inputs("", packed.main, files).digest
+        r = httpx.get(
+            f"{self.url}/scenes/{digest}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        return float(r.json().get("catalogue_s", 0.0)) if r.status_code == 200 else None
+
+    def cpu(self) -> CpuSnapshot:
+        """CPU seconds of every process under the farm, and of this driver."""
+        assert self.process is not None
+        found = descendants(self.process.pid)
+        self.seen.update((pid, start) for pid, (start, _, _) in found.items())
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return CpuSnapshot(time.perf_counter(), found, own.ru_utime + own.ru_stime)
+
+    def stop(self) -> None:
+        """SIGINT (``rayfarm up`` then stops what it started); after FARM_STOP_S, kill
+        its process group; then any process ever seen under it that is still there."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.cpu()  # note every process under it now: Ray's workers have sessions of their own
+        process, self.process = self.process, None
+        if self.client is not None:
+            self.client.close()
+        try:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(FARM_STOP_S)
+        except subprocess.TimeoutExpired:
+            print(f"the farm did not stop in {FARM_STOP_S:.0f} s: killing it", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted again: killing the farm", file=sys.stderr)
+        finally:
+            killpg(process.pid)  # what is left in its session: Redis, Ray's own daemons
+            process.wait()
+            kill_seen(self.seen)
+
+
+def cpu_delta(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, Any]:
+    """CPU seconds each farm process used between two snapshots, by name."""
+    by_name: dict[str, float] = {}
+    for pid, (start, name, seconds) in after.processes.items():
+        old = before.processes.get(pid)
+        used = seconds - (old[2] if old is not None and old[0] == start else 0.0)
+        by_name[name] = by_name.get(name, 0.0) + used
+    renders = ("ray::RenderActor", "blender worker")  # the actor and its Blender workers
+    actor = sum(s for n, s in by_name.items() if n.startswith(renders))
+    others = {n: round(s, 2) for n, s in sorted(by_name.items(), key=lambda kv: -kv[1]) if s}
+    others = {n: s for n, s in others.items() if not n.startswith(renders)}
+    return {
+        "seconds": round(after.at - before.at, 3),
+        "actor_cpu_s": round(actor, 2),
+        "farm_cpu_s": round(sum(others.values()), 2),
+        "farm_by_process": others,
+        "driver_cpu_s": round(after.driver - before.driver, 2),
+    }
+
+
+def make_scene(procs: Processes, path: Path, extra: list[str]) -> Path:
+    procs.run([blender_python(), MAKE_SCENE, path, *extra], path.with_suffix(".log"))
+    return path
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "bpy": environments.environment(BLENDER).info().get("bpy", "not installed"),
+        "ray": version("ray"),
+        "rayfarm": rayfarm.__version__,
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_bench(
+    out: Path | None,
+    json_path: Path | None,
+    prefix: str,
+    work: Callable[[Processes, Path], dict[str, Any]],
+    cleanup: Callable[[], None] | None = None,
+) -> int:
+    """A bench's main: ``work(procs, out)`` measures and reports, into ``out``
+    (a fresh temp dir when None); its result goes to ``json_path``. Exit 0 when it ran,
+    1 when something broke, 130 on Ctrl-C or SIGTERM; every process stopped."""
+    folder = (out or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    procs = Processes()
+    try:
+        result = work(procs, folder)
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            print(f"results: {json_path}")
+        return 0
+    except (BenchError, rayfarm.FarmError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if cleanup is not None:
+            cleanup()  # a farm the work left running, say (SIGINT, then its session killed)
+        procs.kill_all()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, nearest rank; NaN when empty. The
+    one formula of every bench, so that their p50 and p99 compare."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
