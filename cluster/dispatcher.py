@@ -1107,9 +1107,10 @@ def _slice_fields(run: Run, task: RenderTask, meta: TaskResult) -> dict[str, Any
     if meta.samples is not None:
         offset, length, total = meta.samples
         fields["subset"] = f"{offset}-{offset + length - 1} of {total}"
-    sampled = run.sampled.get(task.frame)
-    if sampled is not None:
-        fields["fraction"] = f"{sampled.fraction:.4f}"
+        sampled = run.sampled.get(task.frame)
+        after = None if sampled is None else sampled.after.get((task.tile, offset))
+        if after is not None:
+            fields["fraction"] = f"{after:.4f}"
     return fields
 
 

@@ -88,6 +88,9 @@ class FrameSamples:
     area: dict[int, float] = field(default_factory=dict)  # tile -> its share of the frame
     merged: dict[int, int] = field(default_factory=dict)  # tile -> its samples landed
     seen: set[tuple[int, int]] = field(default_factory=set)  # (tile, offset)
+    # (tile, offset) -> the frame's share landed once that slice was counted: what its
+    # event says, whatever lands while the event is being written.
+    after: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def land(self, tile: int, area: float, samples: tuple[int, int, int]) -> bool:
         """Count a slice's samples (offset, length, total) over ``tile`` (``area``: its
@@ -98,6 +101,7 @@ class FrameSamples:
         self.seen.add((tile, offset))
         self.area[tile] = area
         self.merged[tile] = self.merged.get(tile, 0) + length
+        self.after[(tile, offset)] = self.fraction
         return True
 
     @property
