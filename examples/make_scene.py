@@ -18,7 +18,8 @@ each kind (means, first-sample passes, light passes divided by a colour pass, wi
 without that colour pass, light groups, an AOV, object and material indexes), and a
 glass ball. ``--lights N`` adds N small coloured point lights (Cycles picks among many
 lights with its light tree). ``--adaptive`` turns adaptive sampling on;
-``--cryptomatte`` the Cryptomatte object pass.
+``--animated-seed`` Cycles' animated seed (a frame's noise depends on its number);
+``--cryptomatte`` the Cryptomatte object pass; ``--vector`` the Vector (motion) pass.
 ``--grade`` sets a graded look (AgX Punchy, exposure, gamma, an RGB curve,
 transparent film). ``--heavy`` adds a dense mesh whose Subdivision Surface modifier is evaluated at
 render time (about 2.5 million triangles) and animates the camera, so every
@@ -82,14 +83,13 @@ def _all_passes(bpy, scene, ball) -> None:
     layer = scene.view_layers[0]
     for name in (
         "use_pass_z", "use_pass_mist", "use_pass_position", "use_pass_normal",
-        "use_pass_vector", "use_pass_uv", "use_pass_object_index", "use_pass_material_index",
+        "use_pass_uv", "use_pass_object_index", "use_pass_material_index",
         "use_pass_diffuse_direct", "use_pass_diffuse_indirect", "use_pass_glossy_direct",
         "use_pass_glossy_color", "use_pass_transmission_direct", "use_pass_emit",
         "use_pass_environment", "use_pass_ambient_occlusion",
     ):  # fmt: skip
         setattr(layer, name, True)
     layer.cycles.denoising_store_passes = True
-    scene.render.use_motion_blur = False  # the Vector pass needs it off
     for i, obj in enumerate(bpy.data.objects):
         obj.pass_index = i + 1
     for i, material in enumerate(bpy.data.materials):
@@ -143,6 +143,8 @@ def build(
     lights: int = 0,
     adaptive: bool = False,
     cryptomatte: bool = False,
+    animated_seed: bool = False,
+    vector: bool = False,
 ) -> Path:
     import bpy
 
@@ -158,6 +160,7 @@ def build(
     scene.cycles.samples = samples
     scene.cycles.use_denoising = denoise
     scene.cycles.use_adaptive_sampling = adaptive
+    scene.cycles.use_animated_seed = animated_seed
     scene.render.resolution_x, scene.render.resolution_y = width, height
     scene.render.resolution_percentage = 100
     scene.frame_start, scene.frame_end = 1, frames
@@ -309,6 +312,9 @@ def build(
 
     if cryptomatte:
         scene.view_layers[0].use_pass_cryptomatte_object = True
+    if vector:
+        scene.render.use_motion_blur = False  # the Vector pass needs it off
+        scene.view_layers[0].use_pass_vector = True
 
     if py_driver:
         # A driver whose expression needs Python: with scripts off it evaluates to 0.
@@ -349,12 +355,14 @@ def main() -> None:
     p.add_argument("--lights", type=int, default=0, help="this many more point lights")
     p.add_argument("--adaptive", action="store_true", help="adaptive sampling on")
     p.add_argument("--cryptomatte", action="store_true", help="the Cryptomatte object pass")
+    p.add_argument("--animated-seed", action="store_true", help="a seed per frame")
+    p.add_argument("--vector", action="store_true", help="the Vector (motion) pass")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
         a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture, a.texture_dir,
         a.library, a.py_driver, a.file_output, a.all_passes, a.lights, a.adaptive,
-        a.cryptomatte,
+        a.cryptomatte, a.animated_seed, a.vector,
     )  # fmt: skip
     print(out)
 

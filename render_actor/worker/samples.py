@@ -9,7 +9,7 @@ the parts merge; measured with bpy 5.0 (every pass a 5.0 view layer offers, 2 an
 parts of 16 samples):
 
 - most passes are the mean of their samples (Combined, light groups, Mist, Normal, UV,
-  Vector, the colour passes, Emission, Environment, AO, Volume, AOVs, the denoiser's
+  the colour passes, Emission, Environment, AO, Volume, AOVs, the denoiser's
   Albedo and Normal): their merge is the mean of the parts weighted by their samples
   (max difference from the whole render 2e-7 here);
 - Depth, Position, Object Index and Material Index are written at a pixel's first sample
@@ -21,6 +21,9 @@ parts of 16 samples):
   sum(value x colour x samples) / sum(colour x samples) (max difference 6e-7); a part
   renders with the colour pass on for this even when the scene has it off, and that
   helper part (named with ``HELPER``) is dropped once merged;
+- Vector (motion) is divided by the samples whose camera ray hit a surface, a count the
+  file does not hold (a slice whose samples all missed the surface at a pixel reads 0
+  there): merged by samples it was off by 18 pixels at a moving edge;
 - Cryptomatte (ranked id/coverage pairs: the rank of equal coverages depends on the
   order samples met the ids), Shadow Catcher (a ratio of sums the file does not hold)
   and the debug passes cannot be merged from the parts' images: a sliced frame refuses
@@ -99,6 +102,11 @@ def refusal(name: str) -> str | None:
         return (
             "Cryptomatte ranks ids by coverage, and the rank of equal coverages depends on "
             "the order the samples met them"
+        )
+    if name == "Vector":
+        return (
+            "Cycles divides it by the samples whose camera ray hit a surface, a count the "
+            "parts' images do not hold"
         )
     if name == "Shadow Catcher":
         return "the shadow catcher pass is a ratio of sums the parts' images do not hold"

@@ -10,7 +10,7 @@ no bpy import): which samples, and what exactness asks of the render (see
   once (a warning event) rather than refusing a scene an artist made for one machine.
 - The colour pass of each divided light pass on, as a helper part dropped after the
   merge.
-- A pass no merge can give back (Cryptomatte, Shadow Catcher, debug passes) fails the
+- A pass no merge can give back (Vector, Cryptomatte, Shadow Catcher, debug passes) fails the
   job at once, naming the pass and its view layer.
 
 ``Session._prepare`` sets every one of these back from the scene's own values before
@@ -36,6 +36,7 @@ REFUSED_SWITCHES = {
     "CryptoObject": ("", "use_pass_cryptomatte_object"),
     "CryptoMaterial": ("", "use_pass_cryptomatte_material"),
     "CryptoAsset": ("", "use_pass_cryptomatte_asset"),
+    "Vector": ("", "use_pass_vector"),
     "Shadow Catcher": ("cycles", "use_pass_shadow_catcher"),
     "Debug Sample Count": ("cycles", "pass_debug_sample_count"),
 }
