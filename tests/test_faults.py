@@ -203,3 +203,25 @@ def test_the_hang_timeout_is_read_in_seconds(monkeypatch):
     assert Settings.from_env().hang_timeout_s == 90.5
     monkeypatch.delenv("RAYFARM_HANG_TIMEOUT_S")
     assert Settings.from_env().hang_timeout_s == 900.0
+
+
+def test_a_slot_lost_mid_slice_costs_that_slice_alone(client, hang_farm, make_scene, tmp_path):
+    """SIGKILL of the Blender worker in the middle of a sample slice (a preempted node,
+    the OOM killer): that slice alone renders again, with the same samples, and spends
+    no retry (the job allows none); the frame equals bpy's unsliced render."""
+    scene = make_scene("--width", "64", "--height", "48", "--samples", "2400", "--frames", "1")
+    job = client.submit(scene, frames="1", slices=2, max_retries=0)
+    task, _, victim = _running(hang_farm, job.id, "progress")
+    os.kill(victim, signal.SIGKILL)
+    assert completed(job).frames_done == 1
+    (failed,) = _events(hang_farm, job.id, "task_failed")
+    assert (failed["task"], failed["lost"], failed["retry"]) == (task, "True", "True")
+    assert "SIGKILL" in failed["error"] and "this slice alone renders again" in failed["error"]
+    assert [e["task"] for e in _events(hang_farm, job.id, "task_retried")] == [task]
+    started = sorted(e["task"] for e in _events(hang_farm, job.id, "task_started"))
+    assert started == sorted([task, "f0000001t000s00", "f0000001t000s01"])
+    done = {e["task"]: e["subset"] for e in _events(hang_farm, job.id, "task_done")}
+    assert done == {"f0000001t000s00": "0-1199 of 2400", "f0000001t000s01": "1200-2399 of 2400"}
+    (got,) = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [1])[1]
+    assert np.abs(pixels(got).astype(int) - pixels(want).astype(int)).max() <= 1
