@@ -6,9 +6,13 @@ samples, denoising off: a long frame for its size), starts a local farm with
 ``--actors`` CPU render actors, warms every actor up with the scene, then renders
 frame 1 as multi-layer EXR once per way, each ``--repeat`` times:
 
-- whole: ``slices=1``, one task on one actor while the others idle (the baseline);
 - ``--slices`` (2 and 4 by default): the frame's samples split into that many slices
-  over the actors, merged by the assembler and finished once.
+  over the actors, merged by the assembler and finished once;
+- whole: ``slices=1``, one task on one actor while the others idle (the baseline).
+
+Each way's repeats run back to back, the sliced ways first: an actor closes its
+finisher when it renders whole frames again, so a sliced way run after the whole one
+would also time the finisher's start (the warm-up, sliced, starts it).
 
 For each way, from the job's events (one clock: the farm's): the time to the final
 frame (the job's creation to its ``frame`` event), the time to the first full-frame
@@ -133,7 +137,7 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
     result: dict[str, Any] = {"machine": machine(), "args": {**vars(args), "out": str(out)}}
     farm = LocalFarm(procs, out / "farm", out / "farm.log")
     farm.env["RAYFARM_CPU_ACTORS"] = str(args.actors)
-    ways = [Way("whole", 1), *(Way(f"{n} slices", n) for n in args.slice_list)]
+    ways = [*(Way(f"{n} slices", n) for n in args.slice_list), Way("whole", 1)]
     try:
         client = farm.start()
         # Warm-up: every actor opens the scene and a finisher merges a frame (1 sample a
@@ -141,9 +145,10 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         warm = client.submit(scene, frames="1", slices=args.actors, samples=args.actors)
         if warm.wait(timeout=JOB_TIMEOUT_S).state is not rayfarm.JobState.COMPLETED:
             raise BenchError(f"the warm-up job failed: {warm.refresh().error}")
-        for _ in range(args.repeat):
-            for way in ways:
+        for way in ways:
+            for _ in range(args.repeat):
                 _run(client, scene, way, out)
+        ways.insert(0, ways.pop())  # the whole frame first in the table
     finally:
         farm.stop()
 
