@@ -66,7 +66,9 @@ def _running(farm, job_id: str, kind: str, timeout_s: float = WAIT_S) -> tuple[s
 
 
 def _worker_of(actor: int, timeout_s: float = 60) -> int:
-    """The pid of the Blender worker process render actor ``actor`` runs (its child)."""
+    """The pid of the Blender worker process render actor ``actor`` renders with (its
+    child; not the finisher an actor rendering parts of frames starts beside it, whose
+    scratch folder is named for its role)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for entry in Path("/proc").iterdir():
@@ -77,7 +79,10 @@ def _worker_of(actor: int, timeout_s: float = 60) -> int:
                 cmdline = (entry / "cmdline").read_bytes()
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == actor and b"rayfarm_worker" in cmdline and b"serve" in cmdline:
+            if (
+                ppid == actor and b"rayfarm_worker" in cmdline and b"serve" in cmdline
+                and b"-finish" not in cmdline
+            ):  # fmt: skip
                 return int(entry.name)
         time.sleep(0.05)
     raise AssertionError(f"render actor {actor} has no Blender worker")
