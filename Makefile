@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.rayfarm-setup
 #: Where setup steps write what they print (scripts/quietly.sh shows one line each).
 LOGS   := build/setup
 
-.PHONY: setup demo test lint bench bench-tiles bench-upload bench-scale bench-api bench-load bench-stop bench-worker clean addon
+.PHONY: setup demo test lint bench bench-tiles bench-slices bench-upload bench-scale bench-api bench-load bench-stop bench-worker clean addon
 
 ## setup: create or reuse .venv with the SDK, cluster, render and dev extras; build the
 ## Blender environments the farm offers ($RAYFARM_BLENDER, default 5.3 and 5.0: bpy from
@@ -45,6 +45,10 @@ bench: setup
 ## bench-tiles: one frame whole vs tiled 2x2 vs auto on two actors (see BENCHMARKS.md)
 bench-tiles: setup
 	$(BIN)/python bench/tiles.py --sweep
+
+## bench-slices: one high-sample frame whole vs its samples in 2 and 4 slices on two actors
+bench-slices: setup
+	$(BIN)/python bench/slices.py
 
 ## bench-upload: first submit vs unchanged re-submit vs one texture changed (~200 MB of textures)
 bench-upload: setup

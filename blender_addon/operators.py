@@ -32,6 +32,7 @@ def job_spec(scene: bpy.types.Scene) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "frames": frames,
         "tiles": s.tiles if s.tiles == "auto" else (1 if s.tiles == "1" else s.tiles),
+        "slices": s.slices if s.slices == "auto" else int(s.slices),
         "scene": scene.name,
         "priority": s.priority,
         "format": s.format,

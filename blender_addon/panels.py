@@ -37,6 +37,7 @@ class RAYFARM_PT_render(bpy.types.Panel):
         else:
             col.prop(s, "frames")
         col.prop(s, "tiles")
+        col.prop(s, "slices")
         row = col.row(heading="Samples")
         row.prop(s, "use_samples", text="")
         sub = row.row()

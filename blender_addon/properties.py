@@ -37,6 +37,25 @@ class RayfarmSceneSettings(bpy.types.PropertyGroup):
         ],
         default="1",
     )
+    slices: EnumProperty(  # type: ignore[valid-type]
+        name="Slices",
+        description="Split each frame's samples into slices rendered in parallel on the farm "
+        "and merged exactly (a long frame spreads over several workers, and shows a whole, "
+        "noisier preview after its first slice)",
+        items=[
+            ("1", "Whole Samples", "One task renders all of a frame's samples"),
+            ("2", "2", "Two slices per frame"),
+            ("4", "4", "Four slices per frame"),
+            ("8", "8", "Eight slices per frame"),
+            (
+                "auto",
+                "Auto",
+                "The farm picks slices so that no task runs longer than its "
+                "target time, never more than its free workers can use",
+            ),
+        ],
+        default="1",
+    )
     use_samples: BoolProperty(  # type: ignore[valid-type]
         name="Override Samples", description="Render with a different sample count"
     )

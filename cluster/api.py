@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
-from rayfarm.cluster import accounts, faults, observe, scheduling, web
+from rayfarm.cluster import accounts, faults, keys, observe, scheduling, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard, LocalHostGuard
 from rayfarm.cluster.auth import Principal
@@ -457,16 +457,26 @@ async def get_frame(job_id: JobId, frame: int, ctx: Ctx, request: Request) -> Re
 )
 async def get_thumbnail(job_id: JobId, frame: int, ctx: Ctx) -> Response:
     """A PNG preview of a stored frame (at most 512 pixels on its longer side; EXR frames
-    through the scene's view transform), made when the frame landed."""
+    through the scene's view transform), made when the frame landed; of a frame split
+    into sample slices that is still rendering, the merge of the slices landed so far
+    (its combined pass through the view transform, not yet denoised or composited), with
+    ``X-Rayfarm-Samples``: the share of the frame's samples it holds (1 once stored)."""
     await ctx.store.status(job_id)  # 404 for an unknown job
-    key = layout.thumbnail_key(job_id, frame)
-    try:
-        data = await asyncio.to_thread(ctx.storage.read_bytes, key)
-    except FileNotFoundError:
-        raise FrameNotFound(
-            f"job {job_id} has no preview of frame {frame}", {"job_id": job_id, "frame": frame}
-        ) from None
-    return Response(data, media_type="image/png")
+    final, partial = layout.thumbnail_key(job_id, frame), layout.preview_key(job_id, frame)
+    # The final one again last: a frame that landed between the first two reads.
+    for key in (final, partial, final):
+        try:
+            data = await asyncio.to_thread(ctx.storage.read_bytes, key)
+        except FileNotFoundError:
+            continue
+        if key == final:
+            fraction = "1"
+        else:
+            fraction = await ctx.store.redis.hget(keys.previews(job_id), str(frame)) or "0"
+        return Response(data, media_type="image/png", headers={"X-Rayfarm-Samples": fraction})
+    raise FrameNotFound(
+        f"job {job_id} has no preview of frame {frame}", {"job_id": job_id, "frame": frame}
+    )
 
 
 @jobs.get("/{job_id}/outputs")
@@ -480,7 +490,7 @@ async def list_outputs(job_id: JobId, ctx: Ctx, request: Request) -> dict[str, A
     outputs = []
     for key, size in found:
         name = key.removeprefix(prefix + "/")
-        if name.startswith("thumbnails/"):
+        if name.startswith(("thumbnails/", "previews/")):
             continue
         outputs.append({"name": name, "size": size, "url": f"{base}/jobs/{job_id}/outputs/{name}"})
     return {"outputs": outputs}

@@ -107,6 +107,7 @@ class Remover:
                 {"job_id": job_id, "state": state},
             )
         dying: list[str] = list(reply[2])
+        await self.redis.unlink(keys.previews(job_id))  # kept beside the script's keys
         objects = size = 0
         complete = True
         try:
@@ -144,7 +145,7 @@ class Remover:
         ids: list[str] = await self.redis.zrangebyscore(keys.deleted(), "-inf", before, 0, limit)
         for job_id in ids:
             if not await self.redis.exists(keys.job(job_id)):
-                await self.redis.unlink(*_job_keys(job_id))
+                await self.redis.unlink(*_job_keys(job_id), keys.previews(job_id))
                 await asyncio.to_thread(self.storage.delete_prefix, job_prefix(job_id))
             await self.redis.zrem(keys.deleted(), job_id)
         return len(ids)

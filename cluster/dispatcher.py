@@ -58,9 +58,10 @@ from rayfarm.cluster import storage as layout
 from rayfarm.cluster.policy import PolicyStore
 from rayfarm.cluster.pool import Pool, actor_died
 from rayfarm.cluster.post import encode_video
-from rayfarm.cluster.runs import Run, Slot, expand
+from rayfarm.cluster.runs import Run, Slot, expand, task_key
 from rayfarm.cluster.scheduler import Plan, Policy, Queued, Scheduler
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
+from rayfarm.cluster.slicing import MAX_SLICE_LOSSES, FrameSamples, auto_slices, lost_slot
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import (
     NOT_PROCESSING,
@@ -109,12 +110,14 @@ class Dispatcher:
         self._queued: dict[str, Queued] = {}
         self._queued_at = 0.0
         self._waiting: dict[str, str] = {}
+        self._previewing = asyncio.Lock()  # one preview of a sliced frame stored at a time
         self.assembler: Any = None
         self.inspector: Any = None
         self._wake: asyncio.Event | None = None
         self._full_round = True  # reconcile the pool, sync runs and admit next round
-        # (job, frame, tile) -> the slot rendering it: progress reports reach the hang watch.
-        self._doing: dict[tuple[str, int, int], Slot] = {}
+        # (job, frame, tile, slice) -> the slot rendering it: progress reports reach the
+        # hang watch.
+        self._doing: dict[tuple[str, int, int, int], Slot] = {}
         # Redis failed under a run's bookkeeping (restarted, unreachable): once it answers
         # again, every run is rebuilt from what Redis holds, as after a restart.
         self._resync = False
@@ -154,21 +157,26 @@ class Dispatcher:
         result: dict[str, Any] = await self.inspector.catalogue.remote(inputs, blender)
         return result
 
-    async def progress(self, job_id: str, frame: int, tile: int, samples: int, of: int) -> None:
-        """A render actor's report of Cycles' samples done inside a running task."""
-        self.alive(job_id, frame, tile)
+    async def progress(
+        self, job_id: str, frame: int, tile: int, samples: int, of: int, slice: int = 0
+    ) -> None:
+        """A render actor's report of Cycles' samples done inside a running task (of a
+        sliced frame's: inside its slice ``slice``)."""
+        self.alive(job_id, frame, tile, slice)
         run = self.runs.get(job_id)
         if run is None or run.stopped:
             return
+        sliced = (run.slices or 1) > 1
         await self.store.event(
-            job_id, "progress", task=keys.task_key(frame, tile), frame=frame, tile=tile,
-            samples=samples, of=of,
+            job_id, "progress", task=keys.task_key(frame, tile, slice if sliced else None),
+            frame=frame, tile=tile, **({"slice": slice} if sliced else {}), samples=samples,
+            of=of,
         )  # fmt: skip
 
-    def alive(self, job_id: str, frame: int, tile: int) -> None:
+    def alive(self, job_id: str, frame: int, tile: int, slice: int = 0) -> None:
         """A render actor's sign that a task's render goes on (any Cycles status line:
         scene sync, BVH, kernels, samples): the hang watch starts its clock over."""
-        slot = self._doing.get((job_id, frame, tile))
+        slot = self._doing.get((job_id, frame, tile, slice))
         if slot is not None:
             slot.sign_at = time.monotonic()
 
@@ -307,7 +315,7 @@ class Dispatcher:
         run.pending.clear()
         self.runs.pop(run.id, None)
         self._waiting.pop(run.id, None)
-        if run.grid != (1, 1):
+        if run.is_split:
             self.assembler.drop.remote(run.id)
         if halt is not None:
             for slot in self.slots:
@@ -352,7 +360,7 @@ class Dispatcher:
         slot.user, slot.project = run.user, run.project
         slot.blender = run.blender or slot.blender
         for task in tasks:
-            self._doing[(run.id, task.frame, task.tile)] = slot
+            self._doing[(run.id, task.frame, task.tile, task.slice)] = slot
 
     def _capacity(self) -> int:
         idle = sum(not s.busy for s in self.slots)
@@ -457,36 +465,57 @@ class Dispatcher:
         # Fixed, or 'auto' decided before a restart; else _schedule sends the scene to an
         # actor to decide 'auto' (_probe).
         grid = grid_of(job.tiles) if job.tiles else job.spec.tile_grid
-        if grid is not None:
-            await self._plan(run, grid)
+        slices = job.slices or job.spec.slice_count
+        if grid is not None and slices is not None:
+            await self._plan(run, grid, slices)
             return
+        run.grid, run.slices = grid, slices
         frames = await self._frames_left(run)
-        if frames >= len(self.slots):  # 'auto' needs no look at the scene to say "whole"
-            await self._decide(run, *auto_grid(frames, len(self.slots), 1, 1, 0.0, 0.0))
+        if frames >= len(self.slots):
+            # 'auto' needs no look at the scene to say "whole": frames keep every slot busy.
+            whole = auto_grid(frames, len(self.slots), 1, 1, 0.0, 0.0)
+            one = (1, f"{frames} frames for {len(self.slots)} actors: all samples in one task")
+            await self._decide(
+                run, whole if grid is None else None, one if slices is None else None
+            )
 
     async def _frames_left(self, run: Run) -> int:
         done = set(await self.store.frames_done(run.id))
         return len([f for f in run.job.spec.frame_list if f not in done])
 
-    async def _decide(self, run: Run, grid: tuple[int, int], reason: str) -> None:
-        """Record the tiling chosen for ``tiles="auto"`` and plan the run with it."""
+    async def _decide(
+        self,
+        run: Run,
+        tiles: tuple[tuple[int, int], str] | None,
+        slices: tuple[int, str] | None,
+    ) -> None:
+        """Record what ``tiles="auto"`` (the grid, and why) and ``slices="auto"`` (the
+        count, and why) chose (None: the job fixed it) and plan the run with it."""
+        grid = tiles[0] if tiles else run.grid
+        count = slices[0] if slices else run.slices
+        assert grid is not None and count is not None
         nx, ny = grid
+        tasks = run.job.frames_total * nx * ny * count
         await self.store.set_fields(
-            run.id, tiles=_tiles(grid), tasks_total=str(run.job.frames_total * nx * ny)
+            run.id, tiles=_tiles(grid), slices=str(count), tasks_total=str(tasks)
         )
-        await self.store.event(run.id, "tiles", tiles=_tiles(grid), reason=reason)
-        await self._plan(run, grid)
+        if tiles is not None:
+            await self.store.event(run.id, "tiles", tiles=_tiles(grid), reason=tiles[1],
+                                   tasks=tasks)  # fmt: skip
+        if slices is not None:
+            await self.store.event(run.id, "slices", slices=count, reason=slices[1],
+                                   tasks=tasks)  # fmt: skip
+        await self._plan(run, grid, count)
 
-    async def _plan(self, run: Run, grid: tuple[int, int]) -> None:
+    async def _plan(self, run: Run, grid: tuple[int, int], slices: int = 1) -> None:
         done = set(await self.store.frames_done(run.id))
-        run.grid = grid
-        run.pending.extend(expand(run.job, run.scene_hash, done, grid))
-        await self.store.event(run.id, "planned", tiles=_tiles(grid), tasks=len(run.pending))
-        await self.store.add_events(
-            run.id, "task_queued",
-            [{"task": keys.task_key(t.frame, t.tile), "frame": t.frame, "tile": t.tile}
-             for t in run.pending],
+        run.grid, run.slices = grid, slices
+        run.pending.extend(expand(run.job, run.scene_hash, done, grid, slices))
+        await self.store.event(
+            run.id, "planned", tiles=_tiles(grid), **({"slices": slices} if slices > 1 else {}),
+            tasks=len(run.pending),
         )  # fmt: skip
+        await self.store.add_events(run.id, "task_queued", [_named(t) for t in run.pending])
         if not run.pending:
             await self._complete(run)
 
@@ -520,20 +549,32 @@ class Dispatcher:
         return changed
 
     async def _probe(self, slot: Slot, run: Run) -> None:
-        """Decide ``tiles="auto"`` for a job with fewer frames than actors: an actor opens
-        the scene (and keeps it open for the job's tasks) and measures the frame's size,
-        render time and per-tile cost; the grid follows from those and the pool."""
+        """Decide ``tiles="auto"`` and ``slices="auto"`` for a job with fewer frames than
+        actors: an actor opens the scene (and keeps it open for the job's tasks) and
+        measures the frame's size, render time and per-tile cost; the grid follows from
+        those and the pool, then the slices from those, the grid, the slots free for the
+        job and the farm's target task time (``slice_target_s``)."""
         assert self._wake is not None
         try:
             info = await slot.handle.inspect.remote(run.template(), run.inputs)
             slot.holds = run.scene_hash
             if run.stopped:
                 return
-            grid, reason = auto_grid(
-                await self._frames_left(run), len(self.slots), info["width"], info["height"],
-                info["frame_s"], info["tile_cost_s"],
-            )  # fmt: skip
-            await self._decide(run, grid, reason)
+            frames = await self._frames_left(run)
+            tiles = None
+            if run.grid is None:
+                tiles = auto_grid(frames, len(self.slots), info["width"], info["height"],
+                                  info["frame_s"], info["tile_cost_s"])  # fmt: skip
+            slices = None
+            if run.slices is None:
+                nx, ny = tiles[0] if tiles else (run.grid or (1, 1))
+                # Free for this job: idle slots, and those already working for it.
+                free = sum(not s.busy or s.run == run.id for s in self.slots)
+                slices = auto_slices(
+                    frames, free, nx * ny, info["frame_s"], info["tile_cost_s"],
+                    int(info["samples"]), self.settings.slice_target_s,
+                )  # fmt: skip
+            await self._decide(run, tiles, slices)
         except Exception as exc:
             cause = _cause(exc, slot)
             if actor_died(exc, slot) and self.pool.lost(slot, exc):
@@ -564,7 +605,7 @@ class Dispatcher:
                 slot.killed, slot.killed_at = None, 0.0  # its worker is stopped; it goes on
                 slot.busy, slot.run, slot.user, slot.project = False, None, None, None
                 for task in tasks:
-                    key = (run.id, task.frame, task.tile)
+                    key = (run.id, task.frame, task.tile, task.slice)
                     if self._doing.get(key) is slot:  # not already the task's next attempt
                         del self._doing[key]
                 wake.set()
@@ -582,7 +623,7 @@ class Dispatcher:
             slot.holds = task.scene_hash
             if run.stopped:
                 return
-            if not task.is_tiled:
+            if not task.is_part:
                 release()
                 await self._report_device(run, meta)
                 image = await payload_ref
@@ -591,19 +632,24 @@ class Dispatcher:
                     await self._task_failed(slot, run, failed, error, output=log_text)
                 return
             await self._report_device(run, meta)
-            nx, ny = task.tiles
             try:
                 have = await self.assembler.add.remote(
-                    run.id, task.frame, nx * ny, meta.size, meta.rect, payload_ref
-                )
-            except RayActorError as exc:  # restarted empty: the frame's other tiles are gone
+                    run.id, task.frame, task.parts, meta.size, meta.rect, payload_ref,
+                    meta.samples,
+                )  # fmt: skip
+            except RayActorError as exc:  # restarted empty: the frame's other parts are gone
                 release()
                 await self._task_failed(slot, run, task, exc, whole_frame=True)
                 return
-            del payload_ref  # the assembler has copied the tile: let the object store free it
+            del payload_ref  # the assembler has merged the part: let the object store free it
             run.render_s[task.frame] = run.render_s.get(task.frame, 0.0) + meta.seconds
+            _landed(run, task, meta)
             await self._record(run, slot, [(task, meta, None)])
-            if have < nx * ny or run.stopped:
+            if run.stopped:
+                return
+            if have < task.parts:
+                if task.is_sliced:
+                    await self._preview(slot, run, task)
                 return
             try:
                 # Finishing (denoise, compositor) reports no samples: the watch counts anew.
@@ -618,12 +664,51 @@ class Dispatcher:
                 if not run.stopped:
                     for _, error, _ in await self._record(run, slot, [(task, meta, image)], True):
                         raise error
+                    if task.is_sliced:
+                        await self._forget_preview(run, task.frame)
             except Exception as exc:
                 await self._task_failed(slot, run, task, exc, whole_frame=True)
         except Exception as exc:
             await self._task_failed(slot, run, task, exc)
         finally:
             release()
+
+    async def _preview(self, slot: Slot, run: Run, task: RenderTask) -> None:
+        """A slice of a frame landed: when every pixel of the frame now has more of its
+        samples than its stored preview shows, ``slot`` (whose actor holds the scene)
+        makes a new one from the assembler's merge so far (``TileAssembler.peek``), and
+        it is stored with a ``preview`` event saying the share of samples it holds. A
+        preview that cannot be made is logged, never a failure of the job."""
+        sampled = run.sampled.get(task.frame)
+        if sampled is None or sampled.everywhere <= run.previewed.get(task.frame, 0.0):
+            return
+        try:
+            slot.sign_at = time.monotonic()  # previewing reports no samples
+            peek = self.assembler.peek.remote(run.id, task.frame)
+            image, fraction, steps = await slot.handle.preview.remote(task, run.inputs, peek)
+        except Exception:
+            log.warning("job %s: no preview of frame %d", run.id, task.frame, exc_info=True)
+            return
+        async with self._previewing:  # a slower, older preview never overwrites a newer
+            if run.stopped or fraction <= run.previewed.get(task.frame, 0.0):
+                return
+            run.previewed[task.frame] = fraction
+            key = layout.preview_key(run.id, task.frame)
+            await asyncio.to_thread(self.storage.put_bytes, key, image)
+            await self.store.redis.hset(keys.previews(run.id), str(task.frame), f"{fraction:.4f}")
+        await self.store.event(
+            run.id, "preview", frame=task.frame, fraction=f"{fraction:.4f}",
+            preview_s=f"{steps.get('preview_s', 0.0):.3f}", **_where(slot),
+        )  # fmt: skip
+
+    async def _forget_preview(self, run: Run, frame: int) -> None:
+        """A sliced frame is stored whole: its preview in progress goes (the frame's own
+        thumbnail replaces it), and no preview still being made is stored after."""
+        async with self._previewing:
+            run.previewed[frame] = 1.0
+            run.sampled.pop(frame, None)
+            await self.store.redis.hdel(keys.previews(run.id), str(frame))
+            await asyncio.to_thread(self.storage.delete, layout.preview_key(run.id, frame))
 
     async def _execute_batch(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:
         """Render a batch of short whole-frame tasks in one actor call (see the module's
@@ -658,9 +743,7 @@ class Dispatcher:
             log.exception("job %s: a batch of %d tasks failed to record", run.id, len(tasks))
             try:  # render again what is not recorded as done
                 done = await self.store.tasks_done(run.id)
-                await self._requeue_unstarted(
-                    run, [t for t in tasks if keys.task_key(t.frame, t.tile) not in done]
-                )
+                await self._requeue_unstarted(run, [t for t in tasks if task_key(t) not in done])
             except Exception:
                 log.exception("job %s: could not queue a failed batch again", run.id)
         finally:
@@ -689,7 +772,7 @@ class Dispatcher:
             why = f"a batch of {len(tasks)} tasks failed ({cause}); it runs again alone"
         failed = []
         for task in tasks:
-            key = keys.task_key(task.frame, task.tile)
+            key = task_key(task)
             if not node_left:
                 run.solo.add(key)
             failed.append({"task": key, "frame": task.frame, "tile": task.tile,
@@ -706,7 +789,7 @@ class Dispatcher:
         await self.store.add_events(
             run.id, "task_retried",
             [{"task": key, "frame": t.frame, "tile": t.tile, "attempt": run.tries.get(key, 1) + 1}
-             for t in tasks for key in (keys.task_key(t.frame, t.tile),)],
+             for t in tasks for key in (task_key(t),)],
         )  # fmt: skip
         run.pending.extendleft(reversed(tasks))
 
@@ -718,9 +801,10 @@ class Dispatcher:
             slot.node, slot.host, slot.device = info["node_id"], info["host"], info["device"]
             slot.pid = info.get("pid")
             slot.sign_at = time.monotonic()  # the hang watch does not count its start-up
-        named = [(keys.task_key(t.frame, t.tile), t.frame, t.tile) for t in tasks]
+        named = [(task_key(t), t.frame, t.tile, *((t.slice,) if t.is_sliced else ()))
+                 for t in tasks]  # fmt: skip
         attempts = await self.store.start_tasks(run.id, named, **_where(slot))
-        run.tries.update((key, n) for (key, _, _), n in zip(named, attempts, strict=True))
+        run.tries.update((str(t[0]), n) for t, n in zip(named, attempts, strict=True))
 
     async def _record(
         self,
@@ -739,7 +823,7 @@ class Dispatcher:
         def write() -> list[tuple[str, int, float] | Exception]:
             outcomes: list[tuple[str, int, float] | Exception] = []
             for task, meta, image in items:
-                key = keys.task_key(task.frame, task.tile)
+                key = task_key(task)
                 if meta.log and not finishing:
                     where = layout.task_log_key(run.id, key, run.tries.get(key, 1))
                     try:
@@ -770,13 +854,14 @@ class Dispatcher:
             if isinstance(outcome, Exception):
                 failures.append((task, outcome, meta.log))
                 continue
-            key = keys.task_key(task.frame, task.tile)
+            key = task_key(task)
             done: dict[str, Any] = {}
             # Where the actor's seconds went (open, render, write, ...; bench/overhead.py).
             steps = {name: f"{seconds:.3f}" for name, seconds in meta.steps.items()}
             if not finishing:
                 done = {"frame": task.frame, "tile": task.tile, "attempt": run.tries.get(key, 1),
-                        **_where(slot), "worker": meta.worker, **steps}  # fmt: skip
+                        **_where(slot), "worker": meta.worker, **steps,
+                        **_slice_fields(run, task, meta)}  # fmt: skip
             stored: dict[str, Any] = {}
             if image is not None:
                 # Render seconds of the frame: its task, or its tiles and the finish step.
@@ -804,7 +889,7 @@ class Dispatcher:
             for warning in meta.warnings:
                 if warning not in run.warned:
                     run.warned.add(warning)
-                    key = keys.task_key(task.frame, task.tile)
+                    key = task_key(task)
                     await self.store.event(run.id, "warning", message=warning, task=key)
         if count >= run.job.frames_total and not run.stopped:
             await self._complete(run)
@@ -884,9 +969,10 @@ class Dispatcher:
         Blender's output during the task when the caller has it (else the actor is
         asked for its last task's)."""
         cause = _cause(exc, slot)
-        key = keys.task_key(task.frame, task.tile)
+        key = task_key(task)
         place = _where(slot)
         died = actor_died(exc, slot)
+        stopped_by_us = slot.killed is not None  # a hang or a cancel: not a lost slot
         if output is not None and not run.stopped:
             await self._keep_log(run, key, run.tries.get(key, 1), output)
         elif not died and not run.stopped:
@@ -899,15 +985,32 @@ class Dispatcher:
         if run.stopped:
             return
         where = f"frame {task.frame}" + (f" tile {task.tile}" if task.is_tiled else "")
+        if task.is_sliced:
+            where += f" slice {task.slice + 1} of {task.slices}"
         attempt = run.tries.get(key, 1)
         if node_left:
             # Not the task's fault: it runs again elsewhere, and no retry is spent.
             await self.store.event(
-                run.id, "task_failed", task=key, frame=task.frame, tile=task.tile,
-                attempt=attempt, error=f"{where}: its node {slot.host or slot.node} left the "
-                "cluster", retry=True, **place,
+                run.id, "task_failed", **_named(task), attempt=attempt,
+                error=f"{where}: its node {slot.host or slot.node} left the cluster",
+                retry=True, **place,
             )  # fmt: skip
             await self._requeue(run, task, attempt, whole_frame)
+            return
+        lost = None
+        if task.is_sliced and not whole_frame and not stopped_by_us:
+            lost = lost_slot(cause, died)
+        if lost is not None and run.losses.get(key, 0) < MAX_SLICE_LOSSES - 1:
+            # Preemption (rayfarm.cluster.slicing): the slice alone renders again, with
+            # the same samples, whatever the job's max_retries.
+            run.losses[key] = run.losses.get(key, 0) + 1
+            await self.store.event(
+                run.id, "task_failed", **_named(task), attempt=attempt,
+                error=f"{where}: {lost}, so its slot was lost mid-slice: this slice alone "
+                "renders again, with the same samples, and no retry is spent",
+                retry=True, lost=True, **place,
+            )  # fmt: skip
+            await self._requeue(run, task, attempt, whole_frame=False)
             return
         message = f"{where}: {cause}"
         fatal = isinstance(cause, FarmError) and bool(cause.detail.get(FATAL))
@@ -916,8 +1019,8 @@ class Dispatcher:
         retry = not fatal and attempts <= run.job.spec.max_retries
         await self.store.count(tasks_failed_total=1)
         await self.store.event(
-            run.id, "task_failed", task=key, frame=task.frame, tile=task.tile,
-            attempt=attempt, error=str(cause), retry=retry, **place,
+            run.id, "task_failed", **_named(task), attempt=attempt, error=str(cause),
+            retry=retry, **place,
         )  # fmt: skip
         if not fatal and slot.node:
             await self._count_node_failure(run, slot)
@@ -942,22 +1045,19 @@ class Dispatcher:
             )  # fmt: skip
 
     async def _requeue(self, run: Run, task: RenderTask, attempt: int, whole_frame: bool) -> None:
-        """Put a failed task (or, when a frame failed to assemble, all its tiles) at the
+        """Put a failed task (or, when a frame failed to assemble, all its parts) at the
         front of the queue."""
-        await self.store.event(
-            run.id, "task_retried", task=keys.task_key(task.frame, task.tile),
-            frame=task.frame, tile=task.tile, attempt=attempt + 1,
-        )  # fmt: skip
+        await self.store.event(run.id, "task_retried", **_named(task), attempt=attempt + 1)
         if whole_frame:
-            # A frame that failed to stitch or store: its tiles are gone or suspect, so
-            # every tile of it renders again.
+            # A frame that failed to merge or store: its parts are gone or suspect, so
+            # every part of it renders again (its preview so far stays until a newer one).
             nx, ny = task.tiles
+            parts = [replace(task, tile=t, slice=s) for s in range(task.slices)
+                     for t in range(nx * ny)]  # fmt: skip
             self.assembler.drop.remote(run.id, task.frame)
-            await self.store.forget_tasks(
-                run.id, [keys.task_key(task.frame, i) for i in range(nx * ny)]
-            )
-            for tile in reversed(range(nx * ny)):
-                run.pending.appendleft(replace(task, tile=tile))
+            run.sampled.pop(task.frame, None)
+            await self.store.forget_tasks(run.id, [task_key(p) for p in parts])
+            run.pending.extendleft(reversed(parts))
         else:
             run.pending.appendleft(task)
 
@@ -985,6 +1085,41 @@ def _where(slot: Slot) -> dict[str, Any]:
         "device": slot.device or "",
         "pid": slot.pid or 0,
     }
+
+
+def _landed(run: Run, task: RenderTask, meta: TaskResult) -> None:
+    """Count a landed slice's samples in its frame's (``FrameSamples``)."""
+    if not task.is_sliced or meta.samples is None or meta.rect is None or meta.size is None:
+        return
+    nx, ny = task.tiles
+    sampled = run.sampled.setdefault(task.frame, FrameSamples(nx * ny))
+    width, height = meta.size
+    area = meta.rect.width * meta.rect.height / max(1, width * height)
+    sampled.land(task.tile, area, meta.samples)
+
+
+def _slice_fields(run: Run, task: RenderTask, meta: TaskResult) -> dict[str, Any]:
+    """A slice's fields in its ``task_done`` event: which slice, its samples (``subset``:
+    first-last of the frame's) and the share of the frame's samples landed now."""
+    if not task.is_sliced:
+        return {}
+    fields: dict[str, Any] = {"slice": task.slice, "slices": task.slices}
+    if meta.samples is not None:
+        offset, length, total = meta.samples
+        fields["subset"] = f"{offset}-{offset + length - 1} of {total}"
+        sampled = run.sampled.get(task.frame)
+        after = None if sampled is None else sampled.after.get((task.tile, offset))
+        if after is not None:
+            fields["fraction"] = f"{after:.4f}"
+    return fields
+
+
+def _named(task: RenderTask) -> dict[str, Any]:
+    """A task's fields in its events: key, frame, tile, and a sliced frame's slice."""
+    named: dict[str, Any] = {"task": task_key(task), "frame": task.frame, "tile": task.tile}
+    if task.is_sliced:
+        named["slice"] = task.slice
+    return named
 
 
 def _tiles(grid: tuple[int, int]) -> str:

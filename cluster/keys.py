@@ -2,11 +2,14 @@
 
 ``job:{id}``            hash: id, state, owner, spec (JSON), counters, timestamps, error,
                         state_event (id of the event that set the current state)
-``job:{id}:tasks``      hash: task key ("f0001t03") -> "done"
+``job:{id}:tasks``      hash: task key ("f0000001t003", "f0000001t003s02" for a slice)
+                        -> "done"
 ``job:{id}:frames``     hash: frame number -> stored object key
 ``job:{id}:attempts``   hash: task key -> failed attempts so far (reset by a retry)
 ``job:{id}:tries``      hash: task key -> times started, ever (numbers its logs)
 ``job:{id}:events``     stream: the execution log (state changes, task events, progress)
+``job:{id}:previews``   hash: frame -> the share of its samples its preview holds, while
+                        its sample slices render
 ``jobs``                sorted set: every job id by creation time (listing)
 ``jobs:{STATE}``        sorted set: the job ids in one state, by creation time
 ``jobs:owner:{user}``   sorted set: a user's job ids, by creation time (listings)
@@ -220,5 +223,13 @@ def webhooks_due() -> str:
     return f"{PREFIX}webhooks:due"
 
 
-def task_key(frame: int, tile: int) -> str:
-    return f"f{frame:07d}t{tile:03d}"
+def task_key(frame: int, tile: int, slice: int | None = None) -> str:
+    """A task's key: ``f0000012t003`` (frame 12, tile 3), and for a frame split into
+    sample slices ``f0000012t003s01`` (its slice 1)."""
+    return f"f{frame:07d}t{tile:03d}" + ("" if slice is None else f"s{slice:02d}")
+
+
+def previews(job_id: str) -> str:
+    """Per frame still rendering its sample slices: the share of its samples its stored
+    preview holds."""
+    return f"{PREFIX}job:{job_id}:previews"

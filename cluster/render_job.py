@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("scene", help="the .blend file (its textures and libraries are packed)")
     p.add_argument("--frames", required=True, help="e.g. 1-250, 1,3,5-7, 1-20x5")
     p.add_argument("--tiles", default="1", help="1, NxM or auto (default 1)")
+    p.add_argument("--slices", default="1", help="sample slices per frame: 1, N or auto")
     p.add_argument("--output", help="storage URL (s3://bucket/prefix or file://...)")
     p.add_argument("--samples", type=int)
     p.add_argument("--resolution", type=int, dest="resolution_percentage", metavar="PERCENT")
@@ -85,6 +86,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     values = {
         "frames": args.frames,
         "tiles": args.tiles,
+        "slices": args.slices,
         "samples": args.samples,
         "resolution_percentage": args.resolution_percentage,
         "format": args.format,

@@ -1,7 +1,8 @@
 """What the dispatcher keeps in memory: its actor slots and the jobs it is running.
 
 Everything here can be rebuilt from Redis (a restarted dispatcher does); the
-task list of a run is the job's (frame, tile) grid minus the frames already stored.
+task list of a run is the job's (frame, tile, slice) grid minus the frames already
+stored.
 
 Batching: a run whose whole-frame tasks are measured short (the mean of its recent
 render times under ``SHORT_TASK_S``) hands an actor several tasks per call
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayfarm.cluster import keys
+from rayfarm.cluster.slicing import FrameSamples
 from rayfarm.models import Job
 from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import RenderTask
 
-__all__ = ["BATCH_S", "MAX_BATCH", "SHORT_TASK_S", "Run", "Slot", "expand"]
+__all__ = ["BATCH_S", "MAX_BATCH", "SHORT_TASK_S", "Run", "Slot", "expand", "task_key"]
 
 #: Whole-frame tasks shorter than this (the mean of a run's recent ones) are batched.
 SHORT_TASK_S = 0.5
@@ -71,6 +73,7 @@ class Run:
     inputs: Inputs
     score: float  # queue score: priority, then age
     grid: tuple[int, int] | None = None  # tiles per frame; None until 'auto' is decided
+    slices: int | None = 1  # sample slices per frame; None until 'auto' is decided
     probing: bool = False  # an actor is inspecting the scene to decide 'auto'
     pending: deque[RenderTask] = field(default_factory=deque)
     failed_on: dict[str, set[int]] = field(default_factory=dict)  # task key -> slot indexes
@@ -85,6 +88,11 @@ class Run:
     frame_s: deque[float] = field(default_factory=lambda: deque(maxlen=MEASURED_TASKS))
     solo: set[str] = field(default_factory=set)  # task keys that run alone from now on
     urgent: bool = False  # an admin's mark: before every share's work
+    # Sliced frames: each one's samples landed so far, the share of its samples its
+    # stored preview holds, and how often each slice lost its slot (task key -> losses).
+    sampled: dict[int, FrameSamples] = field(default_factory=dict)
+    previewed: dict[int, float] = field(default_factory=dict)
+    losses: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -112,9 +120,9 @@ class Run:
         """Whether ``task`` may share an actor call: a whole frame that has not failed
         (a retry runs alone, on another actor) and was not in a batch whose actor died
         (alone, a crash is charged to the task that caused it)."""
-        if task.is_tiled:
+        if task.is_part:
             return False
-        key = keys.task_key(task.frame, task.tile)
+        key = task_key(task)
         return key not in self.failed_on and key not in self.solo
 
     def batch_size(self, actors: int) -> int:
@@ -122,7 +130,7 @@ class Run:
         then enough for a batch to last ``BATCH_S``, at most ``MAX_BATCH`` and at most a
         fair share (pending tasks over ``actors``), so no actor waits while another
         holds a long batch."""
-        if self.grid != (1, 1) or not self.frame_s:
+        if self.grid != (1, 1) or self.slices != 1 or not self.frame_s:
             return 1
         mean_s = sum(self.frame_s) / len(self.frame_s)
         if mean_s >= SHORT_TASK_S:
@@ -145,22 +153,34 @@ class Run:
         self.pending.extendleft(reversed(skipped))
         return batch
 
+    @property
+    def is_split(self) -> bool:
+        """Whether its frames render in parts (tiles, slices) the assembler merges."""
+        return self.grid != (1, 1) or (self.slices or 1) > 1
+
     def template(self) -> RenderTask:
         """A whole-frame task of the job's first frame (what an actor inspects)."""
         return next(expand(self.job, self.scene_hash, set(), (1, 1)))
 
 
+def task_key(task: RenderTask) -> str:
+    """The key of ``task`` in the job's tasks and events (``keys.task_key``)."""
+    return keys.task_key(task.frame, task.tile, task.slice if task.is_sliced else None)
+
+
 def expand(
-    job: Job, scene_hash: str, done_frames: set[int], grid: tuple[int, int]
+    job: Job, scene_hash: str, done_frames: set[int], grid: tuple[int, int], slices: int = 1
 ) -> Iterator[RenderTask]:
-    """The job's (frame, tile) tasks for a ``grid`` of tiles, in its render order (frame
-    order, or ``order="preview"``'s), skipping frames already stored."""
+    """The job's (frame, tile, slice) tasks for a ``grid`` of tiles and ``slices`` sample
+    slices, in its render order (frame order, or ``order="preview"``'s), skipping frames
+    already stored. A frame's tasks go slice by slice (its first slice of every tile, then
+    its second, ...), so the frame's first whole preview comes soonest."""
     spec = job.spec
     nx, ny = grid
     for frame in spec.render_order:
         if frame in done_frames:
             continue
-        for tile in range(nx * ny):
+        for index, tile in ((i, t) for i in range(slices) for t in range(nx * ny)):
             yield RenderTask(
                 job_id=job.id,
                 scene_hash=scene_hash,
@@ -177,4 +197,6 @@ def expand(
                 allow_missing=spec.allow_missing,
                 scripts=spec.scripts,
                 blender=job.rendered_by,
+                slice=index,
+                slices=slices,
             )

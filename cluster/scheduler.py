@@ -22,8 +22,8 @@ some of them must avoid an actor.
   over its weight are fewest, then, inside it, the user running fewest; then priority,
   then age. At equal priority the running slots converge to the projects' weights, and a
   newcomer's small job takes the next slot that frees.
-- A ``tiles="auto"`` run first sends its scene to an actor to measure it (the probe),
-  before other work of its share.
+- A ``tiles="auto"`` or ``slices="auto"`` run first sends its scene to an actor to
+  measure it (the probe), before other work of its share.
 - No slot goes to a run whose user or project holds its quota of slots of that kind
   (GPU and CPU slots are counted apart).
 - A task that failed on an actor goes to another one; while the others are busy it
@@ -47,8 +47,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from rayfarm.cluster import keys
-from rayfarm.cluster.runs import Run, Slot
+from rayfarm.cluster.runs import Run, Slot, task_key
 from rayfarm.render.tasks import RenderTask
 
 __all__ = [
@@ -195,8 +194,9 @@ class Usage:
 
 
 def needs_probe(run: Run) -> bool:
-    """Whether ``run`` (``tiles="auto"``) waits for an actor to measure its scene."""
-    return run.grid is None and not run.probing
+    """Whether ``run`` (``tiles="auto"``, ``slices="auto"``) waits for an actor to measure
+    its scene."""
+    return (run.grid is None or run.slices is None) and not run.probing
 
 
 def prefer(slots: Sequence[Slot], scene_hash: str) -> Slot:
@@ -357,7 +357,7 @@ class Scheduler:
             for task in itertools.islice(run.pending, LOOKAHEAD):
                 fresh = allowed
                 if everyone is not None and (run.failed_on or blocked):
-                    avoid = run.failed_on.get(keys.task_key(task.frame, task.tile), set()) | blocked
+                    avoid = run.failed_on.get(task_key(task), set()) | blocked
                     if avoid and not avoid >= everyone:
                         fresh = [s for s in allowed if s.index not in avoid]
                 if not fresh:

@@ -166,6 +166,10 @@ class Settings:
     #: replaced, and the task retried like any failed one. Above the longest a scene of
     #: yours opens and syncs.
     hang_timeout_s: float = 900.0
+    #: Seconds ``slices="auto"`` aims to keep every task of a sliced frame under: the farm
+    #: measures the scene and splits each frame's samples into enough slices (never more
+    #: than its free slots can run at once).
+    slice_target_s: float = 300.0
     #: The render actor class, ``module:Class`` (the no-op one measures the farm itself).
     actor_class: str = "rayfarm.render.actor:RenderActor"
     max_upload_bytes: int = 2 * 1024**3
@@ -271,6 +275,7 @@ class Settings:
             "api_replicas": _env_int("RAYFARM_API_REPLICAS", 0),
             "node_failure_limit": _env_int("RAYFARM_NODE_FAILURE_LIMIT", 3),
             "hang_timeout_s": _env_seconds("RAYFARM_HANG_TIMEOUT_S", 900.0),
+            "slice_target_s": _env_seconds("RAYFARM_SLICE_TARGET_S", 300.0),
             "actor_class": os.environ.get("RAYFARM_ACTOR_CLASS")
             or "rayfarm.render.actor:RenderActor",
             "max_upload_bytes": _env_int("RAYFARM_MAX_UPLOAD_BYTES", 2 * 1024**3),

@@ -6,6 +6,8 @@ Layout under the root URL::
                                     shared by every job that uses them)
     jobs/{id}/frames/0001.png
     jobs/{id}/outputs/thumbnails/0001.png   (a preview of each frame, when it lands)
+    jobs/{id}/outputs/previews/0001.png     (a sliced frame's merge so far, while it
+                                             renders; gone once the frame lands)
     jobs/{id}/outputs/files/0001/<node>/<file>   (the scene's File Output nodes' files)
     jobs/{id}/outputs/...          (post-processing results)
     jobs/{id}/logs/{task}/01.log   (Blender's output for each attempt at a task)
@@ -34,6 +36,7 @@ __all__ = [
     "job_prefix",
     "manifest_key",
     "outputs_prefix",
+    "preview_key",
     "task_log_key",
     "task_logs_prefix",
     "thumbnail_key",
@@ -53,6 +56,11 @@ def frame_key(job_id: str, frame: int, extension: str) -> str:
 
 def thumbnail_key(job_id: str, frame: int) -> str:
     return f"jobs/{job_id}/outputs/thumbnails/{frame:04d}.png"
+
+
+def preview_key(job_id: str, frame: int) -> str:
+    """A sliced frame's preview while its slices render (its merge so far)."""
+    return f"jobs/{job_id}/outputs/previews/{frame:04d}.png"
 
 
 def outputs_prefix(job_id: str) -> str:

@@ -177,6 +177,7 @@ class JobStore:
             "frames_total": job.frames_total,
             "tasks_total": job.tasks_total,
             "tiles": job.tiles or "",
+            "slices": str(job.slices or ""),
             "saved_by": job.saved_by or "",
             "rendered_by": job.rendered_by or "",
             "created_at": created,
@@ -453,9 +454,9 @@ class JobStore:
         return attempt
 
     async def start_tasks(
-        self, job_id: str, tasks: Sequence[tuple[str, int, int]], **where: Any
+        self, job_id: str, tasks: Sequence[tuple[int | str, ...]], **where: Any
     ) -> list[int]:
-        """Record that ``tasks`` ((task key, frame, tile), in the order they run) were
+        """Record that ``tasks`` ((task key, frame, tile[, slice]), in the order they run) were
         handed to one actor, each with its ``task_started`` event (``where``: actor,
         node, host, device), in one round trip (``lua/start_tasks.lua``); return their
         attempt numbers, counted over the job's whole life as ``start_task``'s."""
@@ -664,17 +665,20 @@ def _change(job_id: str, owner: str, project: str | None, state: JobState) -> di
 
 
 def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> Job:
+    spec = JobSpec.model_validate(json.loads(data["spec"]))
+    slices = data.get("slices")  # "" while 'auto' is undecided; absent in older jobs
     return Job(
         id=data["id"],
         state=JobState(data["state"]),
         owner=data.get("owner", ""),
-        spec=JobSpec.model_validate(json.loads(data["spec"])),
+        spec=spec,
         scene_file=data.get("scene_file", ""),
         frames_total=int(data["frames_total"]),
         frames_done=frames_done,
         tasks_total=int(data["tasks_total"]),
         tasks_done=tasks_done,
         tiles=data.get("tiles") or None,
+        slices=int(slices) if slices else (spec.slice_count if slices is None else None),
         error=data.get("error") or None,
         detail=data.get("detail") or None,
         urgent=data.get("urgent") == "1",

@@ -93,13 +93,16 @@ def check_blender(ctx: AppContext, spec: JobSpec | None, header: BlendHeader) ->
 
 def check_size(ctx: AppContext, spec: JobSpec) -> JobSpec:
     """Refuse a job with more tasks than the farm takes (``RAYFARM_MAX_TASKS``); 'auto'
-    tiles count as whole frames (the farm tiles only jobs with fewer frames than actors)."""
+    tiles and slices count as whole frames (the farm splits only jobs with fewer frames
+    than actors)."""
     nx, ny = spec.tile_grid or (1, 1)
+    slices = spec.slice_count or 1
     frames = len(spec.frame_list)
-    tasks = frames * nx * ny
+    tasks = frames * nx * ny * slices
     if tasks > ctx.settings.max_tasks:
+        split = f"{nx * ny} tiles" + (f" x {slices} slices" if slices > 1 else "")
         raise InvalidSpec(
-            f"this job would have {tasks} tasks ({frames} frames x {nx * ny} tiles); the farm "
+            f"this job would have {tasks} tasks ({frames} frames x {split}); the farm "
             f"takes at most {ctx.settings.max_tasks} per job (RAYFARM_MAX_TASKS)",
             {"tasks": tasks, "max_tasks": ctx.settings.max_tasks},
         )
@@ -340,6 +343,7 @@ async def _create_job(
         await WebhookStore(ctx.store.redis).secret(owner)  # what will sign its calls
     grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
     nx, ny = grid or (1, 1)
+    slices = spec.slice_count  # the same
     frames = spec.frame_list
     job = Job(
         id=job_id,
@@ -348,8 +352,9 @@ async def _create_job(
         spec=spec,
         scene_file=inputs.main,
         frames_total=len(frames),
-        tasks_total=len(frames) * nx * ny,
+        tasks_total=len(frames) * nx * ny * (slices or 1),
         tiles=None if grid is None else str(spec.tiles),
+        slices=slices,
         saved_by=format_version(header.version),
         rendered_by=chosen.version,
         created_at=datetime.now(UTC),

@@ -13,7 +13,14 @@ material) to the .blend at PATH and links it into the scene. ``--denoise``
 turns Cycles' denoiser (OpenImageDenoise) on. ``--glare`` adds a bright emissive
 lamp and a compositor whose Glare (bloom) node spreads it over neighbouring
 pixels. ``--passes`` enables extra passes (depth, normal, diffuse colour) and the
-denoising data passes. ``--grade`` sets a graded look (AgX Punchy, exposure, gamma, an RGB curve,
+denoising data passes. ``--all-passes`` enables every pass sample slices can merge, of
+each kind (means, first-sample passes, light passes divided by a colour pass, with and
+without that colour pass, light groups, an AOV, object and material indexes), and a
+glass ball. ``--lights N`` adds N small coloured point lights (Cycles picks among many
+lights with its light tree). ``--adaptive`` turns adaptive sampling on;
+``--animated-seed`` Cycles' animated seed (a frame's noise depends on its number);
+``--cryptomatte`` the Cryptomatte object pass; ``--vector`` the Vector (motion) pass.
+``--grade`` sets a graded look (AgX Punchy, exposure, gamma, an RGB curve,
 transparent film). ``--heavy`` adds a dense mesh whose Subdivision Surface modifier is evaluated at
 render time (about 2.5 million triangles) and animates the camera, so every
 frame needs a real scene sync. ``--script-marker PATH`` adds a registered
@@ -70,6 +77,38 @@ def _textured(bpy, material, file: Path, filepath: str) -> None:
     )
 
 
+def _all_passes(bpy, scene, ball) -> None:
+    """Every kind of pass a sliced frame merges, and a glass ball for the transmission
+    passes."""
+    layer = scene.view_layers[0]
+    for name in (
+        "use_pass_z", "use_pass_mist", "use_pass_position", "use_pass_normal",
+        "use_pass_uv", "use_pass_object_index", "use_pass_material_index",
+        "use_pass_diffuse_direct", "use_pass_diffuse_indirect", "use_pass_glossy_direct",
+        "use_pass_glossy_color", "use_pass_transmission_direct", "use_pass_emit",
+        "use_pass_environment", "use_pass_ambient_occlusion",
+    ):  # fmt: skip
+        setattr(layer, name, True)
+    layer.cycles.denoising_store_passes = True
+    for i, obj in enumerate(bpy.data.objects):
+        obj.pass_index = i + 1
+    for i, material in enumerate(bpy.data.materials):
+        material.pass_index = i + 1
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.45, location=(-0.6, -2.2, -0.4))
+    glass = bpy.data.materials.new("Glass")
+    glass.use_nodes = True
+    glass.node_tree.nodes["Principled BSDF"].inputs["Transmission Weight"].default_value = 1.0
+    bpy.context.object.data.materials.append(glass)
+    group = layer.lightgroups.add(name="key")
+    next(o for o in bpy.data.objects if o.type == "LIGHT").lightgroup = group.name
+    aov = layer.aovs.add()
+    aov.name, aov.type = "noise", "COLOR"
+    tree = ball.data.materials[0].node_tree
+    out = tree.nodes.new("ShaderNodeOutputAOV")
+    out.aov_name = "noise"
+    tree.links.new(tree.nodes.new("ShaderNodeTexWhiteNoise").outputs["Color"], out.inputs["Color"])
+
+
 def _make_library(bpy, path: Path) -> None:
     """A .blend holding one object, "Prop": a torus with a material of its own."""
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -100,6 +139,12 @@ def build(
     library: str | None = None,
     py_driver: bool = False,
     file_output: str | None = None,
+    all_passes: bool = False,
+    lights: int = 0,
+    adaptive: bool = False,
+    cryptomatte: bool = False,
+    animated_seed: bool = False,
+    vector: bool = False,
 ) -> Path:
     import bpy
 
@@ -114,7 +159,8 @@ def build(
     scene.cycles.device = "CPU"
     scene.cycles.samples = samples
     scene.cycles.use_denoising = denoise
-    scene.cycles.use_adaptive_sampling = False
+    scene.cycles.use_adaptive_sampling = adaptive
+    scene.cycles.use_animated_seed = animated_seed
     scene.render.resolution_x, scene.render.resolution_y = width, height
     scene.render.resolution_percentage = 100
     scene.frame_start, scene.frame_end = 1, frames
@@ -253,6 +299,23 @@ def build(
         layer.use_pass_diffuse_color = True
         layer.cycles.denoising_store_passes = True
 
+    for i in range(lights):
+        angle = 2 * math.pi * i / lights
+        where = (3 * math.cos(angle), 3 * math.sin(angle), 1.5)
+        bpy.ops.object.light_add(type="POINT", location=where)
+        light = bpy.context.object.data
+        light.energy = 40.0
+        light.color = (0.5 + 0.5 * math.cos(angle), 0.5 + 0.5 * math.sin(angle), 0.6)
+
+    if all_passes:
+        _all_passes(bpy, scene, ball)
+
+    if cryptomatte:
+        scene.view_layers[0].use_pass_cryptomatte_object = True
+    if vector:
+        scene.render.use_motion_blur = False  # the Vector pass needs it off
+        scene.view_layers[0].use_pass_vector = True
+
     if py_driver:
         # A driver whose expression needs Python: with scripts off it evaluates to 0.
         fcurve = cube.driver_add("location", 2)
@@ -288,11 +351,18 @@ def main() -> None:
     p.add_argument("--library", help="save a prop to this .blend and link it in")
     p.add_argument("--py-driver", action="store_true", help="a driver that needs Python")
     p.add_argument("--file-output", help="a File Output node writing PNGs to (and out of) DIR")
+    p.add_argument("--all-passes", action="store_true", help="every pass slices merge")
+    p.add_argument("--lights", type=int, default=0, help="this many more point lights")
+    p.add_argument("--adaptive", action="store_true", help="adaptive sampling on")
+    p.add_argument("--cryptomatte", action="store_true", help="the Cryptomatte object pass")
+    p.add_argument("--animated-seed", action="store_true", help="a seed per frame")
+    p.add_argument("--vector", action="store_true", help="the Vector (motion) pass")
     a = p.parse_args()
     out = build(
         a.path, a.width, a.height, a.samples, a.frames, a.heavy, a.script_marker, a.compress,
         a.grade, a.denoise, a.glare, a.passes, a.texture, a.abs_texture, a.texture_dir,
-        a.library, a.py_driver, a.file_output,
+        a.library, a.py_driver, a.file_output, a.all_passes, a.lights, a.adaptive,
+        a.cryptomatte, a.animated_seed, a.vector,
     )  # fmt: skip
     print(out)
 

@@ -37,7 +37,7 @@ from typing import Any
 import ray
 
 from rayfarm.errors import RenderError
-from rayfarm.render.assembler import AssembledFrame
+from rayfarm.render.assembler import AssembledFrame, Peek
 from rayfarm.render.cache import BlobCache
 from rayfarm.render.inputs import Inputs, materialize
 from rayfarm.render.progress import SampleProgress
@@ -154,23 +154,26 @@ class RenderActor:
         """Render one task; call with ``num_returns=2``.
 
         Returns (result, payload): the payload is the finished image file's bytes for
-        a whole frame, or the tile's passes (``{part name: Part}``, every pass of every
-        view layer, float) so the dispatcher can hand them to the assembler.
+        a whole frame, or the part's passes (``{part name: Part}``, every pass of every
+        view layer, float) for a tile or a slice of the frame's samples, so the
+        dispatcher can hand them to the assembler.
         ``inputs`` is the job's input folder (laid out on this node once). Blender's
         output during the task comes back in the result's ``log``.
         """
         started = time.perf_counter()
-        if not task.is_tiled:
+        if not task.is_part:
             self.workers.close_finishers()  # whole frames again: none to finish soon
         with self._running(task, inputs) as (worker, scene, steps):
-            if task.is_tiled:
+            if task.is_part:
                 self.workers.warm(worker.version, "finish")  # up when the last tile lands
-            stem = os.path.join(self.workdir, f"{task.job_id}_{task.frame}_{task.tile}")
+            stem = os.path.join(
+                self.workdir, f"{task.job_id}_{task.frame}_{task.tile}_{task.slice}"
+            )
             folder = os.path.join(self.workdir, "files", os.path.basename(stem))
             caches = os.path.join(self.workdir, "caches", task.job_id)
             common = {"task": _message(task), "scene": scene, "folder": folder,
                       "caches": caches}  # fmt: skip
-            if not task.is_tiled:
+            if not task.is_part:
                 out, preview = f"{stem}.{task.format}", f"{stem}_preview.png"
                 value = worker.call("render", self.progress.update, out=out, preview=preview,
                                     **common)  # fmt: skip
@@ -196,9 +199,11 @@ class RenderActor:
                 finally:
                     shutil.rmtree(parts_dir, ignore_errors=True)
                 steps = _merged(steps, value.get("steps"), write_s=time.perf_counter() - collecting)
+                samples = value.get("samples")
                 result = TaskResult(
                     task.frame, task.tile, self.device, time.perf_counter() - started,
                     TileRect(*value["rect"]), tuple(value["size"]),
+                    samples=None if samples is None else tuple(samples),
                     warnings=tuple(value["warnings"]), steps=steps,
                 )  # fmt: skip
         return replace(result, log=self.last_log, worker=worker.pid), payload
@@ -266,6 +271,27 @@ class RenderActor:
         result = TaskResult(task.frame, -1, self.device, seconds, preview=thumbnail,
                             worker=worker.pid, steps=steps)  # fmt: skip
         return result, image
+
+    def preview(
+        self, task: RenderTask, inputs: Inputs, peek: Peek
+    ) -> tuple[bytes, float, dict[str, float]]:
+        """The PNG preview of a sliced frame still rendering, from ``peek`` (the merge so
+        far of its combined pass, ``TileAssembler.peek``) through the scene's view
+        transform; the share of the frame's samples it holds; and where the time went.
+        Made where the actor finishes frames (its finisher, when it has one: adding an
+        image to the render worker's Blender would make its next slice sync the scene
+        again)."""
+        with self._running(None, inputs, task, finishing=True) as (worker, scene, steps):
+            stem = os.path.join(self.workdir, f"{task.job_id}_{task.frame}_preview")
+            parts_dir, out = f"{stem}_parts", f"{stem}.png"
+            try:
+                listing = save_parts(peek.parts, parts_dir)
+                value = worker.call("preview", task=_message(task), scene=scene,
+                                    parts_dir=parts_dir, listing=listing, out=out)  # fmt: skip
+            finally:
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            image = take(out)
+        return image, peek.fraction, _merged(steps, (value or {}).get("steps"))
 
     def inspect(self, task: RenderTask, inputs: Inputs) -> dict[str, Any]:
         """Open the task's scene (it stays open for the tasks that follow) and measure

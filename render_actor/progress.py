@@ -65,12 +65,14 @@ class SampleProgress:
                 assert samples is not None
                 self._last, self._last_at = samples, now
                 self._alive_at = now
-                self.reporter.progress.remote(task.job_id, task.frame, task.tile, *samples)
+                self.reporter.progress.remote(
+                    task.job_id, task.frame, task.tile, *samples, task.slice
+                )
                 return
             if now - self._alive_at >= ALIVE_INTERVAL_S:
                 # Not sampling (syncing the scene, building the BVH, loading kernels), or
                 # a report too soon after the last: no event, a sign for the hang watch.
                 self._alive_at = now
-                self.reporter.alive.remote(task.job_id, task.frame, task.tile)
+                self.reporter.alive.remote(task.job_id, task.frame, task.tile, task.slice)
         except Exception:
             self.reporter = None  # the dispatcher is gone; the render goes on without reports

@@ -17,7 +17,9 @@ __all__ = ["FATAL", "BatchResult", "RenderTask", "TaskResult", "TileRect", "port
 
 @dataclass(frozen=True)
 class RenderTask:
-    """One (frame, tile) of a job. ``tiles`` is the grid; (1, 1) renders the whole frame."""
+    """One (frame, tile, slice) of a job. ``tiles`` is the grid; (1, 1) renders the whole
+    frame. ``slices`` splits the frame's samples into that many subsets, ``slice`` being
+    this task's (``rayfarm.render.worker.samples``)."""
 
     job_id: str
     scene_hash: str
@@ -34,10 +36,27 @@ class RenderTask:
     allow_missing: bool = False  # render even when the scene's files were not all uploaded
     scripts: bool = False  # run the file's Python (an admin's override, audited)
     blender: str | None = None  # the Blender version that renders it ("5.3")
+    slice: int = 0
+    slices: int = 1
 
     @property
     def is_tiled(self) -> bool:
         return self.tiles != (1, 1)
+
+    @property
+    def is_sliced(self) -> bool:
+        return self.slices > 1
+
+    @property
+    def is_part(self) -> bool:
+        """Whether the task renders a part of its frame (a tile, a slice of its samples,
+        or both) that the assembler merges and an actor then finishes."""
+        return self.is_tiled or self.is_sliced
+
+    @property
+    def parts(self) -> int:
+        """How many tasks render the task's frame."""
+        return self.tiles[0] * self.tiles[1] * self.slices
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,8 @@ class TaskResult:
     seconds: float
     rect: TileRect | None = None
     size: tuple[int, int] | None = None  # a tile's frame, width x height in pixels
+    # A slice's samples: (offset, length, total) of the frame's; None: all of them.
+    samples: tuple[int, int, int] | None = None
     preview: bytes | None = None  # a finished frame's PNG thumbnail
     log: str = ""  # Blender's output during the task (its tail)
     warnings: tuple[str, ...] = ()  # about the scene as the farm opened it (scripts off, ...)

@@ -40,6 +40,7 @@ from rayfarm.errors import (
 )
 from rayfarm.events import (
     Event,
+    FramePreview,
     FrameStored,
     Progress,
     SceneWarning,
@@ -68,6 +69,7 @@ __all__ = [
     "Forbidden",
     "FrameInfo",
     "FrameNotFound",
+    "FramePreview",
     "FrameStored",
     "InvalidRequest",
     "InvalidScene",

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("scene", help="the .blend file")
     s.add_argument("--frames", required=True, help="e.g. 1-8, 1,3,5-7, 1-20x5")
     s.add_argument("--tiles", default="1", help="1, NxM or auto (default 1)")
+    s.add_argument(
+        "--slices",
+        help="split each frame's samples into N slices rendered apart and merged exactly, "
+        "or auto (default 1)",
+    )
     s.add_argument("--samples", type=int)
     s.add_argument("--resolution", type=int, dest="resolution_percentage", metavar="PERCENT")
     s.add_argument(
@@ -217,6 +222,7 @@ def _farm_command(farm: Farm, args: argparse.Namespace) -> int:
             k: v
             for k, v in {
                 "samples": args.samples,
+                "slices": args.slices,
                 "resolution_percentage": args.resolution_percentage,
                 "denoise": args.denoise,
                 "format": args.format,

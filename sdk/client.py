@@ -24,6 +24,7 @@ import httpx
 from rayfarm.errors import (
     FarmError,
     FarmUnavailable,
+    FrameNotFound,
     InvalidRequest,
     ServerError,
     error_from_body,
@@ -452,11 +453,20 @@ class Farm:
         except ImportError:
             raise InvalidRequest("Job.image and Job.show need Pillow: pip install pillow") from None
         url = f"/jobs/{job.id}/frames/{frame}"
-        if job.spec.format != "png":
-            url += "/thumbnail"
-        with self._request("GET", url) as r:
-            image = Image.open(io.BytesIO(r.content))
-            image.load()
+        data = None
+        if job.spec.format == "png":
+            try:
+                with self._request("GET", url) as r:
+                    data = r.content
+            except FrameNotFound:
+                pass  # not stored yet: a sliced frame still rendering has a preview
+        if data is None:
+            # An EXR frame is shown by its preview; a sliced frame still rendering, by the
+            # merge of the slices landed so far.
+            with self._request("GET", url + "/thumbnail") as r:
+                data = r.content
+        image = Image.open(io.BytesIO(data))
+        image.load()
         return image
 
     def _show(self, job: Job, frame: int) -> Any:

@@ -25,6 +25,7 @@ from rayfarm.models import JobState
 __all__ = [
     "END",
     "Event",
+    "FramePreview",
     "FrameStored",
     "Progress",
     "SSEMessage",
@@ -72,11 +73,13 @@ class StateChanged(Event):
 
 class TaskEvent(Event):
     """Something happened to one (frame, tile) task; ``task`` is its id
-    (``f0000012t003``: frame 12, tile 3)."""
+    (``f0000012t003``: frame 12, tile 3; ``f0000012t003s01``: its sample slice 1, for a
+    job with ``slices``)."""
 
     task: str
     frame: int
     tile: int
+    slice: int | None = None
 
 
 class _Placed(TaskEvent):
@@ -105,6 +108,9 @@ class TaskDone(_Placed):
     seconds: float
     pid: int | None = None
     worker: int | None = None
+    fraction: float | None = Field(
+        None, description="A slice's: the share of its frame's samples landed now."
+    )
 
 
 class TaskFailed(_Placed):
@@ -134,6 +140,16 @@ class Progress(TaskEvent):
         return self.samples / self.of if self.of else 0.0
 
 
+class FramePreview(Event):
+    """A frame split into sample slices has a new preview: the merge of the slices
+    landed so far, holding ``fraction`` of the frame's samples in every pixel
+    (``Job.show(frame)`` shows it until the frame is stored)."""
+
+    kind: Literal["preview"] = "preview"
+    frame: int
+    fraction: float
+
+
 class FrameStored(Event):
     """Frame ``frame`` is stored whole (a tiled frame: assembled and finished)."""
 
@@ -154,7 +170,7 @@ _KINDS: dict[str, type[Event]] = {
     cls.model_fields["kind"].default: cls
     for cls in (
         StateChanged, TaskQueued, TaskStarted, TaskDone, TaskFailed, TaskRetried, Progress,
-        FrameStored, SceneWarning,
+        FramePreview, FrameStored, SceneWarning,
     )
 }  # fmt: skip
 

@@ -93,6 +93,8 @@ def check_transition(job_id: str, current: JobState, target: JobState) -> None:
 
 _TILES = re.compile(r"^(\d+)x(\d+)$")
 MAX_TILES_PER_AXIS = 16
+#: Most sample slices a frame may be split into.
+MAX_SLICES = 64
 #: A job id, as the farm makes them.
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Most jobs one job may wait for (``depends_on``).
@@ -179,6 +181,8 @@ class JobSpec(_Spec):
 
     >>> JobSpec(frames="1-8", tiles="2x2", samples=64).tile_grid
     (2, 2)
+    >>> JobSpec(frames="1", slices=4, samples=1024).slice_count
+    4
     """
 
     frames: str = Field(description="Frame spec: '1-8', '1,3,5-7', '1-20x5'.")
@@ -189,6 +193,15 @@ class JobSpec(_Spec):
         description="1 (whole frames), 'NxM' tiles per frame, or 'auto': the farm splits "
         "frames when a job has fewer frames than render actors, into tiles large enough "
         "to pay for themselves.",
+    )
+    slices: int | str = Field(
+        1,
+        description="1 (all of a frame's samples in one task), N: each frame's samples "
+        "split into N subsets rendered as tasks of their own on any free render slot and "
+        "merged exactly (denoised and composited once, as tiles are), or 'auto': the farm "
+        "measures the scene and splits frames so that no task runs longer than its target "
+        "(RAYFARM_SLICE_TARGET_S), never into more slices than its free slots can use. "
+        "Combines with tiles (tiles x slices tasks per frame).",
     )
     samples: int | None = Field(None, ge=1, le=65536, description="Cycles samples override.")
     resolution_percentage: int | None = Field(None, ge=1, le=400)
@@ -309,6 +322,29 @@ class JobSpec(_Spec):
             raise ValueError(f"tiles per axis must be 1 to {MAX_TILES_PER_AXIS}")
         return 1 if (nx, ny) == (1, 1) else f"{nx}x{ny}"
 
+    @field_validator("slices", mode="before")
+    @classmethod
+    def _slices(cls, v: Any) -> int | str:
+        usage = f"slices must be a whole number from 1 to {MAX_SLICES}, or 'auto'"
+        if isinstance(v, bool):
+            raise ValueError(usage)
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if not isinstance(v, int) or not 1 <= v <= MAX_SLICES:
+            raise ValueError(f"slices {v!r}: {usage}")
+        return v
+
+    @model_validator(mode="after")
+    def _slices_and_samples(self) -> JobSpec:
+        if isinstance(self.slices, int) and self.samples is not None and self.slices > self.samples:
+            raise ValueError(
+                f"slices {self.slices} is more than the {self.samples} samples of a frame "
+                "(at most one slice per sample)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _video(self) -> JobSpec:
         video = self.post.video if self.post else None
@@ -350,6 +386,11 @@ class JobSpec(_Spec):
         if self.tiles == "auto":
             return None
         return grid_of(str(self.tiles))
+
+    @property
+    def slice_count(self) -> int | None:
+        """Sample slices per frame; None for 'auto' (the farm decides)."""
+        return self.slices if isinstance(self.slices, int) else None
 
     @property
     def depth(self) -> int:
@@ -417,6 +458,11 @@ class JobRecord(BaseModel):
         None,
         description="The tiling in effect: '1' or 'NxM'; for tiles='auto', None until the "
         "farm has chosen.",
+    )
+    slices: int | None = Field(
+        1,
+        description="The sample slices per frame in effect; for slices='auto', None until "
+        "the farm has chosen.",
     )
     error: str | None = None
     detail: str | None = Field(
@@ -535,14 +581,16 @@ class Job(JobRecord):
 
     def image(self, frame: int) -> Any:
         """Frame ``frame`` as a PIL image: a PNG frame whole; an EXR frame (scene-linear,
-        many passes) as its preview, through the scene's view transform. Needs Pillow
-        (``pip install pillow``)."""
+        many passes) as its preview, through the scene's view transform; a frame split
+        into sample slices that is still rendering, as the merge of the slices landed so
+        far (noisier than the finished frame, not yet denoised or composited). Needs
+        Pillow (``pip install pillow``)."""
         return self._bound()._image(self, frame)
 
     def show(self, frame: int) -> Any:
-        """Show frame ``frame`` inline in a notebook (IPython), as ``image`` gives it, and
-        return None there (so the cell does not show it twice); elsewhere return the
-        PIL image."""
+        """Show frame ``frame`` inline in a notebook (IPython), as ``image`` gives it (a
+        sliced frame still rendering: its samples so far), and return None there (so
+        the cell does not show it twice); elsewhere return the PIL image."""
         return self._bound()._show(self, frame)
 
     def download(self, directory: str | Path) -> list[Path]:

@@ -47,8 +47,10 @@ class ProgressBar:
             self.sampling.pop(event.task, None)
         elif isinstance(event, TaskFailed):
             self.sampling.pop(event.task, None)
+        elif event.kind in ("tiles", "slices") and getattr(event, "tasks", None) is not None:
+            self.tasks_total = int(event.tasks)  # what 'auto' chose, in tasks
         elif event.kind == "tiles" and isinstance(getattr(event, "tiles", None), str):
-            nx, ny = grid_of(event.tiles)
+            nx, ny = grid_of(event.tiles)  # a farm that did not say the tasks
             self.tasks_total = self.frames_total * nx * ny
         else:
             return
@@ -64,7 +66,7 @@ class ProgressBar:
             now = sorted(self.sampling.values(), key=lambda p: (p.frame, p.tile))[:3]
             text += " | " + ", ".join(
                 f"f{p.frame}" + (f"t{p.tile}" if self.tasks_total > self.frames_total else "")
-                + f" {p.samples}/{p.of}"
+                + (f"s{p.slice}" if p.slice is not None else "") + f" {p.samples}/{p.of}"
                 for p in now
             )  # fmt: skip
         return text

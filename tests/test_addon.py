@@ -223,3 +223,6 @@ def test_panels_draw_without_the_network(blender_home):
     assert ["progress", None, "Uploading..."] in got["uploading"]
     assert ["operator", "rayfarm.cancel_upload", ""] in got["uploading"]
     assert not any(op == "rayfarm.submit" for _, op, _ in got["uploading"])
+    # The Slices option is drawn beside Tiles and sent in the job's spec.
+    assert "slices" in got["props"] and "tiles" in got["props"]
+    assert got["slices"] == {"1": 1, "4": 4, "auto": "auto"}

@@ -71,6 +71,11 @@ def test_cancel_and_refused_retry(local_farm, small_scene):
         (("submit", "/no/such/scene.blend", "--frames", "1"), "scene file not found"),
         (("submit", "{scene}", "--frames", "5-1"), "backwards"),
         (("submit", "{scene}", "--frames", "1", "--tiles", "2by2"), "tiles"),
+        (("submit", "{scene}", "--frames", "1", "--slices", "many"), "slices 'many': slices must"),
+        (
+            ("submit", "{scene}", "--frames", "1", "--slices", "9", "--samples", "8"),
+            "slices 9 is more than the 8 samples of a frame",
+        ),
         (("submit", "{scene}", "--frames", "1", "--denoise", "yes"), "unrecognized arguments"),
         (("submit", "{scene}", "--frames", "1", "--camera", "Nope"), "no camera 'Nope'"),
         (("submit", "{not_blend}", "--frames", "1"), "not a .blend"),

@@ -66,7 +66,9 @@ def _running(farm, job_id: str, kind: str, timeout_s: float = WAIT_S) -> tuple[s
 
 
 def _worker_of(actor: int, timeout_s: float = 60) -> int:
-    """The pid of the Blender worker process render actor ``actor`` runs (its child)."""
+    """The pid of the Blender worker process render actor ``actor`` renders with (its
+    child; not the finisher an actor rendering parts of frames starts beside it, whose
+    scratch folder is named for its role)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for entry in Path("/proc").iterdir():
@@ -77,7 +79,10 @@ def _worker_of(actor: int, timeout_s: float = 60) -> int:
                 cmdline = (entry / "cmdline").read_bytes()
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == actor and b"rayfarm_worker" in cmdline and b"serve" in cmdline:
+            if (
+                ppid == actor and b"rayfarm_worker" in cmdline and b"serve" in cmdline
+                and b"-finish" not in cmdline
+            ):  # fmt: skip
                 return int(entry.name)
         time.sleep(0.05)
     raise AssertionError(f"render actor {actor} has no Blender worker")
@@ -203,3 +208,25 @@ def test_the_hang_timeout_is_read_in_seconds(monkeypatch):
     assert Settings.from_env().hang_timeout_s == 90.5
     monkeypatch.delenv("RAYFARM_HANG_TIMEOUT_S")
     assert Settings.from_env().hang_timeout_s == 900.0
+
+
+def test_a_slot_lost_mid_slice_costs_that_slice_alone(client, hang_farm, make_scene, tmp_path):
+    """SIGKILL of the Blender worker in the middle of a sample slice (a preempted node,
+    the OOM killer): that slice alone renders again, with the same samples, and spends
+    no retry (the job allows none); the frame equals bpy's unsliced render."""
+    scene = make_scene("--width", "64", "--height", "48", "--samples", "2400", "--frames", "1")
+    job = client.submit(scene, frames="1", slices=2, max_retries=0)
+    task, _, victim = _running(hang_farm, job.id, "progress")
+    os.kill(victim, signal.SIGKILL)
+    assert completed(job).frames_done == 1
+    (failed,) = _events(hang_farm, job.id, "task_failed")
+    assert (failed["task"], failed["lost"], failed["retry"]) == (task, "True", "True")
+    assert "SIGKILL" in failed["error"] and "this slice alone renders again" in failed["error"]
+    assert [e["task"] for e in _events(hang_farm, job.id, "task_retried")] == [task]
+    started = sorted(e["task"] for e in _events(hang_farm, job.id, "task_started"))
+    assert started == sorted([task, "f0000001t000s00", "f0000001t000s01"])
+    done = {e["task"]: e["subset"] for e in _events(hang_farm, job.id, "task_done")}
+    assert done == {"f0000001t000s00": "0-1199 of 2400", "f0000001t000s01": "1200-2399 of 2400"}
+    (got,) = job.download(tmp_path / "farm")
+    want = render_reference(scene, tmp_path / "ref", [1])[1]
+    assert np.abs(pixels(got).astype(int) - pixels(want).astype(int)).max() <= 1

@@ -7,7 +7,14 @@ import os
 import re
 from typing import Any
 
+from .samples import COLOUR_SWITCHES
+
+#: Cycles' sample subset settings (a slice renders samples offset .. offset + length of
+#: the total).
+SUBSET = ("use_sample_subset", "sample_offset", "sample_subset_length")
+
 __all__ = [
+    "SUBSET",
     "assign",
     "confine_outputs",
     "missing_files",
@@ -71,6 +78,17 @@ def snapshot(scene: Any) -> dict[str, Any]:
         "use_denoising": scene.cycles.use_denoising,
         "use_compositing": scene.render.use_compositing,
         "store_passes": {v.name: v.cycles.denoising_store_passes for v in scene.view_layers},
+        # What a sample slice changes (``Session._slice``): adaptive sampling, the sample
+        # subset, and the colour passes a divided light pass needs to be merged.
+        "sampling": {
+            name: getattr(scene.cycles, name)
+            for name in ("use_adaptive_sampling", *SUBSET)
+            if hasattr(scene.cycles, name)
+        },
+        "colour_passes": {
+            v.name: {name: getattr(v, name) for name in COLOUR_SWITCHES.values()}
+            for v in scene.view_layers
+        },
     }
 
 

@@ -99,6 +99,7 @@ class Server:
             "tile": self.session.tile,
             "finish": self.session.finish,
             "probe": self.session.probe,
+            "preview": self.session.preview,
             "catalogue": self.session.catalogue,
         }
         while True:

@@ -47,6 +47,7 @@ from .errors import FATAL, RenderError, SceneOpenError
 from .exr import oiio, read_parts, write_parts
 from .geometry import TileRect, border_fractions, split
 from .parts import Part, load_parts, save_parts
+from .slicing import set_slice
 from .stopwatch import Stopwatch
 
 __all__ = ["Session", "Task"]
@@ -82,6 +83,8 @@ class Task:
     format: str
     color_depth: int
     denoise: bool | None = None
+    slice: int = 0  # which of the frame's ``slices`` sample subsets this task renders
+    slices: int = 1
 
     @classmethod
     def from_message(cls, data: dict[str, Any]) -> Task:
@@ -92,7 +95,7 @@ class Task:
 
     @property
     def stem(self) -> str:
-        return f"{self.job_id}_{self.frame}_{self.tile}"
+        return f"{self.job_id}_{self.frame}_{self.tile}_{self.slice}"
 
 
 class Session:
@@ -130,7 +133,10 @@ class Session:
     def tile(
         self, task: Task, scene: dict[str, Any], parts_dir: str, folder: str, caches: str
     ) -> dict[str, Any]:
-        """Render one tile of the task's grid; its passes go to ``parts_dir``."""
+        """Render one part of a frame: a tile of the task's grid, and of a sliced frame
+        only the task's subset of its samples (``_slice``); its passes go to
+        ``parts_dir``. ``samples`` says which: [offset, length, total] (None: all);
+        see ``slicing`` for what a slice changes."""
         clock = Stopwatch()
         self.open(scene)
         clock.lap("open_s")
@@ -142,17 +148,41 @@ class Session:
             rect = split(*size, *task.tiles)[task.tile]
         except ValueError as exc:
             raise RenderError(str(exc), {FATAL: True}) from None
+        sliced = set_slice(bscene, task.slice, task.slices, self.bpy.app.version)
         parts = self._render_tile(bscene, task, rect, size)
+        if sliced is not None:
+            parts = sliced.mark(parts)
         clock.lap("render_s")
         listing = save_parts(parts, parts_dir)
         clock.lap("write_s")
         return {
             "size": list(size),
             "rect": [rect.index, rect.x0, rect.x1, rect.y0, rect.y1],
+            "samples": None if sliced is None else list(sliced.samples),
             "parts": listing,
-            "warnings": [*self.warnings, *confined],
+            "warnings": [*self.warnings, *confined, *(sliced.notes if sliced else ())],
             "steps": clock.rounded(),
         }
+
+    def preview(
+        self,
+        task: Task,
+        scene: dict[str, Any],
+        parts_dir: str,
+        listing: list[dict[str, Any]],
+        out: str,
+    ) -> dict[str, Any]:
+        """Write to ``out`` the PNG preview of a frame still being sampled: the first part
+        in ``parts_dir`` (the merge so far of its combined pass) through the scene's
+        view transform, as an EXR frame's preview is made. No denoiser, no compositor:
+        those run once, on the finished frame."""
+        clock = Stopwatch()
+        self.open(scene)
+        bscene = self._prepare(task)
+        parts = load_parts(parts_dir, listing, copy=False)
+        self._preview_pixels(bscene, next(iter(parts.values())).pixels, out)
+        clock.lap("preview_s")
+        return {"steps": clock.rounded()}
 
     def finish(
         self,
@@ -356,6 +386,10 @@ class Session:
         for layer in scene.view_layers:
             store = defaults["store_passes"].get(layer.name, False)
             assign(layer.cycles, "denoising_store_passes", store)
+            for name, value in defaults["colour_passes"].get(layer.name, {}).items():
+                assign(layer, name, value)
+        for name, value in defaults["sampling"].items():
+            assign(scene.cycles, name, value)
         assign(scene.cycles, "device", "GPU" if self.device.startswith("GPU") else "CPU")
         assign(r, "use_persistent_data", True)
         assign(r, "threads_mode", "FIXED")
@@ -419,8 +453,12 @@ class Session:
         if task.format == "png":
             _scaled_png(path, out)
             return
+        self._preview_pixels(scene, next(iter(read_parts(path).values())).pixels, out)
+
+    def _preview_pixels(self, scene: Any, first: np.ndarray, out: str) -> None:
+        """Write to ``out`` a PNG of float pixels ``first`` (rows top first) through the
+        scene's view transform, at most PREVIEW_PIXELS on its longer side."""
         bpy = self.bpy
-        first = next(iter(read_parts(path).values())).pixels
         h, w, nch = first.shape
         rgba = np.ones((h, w, 4), dtype=np.float32)
         rgba[..., : min(nch, 4)] = first[..., :4]

@@ -281,11 +281,19 @@ def draw() -> None:
     draw_all()
     uploading = [(name, args[0] if args else None, text) for name, args, text in shown]
     s.upload.join()
+    # The spec each choice of the Slices option sends.
+    job_spec = importlib.import_module(MODULE + ".operators").job_spec
+    slices = {}
+    for choice in ("1", "4", "auto"):
+        context.scene.rayfarm.slices = choice
+        slices[choice] = job_spec(context.scene)["slices"]
     done(
         idle_calls=idle,
         labels=labels,
         retry=bpy.ops.rayfarm.job_retry.poll(),
         uploading=uploading,
+        props=[args[0] for name, args, _ in shown if name == "prop" and args],
+        slices=slices,
     )
 
 

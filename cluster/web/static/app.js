@@ -524,7 +524,8 @@
     let outputsShown = false;
 
     $("job-title").textContent = `Job ${id}`;
-    for (const field of ["job-owner", "job-frames", "job-tasks", "job-tiles", "job-device",
+    for (const field of ["job-owner", "job-frames", "job-tasks", "job-tiles", "job-slices",
+      "job-device",
       "job-blender",
       "job-created", "job-started", "job-finished", "job-answer", "job-rights", "job-live",
       "frames-count"]) {
@@ -542,10 +543,18 @@
     $("outputs").hidden = true;
     $("outputs-body").replaceChildren();
 
-    function addFrame(n) {
-      if (frames.has(n)) return;
+    // A sliced frame still rendering shows its preview (the merge of its slices so far),
+    // marked with the share of its samples; the stored frame replaces it.
+    function addFrame(n, fraction) {
+      const partial = fraction !== undefined && fraction < 1;
+      const known = frames.get(n);
+      if (known) {
+        if (known.dataset.partial === "1") showFraction(known, n, partial ? fraction : 1);
+        return;
+      }
       const thumb = `${base}/frames/${n}/thumbnail`;
-      const image = el("img", { src: thumb, alt: "", loading: "lazy", width: 160, height: 90 });
+      const image = el("img", { src: partial ? `${thumb}?samples=${fraction}` : thumb, alt: "",
+                                loading: "lazy", width: 160, height: 90 });
       // A preview is written with its frame; one missing now is retried once.
       image.addEventListener("error", () => {
         if (!image.dataset.retried) {
@@ -557,6 +566,10 @@
         el("button", { type: "button", className: "thumb", "aria-label": `Open frame ${n}`,
                        onclick: () => openFrame(n) },
           image, el("span", { className: "frame-no", text: String(n) })));
+      if (partial) {
+        item.dataset.partial = "1";
+        showFraction(item, n, fraction);
+      }
       frames.set(n, item);
       const after = [...frames.keys()].filter((k) => k > n).sort((a, b) => a - b)[0];
       $("frames").insertBefore(item, after === undefined ? null : frames.get(after));
@@ -565,7 +578,34 @@
         ? `(${frames.size} of ${current.frames_total})` : `(${frames.size})`;
     }
 
+    function showFraction(item, n, fraction) {
+      const image = item.querySelector("img");
+      const label = item.querySelector(".frame-no");
+      const thumb = `${base}/frames/${n}/thumbnail`;
+      if (fraction >= 1) {
+        delete item.dataset.partial;
+        image.src = `${thumb}?stored=1`;
+        label.textContent = String(n);
+        label.title = "";
+        return;
+      }
+      image.src = `${thumb}?samples=${fraction}`;
+      label.textContent = `${n} · ${Math.round(fraction * 100)}%`;
+      label.title = `${Math.round(fraction * 100)}% of its samples so far`;
+    }
+
     function openFrame(n) {
+      const partial = frames.get(n) && frames.get(n).dataset.partial === "1";
+      if (partial) {
+        const dialog = $("viewer");
+        $("viewer-title").textContent = `Frame ${n} (its samples so far, still rendering)`;
+        $("viewer-image").src = `${base}/frames/${n}/thumbnail?at=${Date.now()}`;
+        $("viewer-image").alt = `Frame ${n} of job ${id}, still rendering`;
+        $("viewer-link").href = `${base}/frames/${n}/thumbnail`;
+        $("viewer-link").textContent = "Open the preview";
+        dialog.showModal();
+        return;
+      }
       const isExr = current && current.spec.format === "exr";
       const dialog = $("viewer");
       $("viewer-title").textContent = `Frame ${n}` + (isExr ? " (preview of the EXR)" : "");
@@ -593,7 +633,8 @@
           row.append(row.cells_[name]);
         });
         row.cells_.frame.textContent = event.frame;
-        row.cells_.tile.textContent = event.tile;
+        row.cells_.tile.textContent = event.slice === undefined ? event.tile
+          : `${event.tile} · slice ${Number(event.slice) + 1}`;
         tasks.set(event.task, row);
         $("tasks-body").append(row);
       }
@@ -650,7 +691,10 @@
           task(event).attempts.textContent = event.attempt;
           break;
         case "frame":
-          addFrame(event.frame);
+          addFrame(event.frame, 1);
+          break;
+        case "preview":
+          addFrame(event.frame, Number(event.fraction));
           break;
         case "output":
           loadOutputs();
@@ -719,6 +763,7 @@
       $("job-frames").textContent = `${job.frames_done} of ${job.frames_total}`;
       $("job-tasks").textContent = `${job.tasks_done} of ${job.tasks_total}`;
       $("job-tiles").textContent = job.tiles || String(job.spec.tiles);
+      $("job-slices").textContent = job.slices ? String(job.slices) : String(job.spec.slices);
       $("job-device").textContent = job.device || "—";
       $("job-blender").textContent = job.rendered_by
         ? `${job.rendered_by} (saved by ${job.saved_by || "?"})` : "—";
@@ -876,6 +921,8 @@
     const spec = { frames: $("submit-frames").value.trim() };
     const tiles = $("submit-tiles").value.trim();
     if (tiles && tiles !== "1") spec.tiles = /^\d+$/.test(tiles) ? Number(tiles) : tiles;
+    const slices = $("submit-slices").value.trim();
+    if (slices && slices !== "1") spec.slices = /^\d+$/.test(slices) ? Number(slices) : slices;
     const numbers = [["submit-samples", "samples"], ["submit-resolution", "resolution_percentage"],
       ["submit-priority", "priority"]];
     for (const [field, name] of numbers) {
