@@ -308,12 +308,17 @@ class LocalFarm:
     def storage_dir(self) -> Path:
         return self.data_dir / "storage"
 
+    @property
+    def redis_url(self) -> str:
+        """The farm's Redis, named in the line `rayfarm up` printed when it was ready (this
+        start's: the log is appended to by each start, each with a Redis port of its own)."""
+        found = re.findall(r"rayfarm is up at .*?redis (redis://\S+?)\)", self.log.read_text())
+        assert found, "rayfarm up did not print its Redis URL"
+        return str(found[-1])
+
     def events(self, job_id: str) -> list[dict[str, str]]:
-        """The job's event stream, read straight from the farm's Redis (named in the
-        line `rayfarm up` prints when it is ready)."""
-        match = re.search(r"redis (redis://\S+?)\)", self.log.read_text())
-        assert match, "rayfarm up did not print its Redis URL"
-        client = redis.Redis.from_url(match[1], decode_responses=True)
+        """The job's event stream, read straight from the farm's Redis."""
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
         try:
             return [fields for _, fields in client.xrange(f"rayfarm:job:{job_id}:events")]
         finally:
@@ -322,6 +327,7 @@ class LocalFarm:
     def start(self) -> LocalFarm:
         self.before = farm_processes(self.mark)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        up_lines = self.log.read_bytes().count(b"rayfarm is up at") if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port),
@@ -337,10 +343,13 @@ class LocalFarm:
             if self.process.poll() is not None:
                 raise RuntimeError(f"rayfarm up exited:\n{self.log.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
+                healthy = httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
+                healthy = False
+            # Up once it also said so: its line (with the Redis URL tests read) comes a
+            # moment after /healthz first answers.
+            if healthy and self.log.read_bytes().count(b"rayfarm is up at") > up_lines:
+                return self
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"rayfarm up did not become healthy:\n{self.log.read_text()[-4000:]}")

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
@@ -174,9 +173,7 @@ def noop_client(noop_farm):
 
 
 def _redis(local_farm) -> redis.Redis:
-    match = re.search(r"redis (redis://\S+?)\)", local_farm.log.read_text())
-    assert match, "rayfarm up did not print its Redis URL"
-    return redis.Redis.from_url(match[1], decode_responses=True)
+    return redis.Redis.from_url(local_farm.redis_url, decode_responses=True)
 
 
 def _calls(events: list[dict[str, str]]) -> list[list[dict[str, str]]]:

@@ -338,8 +338,7 @@ def test_event_streams_past_the_per_user_limit_are_refused(edge_farm, small_scen
     assert grpc_progress and not isinstance(grpc_progress[-1], Exception), grpc_progress
     assert grpc_progress[-1] == "state"
     # Every stream closed: none of ana's leases is left.
-    url = re.search(r"redis (redis://\S+?)\)", edge_farm.log.read_text())[1]  # type: ignore[index]
-    with redis.Redis.from_url(url) as r:
+    with redis.Redis.from_url(edge_farm.redis_url) as r:
         key = f"rayfarm:streams:ana-{edge_farm.kind}"
         for _ in range(100):
             if r.zcard(key) == 0:

@@ -53,13 +53,8 @@ def limited(tmp_path_factory, farm_env) -> Iterator[LocalFarm]:
 
 
 def _redis(farm: LocalFarm) -> redis.Redis:
-    """The farm's own Redis (named in the line `rayfarm up` prints once it is up, which
-    may come a moment after it answers)."""
-    deadline = time.monotonic() + 60
-    while not (match := re.search(r"redis (redis://\S+?)\)", farm.log.read_text())):
-        assert time.monotonic() < deadline, "rayfarm up did not print its Redis URL"
-        time.sleep(0.2)
-    return redis.Redis.from_url(match[1], decode_responses=True)
+    """The farm's own Redis."""
+    return redis.Redis.from_url(farm.redis_url, decode_responses=True)
 
 
 def _artist(farm: LocalFarm, name: str) -> Farm:

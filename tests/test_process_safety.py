@@ -86,16 +86,6 @@ def describe(pids: set[int]) -> list[str]:
     return out
 
 
-def redis_url_of(farm: LocalFarm) -> str:
-    """The Redis URL of the line `rayfarm up` prints once up (a moment after /healthz
-    answers)."""
-    deadline = time.monotonic() + GONE_S
-    while not (up := [x for x in farm.log.read_text().splitlines() if "rayfarm is up at" in x]):
-        assert time.monotonic() < deadline, farm.log.read_text()[-3000:]
-        time.sleep(0.2)
-    return up[-1].split("redis ", 1)[1].split(")", 1)[0]
-
-
 def test_a_redis_server_is_never_started_on_files_another_one_keeps(tmp_path):
     """An earlier server on the directory (left by a crash) is refused by pid; once it is
     stopped (SIGTERM: it writes its append-only file) the next one has all its data."""
@@ -295,7 +285,7 @@ def test_what_an_earlier_farm_left_running_is_stopped_before_a_new_one_starts(tm
             (fresh,) = redis_servers(data_dir / "redis")
             assert fresh != stale.process.pid
             assert f"pids {stale.process.pid} {marked.pid}" in farm.log.read_text()
-            client = redis.Redis.from_url(redis_url_of(farm))
+            client = redis.Redis.from_url(farm.redis_url)
             assert client.get("rayfarm:written-before-the-crash") == b"kept"
             client.close()
     finally:
