@@ -98,7 +98,8 @@ class Policy:
 @dataclass(frozen=True)
 class Queued:
     """A PENDING job, as admission sees it. ``tasks``: how many it would add (whole
-    frames for ``tiles="auto"``)."""
+    frames for ``tiles="auto"``); ``blender``: the version it renders with (what the
+    farm's demand counts it under, ``rayfarm.cluster.demand``)."""
 
     id: str
     user: str
@@ -107,6 +108,7 @@ class Queued:
     tasks: int
     urgent: bool = False
     depends_on: tuple[str, ...] = ()
+    blender: str | None = None
 
 
 @dataclass
