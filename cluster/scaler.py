@@ -20,6 +20,7 @@ passed to Ray's autoscaler with ``ray.autoscaler.sdk.request_resources``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -31,6 +32,8 @@ from rayfarm.cluster.demand import Limits, PoolDemand, Request, request
 from rayfarm.cluster.settings import Settings
 
 __all__ = ["REQUEST_REFRESH_S", "Scaler", "withdraw"]
+
+log = logging.getLogger(__name__)
 
 #: Seconds after which an unchanged request is sent again.
 REQUEST_REFRESH_S = 60.0
@@ -93,7 +96,11 @@ class Scaler:
             self._send(bundles)
 
     def _send(self, bundles: list[dict[str, float]]) -> None:
-        self._send_to_cluster(bundles)
+        try:
+            self._send_to_cluster(bundles)
+        except Exception as exc:  # the GCS busy or restarting: the jobs are admitted anyway
+            log.warning("could not ask the cluster for render nodes (tried again): %s", exc)
+            return
         self._sent, self._sent_at = bundles, time.monotonic()
         self.requests.append({"at": time.time(), "bundles": bundles})
 
@@ -128,6 +135,11 @@ class Scaler:
 
 
 def withdraw(settings: Settings) -> None:
-    """Withdraw the farm's standing request (the farm stops: its nodes may go)."""
-    if settings.autoscaling:
+    """Withdraw the farm's standing request (the farm stops: its nodes may go). A
+    cluster that no longer answers is only logged: the farm stops all the same."""
+    if not settings.autoscaling:
+        return
+    try:
         _request_resources([])
+    except Exception as exc:
+        log.warning("could not withdraw the farm's request for render nodes: %s", exc)

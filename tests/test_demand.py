@@ -8,6 +8,8 @@ autoscaling settings' checks close the file."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -167,6 +169,22 @@ def test_an_unchanged_request_is_sent_again_after_a_while():
     scaler._sent_at -= REQUEST_REFRESH_S  # a minute later: overwritten by another caller?
     scaler.update(_work(1), slots_up=1, nodes_up=1)
     assert sent == [[{"GPU": 1}]] * 2
+
+
+def test_a_request_the_cluster_refused_is_sent_again_next_round():
+    sent: list[list[dict[str, float]]] = []
+
+    def send(bundles: list[dict[str, float]]) -> None:
+        if not sent:  # the first call fails, as with the GCS restarting
+            sent.append([])
+            raise ConnectionError("GCS unavailable")
+        sent.append(bundles)
+
+    scaler = Scaler(Settings(max_render_nodes=2), send=send)
+    scaler.update(_work(5), slots_up=0, nodes_up=0)  # raises nothing: admission goes on
+    assert scaler.requests == deque()
+    scaler.update(_work(5), slots_up=0, nodes_up=0)
+    assert sent[1:] == [[{"GPU": 1}] * 2] and len(scaler.requests) == 1
 
 
 def test_warm_nodes_shared_gpus_and_nodes_of_several_gpus():
