@@ -416,11 +416,11 @@ class Dispatcher:
         is on, but for the figures ``/metrics`` shows)."""
         startable = [q for q in queued if q.id not in admission.fail
                      and q.id not in admission.wait and q.id not in self.runs]  # fmt: skip
-        pools = demand(self.runs.values(), self.slots, startable, self.pool.kind,
+        pools = demand(self.runs.values(), self.slots, startable, self.pool.seen_kind,
                        self.settings.blender[0], self.policy)  # fmt: skip
         nodes = self.scaler.render_nodes() if self.scaler.enabled else len(
             {s.node for s in self.slots if s.node})  # fmt: skip
-        self.scaler.update(pools, self.pool.capacity(), nodes)
+        self.scaler.update(pools, self.pool.seen_capacity, nodes)
 
     async def _queued_jobs(self, head: list[tuple[str, float]]) -> list[Queued]:
         """The queue's head as the scheduler sees it: owner, project, priority, tasks and

@@ -54,6 +54,10 @@ class Pool:
         self.reporter = reporter  # receives the actors' progress (the dispatcher)
         self.slots: list[Slot] = []
         self._next_index = 0
+        #: As the last ``reconcile`` saw the cluster (one GCS call a round, not more):
+        #: the actors it holds (``capacity``) and their kind of slot, ``gpu`` or ``cpu``.
+        self.seen_capacity = 0
+        self.seen_kind = "gpu" if settings.autoscaling else "cpu"
 
     @property
     def is_gpu(self) -> bool:
@@ -61,16 +65,12 @@ class Pool:
         nodes are GPU nodes, none may be up yet), else when the cluster has a GPU."""
         return self.settings.autoscaling or bool(ray.cluster_resources().get("GPU", 0))
 
-    @property
-    def kind(self) -> str:
-        """The pool's kind of slot, as quotas and pools name it: ``gpu`` or ``cpu``."""
-        return "gpu" if self.is_gpu else "cpu"
-
-    def capacity(self) -> int:
-        """How many actors the cluster holds now: one per GPU share, else the CPU actors
-        the farm is configured for (an autoscaled farm: GPU shares only, 0 with no GPU
-        node up)."""
-        gpus = float(ray.cluster_resources().get("GPU", 0))
+    def capacity(self, resources: dict[str, float] | None = None) -> int:
+        """How many actors the cluster (its ``resources``, fetched if not given) holds
+        now: one per GPU share, else the CPU actors the farm is configured for (an
+        autoscaled farm: GPU shares only, 0 with no GPU node up)."""
+        resources = ray.cluster_resources() if resources is None else resources
+        gpus = float(resources.get("GPU", 0))
         if gpus or self.settings.autoscaling:
             return int(gpus / self.settings.gpu_share + 1e-9)
         return max(1, self.settings.cpu_actors)
@@ -81,8 +81,11 @@ class Pool:
         Slots are not removed here: an actor of a lost node is dropped when its death
         is seen (``lost``), an idle one released by ``release``."""
         added = []
-        kind = self.kind
-        target = self.capacity() if want is None else min(self.capacity(), want)
+        resources = ray.cluster_resources()
+        gpu = self.settings.autoscaling or bool(resources.get("GPU", 0))
+        kind = self.seen_kind = "gpu" if gpu else "cpu"
+        self.seen_capacity = self.capacity(resources)
+        target = self.seen_capacity if want is None else min(self.seen_capacity, want)
         for _ in range(target - len(self.slots)):
             index = self._next_index
             version = self.settings.blender[index % len(self.settings.blender)]
