@@ -306,3 +306,18 @@ def test_every_deployment_offers_and_builds_the_same_blender_versions(cluster, k
     offered.add(parse_versions(value))
     assert "rayfarm blender install" in dockerfile
     assert len(offered) == 1, offered
+
+
+def test_the_deployment_docs_say_what_the_files_set(cluster, kuberay):
+    """docs/deploy.md's elastic farm names the maximum and the idle timeouts the two
+    cluster files set (the README points there)."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    (gpu,) = _workers(cluster).values()
+    (group,) = kuberay["spec"]["workerGroupSpecs"]
+    assert gpu["max_workers"] == group["maxReplicas"]
+    assert f"goes from {gpu['min_workers']} to {gpu['max_workers']} nodes" in docs
+    assert f"({gpu['max_workers']} in both files" in docs
+    assert f"`idle_timeout_minutes: {cluster['idle_timeout_minutes']}`" in docs
+    idle_s = kuberay["spec"]["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert f"`idleTimeoutSeconds: {idle_s}`" in docs
+    assert "docs/deploy.md#an-elastic-farm" in (ROOT / "README.md").read_text()
