@@ -218,6 +218,11 @@ def _requests() -> list[list[dict[str, float]]]:
     return [r["bundles"] for r in ray.get(dispatcher.scaling_requests.remote())]
 
 
+def _gpu_nodes() -> set[str]:
+    """Ids of every render node the cluster had, gone ones included."""
+    return {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU", 0) > 0}
+
+
 def _standing() -> list[dict[str, float]]:
     """The request standing in the GCS, as the autoscaler reads it (v1: a KV entry that
     ``request_resources`` overwrites); none ever made reads as none."""
@@ -310,10 +315,12 @@ def test_render_nodes_follow_the_queue_up_from_zero_and_back(
         status = first.wait(timeout=WAIT_S)
         assert status.state is JobState.COMPLETED, status.error
         assert first.refresh().detail is None
-        # Both nodes joined while it rendered, got an actor each, and rendered.
-        assert max(sampler.counts) == MAX_NODES
+        # It rendered on the nodes that joined (the farm started with none), on render
+        # actors made for them without a restart. (Whether the second node still found a
+        # task depends on how long the fake provider takes to boot it: not asserted.)
         done = [e for e in elastic_farm.events(first.id) if e["kind"] == "task_done"]
-        assert len({e["node"] for e in done}) == MAX_NODES
+        rendered_on = {e["node"] for e in done}
+        assert rendered_on and rendered_on <= _gpu_nodes(), rendered_on
         _check_frames(elastic_farm, first, list(range(1, 21)), tmp_path / "first")
 
         # The queue is empty: the request is withdrawn and the idle actors released.
@@ -331,7 +338,7 @@ def test_render_nodes_follow_the_queue_up_from_zero_and_back(
     finally:
         sampler.done.set()
         sampler.join()
-    assert max(sampler.counts) <= MAX_NODES
+    assert max(sampler.counts) == MAX_NODES  # both came up (the farm asked for 2)
     assert max(sampler.standing) == MAX_NODES and _standing() == []
     requests = _requests()
     assert requests[-1] == [], "an empty queue leaves a standing request"
