@@ -55,11 +55,13 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
+from rayfarm.cluster.demand import demand
 from rayfarm.cluster.policy import PolicyStore
 from rayfarm.cluster.pool import Pool, actor_died
 from rayfarm.cluster.post import encode_video
 from rayfarm.cluster.runs import Run, Slot, expand, task_key
-from rayfarm.cluster.scheduler import Plan, Policy, Queued, Scheduler
+from rayfarm.cluster.scaler import Scaler
+from rayfarm.cluster.scheduler import Admission, Plan, Policy, Queued, Scheduler
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.slicing import MAX_SLICE_LOSSES, FrameSamples, auto_slices, lost_slot
 from rayfarm.cluster.storage import Storage
@@ -101,6 +103,7 @@ class Dispatcher:
         self.store = JobStore.from_url(self.settings.redis_url)
         self.storage = Storage(self.settings.storage)
         self.pool = Pool(self.settings)
+        self.scaler = Scaler(self.settings)
         self.scheduler = Scheduler()
         self.policies = PolicyStore(self.store.redis)
         self.policy = Policy()
@@ -203,7 +206,13 @@ class Dispatcher:
             ],
             "pending": sum(len(r.pending) for r in self.runs.values()),
             "runs": {r.id: len(r.pending) for r in self.runs.values()},
+            "scaling": self.scaler.status(),
         }
+
+    async def scaling_requests(self) -> list[dict[str, Any]]:
+        """Every request for render nodes this dispatcher made (``request_resources``'s
+        bundles, with the time), oldest first; none unless autoscaling is on."""
+        return list(self.scaler.requests)
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -218,7 +227,7 @@ class Dispatcher:
             self._wake = asyncio.Event()
         if not self.slots:
             self.pool.reporter = ray.get_runtime_context().current_actor
-            self.pool.reconcile()
+            self.pool.reconcile(self.scaler.want)
         if self.assembler is None:
             # Restarted with empty buffers if it dies: frames it held render again.
             self.assembler = (
@@ -242,10 +251,12 @@ class Dispatcher:
                 now = time.monotonic()
                 if self._full_round or now - last_full >= POLL_INTERVAL_S or self._capacity() > 0:
                     self._full_round, last_full = False, now
-                    self.pool.reconcile()  # actors for nodes that joined
+                    self.pool.reconcile(self.scaler.want)  # actors for nodes that joined
                     self.policy = await self.policies.load()
                     await self._sync_runs()
                     await self._admit()
+                    if self.scaler.enabled:  # idle actors go, so that their nodes can
+                        self.pool.release(self.scaler.want or 0, now)
                 self._schedule()
                 self._watch()
             except Exception as exc:
@@ -376,6 +387,7 @@ class Dispatcher:
         states = await self.store.states(deps) if deps else {}
         admission = self.scheduler.admit(queued, states, self.runs.values(), self.slots,
                                          self.policy)  # fmt: skip
+        self._scale(queued, admission)
         for job_id, reason in admission.fail.items():
             await self._fail(job_id, reason)
         for job_id in admission.fail:
@@ -384,7 +396,13 @@ class Dispatcher:
         here = {job_id for job_id, _ in head}
         for job_id in [j for j in self._waiting if j not in here and j not in self.runs]:
             del self._waiting[job_id]
-        waiting = {q.id: admission.wait.get(q.id) for q in queued if q.id not in admission.fail}
+        # A job that could start but for the slots the cluster is still adding says so.
+        growing = self.scaler.waiting_reason()
+        waiting = {
+            q.id: admission.wait.get(q.id) or (None if q.id in admission.start else growing)
+            for q in queued
+            if q.id not in admission.fail
+        }
         await self._say_waiting(waiting)
         for job_id in admission.start:
             try:
@@ -400,6 +418,18 @@ class Dispatcher:
                 self.runs.pop(job_id, None)
                 await self._fail(job_id, f"could not start the job: {exc}")
 
+    def _scale(self, queued: list[Queued], admission: Admission) -> None:
+        """The farm's work by pool (runs, and queued jobs that may start) becomes its
+        request for render nodes (``rayfarm.cluster.scaler``; a no-op unless autoscaling
+        is on, but for the figures ``/metrics`` shows)."""
+        startable = [q for q in queued if q.id not in admission.fail
+                     and q.id not in admission.wait and q.id not in self.runs]  # fmt: skip
+        pools = demand(self.runs.values(), self.slots, startable, self.pool.seen_kind,
+                       self.settings.blender[0], self.policy)  # fmt: skip
+        nodes = self.scaler.render_nodes() if self.scaler.enabled else len(
+            {s.node for s in self.slots if s.node})  # fmt: skip
+        self.scaler.update(pools, self.pool.seen_capacity, nodes)
+
     async def _queued_jobs(self, head: list[tuple[str, float]]) -> list[Queued]:
         """The queue's head as the scheduler sees it: owner, project, priority, tasks and
         dependencies of each job (read once per ``QUEUED_TTL_S``), urgent from its score."""
@@ -411,15 +441,15 @@ class Dispatcher:
         if unknown:
             async with self.store.redis.pipeline(transaction=False) as pipe:
                 for job_id in unknown:
-                    pipe.hmget(keys.job(job_id), ["owner", "spec", "tasks_total"])
+                    pipe.hmget(keys.job(job_id), ["owner", "spec", "tasks_total", "rendered_by"])
                 found = await pipe.execute()
-            for job_id, (owner, spec_json, tasks) in zip(unknown, found, strict=True):
+            for job_id, (owner, spec_json, tasks, blender) in zip(unknown, found, strict=True):
                 if spec_json is None:
                     continue  # deleted meanwhile
                 spec = JobSpec.model_validate_json(spec_json)
                 self._queued[job_id] = Queued(
                     job_id, owner or "", spec.project or "", spec.priority, int(tasks or 0),
-                    depends_on=spec.depends_on or (),
+                    depends_on=spec.depends_on or (), blender=blender or None,
                 )  # fmt: skip
         queued = []
         for job_id, score in head:
@@ -604,6 +634,7 @@ class Dispatcher:
                 released = True
                 slot.killed, slot.killed_at = None, 0.0  # its worker is stopped; it goes on
                 slot.busy, slot.run, slot.user, slot.project = False, None, None, None
+                slot.idle_at = time.monotonic()
                 for task in tasks:
                     key = (run.id, task.frame, task.tile, task.slice)
                     if self._doing.get(key) is slot:  # not already the task's next attempt

@@ -267,6 +267,7 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
 
     from rayfarm.cluster.dispatcher import start_dispatcher
     from rayfarm.cluster.redis_server import RedisServer
+    from rayfarm.cluster.scaler import withdraw
     from rayfarm.cluster.serve import APP_NAME, LOGGING, build_app
 
     check_auth(settings)
@@ -328,6 +329,9 @@ def up(settings: Settings, address: str | None = None, ready: Any = print) -> No
             _system_config=None if address else LOCAL_SYSTEM_CONFIG,
         )
         stack.callback(ray.shutdown)
+        # After the dispatcher is gone (callbacks run last first): its request for render
+        # nodes goes too, or the autoscaler would keep them up for a farm that is stopped.
+        stack.callback(withdraw, settings)
         dispatcher = start_dispatcher(settings)
         stack.callback(lambda: ray.kill(dispatcher, no_restart=True))
         serve.start(

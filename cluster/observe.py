@@ -116,7 +116,8 @@ async def task_log(job_id: JobId, task: str, ctx: Ctx) -> PlainTextResponse:
 async def metrics(ctx: Ctx) -> Response:
     """The farm in Prometheus's text format: jobs by state and stored, queue depth, tasks
     done and failed (rate() gives tasks per second), a histogram of render seconds per
-    task, render actors by device and state, bytes uploaded, open event streams; storage
+    task, render actors by device and state, tasks queued by pool, render slots and nodes
+    up and requested (autoscaling), bytes uploaded, open event streams; storage
     used by jobs and blobs (as the last housekeeping sweep measured it), blobs indexed
     and uploads no job uses yet, Redis's memory; jobs deleted, refused requests."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -205,10 +206,40 @@ class _Collector:
             pending.add_metric([], self.stats["pending"])
         yield actors
         yield pending
+        yield from self._scaling()
         yield GaugeMetricFamily(
             "rayfarm_event_waits", "Event streams and long-polls open on this replica.",
             value=self.streams,
         )  # fmt: skip
+
+    def _scaling(self) -> Any:
+        """The farm's demand by pool, and its size: render slots and nodes up, and asked
+        of the cluster's autoscaler (0 unless autoscaling is on)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        scaling = (self.stats or {}).get("scaling")
+        queued = GaugeMetricFamily(
+            "rayfarm_pool_tasks_queued",
+            "Tasks waiting for a render slot, by pool (Blender version/kind of slot): in "
+            "running jobs, and in queued jobs that may start.",
+            labels=["pool"],
+        )
+        sizes = {
+            "slots_requested": "Render slots the farm asks the cluster's autoscaler for.",
+            "slots_up": "Render slots (GPUs over RAYFARM_GPU_SHARE, or CPU actors) up now.",
+            "nodes_requested": "Render nodes the farm asks the cluster's autoscaler for.",
+            "nodes_up": "Render nodes up now.",
+        }
+        gauges = {
+            name: GaugeMetricFamily(f"rayfarm_render_{name}", text) for name, text in sizes.items()
+        }
+        if scaling is not None:
+            for pool, figures in scaling["pools"].items():
+                queued.add_metric([pool], figures["queued"])
+            for name, gauge in gauges.items():
+                gauge.add_metric([], scaling[name])
+        yield queued
+        yield from gauges.values()
 
     def _usage(self) -> Any:
         """What the farm holds: jobs, Redis memory, storage, blobs."""

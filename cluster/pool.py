@@ -10,6 +10,12 @@ for its GPUs without a restart. An
 actor that dies is replaced where it was; one whose node left the cluster is
 dropped (its task goes back to the queue without counting as a failed attempt),
 and the pool shrinks with the cluster.
+
+On an autoscaled farm (``max_render_nodes``) the render nodes are GPU nodes that come
+and go: the pool makes GPU actors only (never CPU actors waiting for a node that is not
+there), no more than the farm's demand wants (``reconcile(want)``), and ``release``
+lets go of actors idle for ``actor_idle_s`` beyond that want, so that a node whose
+actors are gone holds nothing and Ray's autoscaler can remove it.
 """
 
 from __future__ import annotations
@@ -48,22 +54,39 @@ class Pool:
         self.reporter = reporter  # receives the actors' progress (the dispatcher)
         self.slots: list[Slot] = []
         self._next_index = 0
+        #: As the last ``reconcile`` saw the cluster (one GCS call a round, not more):
+        #: the actors it holds (``capacity``) and their kind of slot, ``gpu`` or ``cpu``.
+        self.seen_capacity = 0
+        self.seen_kind = "gpu" if settings.autoscaling else "cpu"
 
-    def target(self) -> int:
-        """How many actors the cluster holds now: one per GPU share, else the CPU actors
-        the farm is configured for."""
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        if gpus:
+    @property
+    def is_gpu(self) -> bool:
+        """Whether the pool makes GPU actors: on an autoscaled farm always (its render
+        nodes are GPU nodes, none may be up yet), else when the cluster has a GPU."""
+        return self.settings.autoscaling or bool(ray.cluster_resources().get("GPU", 0))
+
+    def capacity(self, resources: dict[str, float] | None = None) -> int:
+        """How many actors the cluster (its ``resources``, fetched if not given) holds
+        now: one per GPU share, else the CPU actors the farm is configured for (an
+        autoscaled farm: GPU shares only, 0 with no GPU node up)."""
+        resources = ray.cluster_resources() if resources is None else resources
+        gpus = float(resources.get("GPU", 0))
+        if gpus or self.settings.autoscaling:
             return int(gpus / self.settings.gpu_share + 1e-9)
         return max(1, self.settings.cpu_actors)
 
-    def reconcile(self) -> list[Slot]:
-        """Create actors for capacity the pool does not use yet (new nodes); return the
-        new slots. Slots are never removed here: an actor of a lost node is dropped when
-        its death is seen (``lost``)."""
+    def reconcile(self, want: int | None = None) -> list[Slot]:
+        """Create actors for capacity the pool does not use yet (new nodes), up to
+        ``want`` actors when given (an autoscaled farm's demand); return the new slots.
+        Slots are not removed here: an actor of a lost node is dropped when its death
+        is seen (``lost``), an idle one released by ``release``."""
         added = []
-        kind = "gpu" if ray.cluster_resources().get("GPU", 0) else "cpu"
-        for _ in range(self.target() - len(self.slots)):
+        resources = ray.cluster_resources()
+        gpu = self.settings.autoscaling or bool(resources.get("GPU", 0))
+        kind = self.seen_kind = "gpu" if gpu else "cpu"
+        self.seen_capacity = self.capacity(resources)
+        target = self.seen_capacity if want is None else min(self.seen_capacity, want)
+        for _ in range(target - len(self.slots)):
             index = self._next_index
             version = self.settings.blender[index % len(self.settings.blender)]
             slot = Slot(index, self._new_actor(index, version), blender=version, kind=kind)
@@ -83,7 +106,7 @@ class Pool:
         remote = ray.remote(concurrency_groups={CONTROL: 1})(  # type: ignore[call-overload]
             getattr(importlib.import_module(module), name)
         )
-        if ray.cluster_resources().get("GPU", 0):
+        if self.is_gpu:
             return remote.options(num_gpus=self.settings.gpu_share, num_cpus=0).remote(
                 reporter=self.reporter, blender=blender
             )
@@ -91,6 +114,29 @@ class Pool:
         return remote.options(num_cpus=1).remote(
             self.settings.actor_threads, index % n, n, self.reporter, blender=blender
         )
+
+    def release(self, want: int, now: float) -> list[Slot]:
+        """Kill the actors beyond ``want`` that have been idle for ``actor_idle_s``
+        (their GPUs freed: a node without actors goes idle, and the autoscaler removes
+        it after its idle timeout); return their slots, dropped from the pool. Actors on
+        the nodes with the fewest busy actors go first, so that whole nodes empty."""
+        surplus = len(self.slots) - max(0, want)
+        idle_s = self.settings.actor_idle_s
+        idle = [s for s in self.slots
+                if not s.busy and s.killed is None and now - s.idle_at >= idle_s]  # fmt: skip
+        if surplus <= 0 or not idle:
+            return []
+        busy: dict[str | None, int] = {}
+        for slot in self.slots:
+            busy[slot.node] = busy.get(slot.node, 0) + slot.busy
+        idle.sort(key=lambda s: (busy.get(s.node, 0), s.node or "", -s.index))
+        released = idle[:surplus]
+        for slot in released:
+            log.info("render actor %d on %s idle for %g s: released", slot.index,
+                     slot.host or "a node", idle_s)  # fmt: skip
+            ray.kill(slot.handle, no_restart=True)
+            self.slots.remove(slot)
+        return released
 
     def replace(self, slot: Slot) -> None:
         """A new actor in ``slot`` (the old one is killed if it still lives), warming up

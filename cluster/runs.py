@@ -15,6 +15,7 @@ batch whose actor died run one per call.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class Slot:
     sign_at: float = 0.0  # monotonic time of the last sign that the work progresses
     killed: str | None = None  # why the dispatcher stopped its render (a hang, a cancel)
     killed_at: float = 0.0  # monotonic time it was told to stop
+    # Monotonic time it last became idle: an autoscaled farm releases actors idle long
+    # enough (``Pool.release``) so that their nodes can go.
+    idle_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -97,7 +97,8 @@ class Policy:
 @dataclass(frozen=True)
 class Queued:
     """A PENDING job, as admission sees it. ``tasks``: how many it would add (whole
-    frames for ``tiles="auto"``)."""
+    frames for ``tiles="auto"``); ``blender``: the version it renders with (what the
+    farm's demand counts it under, ``rayfarm.cluster.demand``)."""
 
     id: str
     user: str
@@ -106,6 +107,7 @@ class Queued:
     tasks: int
     urgent: bool = False
     depends_on: tuple[str, ...] = ()
+    blender: str | None = None
 
 
 @dataclass

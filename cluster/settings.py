@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rayfarm.blendfile import MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO, MAX_READ_S, BlendLimits
+from rayfarm.errors import FarmError
 from rayfarm.paths import default_data_dir
 from rayfarm.render.environments import DEFAULT_VERSIONS, parse_versions
 
@@ -232,6 +233,22 @@ class Settings:
     #: Seconds one webhook call may take.
     webhook_timeout_s: float = 10.0
 
+    # -- an elastic farm (docs/deploy.md#an-elastic-farm) --
+    #: Most render nodes the farm asks the cluster's autoscaler for, as its queue grows;
+    #: 0 asks for none: the farm renders on the nodes the cluster has (a fixed cluster,
+    #: ``rayfarm up`` on one machine), as it always did.
+    max_render_nodes: int = 0
+    #: Render nodes asked for even when nothing waits (warm nodes); at most max_render_nodes.
+    min_render_nodes: int = 0
+    #: Most render nodes the work of one Blender version may ask for, ``VERSION=NODES``
+    #: each (``RAYFARM_MAX_POOL_NODES=4.5=2``); a version not listed: max_render_nodes.
+    max_pool_nodes: tuple[str, ...] = ()
+    #: GPUs on one render node (the cluster's GPU worker type): how slots become nodes.
+    render_node_gpus: int = 1
+    #: Seconds an idle render actor of an autoscaled farm is kept before it is released
+    #: (its GPU freed, so that its node can go idle and be removed).
+    actor_idle_s: float = 30.0
+
     #: Event streams (SSE and gRPC) one user may hold open at once, farm-wide; 429 past it.
     max_streams_per_user: int = MAX_STREAMS_PER_USER
     #: The front door's connection limits (``EdgeLimits``, docs/security.md).
@@ -254,6 +271,55 @@ class Settings:
             raise ValueError("max_streams_per_user must be at least 1")
         if self.webhook_attempts < 1:
             raise ValueError("RAYFARM_WEBHOOK_ATTEMPTS must be at least 1")
+        self._check_scaling()
+
+    def _check_scaling(self) -> None:
+        if self.max_render_nodes < 0 or self.min_render_nodes < 0:
+            raise ValueError("RAYFARM_MAX_RENDER_NODES and RAYFARM_MIN_RENDER_NODES must be "
+                             "at least 0")  # fmt: skip
+        if self.min_render_nodes > self.max_render_nodes:
+            raise ValueError(
+                f"RAYFARM_MIN_RENDER_NODES ({self.min_render_nodes}) must be at most "
+                f"RAYFARM_MAX_RENDER_NODES ({self.max_render_nodes}), which turns "
+                "autoscaling on"
+            )
+        if self.render_node_gpus < 1:
+            raise ValueError("RAYFARM_RENDER_NODE_GPUS must be at least 1")
+        if not self.actor_idle_s > 0:
+            raise ValueError("RAYFARM_ACTOR_IDLE_S must be a positive number of seconds")
+        _ = self.pool_max_nodes  # a malformed entry fails here
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether the farm asks the cluster for render nodes (``max_render_nodes``)."""
+        return self.max_render_nodes > 0
+
+    @property
+    def slots_per_node(self) -> int:
+        """Render actors one render node holds: its GPUs over ``gpu_share``."""
+        return max(1, int(self.render_node_gpus / self.gpu_share + 1e-9))
+
+    @property
+    def pool_max_nodes(self) -> dict[str, int]:
+        """``max_pool_nodes`` by Blender version (each one the farm offers)."""
+        caps: dict[str, int] = {}
+        for entry in self.max_pool_nodes:
+            version, sep, count = entry.partition("=")
+            if not sep or not count.strip().isdigit():
+                raise ValueError(
+                    f"RAYFARM_MAX_POOL_NODES: {entry!r} is not VERSION=NODES (such as 4.5=2)"
+                )
+            try:
+                (name,) = parse_versions(version)
+            except FarmError as exc:
+                raise ValueError(f"RAYFARM_MAX_POOL_NODES: {exc}") from None
+            if name not in self.blender:
+                raise ValueError(
+                    f"RAYFARM_MAX_POOL_NODES names Blender {name}, which the farm does not "
+                    f"offer (it offers {', '.join(self.blender)})"
+                )
+            caps[name] = int(count)
+        return caps
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -306,11 +372,17 @@ class Settings:
             "webhook_attempts": _env_int("RAYFARM_WEBHOOK_ATTEMPTS", 8),
             "webhook_backoff_s": _env_seconds("RAYFARM_WEBHOOK_BACKOFF_S", 5.0),
             "webhook_timeout_s": _env_seconds("RAYFARM_WEBHOOK_TIMEOUT_S", 10.0),
+            "max_render_nodes": _env_int("RAYFARM_MAX_RENDER_NODES", 0),
+            "min_render_nodes": _env_int("RAYFARM_MIN_RENDER_NODES", 0),
+            "max_pool_nodes": _env_list("RAYFARM_MAX_POOL_NODES"),
+            "render_node_gpus": _env_int("RAYFARM_RENDER_NODE_GPUS", 1),
+            "actor_idle_s": _env_seconds("RAYFARM_ACTOR_IDLE_S", 30.0),
             **asdict(EdgeLimits.from_env()),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["blender"] = parse_versions(values["blender"])
-        values["webhook_allow_hosts"] = tuple(values["webhook_allow_hosts"])
+        for name in ("webhook_allow_hosts", "max_pool_nodes"):
+            values[name] = tuple(values[name])
         return cls(**values)
 
     @property
@@ -337,7 +409,7 @@ class Settings:
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        for name in ("blender", "webhook_allow_hosts"):
+        for name in ("blender", "webhook_allow_hosts", "max_pool_nodes"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)

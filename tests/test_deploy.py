@@ -105,9 +105,21 @@ def test_gpu_workers_autoscale_one_render_actor_per_gpu(cluster):
         # A GPU actor fits on it, once per GPU.
         unplaced, _ = get_bin_pack_residual([node_type["resources"]], [GPU_ACTOR] * (gpus + 1))
         assert unplaced == [GPU_ACTOR], name
-        # At least one from the start: the dispatcher sees a GPU when it starts.
-        assert 1 <= node_type["min_workers"] < node_type["max_workers"], name
+        # From 0: the farm's requests bring them up and they go when idle.
+        assert node_type["min_workers"] == 0 < node_type["max_workers"], name
         assert node_type["max_workers"] <= cluster["max_workers"], name
+
+
+def test_the_farm_asks_for_at_most_the_gpu_workers_the_cluster_has(cluster):
+    """RAYFARM_MAX_RENDER_NODES (autoscaling on) is the GPU workers' max_workers, and the
+    settings take it."""
+    from rayfarm.cluster.settings import Settings
+
+    options = " ".join(cluster["docker"]["run_options"])
+    (value,) = re.findall(r"--env RAYFARM_MAX_RENDER_NODES=(\S+)", options)
+    assert int(value) == sum(t["max_workers"] for t in _workers(cluster).values())
+    assert Settings(max_render_nodes=int(value)).autoscaling
+    assert cluster["idle_timeout_minutes"] > 0
 
 
 def test_redis_and_s3_come_from_the_environment(cluster):
@@ -199,9 +211,14 @@ def test_kuberay_gpu_workers_autoscale(kuberay):
     groups = kuberay["spec"]["workerGroupSpecs"]
     assert groups
     for group in groups:
-        assert 1 <= group["minReplicas"] < group["maxReplicas"]
+        assert group["replicas"] == group["minReplicas"] == 0 < group["maxReplicas"]
         (container,) = _containers(group["template"])
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The dispatcher (on the head) asks for at most the GPU pods the groups may have.
+    (head,) = _containers(kuberay["spec"]["headGroupSpec"]["template"])
+    env = {e["name"]: e.get("value") for e in head.get("env", [])}
+    assert int(env["RAYFARM_MAX_RENDER_NODES"]) == sum(g["maxReplicas"] for g in groups)
+    assert kuberay["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] > 0
 
 
 def test_kuberay_containers_run_rayfarm_with_settings_from_a_secret(kuberay):
@@ -289,3 +306,18 @@ def test_every_deployment_offers_and_builds_the_same_blender_versions(cluster, k
     offered.add(parse_versions(value))
     assert "rayfarm blender install" in dockerfile
     assert len(offered) == 1, offered
+
+
+def test_the_deployment_docs_say_what_the_files_set(cluster, kuberay):
+    """docs/deploy.md's elastic farm names the maximum and the idle timeouts the two
+    cluster files set (the README points there)."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    (gpu,) = _workers(cluster).values()
+    (group,) = kuberay["spec"]["workerGroupSpecs"]
+    assert gpu["max_workers"] == group["maxReplicas"]
+    assert f"goes from {gpu['min_workers']} to {gpu['max_workers']} nodes" in docs
+    assert f"({gpu['max_workers']} in both files" in docs
+    assert f"`idle_timeout_minutes: {cluster['idle_timeout_minutes']}`" in docs
+    idle_s = kuberay["spec"]["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert f"`idleTimeoutSeconds: {idle_s}`" in docs
+    assert "docs/deploy.md#an-elastic-farm" in (ROOT / "README.md").read_text()

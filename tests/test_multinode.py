@@ -16,7 +16,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import ray
+from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
 from ray.cluster_utils import Cluster
+from ray.experimental.internal_kv import _internal_kv_get
 
 from rayfarm import Farm, JobState
 
@@ -146,6 +148,9 @@ def test_a_node_added_mid_job_gets_work(cluster, cluster_farm, client, scene, tm
     assert on_new, "the node that joined rendered nothing"
     assert _workers(client) == 2
     _check_frames(job.refresh(), scene, tmp_path)
+    # Autoscaling off (no RAYFARM_MAX_RENDER_NODES): the farm followed the nodes it was
+    # given and never asked the cluster for any (no request_resources call on record).
+    assert _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) is None
 
 
 def test_render_job_goes_through_the_farm_when_its_service_runs(

@@ -157,6 +157,11 @@ def test_metrics_count_what_happened(farm, local_farm, small_scene):
     assert ("rayfarm_queue_depth", ()) in after and ("rayfarm_upload_bytes_total", ()) in after
     workers = farm.health()["workers"]
     assert workers["count"] == 2 and workers["devices"] == {"CPU": 2}
+    # Autoscaling off (no RAYFARM_MAX_RENDER_NODES): the farm's size, nothing asked for.
+    assert after[("rayfarm_render_slots_up", ())] == 2
+    assert after[("rayfarm_render_nodes_up", ())] == 1
+    assert after[("rayfarm_render_slots_requested", ())] == 0
+    assert after[("rayfarm_render_nodes_requested", ())] == 0
 
 
 def test_progress_bar_reaches_100_percent(farm, small_scene, capsys):

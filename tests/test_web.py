@@ -218,6 +218,7 @@ def test_watch_and_farm_answer_bad_input_precisely(app, small_scene):
     # The farm: any signed-in user; no dispatcher here, so no actors.
     farm = app.get("/farm", headers=bo).json()
     assert farm["dispatcher"] is False and farm["actors"] == [] and farm["tasks_pending"] is None
+    assert farm["scaling"] is None
     assert farm["jobs"]["CANCELLED"] == 1 and farm["queue_depth"] == 0
     _error(app.get("/farm"), 401, "unauthorized", "no token")
     _error(app.get("/watch/list"), 401, "unauthorized", "no token")
@@ -607,6 +608,7 @@ def test_a_viewer_sees_what_the_api_shows_it_and_changes_nothing(
     # The farm page: workers by node and device, and the queue.
     page.get_by_role("link", name="Farm", exact=True).click()
     expect(page.locator("#farm-actors")).to_have_text("2")
+    expect(page.locator("#farm-size")).to_have_text("1 render node (a fixed cluster)")
     expect(page.locator("#farm-nodes tbody tr")).to_have_count(2)
     expect(page.locator("#farm-queue")).to_have_text(re.compile(r"^\d+$"))
 

@@ -213,9 +213,11 @@ async def _feed(ctx: AppContext, job_id: str, may_change: bool, out: asyncio.Que
 @router.get("/farm", tags=["farm"])
 async def farm(ctx: Ctx, _: Who) -> dict[str, Any]:
     """The farm at a glance, for any signed-in user: its render actors (index, node,
-    host, device, busy), the tasks waiting for one, the jobs queued and the jobs in
-    each state. ``dispatcher`` is false (and ``actors`` empty, ``tasks_pending`` null)
-    while the dispatcher does not answer."""
+    host, device, busy), its size (``scaling``: render nodes and slots up and requested,
+    ``autoscaling`` on or off, its bounds, and the work of each pool), the tasks
+    waiting for an actor, the jobs queued and the jobs in each state. ``dispatcher`` is
+    false (and ``actors`` empty, ``scaling`` and ``tasks_pending`` null) while the
+    dispatcher does not answer."""
     snapshot = await ctx.store.metrics()
     stats = await dispatcher_stats(ctx)
     actors = [
@@ -232,6 +234,7 @@ async def farm(ctx: Ctx, _: Who) -> dict[str, Any]:
     return {
         "dispatcher": stats is not None,
         "actors": actors,
+        "scaling": None if stats is None else stats["scaling"],
         "tasks_pending": None if stats is None else stats["pending"],
         "queue_depth": snapshot["queue_depth"],
         "jobs": {str(state): n for state, n in snapshot["jobs"].items()},

@@ -1004,6 +1004,17 @@
 
   // -- the farm --------------------------------------------------------------------------
 
+  // The farm's current and requested size: render nodes up, and, when it autoscales,
+  // how many it asks the cluster for and between which bounds.
+  function farmSize(scaling) {
+    if (!scaling) return "—";
+    const nodes = (n) => `${n} render node${n === 1 ? "" : "s"}`;
+    if (!scaling.autoscaling) return `${nodes(scaling.nodes_up)} (a fixed cluster)`;
+    const { nodes_up: up, nodes_requested: asked, min_nodes: min, max_nodes: max } = scaling;
+    const where = asked > up ? "scaling up" : asked < up ? "scaling down" : "steady";
+    return `${nodes(up)} up, ${asked} requested (${min}–${max}): ${where}`;
+  }
+
   function showFarm() {
     show("farm", "Farm");
     let active = true;
@@ -1020,6 +1031,7 @@
       if (!active) return;
       showNotice("");
       const busy = farm.actors.filter((a) => a.busy).length;
+      $("farm-size").textContent = farmSize(farm.scaling);
       $("farm-actors").textContent = farm.dispatcher ? String(farm.actors.length) : "—";
       $("farm-busy").textContent = farm.dispatcher ? String(busy) : "—";
       $("farm-pending").textContent = farm.tasks_pending === null ? "—" : String(farm.tasks_pending);
