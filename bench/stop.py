@@ -20,7 +20,7 @@ scene, and measures:
 
 Every case must leave the render actors' processes as they were (same pids).
 
-    python bench/stop.py                 # make bench-stop; ~3 minutes
+    python bench/stop.py                 # make bench-stop; ~5 minutes
 
 Exit status: 0 when the measurement ran, 1 when something broke, 130 on Ctrl-C.
 """
@@ -232,7 +232,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cancels", type=int, default=5, help="cancelled renders")
     p.add_argument("--hangs", type=int, default=2, help="frozen renders")
     p.add_argument("--crashes", type=int, default=3, help="crashed workers (SIGSEGV)")
-    p.add_argument("--hang", type=float, default=15.0, help="the farm's hang timeout, seconds")
+    # Above the longest a render here goes without a Cycles status line: the baseline's
+    # 8 000 samples on one core went more than 15 s without one (2026-12-03), and the
+    # watch then stopped it as hung. Cycles in background mode reports every ~30 s at most.
+    p.add_argument("--hang", type=float, default=60.0, help="the farm's hang timeout, seconds")
     p.add_argument("--baseline-samples", type=int, default=8000, help="the baseline's samples")
     p.add_argument("--out", type=Path, help="working folder (default: a temp dir)")
     p.add_argument("--json", type=Path, help="write the results here")
