@@ -1,5 +1,6 @@
-"""The render side of rayfarm: RenderActors that render frames and tiles with bpy.
+"""The render side of rayfarm: RenderActors that render frames and tiles with Blender.
 
-Importing this package does not import bpy; a ``RenderActor`` imports it in its
-constructor, inside the Ray worker process that hosts it.
+Nothing here imports bpy: each ``RenderActor`` supervises a Blender worker process
+(``rayfarm.render.worker``, run by a Blender environment's own Python, the one place
+bpy is loaded) and speaks to it over a socket.
 """

@@ -35,6 +35,7 @@ from rayfarm.cluster.ports import free_port
 from rayfarm.cluster.redis_server import RedisServer
 from rayfarm.cluster.settings import Settings
 from rayfarm.render import environments
+from rayfarm.render.inputs import InputFile, Inputs, blob_key
 from rayfarm.render.supervisor import LOADER, PACKAGE_DIR, run_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,6 +252,17 @@ def refused(response: Any, status: int, fragment: str) -> dict[str, Any]:
     assert fragment in response.json()["error"]["message"], response.text
     error: dict[str, Any] = response.json()["error"]
     return error
+
+
+def stored_scene(scene: Path, storage: Path) -> Inputs:
+    """``scene`` stored as a farm stores it: one blob under a file:// root, named
+    ``scene.blend`` in the job's folder (for a RenderActor driven without a farm)."""
+    data = scene.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    blob = storage / blob_key(digest)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    return Inputs(storage.as_uri(), "scene.blend", (InputFile("scene.blend", digest, len(data)),))
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -7,29 +7,17 @@ pins the thread that creates it, so the test gives this process its cores back."
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rayfarm.render.actor import RenderActor
 from rayfarm.render.assembler import TileAssembler
-from rayfarm.render.inputs import InputFile, Inputs, blob_key
+from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import RenderTask
 
-from conftest import TEST_BLENDER, pixels, render_reference
-
-
-def _inputs(scene: Path, storage: Path) -> Inputs:
-    """``scene`` stored as a farm stores it: one blob under a file:// root."""
-    data = scene.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    blob = storage / blob_key(digest)
-    blob.parent.mkdir(parents=True)
-    blob.write_bytes(data)
-    return Inputs(storage.as_uri(), "scene.blend", (InputFile("scene.blend", digest, len(data)),))
+from conftest import TEST_BLENDER, pixels, render_reference, stored_scene
 
 
 def _task(inputs: Inputs, tile: int, grid: tuple[int, int]) -> RenderTask:
@@ -55,7 +43,7 @@ def test_a_pinned_actor_finishes_tiled_frames_on_every_core(make_scene, tmp_path
     if len(node) < 2:
         pytest.skip("an actor pinned to a share of the cores needs two cores or more")
     scene = make_scene("--width", "64", "--height", "48", "--samples", "4")
-    inputs = _inputs(scene, tmp_path / "storage")
+    inputs = stored_scene(scene, tmp_path / "storage")
     actor = RenderActor(slot=0, slots=2)  # the first of two actors: half the cores
     try:
         assert actor.workers.narrow and actor.workers.node_cores == node

@@ -8,7 +8,6 @@ The farm end to end is in ``test_slices_farm.py``."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import signal
@@ -27,12 +26,12 @@ from rayfarm.errors import InvalidSpec, RenderError, WorkerLost
 from rayfarm.models import MAX_SLICES, Job, JobState, parse_spec
 from rayfarm.render.actor import RenderActor
 from rayfarm.render.assembler import TileAssembler
-from rayfarm.render.inputs import InputFile, Inputs, blob_key
+from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import RenderTask, TileRect
 from rayfarm.render.worker.parts import Part
 from rayfarm.render.worker.samples import HELPER, divide_even, merge_of, sample_range
 
-from conftest import TEST_BLENDER, api_client, exr_parts, render_reference
+from conftest import TEST_BLENDER, api_client, exr_parts, render_reference, stored_scene
 
 #: The issue's bound for a merged float pass against the unsliced render.
 EXR_BOUND = 1e-4
@@ -259,16 +258,6 @@ def test_the_api_counts_tiles_times_slices_and_refuses_bad_slices(redis_url, tmp
 # -- the Blender worker, for real ------------------------------------------------------------
 
 
-def _inputs(scene: Path, storage: Path) -> Inputs:
-    """``scene`` stored as a farm stores it: one blob under a file:// root."""
-    data = scene.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    blob = storage / blob_key(digest)
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    blob.write_bytes(data)
-    return Inputs(storage.as_uri(), "scene.blend", (InputFile("scene.blend", digest, len(data)),))
-
-
 def _task(inputs: Inputs, fmt: str, grid: tuple[int, int], slices: int, tile: int = 0,
           index: int = 0, frame: int = 1) -> RenderTask:  # fmt: skip
     return RenderTask(
@@ -327,7 +316,7 @@ def test_every_pass_of_a_sliced_frame_equals_the_unsliced_render(actor, make_sce
     grid, slices = (2, 1), 3
     scene = make_scene("--width", "48", "--height", "36", "--samples", "12", "--all-passes",
                        "--lights", "12", "--frames", "2", "--animated-seed")  # fmt: skip
-    inputs = _inputs(scene, tmp_path / "storage")
+    inputs = stored_scene(scene, tmp_path / "storage")
     image, warnings, samples = _render_sliced(actor, inputs, "exr", grid, slices, frame=2)
     assert sorted({s for s in samples}) == [
         (*sample_range(12, slices, i), 12) for i in range(slices)
@@ -352,7 +341,7 @@ def test_light_tree_choices_and_the_animated_seed_are_the_same_in_every_slice(
     differ by the noise itself; the float frame is within 1e-4 of bpy's instead."""
     scene = make_scene("--width", "40", "--height", "30", "--samples", "8", "--lights", "24",
                        "--animated-seed", "--frames", "3")  # fmt: skip
-    inputs = _inputs(scene, tmp_path / "storage")
+    inputs = stored_scene(scene, tmp_path / "storage")
     exr, _, _ = _render_sliced(actor, inputs, "exr", (1, 1), 4, frame=3)
     (tmp_path / "got.exr").write_bytes(exr)
     _assert_passes_equal(
@@ -370,7 +359,7 @@ def test_adaptive_sampling_goes_off_for_a_sliced_frame_and_the_job_is_told(
 ):
     adaptive = make_scene("--width", "32", "--height", "24", "--samples", "8", "--adaptive")
     plain = make_scene("--width", "32", "--height", "24", "--samples", "8")
-    inputs = _inputs(adaptive, tmp_path / "storage")
+    inputs = stored_scene(adaptive, tmp_path / "storage")
     image, warnings, _ = _render_sliced(actor, inputs, "exr", (1, 1), 2)
     assert any("adaptive sampling is off for this job's sliced frames" in w for w in warnings)
     (tmp_path / "got.exr").write_bytes(image)
@@ -386,12 +375,12 @@ def test_adaptive_sampling_goes_off_for_a_sliced_frame_and_the_job_is_told(
 def test_passes_no_merge_gives_back_and_too_many_slices_fail_at_once(actor, make_scene, tmp_path):
     for flag, name in (("--cryptomatte", "CryptoObject"), ("--vector", "Vector")):
         scene = make_scene("--width", "16", "--height", "12", "--samples", "4", flag)
-        inputs = _inputs(scene, tmp_path / "storage")
+        inputs = stored_scene(scene, tmp_path / "storage")
         with pytest.raises(RenderError, match=f"{name} pass on, which cannot be merged") as caught:
             actor.render(_task(inputs, "exr", (1, 1), 2), inputs)
         assert caught.value.detail["fatal"] and caught.value.detail["pass"] == name
         assert "render the job without slices, or turn the pass off" in caught.value.message
     small = make_scene("--width", "16", "--height", "12", "--samples", "4")
-    inputs = _inputs(small, tmp_path / "storage")
+    inputs = stored_scene(small, tmp_path / "storage")
     with pytest.raises(RenderError, match="4 samples: it cannot be split into 5 slices"):
         actor.render(_task(inputs, "png", (1, 1), 5), inputs)
