@@ -338,7 +338,12 @@ def test_render_nodes_follow_the_queue_up_from_zero_and_back(
     finally:
         sampler.done.set()
         sampler.join()
-    assert max(sampler.counts) == MAX_NODES  # both came up (the farm asked for 2)
+    # Both came up (the farm asked for 2). Not "exactly 2": Ray's own count is not the
+    # farm's to cap. CI once sampled 3 GPU nodes alive with a cluster maximum of 2 (a node
+    # the autoscaler terminated is Alive in the GCS until its raylet is declared dead, and
+    # the v1 launcher can overshoot, see MAX_NODES). What the farm controls, its request,
+    # is asserted capped below.
+    assert max(sampler.counts) >= MAX_NODES
     assert max(sampler.standing) == MAX_NODES and _standing() == []
     requests = _requests()
     assert requests[-1] == [], "an empty queue leaves a standing request"
