@@ -17,7 +17,7 @@ measured; ``--render`` keeps Blender) and a tiny scene, and then:
 
 Every submission answered 201, no 5xx, no health check failed, every job in a terminal
 state and the listing exact: the table says PASS; with ``--check`` the exit status is 2
-otherwise. ``storm()`` is also what ``tests/test_load.py`` runs.
+otherwise. ``storm()`` is also what ``tests/farm/test_load.py`` runs.
 
     python bench/load.py                         # make bench-load; ~1 minute
     python bench/load.py --jobs 200 --pollers 8 --clients 32 --duration 10 --json /tmp/load.json

@@ -4,7 +4,7 @@ What is checked, and how, is written for the docs' authors in docs/README.md ("C
 the docs are tested"): every command is parsed by what would run it (the real CLI's parser,
 ``make -n``, pyproject's extras, the files it names), and the blocks marked
 ``<!-- doc-test: run -->`` or ``<!-- doc-test: run on a local farm -->`` are executed by
-tests/test_docs.py.
+tests/deploy/test_docs.py.
 """
 
 from __future__ import annotations
