@@ -17,8 +17,8 @@ A ``Pack`` says how long tracing, copying and hashing took (``trace_s``, ``copy_
 
 A dependency missing on this machine stops the submission before anything is
 uploaded (``MissingDependencies``, naming the files), unless the job says
-``allow_missing=True``. A ``cancel`` event stops a pack between files
-(``PackCancelled``).
+``allow_missing=True``. A ``cancel`` event stops a pack between its steps and
+between the files it hashes (``PackCancelled``).
 
 This module, ``rayfarm.blendfile`` and ``rayfarm.errors`` are the SDK's packer as a
 whole, and the Blender add-on carries them as they are: ``blender_addon/build.py``
@@ -110,7 +110,8 @@ def pack_scene(
     """Pack ``scene`` and its dependencies; ``project`` (default: the scene's folder)
     is the root whose layout the farm reproduces. Safe to call from several threads
     (``AsyncFarm.submit`` does): packing runs one at a time. When ``cancel`` is set,
-    the pack stops before the next file it copies or hashes (``PackCancelled``)."""
+    the pack stops after the trace, before BAT copies anything, or between two files
+    it hashes (``PackCancelled``)."""
     with _BAT_LOCK:
         return _pack(scene, project, allow_missing, cancel or threading.Event())
 
