@@ -3,7 +3,8 @@
 This module only registers. The parts: ``preferences`` (farm URL, token),
 ``properties`` (per-scene settings, the jobs list), ``operators``, ``panels``,
 ``session`` (state and the timer that drains background work), ``work`` (the
-threads), ``comms`` (HTTP over urllib) and ``packing`` (blender-asset-tracer).
+threads), ``comms`` (HTTP over urllib) and ``packing`` (the SDK's packer, which
+``vendor`` carries).
 Submodules are imported in ``register`` so that ``comms``, ``packing`` and ``work``
 stay importable without ``bpy`` (the test suite does).
 """

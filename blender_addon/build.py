@@ -5,13 +5,17 @@
 Reads blender_manifest.toml, downloads the wheels it lists with ``pip download``
 into a cache (build/addon-wheels/, reused when the file is already there; never
 committed), and zips the add-on's modules, the manifest and the wheels the way
-Blender expects (the manifest at the zip's root). When the ``bpy`` module is
-installed, Blender's own extension validator checks the zip.
+Blender expects (the manifest at the zip's root). The SDK's packer goes in too:
+the modules ``vendor/__init__.py`` names are copied from ``sdk/`` into the zip's
+``vendor/`` as they are, after checking that Blender's Python can import them (see
+``foreign_imports``). When the ``bpy`` module is installed, Blender's own extension
+validator checks the zip.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import subprocess
 import sys
@@ -21,8 +25,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+SDK = ROOT / "sdk"
 #: A wheel file name: distribution, version, then tags.
 _WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)-.+\.whl$")
+#: What a vendored SDK module may import besides its fellows: Blender's Python has the
+#: standard library and zstandard; blender-asset-tracer is the extension's own wheel.
+VENDOR_MAY_IMPORT = frozenset(sys.stdlib_module_names) | {"blender_asset_tracer", "zstandard"}
 
 
 def fetch_wheels(manifest: dict, cache: Path) -> list[Path]:
@@ -49,10 +57,51 @@ def fetch_wheels(manifest: dict, cache: Path) -> list[Path]:
     return wheels
 
 
+def vendored_modules() -> list[Path]:
+    """The SDK modules the add-on carries (``MODULES`` in vendor/__init__.py), each
+    checked to import nothing Blender's Python lacks."""
+    init = ast.parse((HERE / "vendor" / "__init__.py").read_text())
+    names: tuple[str, ...] = next(
+        ast.literal_eval(node.value)
+        for node in init.body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "MODULES"
+    )
+    modules = [SDK / name for name in names]
+    fellows = {module.stem for module in modules}
+    for module in modules:
+        foreign = foreign_imports(module, fellows)
+        if foreign:
+            raise SystemExit(
+                f"sdk/{module.name} goes into the add-on (vendor/__init__.py) but imports "
+                f"{', '.join(foreign)}: Blender's Python has only the standard library, "
+                f"zstandard, blender-asset-tracer and the vendored {sorted(fellows)} (relatively)"
+            )
+    return modules
+
+
+def foreign_imports(module: Path, fellows: set[str]) -> list[str]:
+    """The imports in ``module``, anywhere in it, that the extension could not satisfy:
+    absolute ones outside ``VENDOR_MAY_IMPORT`` (``rayfarm.errors`` included: the
+    vendored copy is not the ``rayfarm`` package), relative ones outside ``fellows``."""
+    found = []
+    for node in ast.walk(ast.parse(module.read_text(), str(module))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] not in VENDOR_MAY_IMPORT]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            if (node.module or "").split(".")[0] not in VENDOR_MAY_IMPORT:
+                found.append(node.module or "")
+        elif isinstance(node, ast.ImportFrom):
+            targets = [node.module] if node.module else [a.name for a in node.names]
+            if node.level > 1 or not set(targets) <= fellows:
+                found.append("." * node.level + (node.module or ""))
+    return found
+
+
 def build(out_dir: Path, cache: Path) -> Path:
     manifest_path = HERE / "blender_manifest.toml"
     manifest = tomllib.loads(manifest_path.read_text())
     wheels = fetch_wheels(manifest, cache)
+    vendored = vendored_modules()
     out_dir.mkdir(parents=True, exist_ok=True)
     zip_path = out_dir / f"rayfarm-addon-{manifest['version']}.zip"
     tmp = zip_path.with_suffix(".zip.part")
@@ -61,6 +110,9 @@ def build(out_dir: Path, cache: Path) -> Path:
         for module in sorted(HERE.glob("*.py")):
             if module.name != "build.py":
                 zf.write(module, module.name)
+        zf.write(HERE / "vendor" / "__init__.py", "vendor/__init__.py")
+        for module in vendored:
+            zf.write(module, f"vendor/{module.name}")
         for wheel in wheels:
             zf.write(wheel, f"wheels/{wheel.name}")
     tmp.replace(zip_path)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .vendor.pack import sha256_file  # the SDK's: frames already here are not re-read
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: How long one request may wait for the farm before the add-on gives up on it.
 TIMEOUT_S = 30.0
@@ -210,11 +212,3 @@ def _farm_error(exc: urllib.error.HTTPError) -> FarmError:
 
 def _quote(part: str) -> str:
     return urllib.parse.quote(part, safe="")
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            sha.update(block)
-    return sha.hexdigest()

@@ -19,6 +19,9 @@ Blocks follow the header, each a BHead then ``len`` bytes, the last one ``ENDB``
 
 A compressed file is read within bounds (``BlendLimits``): walking to ``ENDB`` means
 decompressing every block, and a few MB of zstd can expand to terabytes (a "bomb").
+
+The Blender add-on carries this module (with ``rayfarm.pack`` and ``rayfarm.errors``):
+it imports only the standard library, zstandard and ``errors``, relatively.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rayfarm.errors import InvalidScene, SceneTooLarge
+from .errors import InvalidScene, SceneTooLarge
 
 __all__ = ["BlendHeader", "BlendLimits", "check_blend", "read_header"]
 

@@ -31,7 +31,8 @@ same class, so ``except rayfarm.JobNotFound`` works on both sides of the wire.
     └── ServerError           500  anything else the server reports
 
 Every constructor passes all of its arguments to ``super().__init__`` so the
-errors pickle cleanly across Ray actor boundaries.
+errors pickle cleanly across Ray actor boundaries. Standard library only: the Blender
+add-on carries this module with the packer (``rayfarm.pack``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,14 @@ A ``Pack`` says how long tracing, copying and hashing took (``trace_s``, ``copy_
 
 A dependency missing on this machine stops the submission before anything is
 uploaded (``MissingDependencies``, naming the files), unless the job says
-``allow_missing=True``.
+``allow_missing=True``. A ``cancel`` event stops a pack between its steps and
+between the files it hashes (``PackCancelled``).
+
+This module, ``rayfarm.blendfile`` and ``rayfarm.errors`` are the SDK's packer as a
+whole, and the Blender add-on carries them as they are: ``blender_addon/build.py``
+copies the three into the extension's ``vendor/`` package. So they import only the
+standard library, blender-asset-tracer, zstandard and each other (relatively); the
+build refuses anything else.
 """
 
 from __future__ import annotations
@@ -36,10 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from rayfarm.blendfile import check_blend
-from rayfarm.errors import InvalidRequest, InvalidScene, MissingDependencies
+from .blendfile import check_blend
+from .errors import InvalidRequest, InvalidScene, MissingDependencies
 
-__all__ = ["Pack", "PackedFile", "pack_scene", "sha256_file"]
+__all__ = ["Pack", "PackCancelled", "PackedFile", "pack_scene", "sha256_file"]
 
 #: BAT's note about the pack (it holds the time it was made): not a render input.
 _BAT_INFO = "pack-info.txt"
@@ -88,16 +95,25 @@ class Pack:
         self.close()
 
 
+class PackCancelled(Exception):
+    """``pack_scene``'s ``cancel`` event was set: the pack stopped between files and
+    removed its folder (the add-on's Cancel button)."""
+
+
 def pack_scene(
     scene: str | os.PathLike[str],
     project: str | os.PathLike[str] | None = None,
     allow_missing: bool = False,
+    *,
+    cancel: threading.Event | None = None,
 ) -> Pack:
     """Pack ``scene`` and its dependencies; ``project`` (default: the scene's folder)
     is the root whose layout the farm reproduces. Safe to call from several threads
-    (``AsyncFarm.submit`` does): packing runs one at a time."""
+    (``AsyncFarm.submit`` does): packing runs one at a time. When ``cancel`` is set,
+    the pack stops after the trace, before BAT copies anything, or between two files
+    it hashes (``PackCancelled``)."""
     with _BAT_LOCK:
-        return _pack(scene, project, allow_missing)
+        return _pack(scene, project, allow_missing, cancel or threading.Event())
 
 
 #: Blender Asset Tracer keeps the .blend files it reads in one module-wide cache, keyed
@@ -107,7 +123,10 @@ _BAT_LOCK = threading.Lock()
 
 
 def _pack(
-    scene: str | os.PathLike[str], project: str | os.PathLike[str] | None, allow_missing: bool
+    scene: str | os.PathLike[str],
+    project: str | os.PathLike[str] | None,
+    allow_missing: bool,
+    cancel: threading.Event,
 ) -> Pack:
     from blender_asset_tracer.blendfile import close_all_cached
     from blender_asset_tracer.blendfile.exceptions import BlendFileError
@@ -136,9 +155,10 @@ def _pack(
                     "(fix the paths, or submit with allow_missing=True to render anyway)",
                     {"missing": missing},
                 )
+            _check(cancel)
             main = PurePosixPath(Path(packer.output_path).relative_to(folder)).as_posix()
             started = time.perf_counter()
-            in_place = _as_they_are(packer, folder)
+            in_place = _as_they_are(packer, folder, cancel)
             if in_place is not None:
                 hash_s = time.perf_counter() - started
                 return Pack(main, in_place, missing, folder, trace_s, 0.0, hash_s)
@@ -146,11 +166,11 @@ def _pack(
             packer.execute()
             copy_s = time.perf_counter() - started
         started = time.perf_counter()
-        files = [
-            _hashed(folder, p)
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() != _BAT_INFO
-        ]
+        files = []
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.relative_to(folder).as_posix() != _BAT_INFO:
+                _check(cancel)
+                files.append(_hashed(folder, p))
         hash_s = time.perf_counter() - started
         return Pack(main, files, missing, folder, trace_s, copy_s, hash_s)
     except BlendFileError as exc:
@@ -171,7 +191,12 @@ def _pack(
         close_all_cached()  # BAT keeps every .blend it read open otherwise
 
 
-def _as_they_are(packer: Any, folder: Path) -> list[PackedFile] | None:
+def _check(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise PackCancelled()
+
+
+def _as_they_are(packer: Any, folder: Path, cancel: threading.Event) -> list[PackedFile] | None:
     """The pack's files read where they are, when BAT would only copy them unchanged:
     every dependency a plain file inside the project, referenced relatively, so no
     .blend needs a path rewritten. None otherwise (sequences, UDIMs, folders, files
@@ -198,6 +223,7 @@ def _as_they_are(packer: Any, folder: Path) -> list[PackedFile] | None:
             return None
         if not asset.is_file():
             continue  # missing: reported already (allow_missing)
+        _check(cancel)
         rel = PurePosixPath(Path(action.new_path).relative_to(folder)).as_posix()
         files.append(PackedFile(rel, asset, sha256_file(asset), asset.stat().st_size))
     return sorted(files, key=lambda f: f.path)

@@ -4,6 +4,7 @@ farm that is down and a live local farm."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,12 +17,27 @@ import numpy as np
 import pytest
 
 from rayfarm.cluster.ports import free_port
+from rayfarm.pack import pack_scene
 
 from helpers import ADMIN_TOKEN, PYTHON, ROOT
 from helpers.blender import SMALL, blender_python, pixels, render_reference
 
 HELPER = ROOT / "tests" / "helpers" / "addon_session.py"
 MODULE = "bl_ext.user_default.rayfarm"
+
+
+def _load_build():  # type: ignore[no-untyped-def]
+    """blender_addon/build.py as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "addon_build", ROOT / "blender_addon" / "build.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _load_build()
 
 
 def run_blender(home: Path, *args: str, timeout: float = 300) -> dict:
@@ -76,6 +92,50 @@ def test_build_bundles_modules_manifest_and_wheel(addon_zip):
     assert "build.py" not in names and not any("__pycache__" in n for n in names)
 
 
+def test_build_carries_the_sdks_packer_as_it_is(addon_zip):
+    """The add-on packs with the SDK's own packer: the zip's vendor/ holds sdk/'s modules
+    byte for byte and nothing else, and the source tree holds no copy that could drift
+    (there, vendor/ reads sdk/ itself)."""
+    vendored = BUILD.vendored_modules()
+    assert ROOT / "sdk" / "pack.py" in vendored
+    with zipfile.ZipFile(addon_zip) as zf:
+        inside = {n: zf.read(n) for n in zf.namelist() if n.startswith("vendor/")}
+    want = {f"vendor/{m.name}": m.read_bytes() for m in vendored}
+    want["vendor/__init__.py"] = (ROOT / "blender_addon" / "vendor" / "__init__.py").read_bytes()
+    assert inside == want
+    assert sorted(p.name for p in (ROOT / "blender_addon" / "vendor").glob("*.py")) == [
+        "__init__.py"
+    ]
+    source_tree = subprocess.run(
+        [PYTHON, "-c", "import blender_addon.packing, blender_addon.vendor.pack as p; "
+         "print(p.__file__)"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert source_tree.stdout.strip() == str(ROOT / "sdk" / "pack.py")
+
+
+def test_build_refuses_an_sdk_module_blenders_python_cannot_import(tmp_path, monkeypatch):
+    module = tmp_path / "pack.py"
+    module.write_text(
+        "import hashlib, zstandard\nfrom .errors import InvalidScene\nfrom . import blendfile\n"
+        "def pack():\n"
+        "    import pydantic\n"
+        "    from rayfarm.errors import FarmError\n"
+        "    from blender_asset_tracer.pack import Packer\n"
+        "    from .client import Farm\n"
+        "    from ..cluster import api\n"
+    )
+    fellows = {"errors", "blendfile", "pack"}
+    assert BUILD.foreign_imports(module, fellows) == [
+        "pydantic", "rayfarm.errors", ".client", "..cluster",
+    ]  # fmt: skip
+    (tmp_path / "errors.py").write_text("import typing\n")
+    (tmp_path / "blendfile.py").write_text("from .errors import InvalidScene\n")
+    monkeypatch.setattr(BUILD, "SDK", tmp_path)
+    with pytest.raises(SystemExit, match=r"sdk/pack\.py goes into the add-on .* pydantic"):
+        BUILD.vendored_modules()
+
+
 @pytest.mark.slow
 def test_manifest_passes_blenders_validation(addon_zip):
     python = Path(blender_python())
@@ -127,6 +187,35 @@ def test_a_farm_that_is_down_is_a_clear_report(blender_home, small_scene):
     assert got["connection"].startswith("Connection failed: Cannot reach the farm")
     # Cancel right after Render on Farm: the upload stops, nothing reaches the farm.
     assert got["cancelled"] == [["WARNING", "rayfarm: upload cancelled"]]
+
+
+@pytest.mark.slow
+def test_the_addon_packs_with_the_sdks_packer_in_blender(blender_home, make_scene, tmp_path):
+    """In Blender, with the extension's own copy of the packer and BAT from its wheel: the
+    packs the SDK makes here, file for file and hash for hash (in place, and through
+    BAT with a path rewritten), the artist's words for a missing file, and Cancel."""
+    source = make_scene(*SMALL, "--texture")
+    inside = tmp_path / "inside" / "shot.blend"
+    shutil.copytree(source.parent / "textures", inside.parent / "textures")
+    shutil.copy(source, inside)
+    missing = tmp_path / "missing" / "shot.blend"
+    missing.parent.mkdir()
+    shutil.copy(source, missing)  # without its texture
+    outside = make_scene(*SMALL, "--texture", "--abs-texture", str(tmp_path / "lib" / "cube.png"))
+    got = run_blender(blender_home, "pack", str(inside), str(outside), str(missing))
+
+    for scene, packed in zip((inside, outside), got["packs"][:2], strict=True):
+        with pack_scene(scene) as sdk:
+            listing = [[f.path, f.sha256, f.size] for f in sdk.files]
+            assert packed == {"main": sdk.main, "files": listing}
+    assert any(path.startswith("_outside_project/") for path, _, _ in got["packs"][1]["files"])
+    report = got["packs"][2]
+    assert report["code"] == "missing_dependencies"
+    assert "checker.png" in report["error"] and "tick Allow Missing Files" in report["error"]
+    assert got["cancelled"]
+    packer = Path(got["packer"])
+    assert packer.parts[-2:] == ("vendor", "pack.py") and packer.is_relative_to(blender_home)
+    assert "/extensions/.local/" in got["bat"], "the add-on must use its bundled wheel"
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@
     python addon_session.py submit URL SCENE OUT_DIR
     python addon_session.py untitled URL
     python addon_session.py draw
+    python addon_session.py pack SCENE...
 
 Run with BLENDER_USER_RESOURCES (and HOME) pointing at a temporary folder: the
 extension is installed there and preferences are saved there. Every command but
@@ -23,6 +24,7 @@ import importlib.machinery
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -391,6 +393,35 @@ def untitled(url: str) -> None:
     )
 
 
+def pack(*scenes: str) -> None:
+    """Pack each scene with the add-on's packer, as its upload thread does: the listing,
+    or the report the artist would see; then one pack cancelled before it starts."""
+    start()
+    packing = importlib.import_module(MODULE + ".packing")
+    comms = importlib.import_module(MODULE + ".comms")
+    packs: list[dict[str, object]] = []
+    for scene in scenes:
+        try:
+            with packing.pack_scene(Path(scene), False, threading.Event()) as packed:
+                files = [[f.path, f.sha256, f.size] for f in packed.files]
+                packs.append({"main": packed.main, "files": files})
+        except comms.FarmError as exc:
+            packs.append({"error": str(exc), "code": exc.code})
+    cancel = threading.Event()
+    cancel.set()
+    try:
+        packing.pack_scene(Path(scenes[0]), False, cancel)
+        cancelled = False
+    except comms.Cancelled:
+        cancelled = True
+    done(
+        packs=packs,
+        cancelled=cancelled,
+        packer=sys.modules[MODULE + ".vendor.pack"].__file__,
+        bat=sys.modules["blender_asset_tracer"].__file__,
+    )
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     {
@@ -401,4 +432,5 @@ if __name__ == "__main__":
         "submit": submit,
         "untitled": untitled,
         "draw": draw,
+        "pack": pack,
     }[command](*args)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
+import threading
 import time
 
 import pytest
@@ -45,7 +47,7 @@ def test_a_self_contained_project_is_read_in_place_as_bat_would_pack_it(tmp_path
         for f in in_place.files:
             assert (f.sha256, f.size) == (sha256_file(f.source), f.source.stat().st_size)
     # BAT's own pack of the same project: the same files, byte for byte.
-    monkeypatch.setattr(rayfarm.pack, "_as_they_are", lambda packer, folder: None)
+    monkeypatch.setattr(rayfarm.pack, "_as_they_are", lambda *args: None)
     with pack_scene(scene, project) as copied:
         assert all(f.source.is_relative_to(copied.folder) for f in copied.files)
         assert _listing(copied) == _listing(in_place)
@@ -118,3 +120,38 @@ def test_a_pack_says_where_its_time_went(tmp_path):
     scene = _scene(tmp_path / "project" / "shot.blend", "--texture")
     with pack_scene(scene) as packed:
         assert packed.trace_s > 0 and packed.hash_s > 0 and packed.copy_s == 0  # in place
+
+
+@pytest.mark.slow
+def test_a_cancelled_pack_stops_between_files_and_leaves_nothing(tmp_path, monkeypatch):
+    """``cancel`` (the add-on's Cancel button) stops a pack before its first file, or
+    between two files it hashes, and removes the pack's folder either way."""
+    scene = _scene(tmp_path / "project" / "shot.blend", "--texture")
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(packs))
+    monkeypatch.setattr(rayfarm.pack, "_now", lambda: 0.0)  # no hash remembered: each is read
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(rayfarm.pack.PackCancelled):
+        pack_scene(scene, cancel=cancel)
+    assert list(packs.iterdir()) == []
+
+    cancel.clear()
+    reads = []
+    real = rayfarm.pack._digest
+
+    def digest(path):  # the first file hashed, then the artist presses Cancel
+        reads.append(path)
+        cancel.set()
+        return real(path)
+
+    monkeypatch.setattr(rayfarm.pack, "_digest", digest)
+    with pytest.raises(rayfarm.pack.PackCancelled):
+        pack_scene(scene, cancel=cancel)
+    assert len(reads) == 1  # of the scene's two files
+    assert list(packs.iterdir()) == []
+    monkeypatch.setattr(rayfarm.pack, "_digest", real)
+    cancel.clear()
+    with pack_scene(scene, cancel=cancel) as pack:  # not set: an ordinary pack
+        assert [f.path for f in pack.files] == ["shot.blend", "textures/checker.png"]
