@@ -1,8 +1,9 @@
 """Handles on a job: ``Job`` (from a ``Farm``) and ``AsyncJob`` (from an ``AsyncFarm``).
 
 Each is the farm's ``JobRecord`` plus methods that talk to the farm that returned
-it. The requests they make are built by ``rayfarm.protocol``; the farm they are
-bound to only sends them, so the two differ in nothing but ``await``.
+it. The requests they make and what the answers mean are ``rayfarm.protocol``'s;
+the farm a handle is bound to only sends them (``Farm._call`` or ``AsyncFarm._call``),
+so the two handles differ in little but ``await``.
 
 >>> job = farm.submit("shot.blend", frames="1-8")   # doctest: +SKIP
 >>> job.wait(progress=True).state                   # doctest: +SKIP
