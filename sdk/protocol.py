@@ -31,24 +31,12 @@ from rayfarm.models import FROM_FARM, FrameInfo, JobRecord, JobState, JobStatus
 from rayfarm.paths import local_token
 
 __all__ = [
-    "DEFAULT_URL",
-    "LONG_POLL_S",
-    "POLL_S",
-    "RECONNECT_FOR_S",
-    "RECONNECT_S",
-    "STREAM_READ_TIMEOUT_S",
-    "Call",
-    "Endpoint",
-    "EventStream",
-    "Outage",
-    "Plan",
-    "Reply",
-    "Sleep",
-    "apply_status",
-    "broken",
-    "error_of",
-    "waiting",
-]
+    "DEFAULT_URL", "LONG_POLL_S", "POLL_S", "RECONNECT_FOR_S", "RECONNECT_S",
+    "STREAM_READ_TIMEOUT_S", "Call", "Endpoint", "EventStream", "Outage", "Plan", "Reply",
+    "Sleep", "Step", "apply_status", "broken", "delete_job", "error_of", "field_of",
+    "get_frames", "get_job", "get_logs", "get_status", "job_action", "list_jobs", "no_answer",
+    "set_dependencies", "submit_job", "waiting",
+]  # fmt: skip
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: How long one status long-poll may wait on the server before asking again.
@@ -157,10 +145,12 @@ def _record(model: type[R]) -> Callable[[Reply], R]:
 
 
 def get_job(job_id: str, model: type[R] = JobRecord) -> Call[R]:
+    """The job, as ``model`` (``JobNotFound`` if there is none)."""
     return Call("GET", f"/jobs/{job_id}", _record(model))
 
 
 def list_jobs(state: JobState | str | None, limit: int, model: type[R]) -> Call[list[R]]:
+    """Recent jobs, newest first, optionally only those in ``state``."""
     params: dict[str, Any] = {"limit": limit}
     if state is not None:
         params["state"] = str(JobState(state))  # a typo fails here, not at the farm
@@ -197,16 +187,19 @@ def submit_job(body: dict[str, Any], model: type[R]) -> Call[R]:
 
 
 def set_dependencies(job_id: str, depends_on: list[str], model: type[R]) -> Call[R]:
+    """Change what a queued job waits for; answered with the job."""
     body = {"depends_on": list(depends_on)}
     return Call("PUT", f"/jobs/{job_id}/depends_on", _record(model), json=body)
 
 
 def get_frames(job_id: str) -> Call[list[FrameInfo]]:
+    """The frames stored so far."""
     read = lambda r: [FrameInfo.model_validate(f) for f in r.json()["frames"]]  # noqa: E731
     return Call("GET", f"/jobs/{job_id}/frames", read)
 
 
 def get_logs(job_id: str, task: str | None = None) -> Call[str]:
+    """The job's log as text, or with ``task`` Blender's output for that task."""
     path = f"/jobs/{job_id}/logs" if task is None else f"/jobs/{job_id}/tasks/{task}/log"
     return Call("GET", path, lambda r: r.text)
 
