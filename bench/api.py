@@ -704,10 +704,10 @@ def _serve_cmd(
 async def _create_job(redis_url: str) -> None:
     from rayfarm.cluster.auth import AuthStore
     from rayfarm.cluster.store import JobStore
-    from rayfarm.models import Job, JobSpec, JobState
+    from rayfarm.models import JobRecord, JobSpec, JobState
 
     spec = JobSpec(frames="1-4")
-    job = Job(
+    job = JobRecord(
         id=JOB_ID, state=JobState.PENDING, owner="bench", spec=spec, scene_file="shot.blend",
         frames_total=len(spec.frame_list), tasks_total=len(spec.frame_list),
         created_at=datetime.now(UTC),

@@ -63,7 +63,7 @@ from rayfarm.errors import (
     TooManyRequests,
     UnsupportedMediaType,
 )
-from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
+from rayfarm.models import FrameInfo, JobRecord, JobState, JobStatus, check_transition, parse_spec
 from rayfarm.render.inputs import SHA256, blob_key, check_path
 
 __all__ = ["AppContext", "create_app", "set_process_context"]
@@ -109,7 +109,7 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
 @jobs.post(
     "",
     status_code=201,
-    response_model=Job,
+    response_model=JobRecord,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -138,7 +138,7 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
         }
     },
 )
-async def submit_job(request: Request, ctx: Ctx, who: Submitter) -> Job:
+async def submit_job(request: Request, ctx: Ctx, who: Submitter) -> JobRecord:
     """Queue a job: a scene folder uploaded as blobs, or a single .blend.
 
     JSON (``application/json``): ``spec``, ``main`` (the .blend to open) and ``files``
@@ -158,7 +158,7 @@ async def submit_job(request: Request, ctx: Ctx, who: Submitter) -> Job:
     return job
 
 
-async def _submit(request: Request, ctx: AppContext, who: Principal) -> Job:
+async def _submit(request: Request, ctx: AppContext, who: Principal) -> JobRecord:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "application/json":
         return await submit_listing(ctx, await read_json(request, "job description"), who)
@@ -321,8 +321,8 @@ async def list_jobs(
     return {"jobs": [j.model_dump(mode="json") for j in found], "total": total}
 
 
-@jobs.get("/{job_id}", response_model=Job)
-async def get_job(job_id: JobId, ctx: Ctx) -> Job:
+@jobs.get("/{job_id}", response_model=JobRecord)
+async def get_job(job_id: JobId, ctx: Ctx) -> JobRecord:
     return await ctx.store.get(job_id)
 
 
@@ -354,8 +354,8 @@ def _status_json(status: JobStatus) -> Response:
     return Response(status.model_dump_json(), media_type="application/json")
 
 
-@jobs.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
+@jobs.post("/{job_id}/cancel", response_model=JobRecord)
+async def cancel_job(job_id: JobId, ctx: Ctx, who: Who) -> JobRecord:
     """PENDING or PROCESSING -> CANCELLED; queued tasks stop at once. The job's owner
     (an artist) or an admin."""
     await check_may_change(ctx, who, job_id)
@@ -364,8 +364,8 @@ async def cancel_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
     return await ctx.store.get(job_id)
 
 
-@jobs.post("/{job_id}/retry", response_model=Job)
-async def retry_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
+@jobs.post("/{job_id}/retry", response_model=JobRecord)
+async def retry_job(job_id: JobId, ctx: Ctx, who: Who) -> JobRecord:
     """FAILED -> PENDING; only frames not yet stored are rendered again. The job's owner
     (an artist) or an admin."""
     await check_may_change(ctx, who, job_id)

@@ -54,7 +54,7 @@ from rayfarm.cluster.context import (
 from rayfarm.cluster.events import EVENT_ID, follow
 from rayfarm.cluster.submit import submit_listing
 from rayfarm.errors import FarmError, FarmUnavailable, InvalidRequest
-from rayfarm.models import Job, JobState
+from rayfarm.models import JobRecord, JobState
 
 __all__ = [
     "ERROR_CODE_KEY",
@@ -196,7 +196,7 @@ def add_servicer_to_server(servicer: Any, server: Any) -> None:
 # --- messages -----------------------------------------------------------------------
 
 
-def job_reply(job: Job) -> Any:
+def job_reply(job: JobRecord) -> Any:
     """A job as a ``JobReply``."""
     return pb2().JobReply(
         id=job.id,

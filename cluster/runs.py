@@ -23,7 +23,7 @@ from typing import Any
 
 from rayfarm.cluster import keys
 from rayfarm.cluster.slicing import FrameSamples
-from rayfarm.models import Job
+from rayfarm.models import JobRecord
 from rayfarm.render.inputs import Inputs
 from rayfarm.render.tasks import RenderTask
 
@@ -72,7 +72,7 @@ class Slot:
 class Run:
     """A PROCESSING job inside the dispatcher."""
 
-    job: Job
+    job: JobRecord
     scene_hash: str  # the input folder's digest
     inputs: Inputs
     score: float  # queue score: priority, then age
@@ -173,7 +173,7 @@ def task_key(task: RenderTask) -> str:
 
 
 def expand(
-    job: Job, scene_hash: str, done_frames: set[int], grid: tuple[int, int], slices: int = 1
+    job: JobRecord, scene_hash: str, done_frames: set[int], grid: tuple[int, int], slices: int = 1
 ) -> Iterator[RenderTask]:
     """The job's (frame, tile, slice) tasks for a ``grid`` of tiles and ``slices`` sample
     slices, in its render order (frame order, or ``order="preview"``'s), skipping frames

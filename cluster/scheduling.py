@@ -29,7 +29,7 @@ from rayfarm.cluster.context import Admin, AppContext, Ctx, JobId, Who, check_ma
 from rayfarm.cluster.policy import SCOPES, PolicyStore
 from rayfarm.cluster.scheduler import Quota
 from rayfarm.errors import InvalidRequest, InvalidSpec, InvalidTransition, JobNotFound
-from rayfarm.models import Job, JobSpec, JobState, parse_spec
+from rayfarm.models import JobRecord, JobSpec, JobState, parse_spec
 
 __all__ = ["MAX_WEIGHT", "check_dependencies", "router"]
 
@@ -209,10 +209,10 @@ def _check_scope(scope: str, name: str) -> None:
 
 @router.post(
     "/jobs/{job_id}/urgent",
-    response_model=Job,
+    response_model=JobRecord,
     openapi_extra=_body({"urgent": {"type": "boolean"}}, ["urgent"]),
 )
-async def mark_urgent(job_id: JobId, request: Request, ctx: Ctx, _: Admin) -> Job:
+async def mark_urgent(job_id: JobId, request: Request, ctx: Ctx, _: Admin) -> JobRecord:
     """Mark a job urgent, or not (admins): ``{"urgent": true}`` (an empty body: true).
     An urgent job starts and renders before every share's work, at any priority."""
     urgent = True
@@ -232,12 +232,12 @@ async def mark_urgent(job_id: JobId, request: Request, ctx: Ctx, _: Admin) -> Jo
 
 @router.put(
     "/jobs/{job_id}/depends_on",
-    response_model=Job,
+    response_model=JobRecord,
     openapi_extra=_body(
         {"depends_on": {"type": "array", "items": {"type": "string"}}}, ["depends_on"]
     ),
 )
-async def set_dependencies(job_id: JobId, request: Request, ctx: Ctx, who: Who) -> Job:
+async def set_dependencies(job_id: JobId, request: Request, ctx: Ctx, who: Who) -> JobRecord:
     """Change what a queued (PENDING) job waits for: ``{"depends_on": [id, ...]}`` (empty:
     nothing). Its owner (an artist) or an admin; checked as at submission, and a change
     that would make a job wait, through others, for itself is refused (422)."""

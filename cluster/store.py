@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from rayfarm.cluster import keys
 from rayfarm.cluster.blobs import BlobIndex, blobs_of
 from rayfarm.errors import InvalidTransition, JobNotFound
-from rayfarm.models import Job, JobSpec, JobState, JobStatus, check_transition, sources_of
+from rayfarm.models import JobRecord, JobSpec, JobState, JobStatus, check_transition, sources_of
 
 __all__ = [
     "CHANGES_MAXLEN",
@@ -153,7 +153,7 @@ class JobStore:
 
     async def create(
         self,
-        job: Job,
+        job: JobRecord,
         inputs: str,
         scene_hash: str,
         warnings: Sequence[str] = (),
@@ -207,7 +207,7 @@ class JobStore:
             await self.blobs.link(pipe, job.id, job.owner, blobs_of(inputs))
             await pipe.execute()
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str) -> JobRecord:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.job(job_id))
             pipe.hlen(keys.frames(job_id))
@@ -254,7 +254,7 @@ class JobStore:
         *,
         owner: str | None = None,
         among: Sequence[tuple[str, str]] | None = None,
-    ) -> tuple[list[Job], int]:
+    ) -> tuple[list[JobRecord], int]:
         """Jobs newest first, and how many match: only those in ``state``, of ``owner``,
         and (``among``, a non-admin's view) owned by one of ``among``'s users or in one
         of its projects (``("user", name)`` / ``("project", name)`` pairs; empty: none).
@@ -664,10 +664,10 @@ def _change(job_id: str, owner: str, project: str | None, state: JobState) -> di
     return {"job": job_id, "owner": owner, "project": project or "", "state": str(state)}
 
 
-def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> Job:
+def _job_from_hash(data: dict[str, str], frames_done: int, tasks_done: int) -> JobRecord:
     spec = JobSpec.model_validate(json.loads(data["spec"]))
     slices = data.get("slices")  # "" while 'auto' is undecided; absent in older jobs
-    return Job(
+    return JobRecord(
         id=data["id"],
         state=JobState(data["state"]),
         owner=data.get("owner", ""),

@@ -40,7 +40,7 @@ from rayfarm.errors import (
     InvalidSpec,
     PayloadTooLarge,
 )
-from rayfarm.models import Job, JobSpec, JobState, parse_spec
+from rayfarm.models import JobRecord, JobSpec, JobState, parse_spec
 from rayfarm.render.inputs import SHA256, InputFile, Inputs, blob_key, check_path
 from rayfarm.versions import Route, format_version, route
 
@@ -66,7 +66,7 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 MAX_INPUT_FILES = 10_000
 
 
-async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> Job:
+async def submit_listing(ctx: AppContext, data: Any, who: Principal) -> JobRecord:
     """Queue a job described as ``{"spec", "main", "files"}`` (blobs already uploaded)
     for ``who``."""
     if not isinstance(data, dict):
@@ -223,7 +223,7 @@ def check_scene(f: IO[bytes], limits: BlendLimits | None = None) -> BlendHeader:
 
 async def store_single(
     ctx: AppContext, spec: JobSpec, scene: UploadFile, who: Principal, header: BlendHeader
-) -> Job:
+) -> JobRecord:
     """A single-.blend upload for ``who`` (its ``header`` read already): the file becomes
     a blob and the job's input folder holds just it. Refused before anything is stored
     when the farm offers no Blender for it."""
@@ -323,7 +323,7 @@ def _check_names(spec: JobSpec, info: dict[str, Any]) -> None:
 
 async def _create_job(
     ctx: AppContext, spec: JobSpec, inputs: Inputs, owner: str, header: BlendHeader
-) -> Job:
+) -> JobRecord:
     chosen = check_blender(ctx, spec, header)
     names = spec.scene is not None or spec.camera is not None
     if names:  # checked against the catalogue before the job exists
@@ -345,7 +345,7 @@ async def _create_job(
     nx, ny = grid or (1, 1)
     slices = spec.slice_count  # the same
     frames = spec.frame_list
-    job = Job(
+    job = JobRecord(
         id=job_id,
         state=JobState.PENDING,
         owner=owner,

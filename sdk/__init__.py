@@ -52,7 +52,8 @@ from rayfarm.events import (
     TaskStarted,
 )
 from rayfarm.frames import parse_frames
-from rayfarm.models import TRANSITIONS, FrameInfo, Job, JobRecord, JobSpec, JobState, JobStatus
+from rayfarm.job import Job
+from rayfarm.models import TRANSITIONS, FrameInfo, JobRecord, JobSpec, JobState, JobStatus
 
 __version__ = "0.1.0"
 

@@ -8,142 +8,33 @@ with coroutines, so a service can watch many jobs on one event loop.
 ...     await job.download("renders/")
 
 Status, waiting, events, cancel and retry are native coroutines over one
-``httpx.AsyncClient``. Packing and uploading a scene, downloading frames and
-decoding an image for ``show`` are disk-bound work that the sync client already
-does carefully (hashing, resume, verification); they run it in a worker thread
-(``asyncio.to_thread``) instead of repeating it.
+``httpx.AsyncClient``, sending the requests ``rayfarm.protocol`` builds and reading
+the answers as it says (the sync ``Farm`` does the same over ``httpx.Client``).
+Packing and uploading a scene, downloading frames and decoding an image for
+``show`` are disk-bound work that the sync client already does carefully (hashing,
+resume, verification); they run it in a worker thread (``asyncio.to_thread``)
+instead of repeating it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import PrivateAttr
 
-from rayfarm.client import (
-    DEFAULT_URL,
-    LONG_POLL_S,
-    RECONNECT_FOR_S,
-    RECONNECT_S,
-    STREAM_READ_TIMEOUT_S,
-    Farm,
-    Outage,
-)
-from rayfarm.errors import FarmUnavailable, ServerError, error_from_body
-from rayfarm.events import END, Event, SSEParser, parse_event
-from rayfarm.models import FROM_FARM, FrameInfo, Job, JobRecord, JobState, JobStatus
-from rayfarm.paths import local_token
+from rayfarm import protocol
+from rayfarm.client import Farm
+from rayfarm.errors import FarmError
+from rayfarm.events import Event
+from rayfarm.job import AsyncJob
+from rayfarm.models import JobState, JobStatus
 from rayfarm.progress import ProgressBar
+from rayfarm.protocol import RECONNECT_FOR_S, RECONNECT_S, Call, EventStream, Outage, Plan, Reply
 
 __all__ = ["AsyncFarm", "AsyncJob"]
-
-
-class AsyncJob(JobRecord):
-    """A job bound to an ``AsyncFarm``; the coroutine twin of ``Job``."""
-
-    _farm: AsyncFarm | None = PrivateAttr(default=None)
-
-    def _bound(self) -> AsyncFarm:
-        if self._farm is None:
-            raise RuntimeError("this AsyncJob is not bound to a farm; use AsyncFarm.job(id)")
-        return self._farm
-
-    def _update(self, other: JobRecord) -> AsyncJob:
-        for name in JobRecord.model_fields:
-            setattr(self, name, getattr(other, name))
-        return self
-
-    async def refresh(self) -> AsyncJob:
-        return self._update(await self._bound()._get_json(f"/jobs/{self.id}", JobRecord))
-
-    async def status(self, after: str | None = None, wait_s: float = 0) -> JobStatus:
-        """As ``Job.status``: the compact status, optionally long-polled."""
-        params: dict[str, Any] = {}
-        if after is not None and wait_s > 0:
-            params = {"after": after, "wait_s": round(wait_s, 3)}
-        status = await self._bound()._get_json(f"/jobs/{self.id}/status", JobStatus, params)
-        self.state, self.error = status.state, status.error
-        self.frames_done, self.tasks_done = status.frames_done, status.tasks_done
-        return status
-
-    async def wait(self, timeout: float | None = None, *, progress: bool = False) -> JobStatus:
-        """As ``Job.wait``: until COMPLETED, FAILED or CANCELLED (``TimeoutError`` after
-        ``timeout`` s); ``progress`` shows the live bar."""
-        async with asyncio.timeout(timeout):
-            if progress:
-                bar, status = ProgressBar(self), None
-                try:
-                    async for event in self.events():
-                        bar.update(event)
-                    status = await self.status()
-                    return status
-                finally:
-                    bar.close(status)
-            outage, got = Outage(), None
-            while got is None or not got.state.is_terminal:
-                try:
-                    if got is None:
-                        got = await self.status()
-                    elif got.event is None:
-                        await asyncio.sleep(0.2)
-                        got = await self.status()
-                    else:
-                        got = await self.status(after=got.event, wait_s=LONG_POLL_S)
-                except Outage.TRANSIENT as exc:
-                    outage.failed(exc)
-                    await asyncio.sleep(RECONNECT_S)
-                    continue
-                outage.ended()
-            return got
-
-    async def events(self, after: str | None = None) -> AsyncIterator[Event]:
-        """As ``Job.events``: typed events, live, resumed after a dropped connection."""
-        async for event in self._bound()._events(self.id, after):
-            if event is not None:
-                yield event
-
-    async def logs(self, task: str | None = None) -> str:
-        url = f"/jobs/{self.id}/logs" if task is None else f"/jobs/{self.id}/tasks/{task}/log"
-        async with self._bound()._request("GET", url) as r:
-            return r.text
-
-    async def cancel(self) -> AsyncJob:
-        return self._update(await self._bound()._post_json(f"/jobs/{self.id}/cancel"))
-
-    async def retry(self) -> AsyncJob:
-        return self._update(await self._bound()._post_json(f"/jobs/{self.id}/retry"))
-
-    async def delete(self) -> dict[str, Any]:
-        """As ``Job.delete``: delete a finished job and what only it used; returns what
-        it freed."""
-        async with self._bound()._request("DELETE", f"/jobs/{self.id}") as r:
-            freed: dict[str, Any] = r.json()
-            return freed
-
-    async def frames(self) -> list[FrameInfo]:
-        async with self._bound()._request("GET", f"/jobs/{self.id}/frames") as r:
-            return [FrameInfo.model_validate(f) for f in r.json()["frames"]]
-
-    async def download(self, directory: str | os.PathLike[str]) -> list[Path]:
-        """As ``Job.download`` (verified, resumable), in a worker thread."""
-        farm = self._bound()
-        return await asyncio.to_thread(farm._sync()._download, farm._as_job(self), directory)
-
-    async def image(self, frame: int) -> Any:
-        """As ``Job.image``, in a worker thread."""
-        farm = self._bound()
-        return await asyncio.to_thread(farm._sync()._image, farm._as_job(self), frame)
-
-    async def show(self, frame: int) -> Any:
-        """As ``Job.show``, in a worker thread."""
-        farm = self._bound()
-        return await asyncio.to_thread(farm._sync()._show, farm._as_job(self), frame)
 
 
 class AsyncFarm:
@@ -153,13 +44,11 @@ class AsyncFarm:
     def __init__(
         self, url: str | None = None, token: str | None = None, timeout_s: float = 60.0
     ) -> None:
-        self.url = (url or os.environ.get("RAYFARM_URL") or DEFAULT_URL).rstrip("/")
-        self.token = token if token is not None else os.environ.get("RAYFARM_TOKEN")
-        if self.token is None:
-            self.token = local_token(self.url)
-        self.timeout_s = timeout_s
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers)
+        self._endpoint = endpoint = protocol.Endpoint.resolve(url, token)
+        self.url, self.token, self.timeout_s = endpoint.url, endpoint.token, timeout_s
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=timeout_s, headers=endpoint.headers
+        )
         self._farm: Farm | None = None
 
     def __repr__(self) -> str:
@@ -179,14 +68,9 @@ class AsyncFarm:
     # -- public API ---------------------------------------------------------------------
 
     async def submit(
-        self,
-        path: str | os.PathLike[str],
-        frames: str | int,
-        tiles: int | str = 1,
-        *,
-        root: str | os.PathLike[str] | None = None,
-        **overrides: Any,
-    ) -> AsyncJob:
+        self, path: str | os.PathLike[str], frames: str | int, tiles: int | str = 1, *,
+        root: str | os.PathLike[str] | None = None, **overrides: Any,
+    ) -> AsyncJob:  # fmt: skip
         """As ``Farm.submit``: pack, upload what the farm lacks (in a worker thread) and
         queue the job."""
         sync = self._sync()
@@ -200,23 +84,20 @@ class AsyncFarm:
         return await asyncio.to_thread(self._sync().inspect, path, root)
 
     async def job(self, job_id: str) -> AsyncJob:
-        return self._bind(await self._get_json(f"/jobs/{job_id}", AsyncJob))
+        """As ``Farm.job``."""
+        return self._bind(await self._call(protocol.get_job(job_id, AsyncJob)))
 
     async def jobs(self, state: JobState | str | None = None, limit: int = 100) -> list[AsyncJob]:
-        params: dict[str, Any] = {"limit": limit}
-        if state is not None:
-            params["state"] = str(JobState(state))
-        async with self._request("GET", "/jobs", params=params) as r:
-            return [
-                self._bind(AsyncJob.model_validate(j, context=FROM_FARM)) for j in r.json()["jobs"]
-            ]
+        """As ``Farm.jobs``."""
+        found = await self._call(protocol.list_jobs(state, limit, AsyncJob))
+        return [self._bind(j) for j in found]
 
     async def health(self) -> dict[str, Any]:
-        async with self._request("GET", "/healthz") as r:
-            body: dict[str, Any] = r.json()
-            return body
+        """As ``Farm.health``."""
+        body: dict[str, Any] = await self._call(Call("GET", "/healthz"))
+        return body
 
-    # -- plumbing -------------------------------------------------------------------------
+    # -- used by AsyncJob -----------------------------------------------------------------
 
     def _sync(self) -> Farm:
         """The sync client that does the disk-bound work in worker threads."""
@@ -224,58 +105,75 @@ class AsyncFarm:
             self._farm = Farm(self.url, self.token, self.timeout_s)
         return self._farm
 
-    def _as_job(self, job: AsyncJob) -> Job:
-        return self._sync()._bind(Job.model_validate(job.model_dump()))
+    async def _in_thread(self, method: str, job: AsyncJob, *args: Any) -> Any:
+        """The sync client's disk-bound ``method`` for ``job`` in a worker thread."""
+        return await asyncio.to_thread(getattr(self._sync(), method), job, *args)
 
     def _bind(self, job: AsyncJob) -> AsyncJob:
         job._farm = self
         return job
 
-    async def _get_json(self, path: str, model: Any, params: Any = None) -> Any:
-        async with self._request("GET", path, params=params) as r:
-            return model.model_validate(r.json(), context=FROM_FARM)
+    async def _call(self, call: Call[Any]) -> Any:
+        """As ``Farm._call``: send ``call`` and read its answer."""
+        async with self._send(call) as r:
+            return call.read(Reply(r.status_code, r.content))
 
-    async def _post_json(self, path: str) -> JobRecord:
-        async with self._request("POST", path) as r:
-            return JobRecord.model_validate(r.json(), context=FROM_FARM)
+    async def _wait(self, job: AsyncJob, timeout: float | None, progress: bool) -> JobStatus:
+        """``AsyncJob.wait``: the core's long-poll (``protocol.waiting``), or with
+        ``progress`` the event stream into a ProgressBar; both bounded by ``timeout``."""
+        async with asyncio.timeout(timeout):
+            if not progress:
+                plan = Plan(protocol.waiting(job))
+                return await self._drive(plan)
+            bar, status = ProgressBar(job), None
+            try:
+                async for event in job.events():
+                    bar.update(event)
+                status = await job.status()
+                return status
+            finally:
+                bar.close(status)
+
+    async def _drive(self, plan: Plan[Any]) -> Any:
+        """As ``Farm._drive``, awaiting each step."""
+        for step in plan:
+            try:
+                if isinstance(step, Call):
+                    plan.reply = await self._call(step)
+                else:
+                    await asyncio.sleep(step.seconds)
+            except FarmError as exc:
+                plan.error = exc
+        return plan.result
 
     async def _events(
         self, job_id: str, after: str | None = None, give_up_s: float = RECONNECT_FOR_S
     ) -> AsyncIterator[Event | None]:
-        """As ``Farm._events``."""
-        last, outage = after, Outage(give_up_s)
-        timeout = httpx.Timeout(self.timeout_s, read=STREAM_READ_TIMEOUT_S)
+        """As ``Farm._events``: typed events and keep-alives (None), resumed after a
+        dropped connection, until the farm's ``end``."""
+        stream = EventStream(job_id, after, give_up_s)
         while True:
-            headers = {"Accept": "text/event-stream"}
-            if last is not None:
-                headers["Last-Event-ID"] = last
             try:
-                async with self._request(
-                    "GET", f"/jobs/{job_id}/events", stream=True, headers=headers,
-                    timeout=timeout,
-                ) as r:  # fmt: skip
-                    parser = SSEParser()
-                    async for line in r.aiter_lines():
-                        for message in parser.feed(line):
-                            if message is None:
-                                yield None
-                            elif message.event == END:
-                                return
-                            else:
-                                event = parse_event(message.payload())
-                                last = event.id
-                                outage.ended()
-                                yield event
+                async with self._send(stream.call()) as r:
+                    async for chunk in r.aiter_bytes():
+                        for item in stream.feed(chunk):
+                            yield item
+                        if stream.ended:
+                            return
             except Outage.TRANSIENT as exc:
-                outage.failed(exc)
+                stream.failed(exc)
             await asyncio.sleep(RECONNECT_S)
 
-    def _request(self, method: str, path: str, stream: bool = False, **kwargs: Any) -> Any:
-        return _Request(self, method, path, stream, kwargs)
+    def _send(self, call: Call[Any]) -> _Request:
+        timeout: Any = httpx.USE_CLIENT_DEFAULT
+        if call.read_timeout_s is not None:
+            timeout = httpx.Timeout(self.timeout_s, read=call.read_timeout_s)
+        kwargs = {"params": call.params, "json": call.json, "headers": call.headers}
+        return _Request(self, call.method, call.path, call.stream, {**kwargs, "timeout": timeout})
 
 
 class _Request:
-    """``async with farm._request(...) as response``: the farm's errors as typed
+    """``async with farm._send(call) as response``: the farm's errors as typed
     exceptions, as ``Farm._request`` does for the sync client."""
 
     def __init__(
@@ -292,21 +190,15 @@ class _Request:
             request = http.build_request(self.method, self.path, **self.kwargs)
             self.response = response = await http.send(request, stream=self.stream)
         except httpx.TransportError as exc:
-            raise FarmUnavailable(
-                f"cannot reach the farm at {self.farm.url}: {exc}", {"url": self.farm.url}
-            ) from exc
+            raise self.farm._endpoint.unreachable(exc) from exc
         if response.status_code >= 400:
-            await response.aread()
+            content = await response.aread()
             await response.aclose()
-            try:
-                body = response.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                body = response.text
-            raise error_from_body(response.status_code, body)
+            raise protocol.error_of(response.status_code, content)
         return response
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self.response is not None:
             await self.response.aclose()
         if isinstance(exc, httpx.HTTPError):
-            raise ServerError(f"{self.method} {self.path} failed: {exc}") from exc
+            raise protocol.broken(self.method, self.path, exc) from exc

@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,55 +20,31 @@ from typing import Any
 
 import httpx
 
-from rayfarm.errors import (
-    FarmError,
-    FarmUnavailable,
-    FrameNotFound,
-    InvalidRequest,
-    ServerError,
-    error_from_body,
-)
-from rayfarm.events import END, Event, parse_event, read_sse
-from rayfarm.models import FROM_FARM, FrameInfo, Job, JobState, JobStatus, parse_spec
+from rayfarm import protocol
+from rayfarm.errors import FarmError, FrameNotFound, InvalidRequest, ServerError
+from rayfarm.events import Event
+from rayfarm.job import Job
+from rayfarm.models import FrameInfo, JobRecord, JobState, JobStatus, parse_spec
 from rayfarm.pack import Pack, pack_scene, sha256_file
-from rayfarm.paths import local_token
 from rayfarm.progress import ProgressBar
+from rayfarm.protocol import (
+    DEFAULT_URL,
+    RECONNECT_FOR_S,
+    Call,
+    EventStream,
+    Outage,
+    Plan,
+    Reply,
+    Sleep,
+    Step,
+)
 
-__all__ = ["DEFAULT_URL", "Farm", "Outage", "UploadReport"]
+# Defined here before rayfarm.protocol held them; still importable from here.
+from rayfarm.protocol import LONG_POLL_S as LONG_POLL_S
+from rayfarm.protocol import RECONNECT_S as RECONNECT_S
+from rayfarm.protocol import STREAM_READ_TIMEOUT_S as STREAM_READ_TIMEOUT_S
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-#: How long one status long-poll may wait on the server before asking again.
-LONG_POLL_S = 20.0
-#: Pause before reconnecting a dropped event stream, and how long to keep trying.
-RECONNECT_S = 1.0
-RECONNECT_FOR_S = 120.0
-#: The event stream sends a keep-alive every 15 s; silence this long means it is dead.
-STREAM_READ_TIMEOUT_S = 60.0
-
-
-class Outage:
-    """Rides out a farm that cannot answer for a while (restarting, a proxy whose replica
-    is being replaced, a dropped connection): a waiter or an event stream asks again
-    every ``RECONNECT_S`` and raises the last error once the farm has failed it for
-    ``give_up_s`` in a row."""
-
-    #: What is worth asking again about; a 4xx is an answer.
-    TRANSIENT = (FarmUnavailable, ServerError)
-
-    def __init__(self, give_up_s: float = RECONNECT_FOR_S) -> None:
-        self.give_up_s = give_up_s
-        self.since: float | None = None
-
-    def failed(self, exc: Exception) -> None:
-        """Note a failure; raise ``exc`` once the outage is too long."""
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-        if now - self.since > self.give_up_s:
-            raise exc
-
-    def ended(self) -> None:
-        self.since = None
+__all__ = ["DEFAULT_URL", "Farm", "Job", "Outage", "UploadReport"]
 
 
 @dataclass(frozen=True)
@@ -97,17 +72,18 @@ class Farm:
     ``url`` defaults to ``$RAYFARM_URL``, then ``http://127.0.0.1:8000``;
     ``token`` to ``$RAYFARM_TOKEN``, then, for a farm on this machine, the first admin's
     token that ``rayfarm up`` wrote to its data dir (``rayfarm.paths.local_token``).
+
+    The requests and what their answers mean are ``rayfarm.protocol``'s; this class
+    sends them with ``httpx.Client`` and does the disk-bound work (packing, uploading,
+    downloading).
     """
 
     def __init__(
         self, url: str | None = None, token: str | None = None, timeout_s: float = 60.0
     ) -> None:
-        self.url = (url or os.environ.get("RAYFARM_URL") or DEFAULT_URL).rstrip("/")
-        self.token = token if token is not None else os.environ.get("RAYFARM_TOKEN")
-        if self.token is None:
-            self.token = local_token(self.url)
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        self._endpoint = endpoint = protocol.Endpoint.resolve(url, token)
+        self.url, self.token = endpoint.url, endpoint.token
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=endpoint.headers)
         self.last_upload: UploadReport | None = None
 
     def __repr__(self) -> str:
@@ -168,8 +144,7 @@ class Farm:
                     {"path": f.path, "sha256": f.sha256, "size": f.size} for f in packed.files
                 ],
             }
-            with self._request("POST", "/jobs", json=body) as r:
-                return self._bind(Job.model_validate(r.json(), context=FROM_FARM))
+            return self._bind(self._call(protocol.submit_job(body, Job)))
 
     def inspect(
         self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
@@ -187,16 +162,17 @@ class Farm:
                     {"path": f.path, "sha256": f.sha256, "size": f.size} for f in packed.files
                 ],
             }
-            with self._request("POST", "/scenes", json=body) as r:
-                info: dict[str, Any] = r.json()
-                return info
+            info: dict[str, Any] = self._call(Call("POST", "/scenes", json=body))
+            return info
 
     def _upload(self, packed: Pack) -> UploadReport:
         """Send the blobs the farm lacks, each streamed from disk."""
         started = time.perf_counter()
         unique = {f.sha256: f for f in packed.files}
-        with self._request("POST", "/blobs/missing", json={"hashes": list(unique)}) as r:
-            missing = r.json()["missing"]
+        asked = {"hashes": list(unique)}
+        missing: list[str] = self._call(
+            protocol.field_of("POST", "/blobs/missing", "missing", json=asked)
+        )
         sent = 0
         for digest in missing:
             f = unique[digest]
@@ -221,27 +197,21 @@ class Farm:
 
     def job(self, job_id: str) -> Job:
         """The job with this id (``JobNotFound`` if there is none)."""
-        return self._bind(self._get_job(job_id))
+        return self._bind(self._call(protocol.get_job(job_id, Job)))
 
     def jobs(self, state: JobState | str | None = None, limit: int = 100) -> list[Job]:
         """Recent jobs, newest first, optionally only those in ``state``."""
-        params: dict[str, Any] = {"limit": limit}
-        if state is not None:
-            params["state"] = str(JobState(state))
-        with self._request("GET", "/jobs", params=params) as r:
-            return [self._bind(Job.model_validate(j, context=FROM_FARM)) for j in r.json()["jobs"]]
+        return [self._bind(j) for j in self._call(protocol.list_jobs(state, limit, Job))]
 
     def health(self) -> dict[str, Any]:
         """The service's health report (versions, Redis, workers)."""
-        with self._request("GET", "/healthz") as r:
-            body: dict[str, Any] = r.json()
-            return body
+        body: dict[str, Any] = self._call(Call("GET", "/healthz"))
+        return body
 
     def whoami(self) -> dict[str, Any]:
         """The signed-in user: ``user``, ``role``, ``projects``."""
-        with self._request("GET", "/whoami") as r:
-            body: dict[str, Any] = r.json()
-            return body
+        body: dict[str, Any] = self._call(Call("GET", "/whoami"))
+        return body
 
     def create_token(
         self,
@@ -258,80 +228,75 @@ class Farm:
             body["role"] = role
         if projects is not None:
             body["projects"] = projects
-        with self._request("POST", "/tokens", json=body) as r:
-            token: str = r.json()["token"]
-            return token
+        token: str = self._call(protocol.field_of("POST", "/tokens", "token", json=body))
+        return token
 
     # -- scheduling (docs/scheduling.md) ----------------------------------------------------
 
     def shares(self) -> dict[str, float]:
         """Each weighted project's fair-share weight (a project not listed weighs 1)."""
-        with self._request("GET", "/shares") as r:
-            shares: dict[str, float] = r.json()["shares"]
-            return shares
+        shares: dict[str, float] = self._call(protocol.field_of("GET", "/shares", "shares"))
+        return shares
 
     def set_share(self, project: str, weight: float | None) -> None:
         """Weigh ``project`` for fair share (admins); None: back to the default, 1. At
         equal priority, projects' running slots converge to their weights."""
+        path = f"/shares/{project}"
         if weight is None:
-            with self._request("DELETE", f"/shares/{project}"):
-                return
-        with self._request("PUT", f"/shares/{project}", json={"weight": weight}):
-            return
+            self._call(protocol.no_answer("DELETE", path))
+        else:
+            self._call(protocol.no_answer("PUT", path, json={"weight": weight}))
 
     def quotas(self) -> dict[str, dict[str, dict[str, int | None]]]:
         """Every quota: ``{"user": {name: {"gpu", "cpu"}}, "project": {...}}``."""
-        with self._request("GET", "/quotas") as r:
-            quotas: dict[str, dict[str, dict[str, int | None]]] = r.json()["quotas"]
-            return quotas
+        quotas: dict[str, dict[str, dict[str, int | None]]] = self._call(
+            protocol.field_of("GET", "/quotas", "quotas")
+        )
+        return quotas
 
     def set_quota(
         self, scope: str, name: str, gpu: int | None = None, cpu: int | None = None
     ) -> None:
         """Limit the slots of each kind (None: no limit) that ``scope`` ("user" or
         "project") ``name``'s jobs hold at once (admins); both None removes the quota."""
+        path = f"/quotas/{scope}/{name}"
         if gpu is None and cpu is None:
-            with self._request("DELETE", f"/quotas/{scope}/{name}"):
-                return
-        with self._request("PUT", f"/quotas/{scope}/{name}", json={"gpu": gpu, "cpu": cpu}):
-            return
+            self._call(protocol.no_answer("DELETE", path))
+        else:
+            self._call(protocol.no_answer("PUT", path, json={"gpu": gpu, "cpu": cpu}))
 
     def mark_urgent(self, job_id: str, urgent: bool = True) -> Job:
         """Mark a job urgent (admins): it starts and renders before every share's work."""
-        with self._request("POST", f"/jobs/{job_id}/urgent", json={"urgent": urgent}) as r:
-            return self._bind(Job.model_validate(r.json(), context=FROM_FARM))
+        body = {"urgent": urgent}
+        return self._bind(self._call(protocol.job_action(job_id, "urgent", Job, body)))
 
     def set_dependencies(self, job_id: str, depends_on: list[str]) -> Job:
         """Change what a queued (PENDING) job waits for (``[]``: nothing)."""
-        body = {"depends_on": list(depends_on)}
-        with self._request("PUT", f"/jobs/{job_id}/depends_on", json=body) as r:
-            return self._bind(Job.model_validate(r.json(), context=FROM_FARM))
+        return self._bind(self._call(protocol.set_dependencies(job_id, depends_on, Job)))
 
     def webhook(self) -> dict[str, str | None]:
         """Your webhook: ``url`` (None: none) and ``secret``, the key of the HMAC-SHA256
         signature (``X-Rayfarm-Signature``) on every call to it and to your jobs' own."""
-        with self._request("GET", "/webhook") as r:
-            found: dict[str, str | None] = r.json()
-            return found
+        found: dict[str, str | None] = self._call(Call("GET", "/webhook"))
+        return found
 
     def set_webhook(self, url: str | None, rotate: bool = False) -> dict[str, str | None]:
         """Have the farm POST to ``url`` whenever a job of yours ends (None: no more);
         ``rotate`` makes a new signing secret. Returns the URL and the secret."""
         if url is None:
-            with self._request("DELETE", "/webhook") as r:
-                gone: dict[str, str | None] = r.json()
-                return gone
-        with self._request("PUT", "/webhook", json={"url": url, "rotate": rotate}) as r:
-            found: dict[str, str | None] = r.json()
-            return found
+            gone: dict[str, str | None] = self._call(Call("DELETE", "/webhook"))
+            return gone
+        body = {"url": url, "rotate": rotate}
+        found: dict[str, str | None] = self._call(Call("PUT", "/webhook", json=body))
+        return found
 
     def audit(self, **filters: Any) -> list[dict[str, str]]:
         """The audit log, newest first (admins only); ``user``, ``action``, ``job``,
         ``since`` (ISO time), ``limit`` filter it."""
         params = {k: v for k, v in filters.items() if v is not None}
-        with self._request("GET", "/audit", params=params) as r:
-            records: list[dict[str, str]] = r.json()["records"]
-            return records
+        call = protocol.field_of("GET", "/audit", "records", params=params)
+        records: list[dict[str, str]] = self._call(call)
+        return records
 
     # -- used by Job ----------------------------------------------------------------------
 
@@ -339,61 +304,24 @@ class Farm:
         job._farm = self
         return job
 
-    def _get_job(self, job_id: str) -> Job:
-        with self._request("GET", f"/jobs/{job_id}") as r:
-            return Job.model_validate(r.json(), context=FROM_FARM)
+    def _call(self, call: Call[Any]) -> Any:
+        """Send ``call`` and read its answer (the farm's typed error for a 4xx or 5xx)."""
+        with self._send(call) as r:
+            return call.read(Reply(r.status_code, r.content))
 
-    def _get_status(self, job_id: str, after: str | None = None, wait_s: float = 0) -> JobStatus:
-        params: dict[str, Any] = {}
-        if after is not None and wait_s > 0:
-            params = {"after": after, "wait_s": round(wait_s, 3)}
-        with self._request("GET", f"/jobs/{job_id}/status", params=params) as r:
-            return JobStatus.model_validate(r.json())
-
-    def _post_job(self, job_id: str, action: str) -> Job:
-        with self._request("POST", f"/jobs/{job_id}/{action}") as r:
-            return Job.model_validate(r.json(), context=FROM_FARM)
-
-    def _delete_job(self, job_id: str) -> dict[str, Any]:
-        with self._request("DELETE", f"/jobs/{job_id}") as r:
-            freed: dict[str, Any] = r.json()
-            return freed
-
-    def _get_frames(self, job_id: str) -> list[FrameInfo]:
-        with self._request("GET", f"/jobs/{job_id}/frames") as r:
-            return [FrameInfo.model_validate(f) for f in r.json()["frames"]]
-
-    def _wait(self, job: Job, timeout: float | None, on_change: Any = None) -> JobStatus:
-        """Long-poll the status: one request per change (or per LONG_POLL_S when idle),
-        riding out a farm that stops answering for a while (``Outage``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        status: JobStatus | None = None
-        outage = Outage()
-        while True:
-            wait_s = LONG_POLL_S
-            if deadline is not None and status is not None:
-                wait_s = min(wait_s, deadline - time.monotonic())
-                if wait_s <= 0:
-                    raise TimeoutError(f"job {job.id} is still {status.state} after {timeout} s")
-            try:
-                if status is None:
-                    status = job.status()
-                elif status.event is None:
-                    time.sleep(min(wait_s, 0.2))  # a service without events: plain polling
-                    status = job.status()
-                else:
-                    status = job.status(after=status.event, wait_s=wait_s)
-            except Outage.TRANSIENT as exc:
-                if deadline is not None and time.monotonic() + RECONNECT_S > deadline:
-                    raise  # the farm's error says more than a timeout would
-                outage.failed(exc)
-                time.sleep(RECONNECT_S)
+    def _drive(self, steps: Generator[Step, Any, Any]) -> Any:
+        """Carry out the core's steps (``protocol.waiting``): send its calls, take its
+        sleeps, and hand each outcome back."""
+        plan = Plan(steps)
+        for step in plan:
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
                 continue
-            outage.ended()
-            if on_change is not None:
-                on_change(status)
-            if status.state.is_terminal:
-                return status
+            try:
+                plan.reply = self._call(step)
+            except FarmError as exc:
+                plan.error = exc
+        return plan.result
 
     def _events(
         self, job_id: str, after: str | None = None, give_up_s: float = RECONNECT_FOR_S
@@ -401,29 +329,16 @@ class Farm:
         """The job's events after ``after``; None for each keep-alive (so callers can
         check a clock). A dropped stream is reopened from the last event seen (for up
         to ``give_up_s`` of failures in a row); the farm's ``end`` message ends it."""
-        last, outage = after, Outage(give_up_s)
-        timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        stream = EventStream(job_id, after, give_up_s)
         while True:
-            headers = {"Accept": "text/event-stream"}
-            if last is not None:
-                headers["Last-Event-ID"] = last
             try:
-                with self._request(
-                    "GET", f"/jobs/{job_id}/events", stream=True, headers=headers,
-                    timeout=timeout,
-                ) as r:  # fmt: skip
-                    for message in read_sse(r.iter_lines()):
-                        if message is None:
-                            yield None
-                        elif message.event == END:
+                with self._send(stream.call()) as r:
+                    for chunk in r.iter_bytes():
+                        yield from stream.feed(chunk)
+                        if stream.ended:
                             return
-                        else:
-                            event = parse_event(message.payload())
-                            last = event.id
-                            outage.ended()
-                            yield event
             except Outage.TRANSIENT as exc:
-                outage.failed(exc)
+                stream.failed(exc)
             time.sleep(RECONNECT_S)
 
     def _wait_progress(self, job: Job, timeout: float | None) -> JobStatus:
@@ -442,12 +357,7 @@ class Farm:
         finally:
             bar.close(status)
 
-    def _logs(self, job_id: str, task: str | None) -> str:
-        url = f"/jobs/{job_id}/logs" if task is None else f"/jobs/{job_id}/tasks/{task}/log"
-        with self._request("GET", url) as r:
-            return r.text
-
-    def _image(self, job: Job, frame: int) -> Any:
+    def _image(self, job: JobRecord, frame: int) -> Any:
         try:
             from PIL import Image
         except ImportError:
@@ -469,7 +379,7 @@ class Farm:
         image.load()
         return image
 
-    def _show(self, job: Job, frame: int) -> Any:
+    def _show(self, job: JobRecord, frame: int) -> Any:
         image = self._image(job, frame)
         try:
             from IPython import get_ipython
@@ -481,12 +391,12 @@ class Farm:
         display(image)
         return None  # shown once: a returned image would be shown again as the cell's value
 
-    def _download(self, job: Job, directory: str | os.PathLike[str]) -> list[Path]:
+    def _download(self, job: JobRecord, directory: str | os.PathLike[str]) -> list[Path]:
         """Fetch every stored frame into ``directory``; see ``Job.download``."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for info in job.frames():
+        for info in self._call(protocol.get_frames(job.id)):
             target = out / f"{info.frame:04d}.{job.spec.extension}"
             if not (info.sha256 and target.exists() and sha256_file(target) == info.sha256):
                 self._fetch(f"/jobs/{job.id}/frames/{info.frame}", target, info)
@@ -521,28 +431,33 @@ class Farm:
             )
         part.replace(target)  # a frame on disk is whole and verified, or absent
 
+    def _send(self, call: Call[Any]) -> Any:
+        """``with farm._send(call) as response``: ``call`` sent as it says."""
+        timeout: Any = httpx.USE_CLIENT_DEFAULT
+        if call.read_timeout_s is not None:
+            timeout = httpx.Timeout(self._http.timeout.connect, read=call.read_timeout_s)
+        return self._request(
+            call.method, call.path, call.stream, params=call.params, json=call.json,
+            headers=call.headers, timeout=timeout,
+        )  # fmt: skip
+
     @contextmanager
     def _request(
         self, method: str, path: str, stream: bool = False, **kwargs: Any
     ) -> Iterator[httpx.Response]:
+        """The one place this client meets the network: the response, or the farm's
+        typed error (``protocol.error_of``); a transport failure is ``FarmUnavailable``
+        and an answer broken off on the way ``ServerError``."""
         try:
             request = self._http.build_request(method, path, **kwargs)
             response = self._http.send(request, stream=stream)
         except httpx.TransportError as exc:
-            raise FarmUnavailable(
-                f"cannot reach the farm at {self.url}: {exc}", {"url": self.url}
-            ) from exc
+            raise self._endpoint.unreachable(exc) from exc
         try:
             if response.status_code >= 400:
-                if stream:
-                    response.read()
-                try:
-                    body = response.json()
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    body = response.text
-                raise error_from_body(response.status_code, body)
+                raise protocol.error_of(response.status_code, response.read())
             yield response
         except httpx.HTTPError as exc:
-            raise ServerError(f"{method} {path} failed: {exc}") from exc
+            raise protocol.broken(method, path, exc) from exc
         finally:
             response.close()

@@ -2,7 +2,9 @@
 
 ``JobState`` and ``TRANSITIONS`` define what may happen to a job; the Redis
 store applies exactly this table atomically and the API answers anything else
-with 409. ``JobSpec`` is what a user asks for; ``Job`` is what the farm knows.
+with 409. ``JobSpec`` is what a user asks for; ``JobRecord`` is what the farm knows.
+Nothing here talks to a farm: the SDK's ``Job`` (``rayfarm.job``) is a ``JobRecord``
+with methods bound to the ``Farm`` that returned it (still importable from here).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -28,11 +29,7 @@ from rayfarm.errors import InvalidSpec, InvalidTransition
 from rayfarm.frames import parse_frames, preview_order
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-    from pathlib import Path
-
-    from rayfarm.client import Farm
-    from rayfarm.events import Event
+    from rayfarm.job import Job as Job
 
 __all__ = [
     "TRANSITIONS",
@@ -443,7 +440,8 @@ class FrameInfo(BaseModel):
 
 
 class JobRecord(BaseModel):
-    """A job as the farm knows it: the fields of ``Job`` and ``AsyncJob``."""
+    """A job as the farm knows it: what the service stores and answers with, and the
+    fields of the SDK's handles ``Job`` and ``AsyncJob`` (``rayfarm.job``)."""
 
     id: str
     state: JobState
@@ -481,123 +479,11 @@ class JobRecord(BaseModel):
     finished_at: datetime | None = None
 
 
-class Job(JobRecord):
-    """A job as the farm knows it.
+def __getattr__(name: str) -> Any:
+    # ``Job`` lives with the client it talks through (rayfarm.job); it is still found
+    # here, where it was defined before, without this module importing the client.
+    if name == "Job":
+        from rayfarm.job import Job
 
-    Returned by ``Farm.submit`` and ``Farm.job``; its methods talk to the farm
-    that returned it:
-
-    >>> job = farm.submit("shot.blend", frames="1-8")   # doctest: +SKIP
-    >>> job.wait(progress=True).state                   # doctest: +SKIP
-    <JobState.COMPLETED: 'COMPLETED'>
-    """
-
-    _farm: Farm | None = PrivateAttr(default=None)
-
-    def _bound(self) -> Farm:
-        if self._farm is None:
-            raise RuntimeError("this Job is not bound to a Farm; get it from Farm.job(id)")
-        return self._farm
-
-    def _update(self, other: JobRecord) -> Job:
-        for name in JobRecord.model_fields:
-            setattr(self, name, getattr(other, name))
-        return self
-
-    def refresh(self) -> Job:
-        """Fetch the job again and update this object in place."""
-        return self._update(self._bound()._get_job(self.id))
-
-    def status(self, after: str | None = None, wait_s: float = 0) -> JobStatus:
-        """The compact status (state, frames and tasks done, error, newest event id).
-
-        With ``after`` (the ``event`` of an earlier status) and ``wait_s``, the farm
-        answers as soon as the job changes, or after ``wait_s`` seconds (a long-poll).
-        """
-        status = self._bound()._get_status(self.id, after, wait_s)
-        self.state = status.state
-        self.frames_done, self.tasks_done = status.frames_done, status.tasks_done
-        self.error = status.error
-        return status
-
-    def wait(
-        self,
-        timeout: float | None = None,
-        on_change: Callable[[JobStatus], Any] | None = None,
-        *,
-        progress: bool = False,
-    ) -> JobStatus:
-        """Block until the job is COMPLETED, FAILED or CANCELLED; return its status.
-
-        The farm answers as soon as anything changes (a long-poll, not a busy loop);
-        ``on_change`` is called with each new status. With ``progress``, a live bar
-        (a widget in Jupyter, text in a terminal) shows frames done, the ETA, and the
-        samples of the tasks rendering now, from the job's event stream. Raises
-        ``TimeoutError`` when ``timeout`` seconds pass first.
-        """
-        if progress:
-            return self._bound()._wait_progress(self, timeout)
-        return self._bound()._wait(self, timeout, on_change)
-
-    def events(self, after: str | None = None) -> Iterator[Event]:
-        """The job's execution log, live: every event so far (or those after the event
-        id ``after``), then each new one as it happens, typed (``TaskDone``,
-        ``Progress``, ``StateChanged``, ...). Ends after the job's terminal state; a
-        dropped connection is resumed where it stopped, nothing lost or repeated.
-
-        >>> for event in job.events():                     # doctest: +SKIP
-        ...     print(event.kind, event.model_dump(exclude={"id", "kind"}))
-        """
-        return (e for e in self._bound()._events(self.id, after) if e is not None)
-
-    def logs(self, task: str | None = None) -> str:
-        """The job's execution log as text, one line per event; with ``task``
-        (``"f0000012t003"``, as events name it), Blender's own output for that task,
-        every attempt."""
-        return self._bound()._logs(self.id, task)
-
-    def cancel(self) -> Job:
-        """Cancel the job (PENDING or PROCESSING); 409 ``InvalidTransition`` otherwise."""
-        return self._update(self._bound()._post_job(self.id, "cancel"))
-
-    def retry(self) -> Job:
-        """Put a FAILED job back in the queue; only missing frames are rendered again."""
-        return self._update(self._bound()._post_job(self.id, "retry"))
-
-    def delete(self) -> dict[str, Any]:
-        """Delete the job from the farm: its record and log, frames, outputs, and the
-        input files no other job uses. Only a finished job (COMPLETED, FAILED,
-        CANCELLED): cancel a running one first (409 ``InvalidTransition`` otherwise).
-        Returns what it freed: ``objects`` and ``bytes`` of the job's files, ``blobs``
-        and ``blob_bytes`` of its inputs.
-
-        >>> job.cancel(); job.delete()                    # doctest: +SKIP
-        """
-        return self._bound()._delete_job(self.id)
-
-    def frames(self) -> list[FrameInfo]:
-        """The frames stored so far, with their URLs."""
-        return self._bound()._get_frames(self.id)
-
-    def image(self, frame: int) -> Any:
-        """Frame ``frame`` as a PIL image: a PNG frame whole; an EXR frame (scene-linear,
-        many passes) as its preview, through the scene's view transform; a frame split
-        into sample slices that is still rendering, as the merge of the slices landed so
-        far (noisier than the finished frame, not yet denoised or composited). Needs
-        Pillow (``pip install pillow``)."""
-        return self._bound()._image(self, frame)
-
-    def show(self, frame: int) -> Any:
-        """Show frame ``frame`` inline in a notebook (IPython), as ``image`` gives it (a
-        sliced frame still rendering: its samples so far), and return None there (so
-        the cell does not show it twice); elsewhere return the PIL image."""
-        return self._bound()._show(self, frame)
-
-    def download(self, directory: str | Path) -> list[Path]:
-        """Download every stored frame into ``directory``; return the file paths.
-
-        Each frame is checked against the farm's SHA-256; a frame already there with the
-        right hash is not fetched again, and an interrupted download (``NNNN.ext.part``)
-        resumes where it stopped.
-        """
-        return self._bound()._download(self, directory)
+        return Job
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ from rayfarm.cluster.context import AppContext, Ctx, Who, check_may_change, visi
 from rayfarm.cluster.events import HEARTBEAT_S
 from rayfarm.cluster.observe import SSE_RETRY_MS, dispatcher_stats
 from rayfarm.errors import Forbidden, InvalidRequest
-from rayfarm.models import TRANSITIONS, Job, JobState
+from rayfarm.models import TRANSITIONS, JobRecord, JobState
 
 __all__ = ["router"]
 
@@ -150,7 +150,7 @@ async def _may_change(ctx: AppContext, who: Principal, job_id: str) -> bool:
     return True
 
 
-def _message(job: Job, may_change: bool) -> bytes:
+def _message(job: JobRecord, may_change: bool) -> bytes:
     allowed = TRANSITIONS[job.state]
     actions = {
         "change": may_change,
