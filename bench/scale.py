@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Processes, run_bench
 
-from rayfarm import Job, JobSpec, JobState
+from rayfarm import JobRecord, JobSpec, JobState
 
 TARGET_TASKS_PER_S = 1000.0
 NOOP = "rayfarm.render.noop:NoopActor"
@@ -105,9 +105,9 @@ async def _queue_job(redis_url: str, tag: str, n_tasks: int) -> str:
     from rayfarm.render.inputs import InputFile, Inputs
 
     spec = JobSpec(frames=f"1-{n_tasks}")
-    job = Job(id=tag + "0" * (16 - len(tag)), state=JobState.PENDING, owner="bench", spec=spec,
-              scene_file="noop.blend", frames_total=n_tasks, tasks_total=n_tasks,
-              created_at=datetime.now(UTC))  # fmt: skip
+    job = JobRecord(id=tag + "0" * (16 - len(tag)), state=JobState.PENDING, owner="bench",
+                    spec=spec, scene_file="noop.blend", frames_total=n_tasks,
+                    tasks_total=n_tasks, created_at=datetime.now(UTC))  # fmt: skip
     inputs = Inputs("file:///nowhere", "noop.blend", (InputFile("noop.blend", "0" * 64, 0),))
     store = JobStore.from_url(redis_url)
     try:

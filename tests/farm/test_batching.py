@@ -25,7 +25,7 @@ from rayfarm import Farm, JobSpec, JobState
 from rayfarm.cluster import keys
 from rayfarm.cluster.runs import BATCH_S, MAX_BATCH, SHORT_TASK_S, Run, expand
 from rayfarm.cluster.store import NOT_PROCESSING, RENDER_S_BUCKETS, Finished, JobStore
-from rayfarm.models import Job
+from rayfarm.models import JobRecord
 
 from helpers.blender import pixels, render_reference
 from helpers.farms import WAIT_S, completed, farm_processes, run_farm
@@ -35,10 +35,10 @@ NOOP = "rayfarm.render.noop:NoopActor"
 NOOP_TASK_S = 0.02
 
 
-def _job(job_id: str, frames: str) -> Job:
+def _job(job_id: str, frames: str) -> JobRecord:
     spec = JobSpec(frames=frames)
     n = len(spec.frame_list)
-    return Job(id=job_id, state=JobState.PENDING, owner="tester", spec=spec,
+    return JobRecord(id=job_id, state=JobState.PENDING, owner="tester", spec=spec,
                scene_file="shot.blend", frames_total=n, tasks_total=n,
                created_at=datetime.now(UTC))  # fmt: skip
 

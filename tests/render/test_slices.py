@@ -23,7 +23,7 @@ from rayfarm.cluster import keys
 from rayfarm.cluster.runs import expand, task_key
 from rayfarm.cluster.slicing import FrameSamples, auto_slices, lost_slot
 from rayfarm.errors import InvalidSpec, RenderError, WorkerLost
-from rayfarm.models import MAX_SLICES, Job, JobState, parse_spec
+from rayfarm.models import MAX_SLICES, JobRecord, JobState, parse_spec
 from rayfarm.render.actor import RenderActor
 from rayfarm.render.assembler import TileAssembler
 from rayfarm.render.inputs import Inputs
@@ -194,7 +194,7 @@ def test_a_slot_is_lost_to_a_kill_from_outside_not_to_a_crash():
 
 def test_task_keys_and_order_of_a_sliced_frame():
     spec = JobSpec(frames="3", tiles="2x1", slices=2, samples=8)
-    job = Job(id="a" * 16, state=JobState.PROCESSING, owner="ana", spec=spec,
+    job = JobRecord(id="a" * 16, state=JobState.PROCESSING, owner="ana", spec=spec,
               scene_file="s.blend", frames_total=1, tasks_total=4,
               created_at="2026-01-01T00:00:00Z")  # fmt: skip
     tasks = list(expand(job, "h", set(), (2, 1), 2))

@@ -24,7 +24,7 @@ from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage, frame_key, task_log_key
 from rayfarm.cluster.store import JobStore
 from rayfarm.cluster.sweeper import Sweeper
-from rayfarm.models import Job
+from rayfarm.models import JobRecord
 from rayfarm.render.inputs import InputFile, Inputs, blob_key
 
 from helpers import AUTH
@@ -56,7 +56,7 @@ class Farm:
         """A job over ``files`` ((sha, size) each), taken to ``state``, with two stored
         frames, a log and events as a render leaves them."""
         spec = JobSpec(frames="1-2", project=project)
-        job = Job(id=job_id, state=JobState.PENDING, owner=owner, spec=spec,
+        job = JobRecord(id=job_id, state=JobState.PENDING, owner=owner, spec=spec,
                   scene_file="a.blend", frames_total=2, tasks_total=2,
                   created_at=datetime.now(UTC))  # fmt: skip
         listed = tuple(InputFile(f"f{i}.blend" if i == 0 else f"tex/{i}.png", sha, size)

@@ -11,12 +11,14 @@ from rayfarm import InvalidTransition, JobNotFound, JobSpec, JobState
 from rayfarm.cluster import keys
 from rayfarm.cluster.redis_server import RedisServer
 from rayfarm.cluster.store import JobStore, outranks, queue_score
-from rayfarm.models import Job
+from rayfarm.models import JobRecord
 
 
-def _job(job_id: str, priority: int = 50, frames: str = "1-4", project: str | None = None) -> Job:
+def _job(
+    job_id: str, priority: int = 50, frames: str = "1-4", project: str | None = None
+) -> JobRecord:
     spec = JobSpec(frames=frames, priority=priority, project=project)
-    return Job(
+    return JobRecord(
         id=job_id,
         state=JobState.PENDING,
         owner="tester",
@@ -235,9 +237,9 @@ def test_queue_scores_order_priority_then_age():
     assert not outranks(queue_score(10, old), queue_score(90, new))
 
 
-def _owned(job_id: str, owner: str, project: str | None, at: int) -> Job:
+def _owned(job_id: str, owner: str, project: str | None, at: int) -> JobRecord:
     spec = JobSpec(frames="1", project=project)
-    return Job(
+    return JobRecord(
         id=job_id, state=JobState.PENDING, owner=owner, spec=spec, scene_file="shot.blend",
         frames_total=1, tasks_total=1, created_at=datetime.fromtimestamp(1_700_000_000 + at, UTC),
     )  # fmt: skip

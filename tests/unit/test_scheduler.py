@@ -21,22 +21,22 @@ from rayfarm.cluster.runs import MAX_BATCH, Run, Slot, expand
 from rayfarm.cluster.scheduler import Policy, Queued, Quota, Scheduler
 from rayfarm.cluster.store import queue_score
 from rayfarm.frames import preview_order
-from rayfarm.models import Job, JobSpec, JobState
+from rayfarm.models import JobRecord, JobSpec, JobState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SCHED = Scheduler()
 
 
 def _job(n: int, frames: str = "1-4", owner: str = "ana", project: str | None = None,
-         priority: int = 50, blender: str = "5.0", **spec: object) -> Job:  # fmt: skip
+         priority: int = 50, blender: str = "5.0", **spec: object) -> JobRecord:  # fmt: skip
     s = JobSpec(frames=frames, priority=priority, project=project, **spec)  # type: ignore[arg-type]
     count = len(s.frame_list)
-    return Job(id=f"{n:016x}", state=JobState.PROCESSING, owner=owner, spec=s,
+    return JobRecord(id=f"{n:016x}", state=JobState.PROCESSING, owner=owner, spec=s,
                scene_file="s.blend", frames_total=count, tasks_total=count, rendered_by=blender,
                created_at=T0 + timedelta(seconds=n))  # fmt: skip
 
 
-def _run(job: Job, grid: tuple[int, int] | None = (1, 1), urgent: bool = False) -> Run:
+def _run(job: JobRecord, grid: tuple[int, int] | None = (1, 1), urgent: bool = False) -> Run:
     run = Run(job=job, scene_hash=f"scene-{job.id}", inputs=None,  # type: ignore[arg-type]
               score=queue_score(job.spec.priority, job.created_at.isoformat()), grid=grid,
               urgent=urgent)  # fmt: skip
