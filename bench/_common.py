@@ -2,11 +2,13 @@
 scenes, the machine's facts, and a bench's main (how they report: ``_report``).
 
 Every bench starts what it measures as child processes (``Processes``: each in a session
-of its own, all stopped at the end), a farm as ``rayfarm up`` (``LocalFarm``, with its
-own Redis, storage and Ray), scenes with ``examples/make_scene.py`` in the bench's Blender
-environment (``make_scene``), and reports through ``run_bench`` (a temp folder, JSON
-results, exit 0 / 1 / 130). A bench imports ``_common`` and ``_report``, never another
-bench.
+of its own, all stopped at the end), a server as a ``Service`` (waited for until it
+answers, stopped with every process ever seen under it), a farm as ``rayfarm up``
+(``LocalFarm``, a Service with its own Redis, storage and Ray), scenes with
+``examples/make_scene.py`` in the bench's Blender environment (``make_scene``), and
+reports through ``run_bench`` (a temp folder, JSON results, exit 0 / 1 / 2 / 130). A bench
+imports ``_common`` and ``_report``, never another bench (``_api_servers`` and
+``_api_clients`` are parts of ``api.py``).
 
 The driver imports neither bpy nor ray: only the stdlib and the SDK.
 """
