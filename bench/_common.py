@@ -1,17 +1,21 @@
-"""What the benches share: their processes, a local farm, scenes, the machine's facts,
-percentiles, and a bench's main.
+"""What the benches share: their processes, the servers they start and a local farm,
+scenes, the machine's facts, and a bench's main (how they report: ``_report``).
 
 Every bench starts what it measures as child processes (``Processes``: each in a session
-of its own, all stopped at the end), a farm as ``rayfarm up`` (``LocalFarm``, with its
-own Redis, storage and Ray), scenes with ``examples/make_scene.py`` in the bench's Blender
-environment (``make_scene``), and reports through ``run_bench`` (a temp folder, JSON
-results, exit 0 / 1 / 130). A bench imports ``_common``, never another bench.
+of its own, all stopped at the end), a server as a ``Service`` (waited for until it
+answers, stopped with every process ever seen under it), a farm as ``rayfarm up``
+(``LocalFarm``, a Service with its own Redis, storage and Ray), scenes with
+``examples/make_scene.py`` in the bench's Blender environment (``make_scene``), and
+reports through ``run_bench`` (a temp folder, JSON results, exit 0 / 1 / 2 / 130). A bench
+imports ``_common`` and ``_report``, never another bench (``_api_servers`` and
+``_api_clients`` are parts of ``api.py``).
 
 The driver imports neither bpy nor ray: only the stdlib and the SDK.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -99,14 +103,20 @@ class Processes:
         self.started.append(process)
         return process
 
-    def run(self, cmd: Sequence[object], log: Path) -> float:
+    def run(
+        self,
+        cmd: Sequence[object],
+        log: Path,
+        env: dict[str, str] | None = None,
+        timeout_s: float = PROCESS_TIMEOUT_S,
+    ) -> float:
         """Run ``cmd`` to the end; return its wall-clock seconds, start to exit."""
         started = time.perf_counter()
-        process = self.start(cmd, log)
+        process = self.start(cmd, log, env)
         try:
-            rc = process.wait(PROCESS_TIMEOUT_S)
+            rc = process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            raise BenchError(f"{cmd[1]} ran over {PROCESS_TIMEOUT_S:.0f} s; see {log}") from None
+            raise BenchError(f"{cmd[1]} ran over {timeout_s:.0f} s; see {log}") from None
         seconds = time.perf_counter() - started
         if rc != 0:
             tail = log.read_text(errors="replace")[-2000:]
@@ -159,13 +169,18 @@ def kill_seen(seen: dict[int, int]) -> None:
                 pass
 
 
-def descendants(root: int) -> dict[int, tuple[int, str, float]]:
-    """``root`` and every process under it now: pid -> (start ticks, name, CPU seconds)."""
+#: A process tree at one moment: pid -> (start ticks, name, CPU seconds so far).
+Tree = dict[int, tuple[int, str, float]]
+
+
+def descendants(root: int) -> Tree:
+    """``root`` and every process under it now."""
     table = proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, *_) in table.items():
         children.setdefault(ppid, []).append(pid)
-    found, todo = {}, [root]
+    found: Tree = {}
+    todo = [root]
     while todo:
         pid = todo.pop()
         if pid in table:
@@ -196,25 +211,106 @@ def process_name(argv: list[str]) -> str:
     return program
 
 
-# -- the farm ---------------------------------------------------------------------------------
+def cpu_by_name(before: Tree, after: Tree) -> dict[str, float]:
+    """CPU seconds each process name used between two looks at a tree, most first (a pid
+    given to a new process meanwhile counts from zero)."""
+    used: dict[str, float] = {}
+    for pid, (start, name, seconds) in after.items():
+        old = before.get(pid)
+        used[name] = used.get(name, 0.0) + seconds - (old[2] if old and old[0] == start else 0.0)
+    return dict(sorted(used.items(), key=lambda kv: -kv[1]))
+
+
+def bench_env() -> dict[str, str]:
+    """The driver's environment less the farm settings and Ray address it may carry:
+    what the bench starts gets its own Redis, storage and Ray."""
+    return {k: v for k, v in os.environ.items() if k not in (*FARM_ENV_DROP, "RAY_ADDRESS")}
+
+
+def answers(url: str, token: str) -> bool:
+    """Whether ``GET url`` with ``token`` answers 200 now."""
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=2.0)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200
+
+
+# -- servers and the farm ---------------------------------------------------------------------
+
+
+class Service:
+    """A server the bench starts: a child process in a session of its own, waited for
+    until it answers, and stopped with every process ever seen under it (Ray's workers
+    start sessions of their own, so its process group is not enough)."""
+
+    def __init__(self, name: str, procs: Processes, log: Path) -> None:
+        self.name, self.procs, self.log = name, procs, log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.seen: dict[int, int] = {}  # every descendant ever seen: pid -> start ticks
+
+    def launch(self, cmd: Sequence[object], env: dict[str, str]) -> None:
+        self.process = self.procs.start(cmd, self.log, env)
+
+    def wait_for(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Until ``ready()``; BenchError when the process exits or ``timeout_s`` passes."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if self.process.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise BenchError(
+                    f"{self.name} exited ({self.process.returncode}); see {self.log}:\n{tail}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} did not answer in {timeout_s:.0f} s; see {self.log}")
+            time.sleep(0.2)
+
+    def tree(self) -> Tree:
+        """Every process under the server now (each noted, to be stopped with it)."""
+        if self.process is None:
+            return {}
+        found = descendants(self.process.pid)
+        self.seen.update((pid, start) for pid, (start, _, _) in found.items())
+        return found
+
+    def shut_down(self, sig: signal.Signals, timeout_s: float) -> None:
+        """``sig`` (the server then stops what it started); after ``timeout_s``, kill its
+        process group; then any process ever seen under it that is still there."""
+        process = self.process
+        if process is None:
+            return
+        try:
+            if process.poll() is None:
+                self.tree()  # note every process under it now
+                process.send_signal(sig)
+                process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} did not stop in {timeout_s:.0f} s: killing it", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"interrupted again: killing {self.name}", file=sys.stderr)
+        finally:
+            self.process = None
+            killpg(process.pid)  # what is left in its session: Redis, Ray's own daemons
+            process.wait()
+            kill_seen(self.seen)
 
 
 @dataclass
 class CpuSnapshot:
     at: float
-    processes: dict[int, tuple[int, str, float]]  # pid -> (start ticks, name, CPU s)
+    processes: Tree
     driver: float
 
 
-class LocalFarm:
+class LocalFarm(Service):
     """``rayfarm up`` in a subprocess of its own session, with its data in ``data_dir``."""
 
     def __init__(self, procs: Processes, data_dir: Path, log: Path) -> None:
-        self.procs, self.data_dir, self.log = procs, data_dir, log
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__("the farm", procs, log)
+        self.data_dir = data_dir
         self.client: rayfarm.Farm | None = None
         self.port = 0
-        self.seen: dict[int, int] = {}  # every descendant ever seen: pid -> start ticks
         self.env: dict[str, str] = {}  # settings for this farm (RAYFARM_CPU_ACTORS, ...)
         self.token = "rf_" + secrets.token_urlsafe(32)  # the farm's first admin
 
@@ -222,26 +318,30 @@ class LocalFarm:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The headers of a request as the farm's first admin."""
+        return {"Authorization": f"Bearer {self.token}"}
+
     def start(self) -> rayfarm.Farm:
         self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if k not in FARM_ENV_DROP}
+        env = bench_env()
         env["RAY_ADDRESS"] = "local"  # a Ray of its own, never a cluster found on the machine
         env["RAYFARM_ADMIN_TOKEN"] = self.token  # its first admin: the bench
         env.update(self.env)
         cmd = [PYTHON, "-m", "rayfarm", "up", "--port", str(self.port)]
-        self.process = self.procs.start([*cmd, "--data-dir", str(self.data_dir)], self.log, env)
-        self.client = rayfarm.Farm(self.url, token=self.token)
-        deadline = time.monotonic() + FARM_START_S
-        while True:
-            if self.process.poll() is not None:
-                raise BenchError(f"the farm exited ({self.process.returncode}); see {self.log}")
+        self.launch([*cmd, "--data-dir", str(self.data_dir)], env)
+        client = self.client = rayfarm.Farm(self.url, token=self.token)
+
+        def healthy() -> bool:
             try:
-                self.client.health()
-                return self.client
+                client.health()
+                return True
             except rayfarm.FarmError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"the farm did not answer in time; see {self.log}") from None
-                time.sleep(0.25)
+                return False
+
+        self.wait_for(healthy, FARM_START_S)
+        return client
 
     def catalogue_s(self, scene: Path) -> float | None:
         """How long the farm took to catalogue ``scene`` (once per scene: made beside
@@ -249,53 +349,28 @@ class LocalFarm:
         with pack_scene(scene) as packed:
             files = tuple(InputFile(f.path, f.sha256, f.size) for f in packed.files)
             digest = Inputs("", packed.main, files).digest
-        r = httpx.get(
-            f"{self.url}/scenes/{digest}", headers={"Authorization": f"Bearer {self.token}"}
-        )
+        r = httpx.get(f"{self.url}/scenes/{digest}", headers=self.auth)
         return float(r.json().get("catalogue_s", 0.0)) if r.status_code == 200 else None
 
     def cpu(self) -> CpuSnapshot:
         """CPU seconds of every process under the farm, and of this driver."""
-        assert self.process is not None
-        found = descendants(self.process.pid)
-        self.seen.update((pid, start) for pid, (start, _, _) in found.items())
+        found = self.tree()
         own = resource.getrusage(resource.RUSAGE_SELF)
         return CpuSnapshot(time.perf_counter(), found, own.ru_utime + own.ru_stime)
 
     def stop(self) -> None:
-        """SIGINT (``rayfarm up`` then stops what it started); after FARM_STOP_S, kill
-        its process group; then any process ever seen under it that is still there."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.cpu()  # note every process under it now: Ray's workers have sessions of their own
-        process, self.process = self.process, None
+        """SIGINT (``rayfarm up`` then stops what it started), then as ``shut_down``."""
         if self.client is not None:
             self.client.close()
-        try:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                process.wait(FARM_STOP_S)
-        except subprocess.TimeoutExpired:
-            print(f"the farm did not stop in {FARM_STOP_S:.0f} s: killing it", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("interrupted again: killing the farm", file=sys.stderr)
-        finally:
-            killpg(process.pid)  # what is left in its session: Redis, Ray's own daemons
-            process.wait()
-            kill_seen(self.seen)
+        self.shut_down(signal.SIGINT, FARM_STOP_S)
 
 
 def cpu_delta(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, Any]:
     """CPU seconds each farm process used between two snapshots, by name."""
-    by_name: dict[str, float] = {}
-    for pid, (start, name, seconds) in after.processes.items():
-        old = before.processes.get(pid)
-        used = seconds - (old[2] if old is not None and old[0] == start else 0.0)
-        by_name[name] = by_name.get(name, 0.0) + used
+    by_name = cpu_by_name(before.processes, after.processes)
     renders = ("ray::RenderActor", "blender worker")  # the actor and its Blender workers
     actor = sum(s for n, s in by_name.items() if n.startswith(renders))
-    others = {n: round(s, 2) for n, s in sorted(by_name.items(), key=lambda kv: -kv[1]) if s}
+    others = {n: round(s, 2) for n, s in by_name.items() if round(s, 2)}
     others = {n: s for n, s in others.items() if not n.startswith(renders)}
     return {
         "seconds": round(after.at - before.at, 3),
@@ -340,16 +415,24 @@ def machine() -> dict[str, Any]:
     }
 
 
+def add_output_options(p: argparse.ArgumentParser, out_help: str = "") -> None:
+    """Every bench's ``--out`` (its working folder) and ``--json`` (its results)."""
+    p.add_argument("--out", type=Path, help=out_help or "working folder (default: a temp dir)")
+    p.add_argument("--json", type=Path, help="also write the results here as JSON")
+
+
 def run_bench(
     out: Path | None,
     json_path: Path | None,
     prefix: str,
     work: Callable[[Processes, Path], dict[str, Any]],
     cleanup: Callable[[], None] | None = None,
+    passed: Callable[[dict[str, Any]], bool] | None = None,
 ) -> int:
     """A bench's main: ``work(procs, out)`` measures and reports, into ``out``
     (a fresh temp dir when None); its result goes to ``json_path``. Exit 0 when it ran,
-    1 when something broke, 130 on Ctrl-C or SIGTERM; every process stopped."""
+    1 when something broke, 2 when ``passed`` (a bench's ``--check``) says its result
+    misses the target, 130 on Ctrl-C or SIGTERM; every process stopped."""
     folder = (out or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -360,7 +443,7 @@ def run_bench(
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
             print(f"results: {json_path}")
-        return 0
+        return 2 if passed is not None and not passed(result) else 0
     except (BenchError, rayfarm.FarmError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -371,12 +454,3 @@ def run_bench(
         if cleanup is not None:
             cleanup()  # a farm the work left running, say (SIGINT, then its session killed)
         procs.kill_all()
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ``values``, nearest rank; NaN when empty. The
-    one formula of every bench, so that their p50 and p99 compare."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]

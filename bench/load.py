@@ -48,17 +48,22 @@ from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,
+    add_output_options,
     machine,
     make_scene,
-    percentile,
     run_bench,
 )
+from _report import pass_fail, percentile, print_columns
 
 NOOP_ACTOR = "rayfarm.render.noop:NoopActor"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 #: Longest the storm waits for its jobs to finish.
 FINISH_TIMEOUT_S = 600.0
 HEALTH_EVERY_S = 0.1
+#: The report's tables: each column's title and its values' format.
+SUBMIT_COLUMNS = (("", "24"), ("p50 ms", ">9.1f"), ("p99 ms", ">9.1f"), ("max ms", ">9.1f"))
+STATUS_COLUMNS = (("clients", ">7d"), ("req/s", ">9.1f"), ("p50 ms", ">9.2f"),
+                  ("p99 ms", ">9.2f"), ("errors", ">7d"))  # fmt: skip
 
 
 @dataclass
@@ -322,7 +327,7 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
         warm = client.submit(scene_path, frames="1")  # Serve, the actors, the catalogue
         if warm.wait(timeout=300).state.value != "COMPLETED":
             raise BenchError(f"the warm-up job did not complete: {warm.refresh().error}")
-        auth = {"Authorization": f"Bearer {farm.token}"}
+        auth = farm.auth
         base = asyncio.run(_baseline(farm.url, scene, args.baseline, auth))
         # The warm-up and baseline jobs stay in the farm: the storm's listing is the rest.
         before_ids = set(asyncio.run(_ids(farm.url, auth)))
@@ -356,10 +361,10 @@ def report(o: dict[str, Any]) -> None:
     s, b = o["storm"], o["baseline_submit_ms"]
     print()
     print(f"submissions: {s['submitted']} at once vs {b['n']} one at a time")
-    print(f"  {'':24} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
-    print(f"  {'one at a time':24} {b['p50']:9.1f} {b['p99']:9.1f}")
-    storm_ms = (s["submit_p50_ms"], s["submit_p99_ms"], s["submit_max_ms"])
-    print(f"  {'storm':24} " + " ".join(f"{v:9.1f}" for v in storm_ms))
+    print_columns(SUBMIT_COLUMNS, [
+        ("one at a time", b["p50"], b["p99"]),
+        ("storm", s["submit_p50_ms"], s["submit_p99_ms"], s["submit_max_ms"]),
+    ])  # fmt: skip
     print(
         f"  accepted {s['accepted']}/{s['submitted']} in {s['storm_s']:.2f} s "
         f"({s['accepted'] / max(s['storm_s'], 1e-9):.0f}/s); answers {s['statuses']}; "
@@ -376,12 +381,11 @@ def report(o: dict[str, Any]) -> None:
     )
     print()
     print("status poll load (GET /jobs/{id}/status over the storm's jobs)")
-    print(f"  {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
-    for row in o["status_load"]:
-        times = f"{row['rps']:9.1f} {row['p50_ms']:9.2f} {row['p99_ms']:9.2f}"
-        print(f"  {row['clients']:7d} {times} {row['errors']:7d}")
+    print_columns(STATUS_COLUMNS, [
+        (r["clients"], r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]) for r in o["status_load"]
+    ])  # fmt: skip
     print(f"\nRedis memory per job: {o['redis_bytes_per_job']} bytes")
-    print(f"checks: {'PASS' if o['pass'] else 'FAIL'}")
+    print(f"checks: {pass_fail(o['pass'])}")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -393,23 +397,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of status load")
     p.add_argument("--render", action="store_true", help="render with Blender, not the no-op")
     p.add_argument("--check", action="store_true", help="exit 2 when a check fails")
-    p.add_argument("--out", type=Path, help="working folder (default: a temp dir)")
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_output_options(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    outcome: dict[str, Any] = {}
-
-    def work(procs: Processes, out: Path) -> dict[str, Any]:
-        outcome.update(measure(args, procs, out))
-        return outcome
-
-    rc = run_bench(args.out, args.json, "rayfarm-load-", work)
-    if rc == 0 and args.check and not outcome.get("pass", False):
-        return 2
-    return rc
+    return run_bench(
+        args.out, args.json, "rayfarm-load-", lambda procs, out: measure(args, procs, out),
+        passed=(lambda result: bool(result["pass"])) if args.check else None,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -88,12 +88,14 @@ from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,
+    add_output_options,
     blender_python,
     cpu_delta,
     machine,
     make_scene,
     run_bench,
 )
+from _report import pass_fail, print_columns
 
 #: scene -> ratio -> the most it may be.
 TARGETS: dict[str, dict[str, float]] = {
@@ -355,12 +357,16 @@ def print_table(
 ) -> None:
     n = result["frames"]
     print(f"\n{name} scene: frames 1-{n}, median of {repeat}")
-    print(f"  {'way':<30} {'total s':>9} {'s/frame':>9}")
-    for way, label in WAYS.items():
-        print(f"  {label:<30} {result['median_s'][way]:>9.2f} {result['per_frame_s'][way]:>9.3f}")
+    print_columns(
+        (("way", "<30"), ("total s", ">9.2f"), ("s/frame", ">9.3f")),
+        [
+            (label, result["median_s"][way], result["per_frame_s"][way])
+            for way, label in WAYS.items()
+        ],
+    )
     print(f"  {'ratio':<30} {'value':>9} {'target':>9}  result")
     for ratio, value in result["ratios"].items():
-        verdict = "PASS" if result["pass"][ratio] else "FAIL"
+        verdict = pass_fail(result["pass"][ratio])
         target = f"<= {result['targets'][ratio]:.2f}"
         print(f"  {ratio:<30} {value:>9.3f} {target:>9}  {verdict}")
     a, b, c = (result["breakdown"][w] for w in "abc")
@@ -433,7 +439,7 @@ def print_summary(results: dict[str, Any], repeat: int) -> None:
         runs = ", ".join(f"{x:.2f}" for x in result["runs_s"]["c"])
         print(
             f"  {name:<6} {value:.3f} (target <= {target:.2f}) "
-            f"{'PASS' if result['pass']['c/a'] else 'FAIL'}   (c) runs {runs} s, (a) "
+            f"{pass_fail(result['pass']['c/a'])}   (c) runs {runs} s, (a) "
             + ", ".join(f"{x:.2f}" for x in result["runs_s"]["a"])
             + " s"
         )
@@ -447,8 +453,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=8, help="frames 1..N of each scene (8)")
     p.add_argument("--repeat", type=int, default=1, help="times to measure each way (1)")
     p.add_argument("--scenes", default="light,heavy", help="comma-separated: light,heavy")
-    p.add_argument("--out", type=Path, help="scenes, renders, logs, farm data (a temp dir)")
-    p.add_argument("--json", type=Path, help="also write the results here as JSON")
+    add_output_options(p, "scenes, renders, logs, farm data (a temp dir)")
     args = p.parse_args(argv)
     args.scene_list = [s.strip() for s in args.scenes.split(",") if s.strip()]
     unknown = sorted(set(args.scene_list) - SCENES.keys())
@@ -525,7 +530,7 @@ def measure(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         print_table(name, result, args.repeat, differ)
     print_summary(results, args.repeat)
     verdicts = [ok for r in results["scenes"].values() for ok in r["pass"].values()]
-    print(f"\noverall: {'PASS' if all(verdicts) else 'FAIL'}")
+    print(f"\noverall: {pass_fail(all(verdicts))}")
     return results
 
 

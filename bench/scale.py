@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Processes, run_bench
+from _common import Processes, add_output_options, run_bench
 
 from rayfarm import JobRecord, JobSpec, JobState
 
@@ -207,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=10_000)
     p.add_argument("--nodes", type=int, default=8)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--json", type=Path)
+    add_output_options(p)
     args = p.parse_args(argv)
     return run_bench(
         args.out, args.json, "rayfarm-scale-",

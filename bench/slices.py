@@ -53,11 +53,13 @@ from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,
+    add_output_options,
     blender_python,
     machine,
     make_scene,
     run_bench,
 )
+from _report import pass_fail, print_pipe_table
 
 JOB_TIMEOUT_S = 3600.0
 #: 2 slices on two actors against one whole task: the final frame this much sooner.
@@ -116,8 +118,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--slices", default="2,4", help="the sliced ways, comma-separated (2,4)")
     p.add_argument("--actors", type=int, default=2, help="CPU render actors on the farm")
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--out", type=Path, help="keep scenes, frames and logs here")
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_output_options(p, "keep scenes, frames and logs here")
     args = p.parse_args(argv)
     try:
         args.slice_list = [int(s) for s in args.slices.split(",") if s.strip()]
@@ -180,20 +181,17 @@ def report(result: dict[str, Any]) -> None:
     print(f"{m['nproc']} CPUs ({m['cpu_model']}), bpy {m['bpy']}, ray {m['ray']}\n")
     head = ("way", "final frame s", "speedup", "first full preview s", "merge s",
             "tasks render s", "max err vs whole")  # fmt: skip
-    print(" | ".join(head))
-    print(" | ".join("-" * len(h) for h in head))
-    for r in result["ways"]:
-        print(" | ".join((
-            r["way"], f"{r['final_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['preview_s']:.2f}",
-            f"{r['merge_s']:.3f}", f"{r['render_s']:.2f}", f"{r['max_err']:.1e}",
-        )))  # fmt: skip
+    print_pipe_table(head, [(
+        r["way"], f"{r['final_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['preview_s']:.2f}",
+        f"{r['merge_s']:.3f}", f"{r['render_s']:.2f}", f"{r['max_err']:.1e}",
+    ) for r in result["ways"]])  # fmt: skip
     two = next((r for r in result["ways"] if r["slices"] == 2), None)
     if two is not None:
         ok = two["speedup"] >= TARGET_SPEEDUP
         print(f"\n2 slices: final frame {two['speedup']:.2f}x sooner than whole (target >= "
-              f"{TARGET_SPEEDUP}x) {'PASS' if ok else 'FAIL'}")  # fmt: skip
+              f"{TARGET_SPEEDUP}x) {pass_fail(ok)}")  # fmt: skip
     exact = all(r["max_err"] <= 1e-4 for r in result["ways"])
-    print(f"every pass within 1e-4 of the whole frame: {'PASS' if exact else 'FAIL'}")
+    print(f"every pass within 1e-4 of the whole frame: {pass_fail(exact)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

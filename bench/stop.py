@@ -40,7 +40,16 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchError, LocalFarm, Processes, machine, make_scene, run_bench
+from _common import (
+    BenchError,
+    LocalFarm,
+    Processes,
+    add_output_options,
+    machine,
+    make_scene,
+    run_bench,
+)
+from _report import print_columns
 
 LONG_SAMPLES = 65_536
 WAIT_S = 300.0
@@ -50,7 +59,7 @@ def _events(farm: LocalFarm, job_id: str) -> list[dict[str, Any]]:
     r = httpx.get(
         f"{farm.url}/jobs/{job_id}/logs",
         params={"format": "json"},
-        headers={"Authorization": f"Bearer {farm.token}"},
+        headers=farm.auth,
         timeout=30,
     )
     r.raise_for_status()
@@ -205,7 +214,6 @@ def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, 
 def report(o: dict[str, Any]) -> None:
     hang = o["config"]["hang"]
     print()
-    print(f"{'':44} {'median s':>9} {'max s':>9} {'n':>3}")
     rows = [
         (f"baseline: a render run to its end ({o['config']['baseline_samples']} spp)",
          [o["baseline_render_s"]]),
@@ -216,9 +224,9 @@ def report(o: dict[str, Any]) -> None:
         ("crash (SIGSEGV): crash -> task_failed", o["crash_failed_s"]),
         ("crash: crash -> job completed (retried)", o["crash_completed_s"]),
     ]  # fmt: skip
-    for name, values in rows:
-        if values:
-            print(f"{name:44} {statistics.median(values):9.3f} {max(values):9.3f} {len(values):3d}")
+    columns = (("", "44"), ("median s", ">9.3f"), ("max s", ">9.3f"), ("n", ">3d"))
+    figures = [(name, statistics.median(v), max(v), len(v)) for name, v in rows if v]
+    print_columns(columns, figures, indent="")
     if o["cancel_stopped_s"]:
         ratio = o["baseline_render_s"] / max(statistics.median(o["cancel_stopped_s"]), 1e-9)
         print(f"\na cancel stops a render {ratio:.0f}x sooner than letting this one finish")
@@ -237,8 +245,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     # watch then stopped it as hung. Cycles in background mode reports every ~30 s at most.
     p.add_argument("--hang", type=float, default=60.0, help="the farm's hang timeout, seconds")
     p.add_argument("--baseline-samples", type=int, default=8000, help="the baseline's samples")
-    p.add_argument("--out", type=Path, help="working folder (default: a temp dir)")
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_output_options(p)
     return p.parse_args(argv)
 
 

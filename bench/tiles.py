@@ -73,11 +73,13 @@ from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,
+    add_output_options,
     blender_python,
     machine,
     make_scene,
     run_bench,
 )
+from _report import pass_fail, print_pipe_table
 
 SWEEP = Path(__file__).resolve().parent / "tile_sweep.py"
 JOB_TIMEOUT_S = 3600.0
@@ -178,8 +180,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="also measure the per-tile cost")
     p.add_argument("--sweep-grids", default="4x4,16x16",
                    help="the grids --sweep renders, comma-separated (4x4,16x16)")  # fmt: skip
-    p.add_argument("--out", type=Path, help="keep scenes, frames and logs here")
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_output_options(p, "keep scenes, frames and logs here")
     args = p.parse_args(argv)
     args.width = args.width or (3840 if args.uhd else 960)
     args.height = args.height or (2160 if args.uhd else 540)
@@ -277,23 +278,21 @@ def report(result: dict[str, Any]) -> None:
     head = ("way", "grid", "wall s", "speedup", "tiles render s", "join s", "join share",
             "finish s", "finish share", "overhead", "+join+finish", "+join+finish vs busy",
             "max err", "band err", "interior err")  # fmt: skip
-    print(" | ".join(head))
-    print(" | ".join("-" * len(h) for h in head))
-    for r in result["ways"]:
-        cells = (r["way"], r["grid"], f"{r['wall_s']:.2f}", f"{r['speedup']:.2f}x",
-                 f"{r['render_s']:.2f}", f"{r['join_s']:.3f}", f"{r['join_share']:.1%}",
-                 f"{r['finish_s']:.2f}", f"{r['finish_share']:.1%}", f"{r['overhead']:.3f}",
-                 f"{r['overhead_finish']:.3f}", f"{r['overhead_busy']:.3f}",
-                 _f(r["max_err"], ".1e"),
-                 _f(r["band_err"], ".1e"), _f(r["interior_err"], ".1e"))  # fmt: skip
-        print(" | ".join(cells))
+    print_pipe_table(head, [
+        (r["way"], r["grid"], f"{r['wall_s']:.2f}", f"{r['speedup']:.2f}x",
+         f"{r['render_s']:.2f}", f"{r['join_s']:.3f}", f"{r['join_share']:.1%}",
+         f"{r['finish_s']:.2f}", f"{r['finish_share']:.1%}", f"{r['overhead']:.3f}",
+         f"{r['overhead_finish']:.3f}", f"{r['overhead_busy']:.3f}", _f(r["max_err"], ".1e"),
+         _f(r["band_err"], ".1e"), _f(r["interior_err"], ".1e"))
+        for r in result["ways"]
+    ])  # fmt: skip
     grid = a["grid"]
     tiled = next(r for r in result["ways"] if r["way"] == grid)
     whole = next(r for r in result["ways"] if r["way"] == "whole")
     ok = tiled["overhead_busy"] <= TARGET_OVERHEAD
     print(f"\ntile overhead at {grid} (join and finish included, vs the whole frame with "
           f"every actor busy): {tiled['overhead_busy']:.3f} (target <= {TARGET_OVERHEAD}) "
-          f"{'PASS' if ok else 'FAIL'}; alone: {tiled['overhead_finish']:.3f}")  # fmt: skip
+          f"{pass_fail(ok)}; alone: {tiled['overhead_finish']:.3f}")  # fmt: skip
     print(f"joining {grid} tiles: {tiled['join_s']:.3f} s ({tiled['join_share']:.1%} of the "
           f"frame's work); finishing: {tiled['finish_s']:.2f} s "
           f"({tiled['finish_share']:.1%}): "
@@ -302,7 +301,7 @@ def report(result: dict[str, Any]) -> None:
     for r in result["ways"][1:]:
         faster = r["wall_s"] < whole["wall_s"]
         print(f"{r['way']} ({r['grid']}) first frame in {r['wall_s']:.2f} s vs whole "
-              f"{whole['wall_s']:.2f} s: {'PASS' if faster else 'FAIL'}")  # fmt: skip
+              f"{whole['wall_s']:.2f} s: {pass_fail(faster)}")  # fmt: skip
     for row in result.get("sweep", []):
         print(f"sweep {row['grid']}: {row['tiles_s']:.2f} s in {row['tiles']} tiles vs "
               f"{row['whole_s']:.2f} s whole: {1000 * row['per_tile_s']:.1f} ms per tile; "

@@ -39,10 +39,12 @@ from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,
+    add_output_options,
     machine,
     make_scene,
     run_bench,
 )
+from _report import pass_fail, print_pipe_table
 
 
 def _texture(path: Path, size: int, seed: int) -> None:
@@ -92,24 +94,24 @@ def report(result: dict[str, Any]) -> None:
     a, m = result["args"], result["machine"]
     print(f"\n{a['textures']} textures of {a['size']}x{a['size']} RGBA (random pixels)")
     print(f"{m['nproc']} CPUs ({m['cpu_model']}), rayfarm {m['rayfarm']}\n")
-    print("submit | wall s | files | MB packed | files sent | MB sent")
-    print("------ | ------ | ----- | --------- | ---------- | -------")
-    for r in result["rows"]:
-        print(f"{r['submit']} | {r['seconds']:.2f} | {r['files']} | {r['bytes_total'] / 1e6:.1f} "
-              f"| {r['files_sent']} | {r['bytes_sent'] / 1e6:.2f}")  # fmt: skip
+    head = ("submit", "wall s", "files", "MB packed", "files sent", "MB sent")
+    print_pipe_table(head, [
+        (r["submit"], f"{r['seconds']:.2f}", str(r["files"]), f"{r['bytes_total'] / 1e6:.1f}",
+         str(r["files_sent"]), f"{r['bytes_sent'] / 1e6:.2f}")
+        for r in result["rows"]
+    ])  # fmt: skip
     unchanged = result["rows"][1]["bytes_sent"] == 0
     changed = result["rows"][2]
     only_one = changed["files_sent"] == 1 and changed["bytes_sent"] == result["changed_bytes"]
-    print(f"\nunchanged re-submit sends 0 bytes: {'PASS' if unchanged else 'FAIL'}")
-    print(f"one changed texture sends only it: {'PASS' if only_one else 'FAIL'}")
+    print(f"\nunchanged re-submit sends 0 bytes: {pass_fail(unchanged)}")
+    print(f"one changed texture sends only it: {pass_fail(only_one)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--textures", type=int, default=12)
     p.add_argument("--size", type=int, default=2048, help="texture width and height")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--json", type=Path)
+    add_output_options(p)
     args = p.parse_args(argv)
 
     def work(procs: Processes, out: Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from _common import (  # what the benches share
     RENDER_FRAMES,
     SCENES,
     Processes,
+    add_output_options,
     blender_python,
     machine,
     make_scene,
@@ -133,8 +134,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scene", choices=sorted(SCENES), default="light")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out", type=Path, help="working folder (default: a temp dir)")
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_output_options(p)
     return p.parse_args(argv)
 
 
