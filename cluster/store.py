@@ -431,35 +431,14 @@ class JobStore:
     async def tasks_done(self, job_id: str) -> set[str]:
         return set(await self.redis.hkeys(keys.tasks(job_id)))
 
-    async def mark_task_done(self, job_id: str, task: str, seconds: float, **event: Any) -> None:
-        """Record a finished task, append its ``task_done`` event (frame, tile, actor,
-        node, device, ...) and count it in the farm's metrics, in one round trip."""
-        fields = {"kind": "task_done", "at": now_iso(), "task": task, "seconds": f"{seconds:.3f}"}
-        fields.update({k: str(v) for k, v in event.items()})
-        bucket = next((f"{b:g}" for b in RENDER_S_BUCKETS if seconds <= b), "+Inf")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.tasks(job_id), task, "done")
-            pipe.xadd(keys.events(job_id), fields, maxlen=self.events_maxlen)
-            pipe.hincrby(keys.metrics(), "tasks_done_total", 1)
-            pipe.hincrby(keys.metrics(), f"render_s_bucket:{bucket}", 1)
-            pipe.hincrbyfloat(keys.metrics(), "render_s_sum", seconds)
-            await pipe.execute()
-
-    async def start_task(self, job_id: str, task: str, **event: Any) -> int:
-        """Record that ``task`` started and log its ``task_started`` event; return the
-        attempt's number, counted over the job's whole life (retries and dispatcher
-        restarts included), so each attempt's log keeps its own name."""
-        attempt = int(await self.redis.hincrby(keys.tries(job_id), task, 1))
-        await self.event(job_id, "task_started", task=task, attempt=attempt, **event)
-        return attempt
-
     async def start_tasks(
         self, job_id: str, tasks: Sequence[tuple[int | str, ...]], **where: Any
     ) -> list[int]:
         """Record that ``tasks`` ((task key, frame, tile[, slice]), in the order they run) were
         handed to one actor, each with its ``task_started`` event (``where``: actor,
         node, host, device), in one round trip (``lua/start_tasks.lua``); return their
-        attempt numbers, counted over the job's whole life as ``start_task``'s."""
+        attempt numbers, counted over the job's whole life (retries and dispatcher
+        restarts included), so each attempt's log keeps its own name."""
         flat = [str(v) for pair in where.items() for v in pair]
         attempts: list[int] = await self._start_tasks(
             keys=[keys.tries(job_id), keys.events(job_id)],
@@ -530,26 +509,6 @@ class JobStore:
             "redis_used_memory": int(memory.get("used_memory", 0)),
         }
 
-    async def mark_frame_done(
-        self,
-        job_id: str,
-        frame: int,
-        object_key: str,
-        sha256: str = "",
-        size: int = -1,
-        **stats: Any,
-    ) -> int:
-        """Record a stored frame (with its hash, size and render ``stats``); return how
-        many are stored."""
-        meta = json.dumps({"sha256": sha256, "size": size, **stats})
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.frames(job_id), str(frame), object_key)
-            pipe.hset(keys.frame_meta(job_id), str(frame), meta)
-            pipe.hincrby(keys.metrics(), "frames_stored_total", 1)
-            pipe.hlen(keys.frames(job_id))
-            *_, count = await pipe.execute()
-        return int(count)
-
     async def frame_meta(self, job_id: str) -> dict[int, dict[str, Any]]:
         """Each stored frame's ``{"sha256", "size"}``."""
         data = await self.redis.hgetall(keys.frame_meta(job_id))
@@ -576,10 +535,6 @@ class JobStore:
                 pipe.xadd(keys.events(job_id), body, maxlen=self.events_maxlen)
             await pipe.execute()
 
-    async def events(self, job_id: str, count: int = 1000) -> list[dict[str, str]]:
-        entries = await self.redis.xrange(keys.events(job_id), count=count)
-        return [{"id": entry_id, **fields} for entry_id, fields in entries]
-
     async def events_after(
         self, job_id: str, after: str | None, count: int = 500
     ) -> list[tuple[str, dict[str, str]]]:
@@ -603,9 +558,6 @@ class JobStore:
         where a list that has just read the jobs starts following."""
         newest = await self.redis.xrevrange(keys.changes(), count=1)
         return str(newest[0][0]) if newest else "0-0"
-
-    async def queued(self, limit: int = 100) -> list[str]:
-        return [job_id for job_id, _ in await self.queue_head(limit)]
 
     async def queue_head(self, limit: int) -> list[tuple[str, float]]:
         """The first ``limit`` queued job ids with their scores (priority, then age)."""

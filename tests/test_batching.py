@@ -42,6 +42,11 @@ def _job(job_id: str, frames: str) -> Job:
                created_at=datetime.now(UTC))  # fmt: skip
 
 
+async def _events(store: JobStore, job_id: str) -> list[dict[str, str]]:
+    """The job's events, oldest first, each with its ``id``."""
+    return [{"id": i, **f} for i, f in await store.events_after(job_id, None, 1000)]
+
+
 # -- the store's two scripts, on a real redis-server ---------------------------------------
 
 
@@ -64,7 +69,7 @@ def test_start_and_finish_record_a_batch_in_one_script_each(redis_url):
         assert await store.finish_tasks(job_id, items) == 3
         after = await store.metrics()
 
-        events = await store.events(job_id)
+        events = await _events(store, job_id)
         tail = [(e["kind"], e.get("task") or e.get("frame")) for e in events[2:]]
         assert tail == (
             [("task_started", k) for k, _, _ in named] + [("task_started", named[1][0])]
@@ -92,10 +97,10 @@ def test_start_and_finish_record_a_batch_in_one_script_each(redis_url):
 
         # A cancel that lands while frames are being written wins: nothing is recorded.
         await store.transition(job_id, JobState.CANCELLED)
-        length = len(await store.events(job_id))
+        length = len(await _events(store, job_id))
         late = Finished(4, keys.task_key(4, 0), 0.1, {}, "jobs/x/0004.png", {})
         assert await store.finish_tasks(job_id, [late]) == NOT_PROCESSING
-        assert len(await store.events(job_id)) == length
+        assert len(await _events(store, job_id)) == length
         assert 4 not in await store.frames_done(job_id)
 
     async def with_store() -> None:

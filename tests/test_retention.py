@@ -22,7 +22,7 @@ from rayfarm.cluster.auth import AuthStore
 from rayfarm.cluster.deletion import LATE_WRITES_S, Remover
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage, frame_key, task_log_key
-from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.store import Finished, JobStore
 from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.models import Job
 from rayfarm.render.inputs import InputFile, Inputs, blob_key
@@ -69,8 +69,15 @@ class Farm:
             key = frame_key(job_id, frame, "png")
             self.storage.put_bytes(key, b"P" * 5000)
             self.storage.put_bytes(task_log_key(job_id, f"f{frame:07d}t000", 1), b"log\n" * 100)
-            await self.store.mark_task_done(job_id, f"f{frame:07d}t000", 1.0, frame=frame)
-            await self.store.mark_frame_done(job_id, frame, key, "0" * 64, 5000)
+            done = Finished(
+                frame,
+                f"f{frame:07d}t000",
+                1.0,
+                {"frame": frame},
+                key,
+                {"sha256": "0" * 64, "size": 5000},
+            )
+            await self.store.finish_tasks(job_id, [done])
         if state is not JobState.PROCESSING:
             await self.store.transition(job_id, state)
 

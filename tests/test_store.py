@@ -10,7 +10,7 @@ import redis as sync_redis
 from rayfarm import InvalidTransition, JobNotFound, JobSpec, JobState
 from rayfarm.cluster import keys
 from rayfarm.cluster.redis_server import RedisServer
-from rayfarm.cluster.store import JobStore, outranks, queue_score
+from rayfarm.cluster.store import Finished, JobStore, outranks, queue_score
 from rayfarm.models import Job
 
 
@@ -26,6 +26,16 @@ def _job(job_id: str, priority: int = 50, frames: str = "1-4", project: str | No
         tasks_total=len(spec.frame_list),
         created_at=datetime.now(UTC),
     )
+
+
+async def _events(store: JobStore, job_id: str) -> list[dict[str, str]]:
+    """The job's events, oldest first, each with its ``id``."""
+    return [{"id": i, **f} for i, f in await store.events_after(job_id, None, 1000)]
+
+
+async def _queued(store: JobStore) -> list[str]:
+    """The queued job ids, in queue order."""
+    return [job_id for job_id, _ in await store.queue_head(100)]
 
 
 def run(coro):
@@ -47,14 +57,14 @@ def test_create_get_list_and_queue(redis_url):
         job = await store.get("a" * 16)
         assert job.state is JobState.PENDING and job.owner == "tester"
         assert job.spec.priority == 10 and job.frames_total == 4
-        assert await store.queued() == ["b" * 16, "a" * 16]  # priority first
+        assert await _queued(store) == ["b" * 16, "a" * 16]  # priority first
         jobs, total = await store.list_jobs()
         assert total == 2 and [j.id for j in jobs] == ["b" * 16, "a" * 16]
         only, n = await store.list_jobs(JobState.PENDING, 0, 1)
         assert n == 2 and len(only) == 1
         with pytest.raises(JobNotFound):
             await store.get("c" * 16)
-        events = await store.events("a" * 16)
+        events = await _events(store, "a" * 16)
         assert events[0]["kind"] == "state" and events[0]["to"] == "PENDING"
 
     run(_with_store(redis_url, go))
@@ -87,7 +97,7 @@ def test_store_applies_the_table(redis_url, path, target, ok):
             assert await store.transition("d" * 16, target) is before.state
             after = await store.get("d" * 16)
             assert after.state is target
-            queued = await store.queued()
+            queued = await _queued(store)
             assert (("d" * 16) in queued) == (target is JobState.PENDING)
             if target is JobState.PENDING:
                 assert after.error is None and after.finished_at is None
@@ -169,7 +179,7 @@ def test_cancel_racing_completion_has_one_answer(redis_url):
             assert len(won) == 1
             job = await store.get(job_id)
             assert job.state is won[0]
-            state_events = [e for e in await store.events(job_id) if e["kind"] == "state"]
+            state_events = [e for e in await _events(store, job_id) if e["kind"] == "state"]
             assert [e["to"] for e in state_events] == ["PENDING", "PROCESSING", won[0].value]
 
     run(_with_store(redis_url, go))
@@ -180,10 +190,17 @@ def test_retry_resets_only_incomplete_frames(redis_url):
         job_id = "f" * 16
         await store.create(_job(job_id), "k", "h")
         await store.transition(job_id, JobState.PROCESSING)
-        for frame in (1, 2):
-            await store.mark_task_done(job_id, keys.task_key(frame, 0), 0.2)
-            await store.mark_frame_done(job_id, frame, f"jobs/{job_id}/frames/{frame:04d}.png")
-        await store.mark_task_done(job_id, keys.task_key(3, 0), 0.2)  # tile done, frame not stored
+        stored = [
+            Finished(
+                frame,
+                keys.task_key(frame, 0),
+                0.2,
+                object_key=f"jobs/{job_id}/frames/{frame:04d}.png",
+            )
+            for frame in (1, 2)
+        ]
+        # Frame 3's tile done, the frame not stored.
+        await store.finish_tasks(job_id, [*stored, Finished(3, keys.task_key(3, 0), 0.2)])
         await store.add_attempt(job_id, keys.task_key(4, 0))
         await store.transition(job_id, JobState.FAILED, error="frame 4: boom")
         await store.reset_incomplete(job_id)
@@ -216,7 +233,7 @@ def test_jobs_survive_a_redis_restart(tmp_path):
             _, total = await store.list_jobs()
             assert total == 5
             assert (await store.get(f"{0:016x}")).state is JobState.PROCESSING
-            assert len(await store.queued()) == 4
+            assert len(await _queued(store)) == 4
 
         run(_with_store(server.url, read))
         client = sync_redis.Redis.from_url(server.url)
