@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
-from rayfarm.cluster import accounts, faults, keys, observe, scheduling, web
+from rayfarm.cluster import accounts, faults, observe, scheduling, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard, LocalHostGuard
 from rayfarm.cluster.auth import Principal
@@ -469,10 +469,8 @@ async def get_thumbnail(job_id: JobId, frame: int, ctx: Ctx) -> Response:
             data = await asyncio.to_thread(ctx.storage.read_bytes, key)
         except FileNotFoundError:
             continue
-        if key == final:
-            fraction = "1"
-        else:
-            fraction = await ctx.store.redis.hget(keys.previews(job_id), str(frame)) or "0"
+        share = "1" if key == final else await ctx.store.preview_share(job_id, frame)
+        fraction = share or "0"
         return Response(data, media_type="image/png", headers={"X-Rayfarm-Samples": fraction})
     raise FrameNotFound(
         f"job {job_id} has no preview of frame {frame}", {"job_id": job_id, "frame": frame}
@@ -599,7 +597,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
             loop.cancel()
         ctx = getattr(app.state, "ctx", None) or process_context()
         if ctx is not None:
-            await ctx.store.close()
+            await ctx.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -630,7 +628,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
         4}``), by the Blender version each runs now, and how many are busy; None when
         the dispatcher does not answer (starting, or this app runs without Ray)."""
         try:
-            await ctx.store.redis.ping()
+            await ctx.store.ping()
         except Exception as exc:  # logged by the handler, with the request's id
             raise FarmUnavailable("the job store is unreachable") from exc
         stats = await observe.dispatcher_stats(ctx)

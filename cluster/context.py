@@ -4,27 +4,28 @@ request-body readers that enforce the farm's size limits."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from rayfarm.cluster import keys
 from rayfarm.cluster.auth import ADMIN, AuthStore, Principal
 from rayfarm.cluster.deletion import Remover
 from rayfarm.cluster.events import EventHub
 from rayfarm.cluster.limits import Limits
-from rayfarm.cluster.notifier import Notifier
+from rayfarm.cluster.notifier import Notifier, WebhookStore
+from rayfarm.cluster.policy import PolicyStore
 from rayfarm.cluster.settings import MAX_JSON_DEPTH, Settings
 from rayfarm.cluster.storage import Storage
-from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.store import JobStore, connect
 from rayfarm.cluster.streams import StreamLeases
 from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.errors import (
@@ -35,6 +36,7 @@ from rayfarm.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from rayfarm.render.inputs import Inputs
 
 __all__ = [
     "CSRF_HEADER",
@@ -43,7 +45,10 @@ __all__ = [
     "Admin",
     "AppContext",
     "Ctx",
+    "Inspect",
     "JobId",
+    "Notify",
+    "Stats",
     "Submitter",
     "Who",
     "check_job_id",
@@ -77,43 +82,80 @@ CSRF_HEADER = "X-Rayfarm-Request"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-@dataclass
+#: Wakes the dispatcher: something changed in Redis (fire and forget).
+Notify = Callable[[], object]
+#: Catalogues a scene folder with a render actor, read by that Blender version.
+Inspect = Callable[[Inputs, str], Awaitable[dict[str, Any]]]
+#: The dispatcher's view of the pool (``Dispatcher.stats``).
+Stats = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(eq=False)
 class AppContext:
-    """What the routes need: settings, the job store, storage, the event hub, the open
-    streams' leases, and hooks into the dispatcher (absent where the app runs without
-    Ray)."""
+    """What the routes need: settings, the process's one Redis client and the stores
+    over it (jobs, accounts, limits, streams' leases, webhooks, policies), storage, the
+    event hub, the housekeeping and webhook loops, and hooks into the dispatcher (None
+    where the app runs without Ray). Made complete by ``AppContext.build``."""
 
     settings: Settings
-    store: JobStore = field(init=False)
-    storage: Storage = field(init=False)
-    hub: EventHub = field(init=False)
-    auth: AuthStore = field(init=False)
-    limits: Limits = field(init=False)
-    remover: Remover = field(init=False)
-    sweeper: Sweeper = field(init=False)
-    streams: StreamLeases = field(init=False)
-    notifier: Notifier = field(init=False)
-    notify: Any = None  # callable() or None: wakes the dispatcher
-    # async callable(Inputs, Blender version) -> catalogue dict, or None (no Ray here)
-    inspect: Any = None
-    stats: Any = None  # async callable() -> the dispatcher's stats, or None (no Ray here)
+    redis: Any  # the shared asyncio client (``store.connect``); Any as in ``JobStore``
+    store: JobStore
+    storage: Storage
+    hub: EventHub
+    auth: AuthStore
+    limits: Limits
+    remover: Remover
+    sweeper: Sweeper
+    streams: StreamLeases
+    webhooks: WebhookStore
+    policies: PolicyStore
+    notifier: Notifier
+    notify: Notify | None = None
+    inspect: Inspect | None = None
+    stats: Stats | None = None
     # Scene digest -> the task cataloguing it beside its first job's render (submit.py).
-    cataloguing: dict[str, Any] = field(init=False, default_factory=dict)
+    cataloguing: dict[str, asyncio.Task[dict[str, Any] | None]] = field(default_factory=dict)
+    _owners: dict[str, tuple[str, str | None]] = field(default_factory=dict, repr=False)
+    _indexed: bool = field(default=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.store = JobStore.from_url(
-            self.settings.redis_url, events_maxlen=self.settings.events_maxlen
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        notify: Notify | None = None,
+        inspect: Inspect | None = None,
+        stats: Stats | None = None,
+    ) -> AppContext:
+        """The context of one process: one Redis client (``settings.redis_url``) handed
+        to every store, and the dispatcher's hooks (none: this app runs without Ray)."""
+        redis = connect(settings.redis_url)
+        store = JobStore(redis, events_maxlen=settings.events_maxlen)
+        storage = Storage(settings.storage)
+        auth = AuthStore(redis, settings.audit_maxlen)
+        remover = Remover(redis, store, storage)
+        webhooks = WebhookStore(redis)
+        return cls(
+            settings=settings,
+            redis=redis,
+            store=store,
+            storage=storage,
+            hub=EventHub(store),
+            auth=auth,
+            limits=Limits(redis, auth, settings),
+            remover=remover,
+            sweeper=Sweeper(redis, store, storage, remover, auth, settings),
+            streams=StreamLeases(redis, settings.max_streams_per_user),
+            webhooks=webhooks,
+            policies=PolicyStore(redis),
+            notifier=Notifier(redis, store, webhooks, settings),
+            notify=notify,
+            inspect=inspect,
+            stats=stats,
         )
-        self.storage = Storage(self.settings.storage)
-        self.hub = EventHub(self.store)
-        self.auth = AuthStore(self.store.redis, self.settings.audit_maxlen)
-        self.limits = Limits(self.store.redis, self.auth, self.settings)
-        self.remover = Remover(self.store, self.storage)
-        self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
-        self.streams = StreamLeases(self.store.redis, self.settings.max_streams_per_user)
-        self.notifier = Notifier(self.store, self.settings)
-        self._owners: dict[str, tuple[str, str | None]] = {}
-        self._indexed = False
+
+    async def close(self) -> None:
+        """Close the Redis client every store shares."""
+        await self.redis.aclose()
 
     async def owner_of(self, job_id: str) -> tuple[str, str | None] | None:
         """(owner, project) of a job, None when there is no such job. Both are fixed at
@@ -121,14 +163,13 @@ class AppContext:
         known = self._owners.get(job_id)
         if known is not None:
             return known
-        owner, spec = await self.store.redis.hmget(keys.job(job_id), "owner", "spec")
-        if owner is None:
+        found = await self.store.owner(job_id)
+        if found is None:
             return None
-        project = json.loads(spec).get("project") if spec else None
         if len(self._owners) >= OWNER_CACHE:
             self._owners.clear()
-        self._owners[job_id] = (owner, project)
-        return owner, project
+        self._owners[job_id] = found
+        return found
 
     def forget_owner(self, job_id: str) -> None:
         """Drop a deleted job from the (owner, project) cache."""
@@ -141,6 +182,7 @@ class AppContext:
             self._indexed = True
 
     def nudge(self) -> None:
+        """Wake the dispatcher (where there is one): something changed in Redis."""
         if self.notify is not None:
             try:
                 self.notify()

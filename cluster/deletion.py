@@ -72,10 +72,9 @@ class Deleted:
 class Remover:
     """Deletes jobs and dying blobs, from Redis and from storage."""
 
-    def __init__(self, store: JobStore, storage: Storage) -> None:
-        self.store, self.storage = store, storage
-        self.redis = store.redis
-        self._delete = store.redis.register_script(_DELETE_LUA)
+    def __init__(self, redis: Any, store: JobStore, storage: Storage) -> None:
+        self.redis, self.store, self.storage = redis, store, storage
+        self._delete = redis.register_script(_DELETE_LUA)
 
     async def delete_job(self, job_id: str) -> Deleted:
         """Delete a finished job and everything only it used; ``JobNotFound`` when there

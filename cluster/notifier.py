@@ -106,10 +106,10 @@ def new_secret() -> str:
 class Notifier:
     """Sends job-end notifications (see the module's docstring); ``run`` loops forever."""
 
-    def __init__(self, store: JobStore, settings: Settings) -> None:
-        self.store, self.settings = store, settings
-        self.redis = store.redis
-        self.webhooks = WebhookStore(store.redis)
+    def __init__(
+        self, redis: Any, store: JobStore, webhooks: WebhookStore, settings: Settings
+    ) -> None:
+        self.redis, self.store, self.webhooks, self.settings = redis, store, webhooks, settings
         self.consumer = uuid.uuid4().hex[:12]
         self._claimed_at = 0.0
 

@@ -124,7 +124,7 @@ async def metrics(ctx: Ctx) -> Response:
     from prometheus_client.core import CollectorRegistry
 
     snapshot = await ctx.store.metrics()
-    snapshot["storage"] = await measured_usage(ctx.store.redis)
+    snapshot["storage"] = await measured_usage(ctx.redis)
     snapshot["blobs"] = await ctx.store.blobs.stats()
     stats = await dispatcher_stats(ctx)
     registry = CollectorRegistry(auto_describe=False)

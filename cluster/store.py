@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from rayfarm.cluster import keys
 from rayfarm.cluster.blobs import BlobIndex, blobs_of
@@ -30,6 +31,7 @@ __all__ = [
     "RENDER_S_BUCKETS",
     "Finished",
     "JobStore",
+    "connect",
     "is_urgent_score",
     "now_iso",
     "outranks",
@@ -108,17 +110,39 @@ def outranks(score: float, other: float) -> bool:
     return score < other - PRIORITY_STEP / 2
 
 
+def connect(url: str, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
+    """The asyncio Redis client one process shares between its stores (the job store,
+    accounts, limits, ...): one connection pool, closed by whoever made it."""
+    # A blocking pool: a burst of requests (hundreds of event streams opening at
+    # once) waits for a free connection instead of failing with "Too many
+    # connections" past max_connections.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=socket_timeout_s,
+        decode_responses=True,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
 class JobStore:
-    """Jobs in Redis. One instance per process; safe for concurrent coroutines."""
+    """Jobs in Redis. One instance per process; safe for concurrent coroutines.
+
+    It works over a client it is given (``connect``), shared with the process's other
+    stores; ``from_url`` makes one of its own, which ``close`` closes."""
 
     def __init__(
         self,
         redis: aioredis.Redis,
         events_maxlen: int = EVENTS_MAXLEN,
+        owns_client: bool = False,
     ) -> None:
         # Typed as Any: redis-py's stubs return bytes | str unions even with
         # decode_responses=True, which would bury the logic in casts.
-        self.redis: Any = redis
+        self._redis: Any = redis
+        self._owns_client = owns_client
         self.events_maxlen = events_maxlen
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._start_tasks = redis.register_script(_START_TASKS_LUA)
@@ -133,21 +157,18 @@ class JobStore:
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         events_maxlen: int = EVENTS_MAXLEN,
     ) -> JobStore:
-        # A blocking pool: a burst of requests (hundreds of event streams opening at
-        # once) waits for a free connection instead of failing with "Too many
-        # connections" past max_connections.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=socket_timeout_s,
-            decode_responses=True,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-        )
-        return cls(aioredis.Redis.from_pool(pool), events_maxlen=events_maxlen)
+        """A store with a client of its own (a tool, a test); ``close`` closes it."""
+        return cls(connect(url, socket_timeout_s), events_maxlen=events_maxlen, owns_client=True)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        """Close the client when this store made it (``from_url``); a shared one is
+        its maker's to close."""
+        if self._owns_client:
+            await self._redis.aclose()
+
+    async def ping(self) -> None:
+        """Raise when Redis does not answer (a health check)."""
+        await self._redis.ping()
 
     # -- create and read ---------------------------------------------------------------
 
@@ -183,7 +204,7 @@ class JobStore:
             "created_at": created,
             **({"webhook": webhook} if webhook else {}),
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job(job.id), mapping=fields)
             pipe.zadd(keys.all_jobs(), {job.id: job.created_at.timestamp()})
             pipe.zadd(keys.jobs_in(str(job.state)), {job.id: job.created_at.timestamp()})
@@ -208,7 +229,7 @@ class JobStore:
             await pipe.execute()
 
     async def get(self, job_id: str) -> Job:
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.job(job_id))
             pipe.hlen(keys.frames(job_id))
             pipe.hlen(keys.tasks(job_id))
@@ -218,12 +239,52 @@ class JobStore:
         return _job_from_hash(data, frames_done, tasks_done)
 
     async def field(self, job_id: str, name: str) -> str | None:
-        value: str | None = await self.redis.hget(keys.job(job_id), name)
+        value: str | None = await self._redis.hget(keys.job(job_id), name)
         return value
+
+    async def owner(self, job_id: str) -> tuple[str, str | None] | None:
+        """The job's (owner, project), None when there is no such job."""
+        owner, spec = await self._redis.hmget(keys.job(job_id), "owner", "spec")
+        if owner is None:
+            return None
+        project = json.loads(spec).get("project") if spec else None
+        return owner, project
+
+    async def specs(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Each job's spec as JSON (None: no such job), in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.job(job_id), "spec")
+            found: list[str | None] = await pipe.execute()
+        return found
+
+    async def replace_pending_spec(self, job_id: str, spec: JobSpec) -> None:
+        """Store ``spec`` as the job's while it is still PENDING (``InvalidTransition``
+        otherwise): a WATCH on the job, so a dispatcher starting it meanwhile wins and
+        the change is refused."""
+        while True:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.job(job_id))
+                    state = await pipe.hget(keys.job(job_id), "state")
+                    if state is None:
+                        raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
+                    if state != JobState.PENDING:
+                        raise InvalidTransition(
+                            f"job {job_id} is {state}: only a queued (PENDING) job's "
+                            "dependencies change",
+                            {"job_id": job_id, "state": state},
+                        )
+                    pipe.multi()
+                    pipe.hset(keys.job(job_id), "spec", spec.model_dump_json())
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue  # the job changed meanwhile: look again
 
     async def status(self, job_id: str) -> JobStatus:
         """The compact status, in one round trip; ``event`` is the job's newest event id."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hmget(
                 keys.job(job_id), ["state", "frames_total", "tasks_total", "error", "detail"]
             )
@@ -273,7 +334,7 @@ class JobStore:
             if not union:
                 return [], 0
         scratch: list[str] = []
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             if len(union) == 1:
                 sets.append(union[0])
             elif union:
@@ -308,17 +369,17 @@ class JobStore:
         """Index by owner and project the jobs stored before those indexes existed
         (once per store: ``keys.indexes`` records it; idempotent, so replicas racing
         here do no harm). Returns how many jobs it indexed."""
-        if await self.redis.get(keys.indexes()) == INDEXES:
+        if await self._redis.get(keys.indexes()) == INDEXES:
             return 0
         indexed = 0
         cursor = 0
         while True:
-            cursor, page = await self.redis.zscan(keys.all_jobs(), cursor, count=1000)
-            async with self.redis.pipeline(transaction=False) as pipe:
+            cursor, page = await self._redis.zscan(keys.all_jobs(), cursor, count=1000)
+            async with self._redis.pipeline(transaction=False) as pipe:
                 for job_id, _ in page:
                     pipe.hmget(keys.job(job_id), "owner", "spec")
                 found = await pipe.execute()
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._redis.pipeline(transaction=False) as pipe:
                 for (job_id, score), (owner, spec) in zip(page, found, strict=True):
                     if owner is None:
                         continue
@@ -330,19 +391,19 @@ class JobStore:
                 await pipe.execute()
             if cursor == 0:
                 break
-        await self.redis.set(keys.indexes(), INDEXES)
+        await self._redis.set(keys.indexes(), INDEXES)
         return indexed
 
     async def scene_info(self, scene_id: str) -> dict[str, Any] | None:
-        text = await self.redis.get(keys.scene(scene_id))
+        text = await self._redis.get(keys.scene(scene_id))
         return None if text is None else dict(json.loads(text))
 
     async def set_scene_info(self, scene_id: str, info: dict[str, Any]) -> None:
-        await self.redis.set(keys.scene(scene_id), json.dumps(info))
+        await self._redis.set(keys.scene(scene_id), json.dumps(info))
 
     async def inputs(self, job_id: str) -> str:
         """The job's input folder listing (``Inputs.to_json``)."""
-        text = await self.redis.hget(keys.job(job_id), "inputs")
+        text = await self._redis.hget(keys.job(job_id), "inputs")
         if text is None:
             raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
         return str(text)
@@ -371,7 +432,7 @@ class JobStore:
             if error is not None:
                 pairs["error"] = error
         elif target is JobState.PENDING:
-            spec, created, urgent = await self.redis.hmget(
+            spec, created, urgent = await self._redis.hmget(
                 keys.job(job_id), ["spec", "created_at", "urgent"]
             )
             if spec is not None:
@@ -413,10 +474,10 @@ class JobStore:
 
     async def reset_incomplete(self, job_id: str) -> None:
         """Before a retry: forget tile tasks of frames that were not stored."""
-        done_frames = set(await self.redis.hkeys(keys.frames(job_id)))
-        task_keys = await self.redis.hkeys(keys.tasks(job_id))
+        done_frames = set(await self._redis.hkeys(keys.frames(job_id)))
+        task_keys = await self._redis.hkeys(keys.tasks(job_id))
         stale = [k for k in task_keys if str(int(k[1:8])) not in done_frames]
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             if stale:
                 pipe.hdel(keys.tasks(job_id), *stale)
             pipe.delete(keys.attempts(job_id))
@@ -425,11 +486,11 @@ class JobStore:
     # -- progress ------------------------------------------------------------------------
 
     async def frames_done(self, job_id: str) -> dict[int, str]:
-        data = await self.redis.hgetall(keys.frames(job_id))
+        data = await self._redis.hgetall(keys.frames(job_id))
         return {int(k): v for k, v in data.items()}
 
     async def tasks_done(self, job_id: str) -> set[str]:
-        return set(await self.redis.hkeys(keys.tasks(job_id)))
+        return set(await self._redis.hkeys(keys.tasks(job_id)))
 
     async def start_tasks(
         self, job_id: str, tasks: Sequence[tuple[int | str, ...]], **where: Any
@@ -485,7 +546,7 @@ class JobStore:
 
     async def count(self, **amounts: int) -> None:
         """Add to farm-wide counters (``tasks_failed_total=1``; see ``metrics``)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             for name, amount in amounts.items():
                 pipe.hincrby(keys.metrics(), name, amount)
             await pipe.execute()
@@ -493,7 +554,7 @@ class JobStore:
     async def metrics(self) -> dict[str, Any]:
         """Farm-wide counters, jobs by state and stored, the queue's depth and Redis's
         memory, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.metrics())
             pipe.zcard(keys.queue())
             pipe.zcard(keys.all_jobs())
@@ -509,27 +570,41 @@ class JobStore:
             "redis_used_memory": int(memory.get("used_memory", 0)),
         }
 
+    async def preview_share(self, job_id: str, frame: int) -> str | None:
+        """The share of its samples (``"0.2500"``) a sliced frame's preview in progress
+        holds, None when it has none."""
+        share: str | None = await self._redis.hget(keys.previews(job_id), str(frame))
+        return share
+
+    async def set_preview_share(self, job_id: str, frame: int, share: float) -> None:
+        """Record the share of its samples the frame's newest preview holds."""
+        await self._redis.hset(keys.previews(job_id), str(frame), f"{share:.4f}")
+
+    async def forget_preview(self, job_id: str, frame: int) -> None:
+        """The frame is stored whole: its preview in progress is past."""
+        await self._redis.hdel(keys.previews(job_id), str(frame))
+
     async def frame_meta(self, job_id: str) -> dict[int, dict[str, Any]]:
         """Each stored frame's ``{"sha256", "size"}``."""
-        data = await self.redis.hgetall(keys.frame_meta(job_id))
+        data = await self._redis.hgetall(keys.frame_meta(job_id))
         return {int(k): json.loads(v) for k, v in data.items()}
 
     async def add_attempt(self, job_id: str, task: str) -> int:
-        return int(await self.redis.hincrby(keys.attempts(job_id), task, 1))
+        return int(await self._redis.hincrby(keys.attempts(job_id), task, 1))
 
     async def set_fields(self, job_id: str, **fields: str) -> None:
-        await self.redis.hset(keys.job(job_id), mapping=fields)
+        await self._redis.hset(keys.job(job_id), mapping=fields)
 
     async def event(self, job_id: str, kind: str, **fields: Any) -> str:
         """Append one event to the job's execution log; return its id."""
         body = {"kind": kind, "at": now_iso(), **{k: str(v) for k, v in fields.items()}}
-        event_id: str = await self.redis.xadd(keys.events(job_id), body, maxlen=self.events_maxlen)
+        event_id: str = await self._redis.xadd(keys.events(job_id), body, maxlen=self.events_maxlen)
         return event_id
 
     async def add_events(self, job_id: str, kind: str, items: list[dict[str, Any]]) -> None:
         """Append many events of one ``kind`` in one round trip (a plan's queued tasks)."""
         at = now_iso()
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             for fields in items:
                 body = {"kind": kind, "at": at, **{k: str(v) for k, v in fields.items()}}
                 pipe.xadd(keys.events(job_id), body, maxlen=self.events_maxlen)
@@ -548,20 +623,28 @@ class JobStore:
         """Up to ``count`` entries of ``stream`` newer than the id ``after`` (all from
         the start when None), oldest first."""
         start = "-" if after is None else f"({after}"
-        entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(
+        entries: list[tuple[str, dict[str, str]]] = await self._redis.xrange(
             stream, min=start, count=count
         )
         return entries
 
+    async def read_new(
+        self, streams: dict[str, str], block_ms: int
+    ) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+        """The first entry after the given id of each of ``streams`` (``{key: id}``),
+        waiting up to ``block_ms`` for one (XREAD BLOCK); empty when none came."""
+        found = await self._redis.xread(streams, count=1, block=block_ms)
+        return list(found or [])
+
     async def last_change(self) -> str:
         """The id of the newest entry of the changes stream ("0-0" while it is empty):
         where a list that has just read the jobs starts following."""
-        newest = await self.redis.xrevrange(keys.changes(), count=1)
+        newest = await self._redis.xrevrange(keys.changes(), count=1)
         return str(newest[0][0]) if newest else "0-0"
 
     async def queue_head(self, limit: int) -> list[tuple[str, float]]:
         """The first ``limit`` queued job ids with their scores (priority, then age)."""
-        head: list[tuple[str, float]] = await self.redis.zrange(
+        head: list[tuple[str, float]] = await self._redis.zrange(
             keys.queue(), 0, limit - 1, withscores=True
         )
         return head
@@ -569,12 +652,12 @@ class JobStore:
     async def forget_tasks(self, job_id: str, task_keys: list[str]) -> None:
         """Mark tasks as not done (their output was lost and must be rendered again)."""
         if task_keys:
-            await self.redis.hdel(keys.tasks(job_id), *task_keys)
+            await self._redis.hdel(keys.tasks(job_id), *task_keys)
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, str | None]:
         """Each job's state (None: no such job), in one round trip."""
         ids = list(dict.fromkeys(job_ids))
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hget(keys.job(job_id), "state")
             found = await pipe.execute()
@@ -592,11 +675,11 @@ class JobStore:
 
     async def set_urgent(self, job_id: str, urgent: bool) -> None:
         """Mark the job urgent (or not); a queued job moves in the queue at once."""
-        spec, created = await self.redis.hmget(keys.job(job_id), ["spec", "created_at"])
+        spec, created = await self._redis.hmget(keys.job(job_id), ["spec", "created_at"])
         if spec is None:
             raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
         priority = JobSpec.model_validate_json(spec).priority
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             if urgent:
                 pipe.hset(keys.job(job_id), "urgent", "1")
             else:
@@ -607,7 +690,7 @@ class JobStore:
 
     async def active(self) -> list[str]:
         """Ids of PROCESSING jobs (for a dispatcher rebuilding its queue)."""
-        ids: list[str] = await self.redis.zrange(keys.jobs_in(str(JobState.PROCESSING)), 0, -1)
+        ids: list[str] = await self._redis.zrange(keys.jobs_in(str(JobState.PROCESSING)), 0, -1)
         return ids
 
 

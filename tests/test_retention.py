@@ -22,7 +22,7 @@ from rayfarm.cluster.auth import AuthStore
 from rayfarm.cluster.deletion import LATE_WRITES_S, Remover
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage, frame_key, task_log_key
-from rayfarm.cluster.store import Finished, JobStore
+from rayfarm.cluster.store import Finished, JobStore, connect
 from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.models import Job
 from rayfarm.render.inputs import InputFile, Inputs, blob_key
@@ -36,15 +36,17 @@ class Farm:
     """A job store, file storage, remover and sweeper over one Redis database."""
 
     def __init__(self, redis_url: str, root: Path, **settings) -> None:
-        self.store = JobStore.from_url(redis_url)
-        self.redis = self.store.redis
+        self.redis = connect(redis_url)
+        self.store = JobStore(self.redis)
         self.storage = Storage(root.as_uri())
         self.root = root
-        self.remover = Remover(self.store, self.storage)
+        self.remover = Remover(self.redis, self.store, self.storage)
         self.settings = Settings(redis_url=redis_url, storage=root.as_uri(), data_dir=str(root),
                                  blender=("5.0",), **settings)  # fmt: skip
         self.auth = AuthStore(self.redis)
-        self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
+        self.sweeper = Sweeper(
+            self.redis, self.store, self.storage, self.remover, self.auth, self.settings
+        )
 
     def blob(self, data: bytes) -> tuple[str, int]:
         sha = hashlib.sha256(data).hexdigest()
@@ -106,7 +108,7 @@ def _run(redis_url, tmp_path, body, **settings):
         try:
             return await body(farm)
         finally:
-            await farm.store.close()
+            await farm.redis.aclose()
 
     return asyncio.run(main())
 
@@ -306,7 +308,7 @@ def test_retention_of_0_days_keeps_every_job(redis_url, tmp_path):
 def test_one_replica_sweeps_at_a_time_and_the_last_sweep_outlives_restarts(redis_url, tmp_path):
     async def body(farm: Farm):
         await farm.job(A, [farm.blob(b"S")])
-        replicas = [Sweeper(farm.store, farm.storage, farm.remover, farm.auth,
+        replicas = [Sweeper(farm.redis, farm.store, farm.storage, farm.remover, farm.auth,
                             Settings(**{**farm.settings.to_dict(), "sweep_interval_s": 1.0}))
                     for _ in range(4)]  # fmt: skip
         for replica in replicas:
@@ -314,7 +316,9 @@ def test_one_replica_sweeps_at_a_time_and_the_last_sweep_outlives_restarts(redis
         reports = await asyncio.gather(*(r.sweep_if_due() for r in replicas))
         assert sum(r is not None for r in reports) == 1
         # A replica started now (a restart) finds the last sweep in Redis: not due yet.
-        fresh = Sweeper(farm.store, farm.storage, farm.remover, farm.auth, replicas[0].settings)
+        fresh = Sweeper(
+            farm.redis, farm.store, farm.storage, farm.remover, farm.auth, replicas[0].settings
+        )
         fresh.started = 0
         assert await fresh.sweep_if_due() is None
         await asyncio.sleep(1.0)

@@ -288,7 +288,8 @@ def test_listings_read_the_owner_and_project_indexes(redis_url):
             assert ([j.id for j in got], total) == (want, len(want)), (among, state, owner)
             page, total = await store.list_jobs(state, 2, 3, owner=owner, among=among)
             assert ([j.id for j in page], total) == (want[2:5], len(want))
-        assert not await store.redis.keys(keys.scratch("*"))
+        with sync_redis.Redis.from_url(redis_url) as client:
+            assert not client.keys(keys.scratch("*"))
 
     run(_with_store(redis_url, go))
 
@@ -300,8 +301,9 @@ def test_indexes_are_built_over_jobs_stored_before_them(redis_url):
         for job in jobs:
             await store.create(job, "{}", "h")
         # As a farm that stored them before the indexes existed left them.
-        await store.redis.delete(keys.jobs_of("ana"), keys.jobs_of("bo"),
-                                 keys.jobs_in_project("sh010"), keys.indexes())  # fmt: skip
+        with sync_redis.Redis.from_url(redis_url) as client:
+            client.delete(keys.jobs_of("ana"), keys.jobs_of("bo"),
+                          keys.jobs_in_project("sh010"), keys.indexes())  # fmt: skip
         assert (await store.list_jobs(among=[("user", "ana")]))[1] == 0
         assert await store.build_indexes() == 6
         assert await store.build_indexes() == 0  # once
