@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import rayfarm
-from rayfarm.cluster import accounts, faults, observe, scheduling, web
+from rayfarm.cluster import accounts, faults, lifecycle, observe, scheduling, web
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.accounts import AuditMiddleware, CrossSiteGuard, LocalHostGuard
 from rayfarm.cluster.auth import Principal
@@ -63,7 +63,7 @@ from rayfarm.errors import (
     TooManyRequests,
     UnsupportedMediaType,
 )
-from rayfarm.models import FrameInfo, Job, JobState, JobStatus, check_transition, parse_spec
+from rayfarm.models import FrameInfo, Job, JobState, JobStatus, parse_spec
 from rayfarm.render.inputs import SHA256, blob_key, check_path
 
 __all__ = ["AppContext", "create_app", "set_process_context"]
@@ -358,23 +358,14 @@ def _status_json(status: JobStatus) -> Response:
 async def cancel_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
     """PENDING or PROCESSING -> CANCELLED; queued tasks stop at once. The job's owner
     (an artist) or an admin."""
-    await check_may_change(ctx, who, job_id)
-    await ctx.store.transition(job_id, JobState.CANCELLED)
-    ctx.nudge()
-    return await ctx.store.get(job_id)
+    return await lifecycle.cancel_job(ctx, who, job_id)
 
 
 @jobs.post("/{job_id}/retry", response_model=Job)
 async def retry_job(job_id: JobId, ctx: Ctx, who: Who) -> Job:
     """FAILED -> PENDING; only frames not yet stored are rendered again. The job's owner
     (an artist) or an admin."""
-    await check_may_change(ctx, who, job_id)
-    status = await ctx.store.status(job_id)
-    check_transition(job_id, status.state, JobState.PENDING)
-    await ctx.store.reset_incomplete(job_id)
-    await ctx.store.transition(job_id, JobState.PENDING)
-    ctx.nudge()
-    return await ctx.store.get(job_id)
+    return await lifecycle.retry_job(ctx, who, job_id)
 
 
 @jobs.delete("/{job_id}")
