@@ -68,7 +68,8 @@ class Upload:
 
 
 class BlobIndex:
-    """The blob index over an asyncio Redis client (``JobStore.redis``)."""
+    """The blob index over an asyncio Redis client (``store.connect``'s, the one the job
+    store works over)."""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis

@@ -26,8 +26,9 @@ from typing import Any
 
 from rayfarm.cluster import keys
 from rayfarm.cluster.blobs import blobs_of
+from rayfarm.cluster.event_log import CHANGES_MAXLEN
 from rayfarm.cluster.storage import Storage, job_prefix
-from rayfarm.cluster.store import CHANGES_MAXLEN, JobStore
+from rayfarm.cluster.store import JobStore
 from rayfarm.errors import InvalidTransition, JobNotFound
 from rayfarm.models import JobState
 from rayfarm.render.inputs import blob_key

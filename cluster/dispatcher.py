@@ -56,24 +56,19 @@ from ray.exceptions import RayActorError, RayTaskError
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.demand import demand
+from rayfarm.cluster.event_log import now_iso
+from rayfarm.cluster.job_index import is_urgent_score, queue_score
 from rayfarm.cluster.policy import PolicyStore
 from rayfarm.cluster.pool import Pool, actor_died
 from rayfarm.cluster.post import encode_video
+from rayfarm.cluster.progress import NOT_PROCESSING, Finished
 from rayfarm.cluster.runs import Run, Slot, expand, task_key
 from rayfarm.cluster.scaler import Scaler
 from rayfarm.cluster.scheduler import Admission, Plan, Policy, Queued, Scheduler
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.slicing import MAX_SLICE_LOSSES, FrameSamples, auto_slices, lost_slot
 from rayfarm.cluster.storage import Storage
-from rayfarm.cluster.store import (
-    NOT_PROCESSING,
-    Finished,
-    JobStore,
-    connect,
-    is_urgent_score,
-    now_iso,
-    queue_score,
-)
+from rayfarm.cluster.store import JobStore, connect
 from rayfarm.errors import BlenderNotOffered, FarmError, InvalidTransition, RenderError
 from rayfarm.models import JobSpec, JobState, grid_of
 from rayfarm.render.assembler import TileAssembler

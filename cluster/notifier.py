@@ -41,8 +41,9 @@ import httpx
 
 import rayfarm
 from rayfarm.cluster import keys
+from rayfarm.cluster.event_log import now_iso
 from rayfarm.cluster.settings import Settings
-from rayfarm.cluster.store import JobStore, now_iso
+from rayfarm.cluster.store import JobStore
 from rayfarm.models import JobState
 
 __all__ = ["SIGNATURE_HEADER", "Notifier", "WebhookStore", "sign"]

@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.context import AppContext, Ctx, JobId, Who
 from rayfarm.cluster.events import EVENT_ID, decode, follow, sse
-from rayfarm.cluster.store import RENDER_S_BUCKETS
+from rayfarm.cluster.progress import RENDER_S_BUCKETS
 from rayfarm.cluster.sweeper import AREAS, measured_usage
 from rayfarm.errors import InvalidRequest, NotFound
 from rayfarm.events import format_event

@@ -23,8 +23,9 @@ import redis
 
 from rayfarm import Farm, JobSpec, JobState
 from rayfarm.cluster import keys
+from rayfarm.cluster.progress import NOT_PROCESSING, RENDER_S_BUCKETS, Finished
 from rayfarm.cluster.runs import BATCH_S, MAX_BATCH, SHORT_TASK_S, Run, expand
-from rayfarm.cluster.store import NOT_PROCESSING, RENDER_S_BUCKETS, Finished, JobStore
+from rayfarm.cluster.store import JobStore
 from rayfarm.models import Job
 
 from conftest import WAIT_S, completed, farm_processes, pixels, render_reference, run_farm

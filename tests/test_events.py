@@ -8,7 +8,8 @@ from test_store import _job, _with_store, run
 from rayfarm import JobState
 from rayfarm.cluster import keys
 from rayfarm.cluster.events import EventHub, decode, follow, sse
-from rayfarm.cluster.store import Finished, JobStore
+from rayfarm.cluster.progress import Finished
+from rayfarm.cluster.store import JobStore
 
 
 def test_hub_wait_outlasts_the_socket_timeout(redis_url):

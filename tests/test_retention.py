@@ -20,9 +20,10 @@ from rayfarm.cluster import blobs as blob_index
 from rayfarm.cluster import keys
 from rayfarm.cluster.auth import AuthStore
 from rayfarm.cluster.deletion import LATE_WRITES_S, Remover
+from rayfarm.cluster.progress import Finished
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage, frame_key, task_log_key
-from rayfarm.cluster.store import Finished, JobStore, connect
+from rayfarm.cluster.store import JobStore, connect
 from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.models import Job
 from rayfarm.render.inputs import InputFile, Inputs, blob_key

@@ -9,8 +9,10 @@ import redis as sync_redis
 
 from rayfarm import InvalidTransition, JobNotFound, JobSpec, JobState
 from rayfarm.cluster import keys
+from rayfarm.cluster.job_index import outranks, queue_score
+from rayfarm.cluster.progress import Finished
 from rayfarm.cluster.redis_server import RedisServer
-from rayfarm.cluster.store import Finished, JobStore, outranks, queue_score
+from rayfarm.cluster.store import JobStore
 from rayfarm.models import Job
 
 
