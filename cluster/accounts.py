@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Query, Request
 
 from rayfarm.cluster.auth import Role, check_name
+from rayfarm.cluster.bodies import read_json
 from rayfarm.cluster.context import (
     Admin,
     AppContext,
@@ -29,7 +30,6 @@ from rayfarm.cluster.context import (
     Submitter,
     Who,
     process_context,
-    read_json,
     scope_address,
 )
 from rayfarm.errors import Forbidden, InvalidRequest

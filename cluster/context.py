@@ -1,16 +1,16 @@
 """What every route needs: the process's context (settings, job store, storage,
-event hub, dispatcher hooks), the typed dependencies that hand it out, and the
-request-body readers that enforce the farm's size limits."""
+event hub, dispatcher hooks) and the typed dependencies that hand it out: who asks
+(``Who``, ``Submitter``, ``Admin``) and a job they may see (``JobId``). The request-body
+readers that enforce the farm's size limits are ``rayfarm.cluster.bodies``'s."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +23,7 @@ from rayfarm.cluster.events import EventHub
 from rayfarm.cluster.limits import Limits
 from rayfarm.cluster.notifier import Notifier, WebhookStore
 from rayfarm.cluster.policy import PolicyStore
-from rayfarm.cluster.settings import MAX_JSON_DEPTH, Settings
+from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
 from rayfarm.cluster.store import JobStore, connect
 from rayfarm.cluster.streams import StreamLeases
@@ -31,16 +31,13 @@ from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.errors import (
     FarmUnavailable,
     Forbidden,
-    InvalidRequest,
     JobNotFound,
-    PayloadTooLarge,
     Unauthorized,
 )
 from rayfarm.render.inputs import Inputs
 
 __all__ = [
     "CSRF_HEADER",
-    "MAX_MANIFEST_BYTES",
     "SESSION_COOKIE",
     "Admin",
     "AppContext",
@@ -55,10 +52,7 @@ __all__ = [
     "check_may_change",
     "check_same_site",
     "check_submitter",
-    "limited",
-    "parse_json",
     "process_context",
-    "read_json",
     "set_process_context",
 ]
 
@@ -67,8 +61,6 @@ log = logging.getLogger("rayfarm.api")
 _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Jobs whose owner and project a process keeps in memory (then it starts over).
 OWNER_CACHE = 100_000
-#: Largest JSON body a request (a job's spec and file listing) may have.
-MAX_MANIFEST_BYTES = 8 * 1024**2
 #: The web page's session cookie (set by ``POST /session``, ``rayfarm.cluster.web``): it
 #: holds the API token the user signed in with, HttpOnly, so no script can read it.
 SESSION_COOKIE = "rayfarm_session"
@@ -363,71 +355,3 @@ async def _job_id(job_id: str, request: Request, ctx: Ctx, who: Who) -> str:
 
 #: A job id the requester may see (every route under /jobs/{job_id}).
 JobId = Annotated[str, Depends(_job_id)]
-
-
-async def limited(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
-    """The request body's chunks, refused (413) by its Content-Length when that says it
-    is too big, else the moment it passes ``limit`` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(
-            f"{what} of {int(length)} bytes is over the farm's limit of {limit} bytes",
-            {"limit": limit},
-        )
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"{what} is over the farm's limit of {limit} bytes", {"limit": limit}
-            )
-        yield chunk
-
-
-async def read_json(request: Request, what: str) -> Any:
-    """The body as JSON, at most MAX_MANIFEST_BYTES, nested at most the farm's
-    ``max_json_depth`` (400 when it is not JSON, or nested deeper)."""
-    body = b"".join([c async for c in limited(request, MAX_MANIFEST_BYTES, what)])
-    ctx: AppContext | None = getattr(request.app.state, "ctx", None) or _process_ctx
-    return parse_json(body, ctx.settings.max_json_depth if ctx else MAX_JSON_DEPTH)
-
-
-def parse_json(text: bytes | str, max_depth: int) -> Any:
-    """``text`` as JSON whose arrays and objects nest at most ``max_depth`` deep;
-    ``InvalidRequest`` (400) naming the limit when deeper, or when it is not JSON.
-
-    Python's parser recurses once per level and gives up near 1 000 with a
-    RecursionError, and whatever walks the value afterwards would recurse as deep."""
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise _too_deep(max_depth) from None
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not JSON: {exc}") from None
-    # Depth cannot pass the number of brackets: most bodies are done here, at C speed.
-    if isinstance(text, str):
-        text = text.encode()
-    if text.count(b"[") + text.count(b"{") > max_depth and _is_deeper(data, max_depth):
-        raise _too_deep(max_depth)
-    return data
-
-
-def _is_deeper(data: Any, max_depth: int) -> bool:
-    """Whether arrays and objects nest deeper than ``max_depth`` in ``data`` (without
-    recursion)."""
-    stack = [(data, 1)] if isinstance(data, dict | list) else []
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
-
-
-def _too_deep(max_depth: int) -> InvalidRequest:
-    return InvalidRequest(
-        f"the body nests arrays and objects deeper than the farm's limit of {max_depth} "
-        "levels (RAYFARM_MAX_JSON_DEPTH)",
-        {"limit": max_depth},
-    )

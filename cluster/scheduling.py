@@ -23,7 +23,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from rayfarm.cluster.auth import Principal, check_name
-from rayfarm.cluster.context import Admin, AppContext, Ctx, JobId, Who, check_may_change, read_json
+from rayfarm.cluster.bodies import read_json
+from rayfarm.cluster.context import Admin, AppContext, Ctx, JobId, Who, check_may_change
 from rayfarm.cluster.policy import SCOPES
 from rayfarm.cluster.scheduler import Quota
 from rayfarm.errors import InvalidRequest, InvalidSpec, InvalidTransition

@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from rayfarm.cluster.auth import Principal
-from rayfarm.cluster.context import AppContext, Ctx, Submitter, limited, read_json
+from rayfarm.cluster.bodies import limited, read_json
+from rayfarm.cluster.context import AppContext, Ctx, Submitter
 from rayfarm.cluster.routes.schemas import json_body
 from rayfarm.cluster.submit import MAX_INPUT_FILES, store_blob
 from rayfarm.errors import InvalidRequest, PayloadTooLarge

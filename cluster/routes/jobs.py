@@ -11,15 +11,8 @@ from fastapi.responses import Response
 
 from rayfarm.cluster import lifecycle
 from rayfarm.cluster.auth import Principal
-from rayfarm.cluster.context import (
-    AppContext,
-    Ctx,
-    JobId,
-    Submitter,
-    Who,
-    check_may_change,
-    read_json,
-)
+from rayfarm.cluster.bodies import read_json
+from rayfarm.cluster.context import AppContext, Ctx, JobId, Submitter, Who, check_may_change
 from rayfarm.cluster.events import EVENT_ID
 from rayfarm.cluster.routes.schemas import FOLDER
 from rayfarm.cluster.submit import check_scene, store_single, submit_listing

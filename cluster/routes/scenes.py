@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from rayfarm.cluster.context import Ctx, Submitter, Who, read_json
+from rayfarm.cluster.bodies import read_json
+from rayfarm.cluster.context import Ctx, Submitter, Who
 from rayfarm.cluster.routes.schemas import FOLDER, json_body
 from rayfarm.cluster.submit import catalogue, check_blender, check_listing, check_stored
 from rayfarm.errors import FarmUnavailable, InvalidRequest, SceneNotFound
