@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "is_urgent_score",
     "outranks",
     "queue_score",
+    "scan_jobs",
 ]
 
 #: The version of the owner and project indexes (``build_indexes``).
@@ -52,6 +53,24 @@ def outranks(score: float, other: float) -> bool:
     """True if the job scored ``score`` has a strictly higher priority than ``other``'s
     (age alone never outranks)."""
     return score < other - PRIORITY_STEP / 2
+
+
+async def scan_jobs(
+    redis: Any, fields: Sequence[str], page: int
+) -> AsyncIterator[list[tuple[str, float, list[str | None]]]]:
+    """Every stored job, a page of about ``page`` at a time: (id, creation score, the
+    values of its ``fields``, None where absent), each page read in two round trips (for
+    indexes built over jobs stored before them)."""
+    cursor = 0
+    while True:
+        cursor, found = await redis.zscan(keys.all_jobs(), cursor, count=page)
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in found:
+                pipe.hmget(keys.job(job_id), *fields)
+            rows = await pipe.execute()
+        yield [(job_id, score, row) for (job_id, score), row in zip(found, rows, strict=True)]
+        if cursor == 0:
+            return
 
 
 class JobIndex:
@@ -129,15 +148,9 @@ class JobIndex:
         if await self._redis.get(keys.indexes()) == INDEXES:
             return 0
         indexed = 0
-        cursor = 0
-        while True:
-            cursor, page = await self._redis.zscan(keys.all_jobs(), cursor, count=1000)
+        async for rows in scan_jobs(self._redis, ("owner", "spec"), 1000):
             async with self._redis.pipeline(transaction=False) as pipe:
-                for job_id, _ in page:
-                    pipe.hmget(keys.job(job_id), "owner", "spec")
-                found = await pipe.execute()
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for (job_id, score), (owner, spec) in zip(page, found, strict=True):
+                for job_id, score, (owner, spec) in rows:
                     if owner is None:
                         continue
                     pipe.zadd(keys.jobs_of(owner), {job_id: score})
@@ -146,8 +159,6 @@ class JobIndex:
                         pipe.zadd(keys.jobs_in_project(project), {job_id: score})
                     indexed += 1
                 await pipe.execute()
-            if cursor == 0:
-                break
         await self._redis.set(keys.indexes(), INDEXES)
         return indexed
 
