@@ -1,7 +1,7 @@
 """The servers ``bench/api.py`` measures: what each runs (a role of this script, in a
 process of its own) and how the driver starts, waits for and stops one (``Server``).
 
-- **bare**: plain uvicorn serving ``create_app(AppContext(settings))`` over the bench's
+- **bare**: plain uvicorn serving ``create_app(AppContext.build(settings))`` over the bench's
   Redis (uvloop and httptools, access log off);
 - **serve**: the Serve deployment as ``rayfarm up`` starts it (cluster/local.py), without
   the dispatcher; ``--serve-env``, ``--max-ongoing`` and ``--replicas`` change it (the
@@ -94,7 +94,7 @@ def role_bare(args: argparse.Namespace) -> int:
     from rayfarm.cluster.api import create_app
     from rayfarm.cluster.context import AppContext
 
-    app = create_app(AppContext(_settings(args)))
+    app = create_app(AppContext.build(_settings(args)))
     uvicorn.run(app, host=HOST, port=args.port, log_level="warning", access_log=False)
     return 0
 

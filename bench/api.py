@@ -9,7 +9,7 @@ same FastAPI app (``create_app``) over that Redis in turn by:
 - **echo**: a canned HTTP answer from a raw asyncio protocol, the cheapest server there
   is: the load generator's own ceiling on this machine (no target).
 - **bare**: plain uvicorn in a subprocess (uvloop and httptools, access log off) serving
-  ``create_app(AppContext(settings))``: one process, no Ray. The ceiling for this stack.
+  ``create_app(AppContext.build(settings))``: one process, no Ray. The ceiling for this stack.
 - **proxy**: Serve's default ingress (``RAYFARM_FAST_INGRESS=0``): Serve's Python proxy
   actor takes the HTTP request and hands it to one replica over a Ray actor call, the app
   on a second event loop in a thread of the replica (the deployment before issue 6).
@@ -181,7 +181,7 @@ class Bench:
 
 async def _create_job(redis_url: str) -> None:
     from rayfarm.cluster.auth import AuthStore
-    from rayfarm.cluster.store import JobStore
+    from rayfarm.cluster.store import JobStore, connect
     from rayfarm.models import JobRecord, JobSpec, JobState
 
     spec = JobSpec(frames="1-4")
@@ -190,12 +190,12 @@ async def _create_job(redis_url: str) -> None:
         frames_total=len(spec.frame_list), tasks_total=len(spec.frame_list),
         created_at=datetime.now(UTC),
     )  # fmt: skip
-    store = JobStore.from_url(redis_url)
+    redis = connect(redis_url)
     try:
-        await store.create(job, json.dumps({"main": "shot.blend", "files": []}), "0" * 64)
-        await AuthStore(store.redis).bootstrap(BENCH_TOKEN)  # requests carry its token
+        await JobStore(redis).create(job, json.dumps({"main": "shot.blend", "files": []}), "0" * 64)
+        await AuthStore(redis).bootstrap(BENCH_TOKEN)  # requests carry its token
     finally:
-        await store.close()
+        await redis.aclose()
 
 
 def measure(args: argparse.Namespace, procs: Processes, out: Path) -> dict[str, Any]:

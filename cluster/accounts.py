@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Query, Request
 
 from rayfarm.cluster.auth import Role, check_name
+from rayfarm.cluster.bodies import read_json
 from rayfarm.cluster.context import (
     Admin,
     AppContext,
@@ -29,10 +30,8 @@ from rayfarm.cluster.context import (
     Submitter,
     Who,
     process_context,
-    read_json,
     scope_address,
 )
-from rayfarm.cluster.notifier import WebhookStore
 from rayfarm.errors import Forbidden, InvalidRequest
 from rayfarm.models import check_webhook_url
 
@@ -115,7 +114,7 @@ async def audit_log(
 async def get_webhook(ctx: Ctx, who: Submitter) -> dict[str, str | None]:
     """Your webhook: ``url`` (None: none) and the ``secret`` that signs every call to it
     and to your jobs' own webhooks."""
-    return await WebhookStore(ctx.store.redis).get(who.name)
+    return await ctx.webhooks.get(who.name)
 
 
 @router.put(
@@ -138,13 +137,13 @@ async def put_webhook(request: Request, ctx: Ctx, who: Submitter) -> dict[str, s
         url = check_webhook_url(data["url"])
     except ValueError as exc:
         raise InvalidRequest(f"url: {exc}", {"field": "url"}) from None
-    return await WebhookStore(ctx.store.redis).put(who.name, url, rotate)
+    return await ctx.webhooks.put(who.name, url, rotate)
 
 
 @router.delete("/webhook")
 async def delete_webhook(ctx: Ctx, who: Submitter) -> dict[str, str | None]:
     """No webhook for your jobs (the secret stays: jobs' own webhooks use it)."""
-    store = WebhookStore(ctx.store.redis)
+    store = ctx.webhooks
     found = await store.get(who.name)
     if found["secret"] is None:
         return found

@@ -28,6 +28,7 @@ from importlib import resources
 from typing import Any
 
 from rayfarm.cluster import keys
+from rayfarm.cluster.job_index import scan_jobs
 from rayfarm.errors import FarmUnavailable, InvalidRequest
 
 __all__ = ["BLOB_INDEX", "BlobIndex", "Upload", "blobs_of"]
@@ -68,7 +69,8 @@ class Upload:
 
 
 class BlobIndex:
-    """The blob index over an asyncio Redis client (``JobStore.redis``)."""
+    """The blob index over an asyncio Redis client (``store.connect``'s, the one the job
+    store works over)."""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
@@ -246,20 +248,12 @@ class BlobIndex:
         if await self.redis.get(keys.blobs_indexed()) == BLOB_INDEX:
             return 0
         linked = 0
-        cursor = 0
-        while True:
-            cursor, found = await self.redis.zscan(keys.all_jobs(), cursor, count=page)
+        async for rows in scan_jobs(self.redis, ("owner", "inputs"), page):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id, _ in found:
-                    pipe.hmget(keys.job(job_id), "owner", "inputs")
-                rows = await pipe.execute()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for (job_id, _), (owner, inputs) in zip(found, rows, strict=True):
+                for job_id, _, (owner, inputs) in rows:
                     if owner is not None and inputs:
                         await self.link(pipe, job_id, owner, blobs_of(inputs))
                         linked += 1
                 await pipe.execute()
-            if cursor == 0:
-                break
         await self.redis.set(keys.blobs_indexed(), BLOB_INDEX)
         return linked

@@ -1,59 +1,58 @@
 """What every route needs: the process's context (settings, job store, storage,
-event hub, dispatcher hooks), the typed dependencies that hand it out, and the
-request-body readers that enforce the farm's size limits."""
+event hub, dispatcher hooks) and the typed dependencies that hand it out: who asks
+(``Who``, ``Submitter``, ``Admin``) and a job they may see (``JobId``). The request-body
+readers that enforce the farm's size limits are ``rayfarm.cluster.bodies``'s."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from rayfarm.cluster import keys
 from rayfarm.cluster.auth import ADMIN, AuthStore, Principal
 from rayfarm.cluster.deletion import Remover
 from rayfarm.cluster.events import EventHub
 from rayfarm.cluster.limits import Limits
-from rayfarm.cluster.notifier import Notifier
-from rayfarm.cluster.settings import MAX_JSON_DEPTH, Settings
+from rayfarm.cluster.notifier import Notifier, WebhookStore
+from rayfarm.cluster.policy import PolicyStore
+from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage
-from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.store import JobStore, connect
 from rayfarm.cluster.streams import StreamLeases
 from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.errors import (
     FarmUnavailable,
     Forbidden,
-    InvalidRequest,
     JobNotFound,
-    PayloadTooLarge,
     Unauthorized,
 )
+from rayfarm.render.inputs import Inputs
 
 __all__ = [
     "CSRF_HEADER",
-    "MAX_MANIFEST_BYTES",
     "SESSION_COOKIE",
     "Admin",
     "AppContext",
     "Ctx",
+    "Inspect",
     "JobId",
+    "Notify",
+    "Stats",
     "Submitter",
     "Who",
     "check_job_id",
     "check_may_change",
     "check_same_site",
     "check_submitter",
-    "limited",
-    "parse_json",
     "process_context",
-    "read_json",
     "set_process_context",
 ]
 
@@ -62,8 +61,6 @@ log = logging.getLogger("rayfarm.api")
 _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Jobs whose owner and project a process keeps in memory (then it starts over).
 OWNER_CACHE = 100_000
-#: Largest JSON body a request (a job's spec and file listing) may have.
-MAX_MANIFEST_BYTES = 8 * 1024**2
 #: The web page's session cookie (set by ``POST /session``, ``rayfarm.cluster.web``): it
 #: holds the API token the user signed in with, HttpOnly, so no script can read it.
 SESSION_COOKIE = "rayfarm_session"
@@ -77,43 +74,80 @@ CSRF_HEADER = "X-Rayfarm-Request"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-@dataclass
+#: Wakes the dispatcher: something changed in Redis (fire and forget).
+Notify = Callable[[], object]
+#: Catalogues a scene folder with a render actor, read by that Blender version.
+Inspect = Callable[[Inputs, str], Awaitable[dict[str, Any]]]
+#: The dispatcher's view of the pool (``Dispatcher.stats``).
+Stats = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(eq=False)
 class AppContext:
-    """What the routes need: settings, the job store, storage, the event hub, the open
-    streams' leases, and hooks into the dispatcher (absent where the app runs without
-    Ray)."""
+    """What the routes need: settings, the process's one Redis client and the stores
+    over it (jobs, accounts, limits, streams' leases, webhooks, policies), storage, the
+    event hub, the housekeeping and webhook loops, and hooks into the dispatcher (None
+    where the app runs without Ray). Made complete by ``AppContext.build``."""
 
     settings: Settings
-    store: JobStore = field(init=False)
-    storage: Storage = field(init=False)
-    hub: EventHub = field(init=False)
-    auth: AuthStore = field(init=False)
-    limits: Limits = field(init=False)
-    remover: Remover = field(init=False)
-    sweeper: Sweeper = field(init=False)
-    streams: StreamLeases = field(init=False)
-    notifier: Notifier = field(init=False)
-    notify: Any = None  # callable() or None: wakes the dispatcher
-    # async callable(Inputs, Blender version) -> catalogue dict, or None (no Ray here)
-    inspect: Any = None
-    stats: Any = None  # async callable() -> the dispatcher's stats, or None (no Ray here)
+    redis: Any  # the shared asyncio client (``store.connect``); Any as in ``JobStore``
+    store: JobStore
+    storage: Storage
+    hub: EventHub
+    auth: AuthStore
+    limits: Limits
+    remover: Remover
+    sweeper: Sweeper
+    streams: StreamLeases
+    webhooks: WebhookStore
+    policies: PolicyStore
+    notifier: Notifier
+    notify: Notify | None = None
+    inspect: Inspect | None = None
+    stats: Stats | None = None
     # Scene digest -> the task cataloguing it beside its first job's render (submit.py).
-    cataloguing: dict[str, Any] = field(init=False, default_factory=dict)
+    cataloguing: dict[str, asyncio.Task[dict[str, Any] | None]] = field(default_factory=dict)
+    _owners: dict[str, tuple[str, str | None]] = field(default_factory=dict, repr=False)
+    _indexed: bool = field(default=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.store = JobStore.from_url(
-            self.settings.redis_url, events_maxlen=self.settings.events_maxlen
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        notify: Notify | None = None,
+        inspect: Inspect | None = None,
+        stats: Stats | None = None,
+    ) -> AppContext:
+        """The context of one process: one Redis client (``settings.redis_url``) handed
+        to every store, and the dispatcher's hooks (none: this app runs without Ray)."""
+        redis = connect(settings.redis_url)
+        store = JobStore(redis, events_maxlen=settings.events_maxlen)
+        storage = Storage(settings.storage)
+        auth = AuthStore(redis, settings.audit_maxlen)
+        remover = Remover(redis, store, storage)
+        webhooks = WebhookStore(redis)
+        return cls(
+            settings=settings,
+            redis=redis,
+            store=store,
+            storage=storage,
+            hub=EventHub(store),
+            auth=auth,
+            limits=Limits(redis, auth, settings),
+            remover=remover,
+            sweeper=Sweeper(redis, store, storage, remover, auth, settings),
+            streams=StreamLeases(redis, settings.max_streams_per_user),
+            webhooks=webhooks,
+            policies=PolicyStore(redis),
+            notifier=Notifier(redis, store, webhooks, settings),
+            notify=notify,
+            inspect=inspect,
+            stats=stats,
         )
-        self.storage = Storage(self.settings.storage)
-        self.hub = EventHub(self.store)
-        self.auth = AuthStore(self.store.redis, self.settings.audit_maxlen)
-        self.limits = Limits(self.store.redis, self.auth, self.settings)
-        self.remover = Remover(self.store, self.storage)
-        self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
-        self.streams = StreamLeases(self.store.redis, self.settings.max_streams_per_user)
-        self.notifier = Notifier(self.store, self.settings)
-        self._owners: dict[str, tuple[str, str | None]] = {}
-        self._indexed = False
+
+    async def close(self) -> None:
+        """Close the Redis client every store shares."""
+        await self.redis.aclose()
 
     async def owner_of(self, job_id: str) -> tuple[str, str | None] | None:
         """(owner, project) of a job, None when there is no such job. Both are fixed at
@@ -121,14 +155,13 @@ class AppContext:
         known = self._owners.get(job_id)
         if known is not None:
             return known
-        owner, spec = await self.store.redis.hmget(keys.job(job_id), "owner", "spec")
-        if owner is None:
+        found = await self.store.owner(job_id)
+        if found is None:
             return None
-        project = json.loads(spec).get("project") if spec else None
         if len(self._owners) >= OWNER_CACHE:
             self._owners.clear()
-        self._owners[job_id] = (owner, project)
-        return owner, project
+        self._owners[job_id] = found
+        return found
 
     def forget_owner(self, job_id: str) -> None:
         """Drop a deleted job from the (owner, project) cache."""
@@ -141,6 +174,7 @@ class AppContext:
             self._indexed = True
 
     def nudge(self) -> None:
+        """Wake the dispatcher (where there is one): something changed in Redis."""
         if self.notify is not None:
             try:
                 self.notify()
@@ -321,71 +355,3 @@ async def _job_id(job_id: str, request: Request, ctx: Ctx, who: Who) -> str:
 
 #: A job id the requester may see (every route under /jobs/{job_id}).
 JobId = Annotated[str, Depends(_job_id)]
-
-
-async def limited(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
-    """The request body's chunks, refused (413) by its Content-Length when that says it
-    is too big, else the moment it passes ``limit`` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(
-            f"{what} of {int(length)} bytes is over the farm's limit of {limit} bytes",
-            {"limit": limit},
-        )
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"{what} is over the farm's limit of {limit} bytes", {"limit": limit}
-            )
-        yield chunk
-
-
-async def read_json(request: Request, what: str) -> Any:
-    """The body as JSON, at most MAX_MANIFEST_BYTES, nested at most the farm's
-    ``max_json_depth`` (400 when it is not JSON, or nested deeper)."""
-    body = b"".join([c async for c in limited(request, MAX_MANIFEST_BYTES, what)])
-    ctx: AppContext | None = getattr(request.app.state, "ctx", None) or _process_ctx
-    return parse_json(body, ctx.settings.max_json_depth if ctx else MAX_JSON_DEPTH)
-
-
-def parse_json(text: bytes | str, max_depth: int) -> Any:
-    """``text`` as JSON whose arrays and objects nest at most ``max_depth`` deep;
-    ``InvalidRequest`` (400) naming the limit when deeper, or when it is not JSON.
-
-    Python's parser recurses once per level and gives up near 1 000 with a
-    RecursionError, and whatever walks the value afterwards would recurse as deep."""
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise _too_deep(max_depth) from None
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not JSON: {exc}") from None
-    # Depth cannot pass the number of brackets: most bodies are done here, at C speed.
-    if isinstance(text, str):
-        text = text.encode()
-    if text.count(b"[") + text.count(b"{") > max_depth and _is_deeper(data, max_depth):
-        raise _too_deep(max_depth)
-    return data
-
-
-def _is_deeper(data: Any, max_depth: int) -> bool:
-    """Whether arrays and objects nest deeper than ``max_depth`` in ``data`` (without
-    recursion)."""
-    stack = [(data, 1)] if isinstance(data, dict | list) else []
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
-
-
-def _too_deep(max_depth: int) -> InvalidRequest:
-    return InvalidRequest(
-        f"the body nests arrays and objects deeper than the farm's limit of {max_depth} "
-        "levels (RAYFARM_MAX_JSON_DEPTH)",
-        {"limit": max_depth},
-    )

@@ -26,8 +26,9 @@ from typing import Any
 
 from rayfarm.cluster import keys
 from rayfarm.cluster.blobs import blobs_of
+from rayfarm.cluster.event_log import CHANGES_MAXLEN
 from rayfarm.cluster.storage import Storage, job_prefix
-from rayfarm.cluster.store import CHANGES_MAXLEN, JobStore
+from rayfarm.cluster.store import JobStore
 from rayfarm.errors import InvalidTransition, JobNotFound
 from rayfarm.models import JobState
 from rayfarm.render.inputs import blob_key
@@ -72,10 +73,9 @@ class Deleted:
 class Remover:
     """Deletes jobs and dying blobs, from Redis and from storage."""
 
-    def __init__(self, store: JobStore, storage: Storage) -> None:
-        self.store, self.storage = store, storage
-        self.redis = store.redis
-        self._delete = store.redis.register_script(_DELETE_LUA)
+    def __init__(self, redis: Any, store: JobStore, storage: Storage) -> None:
+        self.redis, self.store, self.storage = redis, store, storage
+        self._delete = redis.register_script(_DELETE_LUA)
 
     async def delete_job(self, job_id: str) -> Deleted:
         """Delete a finished job and everything only it used; ``JobNotFound`` when there

@@ -56,23 +56,19 @@ from ray.exceptions import RayActorError, RayTaskError
 from rayfarm.cluster import keys
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.demand import demand
+from rayfarm.cluster.event_log import now_iso
+from rayfarm.cluster.job_index import is_urgent_score, queue_score
 from rayfarm.cluster.policy import PolicyStore
 from rayfarm.cluster.pool import Pool, actor_died
 from rayfarm.cluster.post import encode_video
+from rayfarm.cluster.progress import NOT_PROCESSING, Finished
 from rayfarm.cluster.runs import Run, Slot, expand, task_key
 from rayfarm.cluster.scaler import Scaler
 from rayfarm.cluster.scheduler import Admission, Plan, Policy, Queued, Scheduler
 from rayfarm.cluster.settings import DISPATCHER_NAME, NAMESPACE, Settings
 from rayfarm.cluster.slicing import MAX_SLICE_LOSSES, FrameSamples, auto_slices, lost_slot
 from rayfarm.cluster.storage import Storage
-from rayfarm.cluster.store import (
-    NOT_PROCESSING,
-    Finished,
-    JobStore,
-    is_urgent_score,
-    now_iso,
-    queue_score,
-)
+from rayfarm.cluster.store import JobStore, connect
 from rayfarm.errors import BlenderNotOffered, FarmError, InvalidTransition, RenderError
 from rayfarm.models import JobSpec, JobState, grid_of
 from rayfarm.render.assembler import TileAssembler
@@ -100,12 +96,13 @@ class Dispatcher:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings.from_dict(settings)
-        self.store = JobStore.from_url(self.settings.redis_url)
+        self.redis: Any = connect(self.settings.redis_url)
+        self.store = JobStore(self.redis)
         self.storage = Storage(self.settings.storage)
         self.pool = Pool(self.settings)
         self.scaler = Scaler(self.settings)
         self.scheduler = Scheduler()
-        self.policies = PolicyStore(self.store.redis)
+        self.policies = PolicyStore(self.redis)
         self.policy = Policy()
         self.runs: dict[str, Run] = {}
         # Queued jobs as admission sees them (read once per QUEUED_TTL_S), and the reason
@@ -275,7 +272,7 @@ class Dispatcher:
         """After Redis failed mid-run: drop every run (tasks in flight finish unrecorded:
         their runs are stopped) and pick the jobs up again from Redis, which says which
         frames and tasks are done. Raises while Redis is still unreachable."""
-        await self.store.redis.ping()
+        await self.store.ping()
         for run in list(self.runs.values()):
             self._stop(run)
         self._resync = False
@@ -312,7 +309,7 @@ class Dispatcher:
         """Drop runs whose job left PROCESSING (cancelled through the API); their renders
         in progress are stopped. Follow an admin's urgent mark."""
         for run in list(self.runs.values()):
-            state, urgent = await self.store.redis.hmget(keys.job(run.id), ["state", "urgent"])
+            state, urgent = await self.redis.hmget(keys.job(run.id), ["state", "urgent"])
             if state != JobState.PROCESSING:
                 self._stop(run, halt=f"the job is {str(state or 'gone').lower()}")
             run.urgent = urgent == "1"
@@ -439,7 +436,7 @@ class Dispatcher:
             self._queued_at = now
         unknown = [job_id for job_id, _ in head if job_id not in self._queued]
         if unknown:
-            async with self.store.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in unknown:
                     pipe.hmget(keys.job(job_id), ["owner", "spec", "tasks_total", "rendered_by"])
                 found = await pipe.execute()
@@ -726,7 +723,7 @@ class Dispatcher:
             run.previewed[task.frame] = fraction
             key = layout.preview_key(run.id, task.frame)
             await asyncio.to_thread(self.storage.put_bytes, key, image)
-            await self.store.redis.hset(keys.previews(run.id), str(task.frame), f"{fraction:.4f}")
+            await self.store.set_preview_share(run.id, task.frame, fraction)
         await self.store.event(
             run.id, "preview", frame=task.frame, fraction=f"{fraction:.4f}",
             preview_s=f"{steps.get('preview_s', 0.0):.3f}", **_where(slot),
@@ -738,7 +735,7 @@ class Dispatcher:
         async with self._previewing:
             run.previewed[frame] = 1.0
             run.sampled.pop(frame, None)
-            await self.store.redis.hdel(keys.previews(run.id), str(frame))
+            await self.store.forget_preview(run.id, frame)
             await asyncio.to_thread(self.storage.delete, layout.preview_key(run.id, frame))
 
     async def _execute_batch(self, slot: Slot, run: Run, tasks: list[RenderTask]) -> None:

@@ -134,7 +134,6 @@ class EventHub:
         return entries
 
     async def _run(self) -> None:
-        redis = self.store.redis
         while True:
             if not self._waiters:
                 self._joined.clear()
@@ -147,7 +146,7 @@ class EventHub:
                 for stream, waiters in self._waiters.items()
             }
             try:
-                found = await redis.xread(streams, count=1, block=self.block_ms)
+                found = await self.store.read_new(streams, self.block_ms)
             except Exception:
                 log.warning("event hub: reading Redis failed; retrying", exc_info=True)
                 await asyncio.sleep(1.0)

@@ -41,12 +41,11 @@ from typing import Any
 import grpc
 import platformdirs
 
-from rayfarm.cluster import faults
+from rayfarm.cluster import faults, lifecycle
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import (
     AppContext,
     authenticate,
-    check_may_change,
     check_submitter,
     process_context,
     visible_job,
@@ -54,7 +53,7 @@ from rayfarm.cluster.context import (
 from rayfarm.cluster.events import EVENT_ID, follow
 from rayfarm.cluster.submit import submit_listing
 from rayfarm.errors import FarmError, FarmUnavailable, InvalidRequest
-from rayfarm.models import JobRecord, JobState
+from rayfarm.models import JobRecord
 
 __all__ = [
     "ERROR_CODE_KEY",
@@ -309,11 +308,7 @@ async def cancel_job(request: Any, grpc_context: Any) -> Any:
     """``CancelJob``: what ``POST /jobs/{id}/cancel`` does."""
     try:
         ctx = _context()
-        job_id = request.job_id
-        await check_may_change(ctx, await _who(ctx, grpc_context), job_id)
-        await ctx.store.transition(job_id, JobState.CANCELLED)
-        ctx.nudge()
-        job = await ctx.store.get(job_id)
+        job = await lifecycle.cancel_job(ctx, await _who(ctx, grpc_context), request.job_id)
     except FarmError as exc:
         _refuse(grpc_context, exc)
         return pb2().JobReply()

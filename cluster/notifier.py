@@ -41,8 +41,9 @@ import httpx
 
 import rayfarm
 from rayfarm.cluster import keys
+from rayfarm.cluster.event_log import now_iso
 from rayfarm.cluster.settings import Settings
-from rayfarm.cluster.store import JobStore, now_iso
+from rayfarm.cluster.store import JobStore
 from rayfarm.models import JobState
 
 __all__ = ["SIGNATURE_HEADER", "Notifier", "WebhookStore", "sign"]
@@ -106,10 +107,10 @@ def new_secret() -> str:
 class Notifier:
     """Sends job-end notifications (see the module's docstring); ``run`` loops forever."""
 
-    def __init__(self, store: JobStore, settings: Settings) -> None:
-        self.store, self.settings = store, settings
-        self.redis = store.redis
-        self.webhooks = WebhookStore(store.redis)
+    def __init__(
+        self, redis: Any, store: JobStore, webhooks: WebhookStore, settings: Settings
+    ) -> None:
+        self.redis, self.store, self.webhooks, self.settings = redis, store, webhooks, settings
         self.consumer = uuid.uuid4().hex[:12]
         self._claimed_at = 0.0
 

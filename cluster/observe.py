@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from rayfarm.cluster import storage as layout
 from rayfarm.cluster.context import AppContext, Ctx, JobId, Who
 from rayfarm.cluster.events import EVENT_ID, decode, follow, sse
-from rayfarm.cluster.store import RENDER_S_BUCKETS
+from rayfarm.cluster.progress import RENDER_S_BUCKETS
 from rayfarm.cluster.sweeper import AREAS, measured_usage
 from rayfarm.errors import InvalidRequest, NotFound
 from rayfarm.events import format_event
@@ -124,7 +124,7 @@ async def metrics(ctx: Ctx) -> Response:
     from prometheus_client.core import CollectorRegistry
 
     snapshot = await ctx.store.metrics()
-    snapshot["storage"] = await measured_usage(ctx.store.redis)
+    snapshot["storage"] = await measured_usage(ctx.redis)
     snapshot["blobs"] = await ctx.store.blobs.stats()
     stats = await dispatcher_stats(ctx)
     registry = CollectorRegistry(auto_describe=False)

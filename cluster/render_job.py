@@ -167,14 +167,11 @@ async def _submit_and_follow(
     from rayfarm.models import JobState
     from rayfarm.render.inputs import blob_key
 
-    ctx = AppContext(settings)
-
     async def inspect(inputs: Any, blender: str) -> dict[str, Any]:
         result: dict[str, Any] = await dispatcher.inspect.remote(inputs, blender)
         return result
 
-    ctx.inspect = inspect
-    ctx.notify = lambda: dispatcher.notify.remote()
+    ctx = AppContext.build(settings, notify=lambda: dispatcher.notify.remote(), inspect=inspect)
     try:
         sent = 0
         for f in {f.sha256: f for f in packed.files}.values():
@@ -196,7 +193,7 @@ async def _submit_and_follow(
               + (f"; manifest {where}" if status.state is JobState.COMPLETED else ""))  # fmt: skip
         return EXIT_OK if status.state is JobState.COMPLETED else EXIT_JOB_FAILED
     finally:
-        await ctx.store.close()
+        await ctx.close()
 
 
 if __name__ == "__main__":

@@ -21,15 +21,14 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, Request
-from redis.exceptions import WatchError
 
-from rayfarm.cluster import keys
 from rayfarm.cluster.auth import Principal, check_name
-from rayfarm.cluster.context import Admin, AppContext, Ctx, JobId, Who, check_may_change, read_json
-from rayfarm.cluster.policy import SCOPES, PolicyStore
+from rayfarm.cluster.bodies import read_json
+from rayfarm.cluster.context import Admin, AppContext, Ctx, JobId, Who, check_may_change
+from rayfarm.cluster.policy import SCOPES
 from rayfarm.cluster.scheduler import Quota
-from rayfarm.errors import InvalidRequest, InvalidSpec, InvalidTransition, JobNotFound
-from rayfarm.models import JobRecord, JobSpec, JobState, parse_spec
+from rayfarm.errors import InvalidRequest, InvalidSpec, InvalidTransition
+from rayfarm.models import JobRecord, JobState, parse_spec
 
 __all__ = ["MAX_WEIGHT", "check_dependencies", "router"]
 
@@ -92,10 +91,7 @@ async def _cycle(ctx: AppContext, job_id: str, depends_on: tuple[str, ...]) -> l
                 f"depends_on: the chain of dependencies is longer than {MAX_WALK} jobs",
                 {"field": "depends_on"},
             )
-        async with ctx.store.redis.pipeline(transaction=False) as pipe:
-            for node in level:
-                pipe.hget(keys.job(node), "spec")
-            specs = await pipe.execute()
+        specs = await ctx.store.specs(level)
         following = []
         for node, spec in zip(level, specs, strict=True):
             for dep in (json.loads(spec).get("depends_on") or []) if spec else []:
@@ -118,7 +114,7 @@ def _body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
 @router.get("/shares")
 async def list_shares(ctx: Ctx, _: Who) -> dict[str, Any]:
     """Each weighted project's fair-share weight (unlisted projects weigh 1)."""
-    return {"shares": await PolicyStore(ctx.store.redis).shares()}
+    return {"shares": await ctx.policies.shares()}
 
 
 @router.put(
@@ -137,7 +133,7 @@ async def set_share(project: str, request: Request, ctx: Ctx, _: Admin) -> dict[
         raise InvalidRequest(
             f"weight {weight}: above 0 and at most {MAX_WEIGHT:g}", {"field": "weight"}
         )
-    await PolicyStore(ctx.store.redis).set_share(project, float(weight))
+    await ctx.policies.set_share(project, float(weight))
     ctx.nudge()
     return {"project": project, "weight": float(weight)}
 
@@ -146,7 +142,7 @@ async def set_share(project: str, request: Request, ctx: Ctx, _: Admin) -> dict[
 async def drop_share(project: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
     """Back to the default weight, 1 (admins)."""
     check_name(project, "project")
-    await PolicyStore(ctx.store.redis).set_share(project, None)
+    await ctx.policies.set_share(project, None)
     ctx.nudge()
     return {"project": project, "weight": 1.0}
 
@@ -157,7 +153,7 @@ async def drop_share(project: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
 @router.get("/quotas")
 async def list_quotas(ctx: Ctx, _: Who) -> dict[str, Any]:
     """Every quota: ``{"user": {name: {"gpu", "cpu"}}, "project": {...}}`` (null: none)."""
-    return {"quotas": await PolicyStore(ctx.store.redis).quotas()}
+    return {"quotas": await ctx.policies.quotas()}
 
 
 @router.put(
@@ -184,7 +180,7 @@ async def set_quota(scope: str, name: str, request: Request, ctx: Ctx, _: Admin)
                 {"field": kind},
             )
         limits[kind] = value
-    await PolicyStore(ctx.store.redis).set_quota(scope, name, Quota(**limits))
+    await ctx.policies.set_quota(scope, name, Quota(**limits))
     ctx.nudge()
     return {"scope": scope, "name": name, **limits}
 
@@ -193,7 +189,7 @@ async def set_quota(scope: str, name: str, request: Request, ctx: Ctx, _: Admin)
 async def drop_quota(scope: str, name: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
     """Remove a quota (admins)."""
     _check_scope(scope, name)
-    await PolicyStore(ctx.store.redis).set_quota(scope, name, None)
+    await ctx.policies.set_quota(scope, name, None)
     ctx.nudge()
     return {"scope": scope, "name": name, "gpu": None, "cpu": None}
 
@@ -253,30 +249,6 @@ async def set_dependencies(job_id: JobId, request: Request, ctx: Ctx, who: Who) 
         )
     spec = parse_spec({**job.spec.model_dump(mode="json"), "depends_on": data["depends_on"]})
     await check_dependencies(ctx, who, spec.depends_on, job_id)
-    await _replace_spec(ctx, job_id, spec)
+    await ctx.store.replace_pending_spec(job_id, spec)
     ctx.nudge()
     return await ctx.store.get(job_id)
-
-
-async def _replace_spec(ctx: AppContext, job_id: str, spec: JobSpec) -> None:
-    """Store ``spec`` as the job's while it is still PENDING (409 otherwise): a WATCH on
-    the job, so a dispatcher starting it meanwhile wins and the change is refused."""
-    while True:
-        async with ctx.store.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(keys.job(job_id))
-                state = await pipe.hget(keys.job(job_id), "state")
-                if state is None:
-                    raise JobNotFound(f"no job {job_id}", {"job_id": job_id})
-                if state != JobState.PENDING:
-                    raise InvalidTransition(
-                        f"job {job_id} is {state}: only a queued (PENDING) job's "
-                        "dependencies change",
-                        {"job_id": job_id, "state": state},
-                    )
-                pipe.multi()
-                pipe.hset(keys.job(job_id), "spec", spec.model_dump_json())
-                await pipe.execute()
-                return
-            except WatchError:
-                continue  # the job changed meanwhile: look again

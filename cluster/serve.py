@@ -81,12 +81,12 @@ LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 @serve.ingress(app)
 class RayfarmAPI:
     def __init__(self, settings: dict[str, Any]) -> None:
-        ctx = AppContext(Settings.from_dict(settings))
         dispatcher = _Dispatcher()
-        ctx.notify, ctx.inspect, ctx.stats = (
-            dispatcher.notify,
-            dispatcher.inspect,
-            dispatcher.stats,
+        ctx = AppContext.build(
+            Settings.from_dict(settings),
+            notify=dispatcher.notify,
+            inspect=dispatcher.inspect,
+            stats=dispatcher.stats,
         )
         set_process_context(ctx)
         # Serve would read every request body ahead of the app, whole, into memory.

@@ -29,7 +29,6 @@ from starlette.datastructures import UploadFile
 from rayfarm.blendfile import BlendHeader, BlendLimits, check_blend
 from rayfarm.cluster.auth import Principal
 from rayfarm.cluster.context import AppContext
-from rayfarm.cluster.notifier import WebhookStore
 from rayfarm.cluster.scheduling import check_dependencies
 from rayfarm.cluster.storage import CHUNK_BYTES, Storage
 from rayfarm.errors import (
@@ -340,7 +339,7 @@ async def _create_job(
     # everyone who may read the job sees.
     webhook, spec = spec.webhook, spec.model_copy(update={"webhook": None})
     if webhook is not None:
-        await WebhookStore(ctx.store.redis).secret(owner)  # what will sign its calls
+        await ctx.webhooks.secret(owner)  # what will sign its calls
     grid = spec.tile_grid  # None for 'auto': the dispatcher sets it and the task count
     nx, ny = grid or (1, 1)
     slices = spec.slice_count  # the same

@@ -67,6 +67,7 @@ class Sweeper:
 
     def __init__(
         self,
+        redis: Any,
         store: JobStore,
         storage: Storage,
         remover: Remover,
@@ -75,7 +76,7 @@ class Sweeper:
     ) -> None:
         self.store, self.storage, self.remover, self.auth = store, storage, remover, auth
         self.settings = settings
-        self.redis = store.redis
+        self.redis = redis
         self.started = time.time()
 
     async def run(self) -> None:

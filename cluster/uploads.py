@@ -21,7 +21,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from rayfarm.cluster.context import limited
+from rayfarm.cluster.bodies import limited
 from rayfarm.errors import InvalidRequest, PayloadTooLarge
 
 __all__ = ["FORM_OVERHEAD_BYTES", "MAX_SPEC_BYTES", "SceneUpload", "read_scene_upload"]

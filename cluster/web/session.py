@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from rayfarm.cluster.auth import Principal
+from rayfarm.cluster.bodies import read_json
 from rayfarm.cluster.context import (
     SESSION_COOKIE,
     Ctx,
@@ -34,28 +35,21 @@ from rayfarm.cluster.context import (
     check_same_site,
     check_submitter,
     client_address,
-    read_json,
 )
+from rayfarm.cluster.routes.schemas import json_body
 from rayfarm.errors import Forbidden, InvalidRequest
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["accounts"])
 
-_SESSION_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["token"],
-                    "properties": {"token": {"type": "string", "description": "an API token"}},
-                }
-            }
-        },
+_SESSION_BODY = json_body(
+    {
+        "type": "object",
+        "required": ["token"],
+        "properties": {"token": {"type": "string", "description": "an API token"}},
     }
-}
+)
 
 
 def is_https(request: Request) -> bool:

@@ -23,8 +23,9 @@ import redis
 
 from rayfarm import Farm, JobSpec, JobState
 from rayfarm.cluster import keys
+from rayfarm.cluster.progress import NOT_PROCESSING, RENDER_S_BUCKETS, Finished
 from rayfarm.cluster.runs import BATCH_S, MAX_BATCH, SHORT_TASK_S, Run, expand
-from rayfarm.cluster.store import NOT_PROCESSING, RENDER_S_BUCKETS, Finished, JobStore
+from rayfarm.cluster.store import JobStore
 from rayfarm.models import JobRecord
 
 from helpers.blender import pixels, render_reference
@@ -41,6 +42,11 @@ def _job(job_id: str, frames: str) -> JobRecord:
     return JobRecord(id=job_id, state=JobState.PENDING, owner="tester", spec=spec,
                scene_file="shot.blend", frames_total=n, tasks_total=n,
                created_at=datetime.now(UTC))  # fmt: skip
+
+
+async def _events(store: JobStore, job_id: str) -> list[dict[str, str]]:
+    """The job's events, oldest first, each with its ``id``."""
+    return [{"id": i, **f} for i, f in await store.events_after(job_id, None, 1000)]
 
 
 # -- the store's two scripts, on a real redis-server ---------------------------------------
@@ -65,7 +71,7 @@ def test_start_and_finish_record_a_batch_in_one_script_each(redis_url):
         assert await store.finish_tasks(job_id, items) == 3
         after = await store.metrics()
 
-        events = await store.events(job_id)
+        events = await _events(store, job_id)
         tail = [(e["kind"], e.get("task") or e.get("frame")) for e in events[2:]]
         assert tail == (
             [("task_started", k) for k, _, _ in named] + [("task_started", named[1][0])]
@@ -93,10 +99,10 @@ def test_start_and_finish_record_a_batch_in_one_script_each(redis_url):
 
         # A cancel that lands while frames are being written wins: nothing is recorded.
         await store.transition(job_id, JobState.CANCELLED)
-        length = len(await store.events(job_id))
+        length = len(await _events(store, job_id))
         late = Finished(4, keys.task_key(4, 0), 0.1, {}, "jobs/x/0004.png", {})
         assert await store.finish_tasks(job_id, [late]) == NOT_PROCESSING
-        assert len(await store.events(job_id)) == length
+        assert len(await _events(store, job_id)) == length
         assert 4 not in await store.frames_done(job_id)
 
     async def with_store() -> None:

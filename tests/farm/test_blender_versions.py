@@ -127,7 +127,7 @@ def test_a_53_file_on_a_50_only_farm_is_refused_naming_what_it_offers(
     )  # fmt: skip
     bootstrap_admin(redis_url, ADMIN_TOKEN)
     scene = make_scene(*SCENE, blender="5.3")
-    with TestClient(create_app(AppContext(settings)), headers=AUTH) as client:
+    with TestClient(create_app(AppContext.build(settings)), headers=AUTH) as client:
         r = client.post(
             "/jobs",
             files={"scene": ("shot.blend", scene.read_bytes())},

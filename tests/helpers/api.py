@@ -54,8 +54,7 @@ def api_client(
     values = {"redis_url": redis_url, "storage": (tmp_path / "storage").as_uri(),
               "data_dir": str(tmp_path), "blender": ("5.0",), **overrides}  # fmt: skip
     settings = Settings(**values)
-    ctx = AppContext(settings)
-    ctx.notify = notify
+    ctx = AppContext.build(settings, notify=notify)
     bootstrap_admin(redis_url, ADMIN_TOKEN)
     with TestClient(create_app(ctx), raise_server_exceptions=False, headers=AUTH) as client:
         client.storage_dir = tmp_path / "storage"  # type: ignore[attr-defined]

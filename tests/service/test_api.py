@@ -213,7 +213,9 @@ def test_redis_down_is_503_and_the_app_stays_up(tmp_path):
         data_dir=str(tmp_path),
         blender=("5.0",),
     )
-    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(AppContext.build(settings)), raise_server_exceptions=False
+    ) as client:
         assert_error(client.get("/healthz"), 503, "farm_unavailable", "unreachable")
         assert_error(client.get("/jobs/0123456789abcdef"), 503, "farm_unavailable", "unreachable")
 

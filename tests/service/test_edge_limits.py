@@ -158,7 +158,7 @@ def test_loopback_host_names(host, loopback):
 def test_a_farm_without_accounts_refuses_a_foreign_host_name(redis_url, tmp_path):
     settings = Settings(redis_url=redis_url, storage=(tmp_path / "s").as_uri(),
                         data_dir=str(tmp_path), auth=False, blender=("5.0",))  # fmt: skip
-    app = create_app(AppContext(settings))
+    app = create_app(AppContext.build(settings))
     with TestClient(app, base_url="http://rebound.example:8000") as rebound:
         r = rebound.get("/jobs")
         assert r.status_code == 403 and r.json()["error"]["detail"]["host"].startswith("rebound")
@@ -166,7 +166,7 @@ def test_a_farm_without_accounts_refuses_a_foreign_host_name(redis_url, tmp_path
     # With accounts on, the token is what counts: any Host gets its 401.
     settings = Settings(redis_url=redis_url, storage=(tmp_path / "s").as_uri(),
                         data_dir=str(tmp_path), blender=("5.0",))  # fmt: skip
-    with TestClient(create_app(AppContext(settings)), base_url="http://farm.example") as c:
+    with TestClient(create_app(AppContext.build(settings)), base_url="http://farm.example") as c:
         assert c.get("/jobs").status_code == 401
 
 

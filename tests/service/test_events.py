@@ -8,6 +8,7 @@ from test_store import _job, _with_store, run
 from rayfarm import JobState
 from rayfarm.cluster import keys
 from rayfarm.cluster.events import EventHub, decode, follow, sse
+from rayfarm.cluster.progress import Finished
 from rayfarm.cluster.store import JobStore
 
 
@@ -101,7 +102,9 @@ def test_follow_resumes_exactly_and_ends_after_the_terminal_state(redis_url):
         job_id = "b" * 16
         await store.create(_job(job_id), "k", "h")
         await store.transition(job_id, JobState.PROCESSING)
-        await store.mark_task_done(job_id, keys.task_key(1, 0), 1.5, frame=1, tile=0)
+        await store.finish_tasks(
+            job_id, [Finished(1, keys.task_key(1, 0), 1.5, {"frame": 1, "tile": 0})]
+        )
 
         async def finish_later():
             await asyncio.sleep(0.5)
@@ -152,9 +155,8 @@ def test_state_indexes_and_metrics_follow_every_change(redis_url):
         await store.transition(ids[0], JobState.PENDING)  # retry
         await store.transition(ids[1], JobState.CANCELLED)
         await store.transition(ids[2], JobState.PROCESSING)
-        for seconds in (0.2, 0.7, 4.0, 5000.0):
-            await store.mark_task_done(ids[2], keys.task_key(int(seconds), 0), seconds)
-        await store.mark_frame_done(ids[2], 1, "k1")
+        done = [Finished(int(s), keys.task_key(int(s), 0), s) for s in (0.2, 0.7, 4.0, 5000.0)]
+        await store.finish_tasks(ids[2], [*done, Finished(1, object_key="k1")])
         await store.count(upload_bytes_total=1000, upload_blobs_total=2)
 
         m = await store.metrics()

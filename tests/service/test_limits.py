@@ -239,7 +239,9 @@ def test_an_internal_error_is_a_generic_500_with_a_request_id(api):
 def test_redis_down_is_503_with_a_request_id_and_no_address(tmp_path):
     settings = Settings(redis_url="redis://127.0.0.1:1/0", storage=tmp_path.as_uri(),
                         data_dir=str(tmp_path), blender=("5.0",))  # fmt: skip
-    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(AppContext.build(settings)), raise_server_exceptions=False
+    ) as client:
         for path in ("/healthz", "/jobs/0123456789abcdef"):
             r = client.get(path)
             err = error(r, 503, "farm_unavailable")

@@ -20,9 +20,10 @@ from rayfarm.cluster import blobs as blob_index
 from rayfarm.cluster import keys
 from rayfarm.cluster.auth import AuthStore
 from rayfarm.cluster.deletion import LATE_WRITES_S, Remover
+from rayfarm.cluster.progress import Finished
 from rayfarm.cluster.settings import Settings
 from rayfarm.cluster.storage import Storage, frame_key, task_log_key
-from rayfarm.cluster.store import JobStore
+from rayfarm.cluster.store import JobStore, connect
 from rayfarm.cluster.sweeper import Sweeper
 from rayfarm.models import JobRecord
 from rayfarm.render.inputs import InputFile, Inputs, blob_key
@@ -37,15 +38,17 @@ class Farm:
     """A job store, file storage, remover and sweeper over one Redis database."""
 
     def __init__(self, redis_url: str, root: Path, **settings) -> None:
-        self.store = JobStore.from_url(redis_url)
-        self.redis = self.store.redis
+        self.redis = connect(redis_url)
+        self.store = JobStore(self.redis)
         self.storage = Storage(root.as_uri())
         self.root = root
-        self.remover = Remover(self.store, self.storage)
+        self.remover = Remover(self.redis, self.store, self.storage)
         self.settings = Settings(redis_url=redis_url, storage=root.as_uri(), data_dir=str(root),
                                  blender=("5.0",), **settings)  # fmt: skip
         self.auth = AuthStore(self.redis)
-        self.sweeper = Sweeper(self.store, self.storage, self.remover, self.auth, self.settings)
+        self.sweeper = Sweeper(
+            self.redis, self.store, self.storage, self.remover, self.auth, self.settings
+        )
 
     def blob(self, data: bytes) -> tuple[str, int]:
         sha = hashlib.sha256(data).hexdigest()
@@ -70,8 +73,15 @@ class Farm:
             key = frame_key(job_id, frame, "png")
             self.storage.put_bytes(key, b"P" * 5000)
             self.storage.put_bytes(task_log_key(job_id, f"f{frame:07d}t000", 1), b"log\n" * 100)
-            await self.store.mark_task_done(job_id, f"f{frame:07d}t000", 1.0, frame=frame)
-            await self.store.mark_frame_done(job_id, frame, key, "0" * 64, 5000)
+            done = Finished(
+                frame,
+                f"f{frame:07d}t000",
+                1.0,
+                {"frame": frame},
+                key,
+                {"sha256": "0" * 64, "size": 5000},
+            )
+            await self.store.finish_tasks(job_id, [done])
         if state is not JobState.PROCESSING:
             await self.store.transition(job_id, state)
 
@@ -100,7 +110,7 @@ def _run(redis_url, tmp_path, body, **settings):
         try:
             return await body(farm)
         finally:
-            await farm.store.close()
+            await farm.redis.aclose()
 
     return asyncio.run(main())
 
@@ -300,7 +310,7 @@ def test_retention_of_0_days_keeps_every_job(redis_url, tmp_path):
 def test_one_replica_sweeps_at_a_time_and_the_last_sweep_outlives_restarts(redis_url, tmp_path):
     async def body(farm: Farm):
         await farm.job(A, [farm.blob(b"S")])
-        replicas = [Sweeper(farm.store, farm.storage, farm.remover, farm.auth,
+        replicas = [Sweeper(farm.redis, farm.store, farm.storage, farm.remover, farm.auth,
                             Settings(**{**farm.settings.to_dict(), "sweep_interval_s": 1.0}))
                     for _ in range(4)]  # fmt: skip
         for replica in replicas:
@@ -308,7 +318,9 @@ def test_one_replica_sweeps_at_a_time_and_the_last_sweep_outlives_restarts(redis
         reports = await asyncio.gather(*(r.sweep_if_due() for r in replicas))
         assert sum(r is not None for r in reports) == 1
         # A replica started now (a restart) finds the last sweep in Redis: not due yet.
-        fresh = Sweeper(farm.store, farm.storage, farm.remover, farm.auth, replicas[0].settings)
+        fresh = Sweeper(
+            farm.redis, farm.store, farm.storage, farm.remover, farm.auth, replicas[0].settings
+        )
         fresh.started = 0
         assert await fresh.sweep_if_due() is None
         await asyncio.sleep(1.0)

@@ -9,8 +9,10 @@ import redis as sync_redis
 
 from rayfarm import InvalidTransition, JobNotFound, JobSpec, JobState
 from rayfarm.cluster import keys
+from rayfarm.cluster.job_index import outranks, queue_score
+from rayfarm.cluster.progress import Finished
 from rayfarm.cluster.redis_server import RedisServer
-from rayfarm.cluster.store import JobStore, outranks, queue_score
+from rayfarm.cluster.store import JobStore
 from rayfarm.models import JobRecord
 
 
@@ -28,6 +30,16 @@ def _job(
         tasks_total=len(spec.frame_list),
         created_at=datetime.now(UTC),
     )
+
+
+async def _events(store: JobStore, job_id: str) -> list[dict[str, str]]:
+    """The job's events, oldest first, each with its ``id``."""
+    return [{"id": i, **f} for i, f in await store.events_after(job_id, None, 1000)]
+
+
+async def _queued(store: JobStore) -> list[str]:
+    """The queued job ids, in queue order."""
+    return [job_id for job_id, _ in await store.queue_head(100)]
 
 
 def run(coro):
@@ -49,14 +61,14 @@ def test_create_get_list_and_queue(redis_url):
         job = await store.get("a" * 16)
         assert job.state is JobState.PENDING and job.owner == "tester"
         assert job.spec.priority == 10 and job.frames_total == 4
-        assert await store.queued() == ["b" * 16, "a" * 16]  # priority first
+        assert await _queued(store) == ["b" * 16, "a" * 16]  # priority first
         jobs, total = await store.list_jobs()
         assert total == 2 and [j.id for j in jobs] == ["b" * 16, "a" * 16]
         only, n = await store.list_jobs(JobState.PENDING, 0, 1)
         assert n == 2 and len(only) == 1
         with pytest.raises(JobNotFound):
             await store.get("c" * 16)
-        events = await store.events("a" * 16)
+        events = await _events(store, "a" * 16)
         assert events[0]["kind"] == "state" and events[0]["to"] == "PENDING"
 
     run(_with_store(redis_url, go))
@@ -89,7 +101,7 @@ def test_store_applies_the_table(redis_url, path, target, ok):
             assert await store.transition("d" * 16, target) is before.state
             after = await store.get("d" * 16)
             assert after.state is target
-            queued = await store.queued()
+            queued = await _queued(store)
             assert (("d" * 16) in queued) == (target is JobState.PENDING)
             if target is JobState.PENDING:
                 assert after.error is None and after.finished_at is None
@@ -171,7 +183,7 @@ def test_cancel_racing_completion_has_one_answer(redis_url):
             assert len(won) == 1
             job = await store.get(job_id)
             assert job.state is won[0]
-            state_events = [e for e in await store.events(job_id) if e["kind"] == "state"]
+            state_events = [e for e in await _events(store, job_id) if e["kind"] == "state"]
             assert [e["to"] for e in state_events] == ["PENDING", "PROCESSING", won[0].value]
 
     run(_with_store(redis_url, go))
@@ -182,10 +194,17 @@ def test_retry_resets_only_incomplete_frames(redis_url):
         job_id = "f" * 16
         await store.create(_job(job_id), "k", "h")
         await store.transition(job_id, JobState.PROCESSING)
-        for frame in (1, 2):
-            await store.mark_task_done(job_id, keys.task_key(frame, 0), 0.2)
-            await store.mark_frame_done(job_id, frame, f"jobs/{job_id}/frames/{frame:04d}.png")
-        await store.mark_task_done(job_id, keys.task_key(3, 0), 0.2)  # tile done, frame not stored
+        stored = [
+            Finished(
+                frame,
+                keys.task_key(frame, 0),
+                0.2,
+                object_key=f"jobs/{job_id}/frames/{frame:04d}.png",
+            )
+            for frame in (1, 2)
+        ]
+        # Frame 3's tile done, the frame not stored.
+        await store.finish_tasks(job_id, [*stored, Finished(3, keys.task_key(3, 0), 0.2)])
         await store.add_attempt(job_id, keys.task_key(4, 0))
         await store.transition(job_id, JobState.FAILED, error="frame 4: boom")
         await store.reset_incomplete(job_id)
@@ -218,7 +237,7 @@ def test_jobs_survive_a_redis_restart(tmp_path):
             _, total = await store.list_jobs()
             assert total == 5
             assert (await store.get(f"{0:016x}")).state is JobState.PROCESSING
-            assert len(await store.queued()) == 4
+            assert len(await _queued(store)) == 4
 
         run(_with_store(server.url, read))
         client = sync_redis.Redis.from_url(server.url)
@@ -273,7 +292,8 @@ def test_listings_read_the_owner_and_project_indexes(redis_url):
             assert ([j.id for j in got], total) == (want, len(want)), (among, state, owner)
             page, total = await store.list_jobs(state, 2, 3, owner=owner, among=among)
             assert ([j.id for j in page], total) == (want[2:5], len(want))
-        assert not await store.redis.keys(keys.scratch("*"))
+        with sync_redis.Redis.from_url(redis_url) as client:
+            assert not client.keys(keys.scratch("*"))
 
     run(_with_store(redis_url, go))
 
@@ -285,8 +305,9 @@ def test_indexes_are_built_over_jobs_stored_before_them(redis_url):
         for job in jobs:
             await store.create(job, "{}", "h")
         # As a farm that stored them before the indexes existed left them.
-        await store.redis.delete(keys.jobs_of("ana"), keys.jobs_of("bo"),
-                                 keys.jobs_in_project("sh010"), keys.indexes())  # fmt: skip
+        with sync_redis.Redis.from_url(redis_url) as client:
+            client.delete(keys.jobs_of("ana"), keys.jobs_of("bo"),
+                          keys.jobs_in_project("sh010"), keys.indexes())  # fmt: skip
         assert (await store.list_jobs(among=[("user", "ana")]))[1] == 0
         assert await store.build_indexes() == 6
         assert await store.build_indexes() == 0  # once

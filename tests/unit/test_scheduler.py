@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rayfarm.cluster import keys
+from rayfarm.cluster.job_index import queue_score
 from rayfarm.cluster.runs import MAX_BATCH, Run, Slot, expand
 from rayfarm.cluster.scheduler import Policy, Queued, Quota, Scheduler
-from rayfarm.cluster.store import queue_score
 from rayfarm.frames import preview_order
 from rayfarm.models import JobRecord, JobSpec, JobState
 

@@ -61,7 +61,9 @@ def app(redis_url, tmp_path) -> Iterator[TestClient]:
         blender=("5.0",),
     )
     bootstrap_admin(redis_url, ADMIN_TOKEN)
-    with TestClient(create_app(AppContext(settings)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(AppContext.build(settings)), raise_server_exceptions=False
+    ) as client:
         client.storage_dir = tmp_path / "storage"  # type: ignore[attr-defined]
         yield client
 
@@ -182,7 +184,7 @@ def test_a_farm_without_accounts_needs_no_sign_in(redis_url, tmp_path):
     settings = Settings(redis_url=redis_url, storage=(tmp_path / "s").as_uri(),
                         data_dir=str(tmp_path), auth=False)  # fmt: skip
     # Such a farm answers its own machine's names only (Host: no DNS rebinding).
-    app = create_app(AppContext(settings))
+    app = create_app(AppContext.build(settings))
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         me = {"user": "local", "role": "admin", "projects": [], "may_submit": True,
               "accounts": False}  # fmt: skip
