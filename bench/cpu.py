@@ -63,11 +63,16 @@ ROLES = {
     "ray::ServeController": "serve controller",
     "ray::ProxyActor": "serve proxy",
     "ray::ServeReplica:rayfarm:api": "serve replicas",
+    "ray::HAProxyManager": "serve haproxy manager",
     "haproxy": "haproxy",
     "rayfarm-haproxy": "haproxy",
     "raylet": "raylet",
     "gcs_server": "gcs_server",
     "log_monitor.py": "ray log monitor",
+    "ray::DashboardAgent": "ray dashboard agent",
+    "dashboard.py": "ray dashboard head",
+    "monitor.py": "ray autoscaler monitor",
+    "ray::RuntimeEnvAgent": "ray runtime env agent",
     "rayfarm up": "rayfarm up",
     "redis-server": "redis",
     "ray::IDLE": "ray idle workers",
@@ -82,6 +87,8 @@ def role_of(pid: int, table: dict[int, tuple[int, int, str, float]]) -> str:
     if name == "blender worker":
         parent = table.get(ppid, (0, 0, "?", 0.0))[2]
         return "render worker (Blender)" if parent == "ray::RenderActor" else "scene inspector"
+    if name.startswith("rayfarm.cluster.reaper"):
+        return "reaper"
     return ROLES.get(name, name)
 
 
