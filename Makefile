@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.rayfarm-setup
 #: Where setup steps write what they print (scripts/quietly.sh shows one line each).
 LOGS   := build/setup
 
-.PHONY: setup demo test lint bench bench-tiles bench-slices bench-upload bench-scale bench-api bench-load bench-stop bench-worker clean addon
+.PHONY: setup demo test lint bench bench-tiles bench-slices bench-upload bench-scale bench-api bench-load bench-stop bench-worker bench-cpu clean addon
 
 ## setup: create or reuse .venv with the SDK, cluster, render and dev extras; build the
 ## Blender environments the farm offers ($RAYFARM_BLENDER, default 5.3 and 5.0: bpy from
@@ -69,6 +69,10 @@ bench-stop: setup
 ## bench-worker: the Blender worker boundary: a cold and a warm worker against a bpy process
 bench-worker: setup
 	$(BIN)/python bench/worker.py
+
+## bench-cpu: CPU seconds of the farm's own processes by role, idle and during a job
+bench-cpu: setup
+	$(BIN)/python bench/cpu.py
 
 ## bench-scale: dispatch throughput with a no-op render, 10 000 tasks on 8 simulated GPU nodes
 bench-scale: setup

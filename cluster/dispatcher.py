@@ -111,8 +111,10 @@ class Dispatcher:
         self._queued_at = 0.0
         self._waiting: dict[str, str] = {}
         self._previewing = asyncio.Lock()  # one preview of a sliced frame stored at a time
-        self.assembler: Any = None
+        self._assembler: Any = None  # the TileAssembler, once a split job needs it
         self.inspector: Any = None
+        self._inspecting = 0  # catalogue calls in flight
+        self._inspected_at = 0.0  # when the last one ended (monotonic)
         self._wake: asyncio.Event | None = None
         self._full_round = True  # reconcile the pool, sync runs and admit next round
         # (job, frame, tile, slice) -> the slot rendering it: progress reports reach the
@@ -145,7 +147,8 @@ class Dispatcher:
     async def inspect(self, inputs: Inputs, blender: str) -> dict[str, Any]:
         """Catalogue an uploaded scene with Blender ``blender``, in an actor kept for this
         (it reserves no CPU and never renders, so an inspection never waits behind
-        frames; it keeps a worker per version)."""
+        frames; it keeps a worker per version). The actor goes once it has been idle
+        ``inspector_idle_s`` (``_retire_inspector``)."""
         if self.inspector is None:
             from rayfarm.render.actor import CONTROL, SceneInspector
 
@@ -154,7 +157,12 @@ class Dispatcher:
                 .options(num_cpus=0, max_restarts=-1, scheduling_strategy=_here())
                 .remote(threads=1)
             )
-        result: dict[str, Any] = await self.inspector.catalogue.remote(inputs, blender)
+        self._inspecting += 1  # before any await: the loop never retires it meanwhile
+        try:
+            result: dict[str, Any] = await self.inspector.catalogue.remote(inputs, blender)
+        finally:
+            self._inspecting -= 1
+            self._inspected_at = time.monotonic()
         return result
 
     async def progress(
@@ -225,14 +233,22 @@ class Dispatcher:
         if not self.slots:
             self.pool.reporter = ray.get_runtime_context().current_actor
             self.pool.reconcile(self.scaler.want)
-        if self.assembler is None:
-            # Restarted with empty buffers if it dies: frames it held render again.
-            self.assembler = (
+        self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def assembler(self) -> Any:
+        """The actor that joins a split frame's parts, started when a split job first
+        needs it: a Ray actor's process costs CPU even idle (Ray's core worker wakes its
+        main thread every 10 ms), and on a one-machine farm that CPU is the render's
+        (bench/cpu.py). Restarted with empty buffers if it dies: frames it held render
+        again."""
+        if self._assembler is None:
+            self._assembler = (
                 ray.remote(TileAssembler)
                 .options(num_cpus=0, max_restarts=-1, scheduling_strategy=_here())
                 .remote()
             )
-        self._loop = asyncio.get_running_loop().create_task(self._run())
+        return self._assembler
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -254,6 +270,7 @@ class Dispatcher:
                     await self._admit()
                     if self.scaler.enabled:  # idle actors go, so that their nodes can
                         self.pool.release(self.scaler.want or 0, now)
+                    self._retire_inspector(now)
                 self._schedule()
                 self._watch()
             except Exception as exc:
@@ -267,6 +284,20 @@ class Dispatcher:
             except TimeoutError:
                 pass
             self._wake.clear()
+
+    def _retire_inspector(self, now: float) -> None:
+        """Stop the scene inspector once it has been idle ``inspector_idle_s``: a scene is
+        catalogued once, beside its first job, and an idle Ray actor still costs CPU
+        (Ray's core worker wakes its main thread every 10 ms), which on a one-machine
+        farm is the render's. Its Blender workers follow it (their parent watch). The
+        next new scene starts it again."""
+        if (
+            self.inspector is not None
+            and not self._inspecting
+            and now - self._inspected_at >= self.settings.inspector_idle_s
+        ):
+            ray.kill(self.inspector, no_restart=True)
+            self.inspector = None
 
     async def _rebuild_runs(self) -> None:
         """After Redis failed mid-run: drop every run (tasks in flight finish unrecorded:
@@ -323,8 +354,8 @@ class Dispatcher:
         run.pending.clear()
         self.runs.pop(run.id, None)
         self._waiting.pop(run.id, None)
-        if run.is_split:
-            self.assembler.drop.remote(run.id)
+        if run.is_split and self._assembler is not None:
+            self._assembler.drop.remote(run.id)
         if halt is not None:
             for slot in self.slots:
                 if slot.busy and slot.run == run.id and slot is not spare:
@@ -537,6 +568,8 @@ class Dispatcher:
     async def _plan(self, run: Run, grid: tuple[int, int], slices: int = 1) -> None:
         done = set(await self.store.frames_done(run.id))
         run.grid, run.slices = grid, slices
+        if run.is_split:
+            _ = self.assembler  # started now, while the first parts render
         run.pending.extend(expand(run.job, run.scene_hash, done, grid, slices))
         await self.store.event(
             run.id, "planned", tiles=_tiles(grid), **({"slices": slices} if slices > 1 else {}),

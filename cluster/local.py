@@ -59,6 +59,18 @@ LOCAL_SERVE_ENV = {
     # stop of the farm took 32 s instead of 6).
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
+#: Ray's own daemons on a one-machine farm (bench/cpu.py measures them, BENCHMARKS.md).
+#: The log monitor, which forwards the actors' prints to ``rayfarm up``'s output, looks
+#: for new log files (six globs over Ray's log folder) ten times a second while it has
+#: fewer than a thousand: here every 2 s, so a new worker's first lines reach the
+#: console up to 2 s later (none are lost; its idle CPU halves). The dashboard agent
+#: gathers the node's process stats every 5 s for a dashboard that ``rayfarm up`` does
+#: not run: once a minute.
+LOCAL_RAY_ENV = {
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "2",
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
+}
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 #: Ports Serve's fast ingress takes at fixed numbers unless told: HAProxy's stats page
 #: (8404) and metrics (9101), and the fallback proxy HAProxy sends requests to while no
@@ -221,12 +233,12 @@ def grpc_options(settings: Settings) -> dict[str, Any] | None:
 
 
 def local_serve_env(limits: EdgeLimits | None = None) -> None:
-    """Set what Serve reads from the environment (once, into constants) for the local
-    Ray ``up`` starts; its processes inherit it. Values already set win, but for the
-    front door's ``limits`` (``EdgeLimits``, the farm's settings) and how they are
-    enforced: HAProxy through ``rayfarm-haproxy``, Serve's own proxy through
+    """Set what Serve and Ray's daemons read from the environment (once, into constants)
+    for the local Ray ``up`` starts; its processes inherit it. Values already set win,
+    but for the front door's ``limits`` (``EdgeLimits``, the farm's settings) and how
+    they are enforced: HAProxy through ``rayfarm-haproxy``, Serve's own proxy through
     ``rayfarm.cluster.connections``."""
-    for name, value in LOCAL_SERVE_ENV.items():
+    for name, value in {**LOCAL_SERVE_ENV, **LOCAL_RAY_ENV}.items():
         os.environ.setdefault(name, value)
     os.environ.update((limits or EdgeLimits()).to_env())
     if fast_ingress():

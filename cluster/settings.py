@@ -248,6 +248,12 @@ class Settings:
     #: Seconds an idle render actor of an autoscaled farm is kept before it is released
     #: (its GPU freed, so that its node can go idle and be removed).
     actor_idle_s: float = 30.0
+    #: Seconds the scene inspector (the actor that catalogues new scenes with bpy) stays
+    #: up with nothing to catalogue: an idle Ray actor still costs CPU (about 0.009 CPU-s
+    #: a second), the renders' on a one-machine farm, and starting it again for the next
+    #: new scene costs about 2 CPU-s beside that job's first task: 300 s is about where
+    #: the two are even (bench/cpu.py, BENCHMARKS.md).
+    inspector_idle_s: float = 300.0
 
     #: Event streams (SSE and gRPC) one user may hold open at once, farm-wide; 429 past it.
     max_streams_per_user: int = MAX_STREAMS_PER_USER
@@ -377,6 +383,7 @@ class Settings:
             "max_pool_nodes": _env_list("RAYFARM_MAX_POOL_NODES"),
             "render_node_gpus": _env_int("RAYFARM_RENDER_NODE_GPUS", 1),
             "actor_idle_s": _env_seconds("RAYFARM_ACTOR_IDLE_S", 30.0),
+            "inspector_idle_s": _env_seconds("RAYFARM_INSPECTOR_IDLE_S", 300.0),
             **asdict(EdgeLimits.from_env()),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -63,3 +63,20 @@ def test_the_overhead_bench_runs_and_reports_each_step(tmp_path):
     cpu = light["breakdown"]["c"]["cpu"]
     assert "blender worker" not in cpu["farm_by_process"]  # counted with the render actor
     assert light["pixels_differ_from_a"] == {"(b)": [], "(c)": []}
+
+
+def test_the_cpu_bench_runs_and_reports_each_role(tmp_path):
+    out = _bench(
+        "cpu.py", "--tiny", "--frames", "1", "--idle", "2", "--settle", "0",
+        "--out", str(tmp_path), "--json", str(tmp_path / "cpu.json"),
+    )  # fmt: skip
+    assert "| role | shipped idle | shipped job |" in out and "| farm, per second |" in out
+    shipped = json.loads((tmp_path / "cpu.json").read_text())["variants"]["shipped"]
+    idle, job = shipped["idle"], shipped["job"]
+    assert {"dispatcher", "render actor", "raylet", "serve controller"} <= set(idle["by_role"])
+    assert idle["farm_cpu_s"] > 0 and idle["seconds"] >= 2
+    # The render has a row of its own and is not counted as the farm's.
+    render = job["by_role"]["render worker (Blender)"]
+    assert render > 0
+    others = sum(job["by_role"].values()) - render
+    assert job["farm_cpu_s"] == pytest.approx(others, abs=0.05)  # each role rounded to 0.01

@@ -36,11 +36,15 @@ HANG_S = 30
 SCENE = ("--width", "64", "--height", "48", "--samples", "1000", "--frames", "2")
 
 
+#: How long this module's farm keeps its idle scene inspector (RAYFARM_INSPECTOR_IDLE_S).
+INSPECTOR_IDLE_S = 10
+
+
 @pytest.fixture(scope="module")
 def hang_farm(tmp_path_factory, farm_env):
-    yield from run_farm(
-        tmp_path_factory.mktemp("hangfarm"), {**farm_env, "RAYFARM_HANG_TIMEOUT_S": str(HANG_S)}
-    )
+    env = {**farm_env, "RAYFARM_HANG_TIMEOUT_S": str(HANG_S),
+           "RAYFARM_INSPECTOR_IDLE_S": str(INSPECTOR_IDLE_S)}  # fmt: skip
+    yield from run_farm(tmp_path_factory.mktemp("hangfarm"), env)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +115,14 @@ def _actors(farm) -> set[int]:
     return {
         pid for pid in farm_processes(farm.mark) - farm.before
         if b"RenderActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    }  # fmt: skip
+
+
+def _inspectors(farm) -> set[int]:
+    """The pids of the farm's scene inspector (none, or one)."""
+    return {
+        pid for pid in farm_processes(farm.mark) - farm.before
+        if b"SceneInspector" in Path(f"/proc/{pid}/cmdline").read_bytes()
     }  # fmt: skip
 
 
@@ -233,3 +245,20 @@ def test_a_slot_lost_mid_slice_costs_that_slice_alone(client, hang_farm, make_sc
     (got,) = job.download(tmp_path / "farm")
     want = render_reference(scene, tmp_path / "ref", [1])[1]
     assert np.abs(pixels(got).astype(int) - pixels(want).astype(int)).max() <= 1
+
+
+def test_an_idle_scene_inspector_goes_and_a_new_scene_brings_it_back(client, hang_farm, make_scene):
+    """The scene inspector (an actor with a Blender worker, cataloguing new scenes) goes
+    once idle for RAYFARM_INSPECTOR_IDLE_S, its worker with it; the next new scene is
+    catalogued by a new one, and its job renders."""
+    tiny = ("--width", "32", "--height", "24", "--samples", "1")
+    assert client.inspect(make_scene(*tiny, "--frames", "2"))["active_scene"]
+    (inspector,) = _inspectors(hang_farm)  # just catalogued: far from idle long enough
+    worker = _worker_of(inspector)
+    # Idle for INSPECTOR_IDLE_S, then seen by the dispatcher's next round (each second).
+    assert _gone(inspector, INSPECTOR_IDLE_S + WAIT_S) is not None
+    assert _gone(worker, 10) is not None  # its Blender follows it (its parent watch)
+    second = make_scene(*tiny, "--frames", "3")
+    assert client.inspect(second)["active_scene"]
+    assert _inspectors(hang_farm) - {inspector}
+    assert completed(client.submit(second, frames="1")).frames_done == 1
