@@ -32,11 +32,13 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/mypy_tree.py
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
+## lint: ruff and mypy, as make test runs them (mypy over scripts/mypy_tree.py's build/mypy)
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/mypy_tree.py && $(BIN)/mypy
 
 ## bench: the overhead benchmark, median of 3 runs of each way (see BENCHMARKS.md)
 bench: setup

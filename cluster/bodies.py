@@ -4,7 +4,7 @@ moment it passes its limit, and JSON nested no deeper than ``max_json_depth`` (4
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request
@@ -19,7 +19,7 @@ __all__ = ["MAX_MANIFEST_BYTES", "limited", "parse_json", "read_json"]
 MAX_MANIFEST_BYTES = 8 * 1024**2
 
 
-async def limited(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
+async def limited(request: Request, limit: int, what: str) -> AsyncGenerator[bytes, None]:
     """The request body's chunks, refused (413) by its Content-Length when that says it
     is too big, else the moment it passes ``limit`` bytes."""
     length = request.headers.get("content-length")

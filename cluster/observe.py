@@ -201,8 +201,8 @@ class _Collector:
             for actor in self.stats["actors"]:
                 key = (actor["device"] or "starting", "busy" if actor["busy"] else "idle")
                 counts[key] = counts.get(key, 0) + 1
-            for (device, state), n in sorted(counts.items()):
-                actors.add_metric([device, state], n)
+            for (device, busy), n in sorted(counts.items()):
+                actors.add_metric([device, busy], n)
             pending.add_metric([], self.stats["pending"])
         yield actors
         yield pending

@@ -125,7 +125,8 @@ def lost_slot(cause: BaseException, died: bool) -> str | None:
     if died:
         return "its render actor died"
     if isinstance(cause, WorkerLost) and not cause.detail.get("stopped"):
-        name = _KILLED.get(cause.detail.get("exit"))
+        code = cause.detail.get("exit")
+        name = _KILLED.get(code) if isinstance(code, int) else None
         if name is not None:
             return f"its Blender worker was killed ({name})"
     return None

@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from starlette.datastructures import UploadFile
 
@@ -211,7 +211,7 @@ def check_stored(ctx: AppContext, inputs: Inputs) -> BlendHeader:
         return check_blend(f, ctx.settings.blend_limits)
 
 
-def check_scene(f: IO[bytes], limits: BlendLimits | None = None) -> BlendHeader:
+def check_scene(f: BinaryIO, limits: BlendLimits | None = None) -> BlendHeader:
     """Check the .blend in ``f`` (``check_blend``) and leave it at its start."""
     f.seek(0)
     try:
@@ -286,6 +286,7 @@ def _catalogue_beside(ctx: AppContext, inputs: Inputs, blender: str) -> None:
 
 
 async def _make_catalogue(ctx: AppContext, inputs: Inputs, blender: str) -> dict[str, Any]:
+    assert ctx.inspect is not None  # its callers look first: no Ray here, no catalogue
     started = time.perf_counter()
     try:
         info = await ctx.inspect(inputs, blender)

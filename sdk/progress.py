@@ -47,10 +47,10 @@ class ProgressBar:
             self.sampling.pop(event.task, None)
         elif isinstance(event, TaskFailed):
             self.sampling.pop(event.task, None)
-        elif event.kind in ("tiles", "slices") and getattr(event, "tasks", None) is not None:
-            self.tasks_total = int(event.tasks)  # what 'auto' chose, in tasks
-        elif event.kind == "tiles" and isinstance(getattr(event, "tiles", None), str):
-            nx, ny = grid_of(event.tiles)  # a farm that did not say the tasks
+        elif event.kind in ("tiles", "slices") and (tasks := getattr(event, "tasks", None)):
+            self.tasks_total = int(tasks)  # what 'auto' chose, in tasks
+        elif event.kind == "tiles" and isinstance(tiles := getattr(event, "tiles", None), str):
+            nx, ny = grid_of(tiles)  # a farm that did not say the tasks
             self.tasks_total = self.frames_total * nx * ny
         else:
             return

@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from rayfarm.errors import FarmError, FarmUnavailable, ServerError, error_from_body
 from rayfarm.events import END, Event, SSEParser, parse_event
@@ -144,7 +144,11 @@ def _record(model: type[R]) -> Callable[[Reply], R]:
     return lambda reply: model.model_validate(reply.json(), context=FROM_FARM)
 
 
-def get_job(job_id: str, model: type[R] = JobRecord) -> Call[R]:
+@overload
+def get_job(job_id: str) -> Call[JobRecord]: ...
+@overload
+def get_job(job_id: str, model: type[R]) -> Call[R]: ...
+def get_job(job_id: str, model: type[Any] = JobRecord) -> Call[Any]:
     """The job, as ``model`` (``JobNotFound`` if there is none)."""
     return Call("GET", f"/jobs/{job_id}", _record(model))
 
@@ -171,7 +175,13 @@ def get_status(job_id: str, after: str | None = None, wait_s: float = 0) -> Call
     return Call("GET", f"/jobs/{job_id}/status", read, params)
 
 
-def job_action(job_id: str, action: str, model: type[R] = JobRecord, body: Any = None) -> Call[R]:
+@overload
+def job_action(job_id: str, action: str) -> Call[JobRecord]: ...
+@overload
+def job_action(job_id: str, action: str, model: type[R], body: Any = None) -> Call[R]: ...
+def job_action(
+    job_id: str, action: str, model: type[Any] = JobRecord, body: Any = None
+) -> Call[Any]:
     """``POST /jobs/{id}/{action}`` (cancel, retry, urgent) answered with the job."""
     return Call("POST", f"/jobs/{job_id}/{action}", _record(model), json=body)
 

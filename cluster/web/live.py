@@ -134,7 +134,7 @@ async def _changes(ctx: AppContext, who: Principal) -> AsyncIterator[bytes]:
                 "project": fields["project"] or None,
                 "state": fields["state"],
             }
-            if who.can_read(change["owner"], change["project"]):
+            if who.can_read(fields["owner"], fields["project"] or None):
                 yield f"event: change\ndata: {json.dumps(change)}\n\n".encode()
         if not entries and not await ctx.hub.wait_stream(stream, last, HEARTBEAT_S):
             yield b": keep-alive\n\n"
