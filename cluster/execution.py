@@ -141,7 +141,9 @@ class Execution(DispatchState):
             log.warning("job %s: no preview of frame %d", run.id, task.frame, exc_info=True)
             return
         async with self._previewing:  # a slower, older preview never overwrites a newer
-            if run.stopped or fraction <= run.previewed.get(task.frame, 0.0):
+            # Every sample already (the last slice landed while this preview was made):
+            # the frame is being finished, and the finished frame is what is shown next.
+            if run.stopped or fraction >= 1.0 or fraction <= run.previewed.get(task.frame, 0.0):
                 return
             run.previewed[task.frame] = fraction
             key = layout.preview_key(run.id, task.frame)
