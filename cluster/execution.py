@@ -149,10 +149,11 @@ class Execution(DispatchState):
             key = layout.preview_key(run.id, task.frame)
             await asyncio.to_thread(self.storage.put_bytes, key, image)
             await self.store.set_preview_share(run.id, task.frame, fraction)
-        await self.store.event(
-            run.id, "preview", frame=task.frame, fraction=f"{fraction:.4f}",
-            preview_s=f"{steps.get('preview_s', 0.0):.3f}", **slot_fields(slot),
-        )  # fmt: skip
+            # Inside the lock: the log shows the previews in the order they were stored.
+            await self.store.event(
+                run.id, "preview", frame=task.frame, fraction=f"{fraction:.4f}",
+                preview_s=f"{steps.get('preview_s', 0.0):.3f}", **slot_fields(slot),
+            )  # fmt: skip
 
     async def _forget_preview(self, run: Run, frame: int) -> None:
         """A sliced frame is stored whole: its preview in progress goes (the frame's own
