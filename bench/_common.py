@@ -173,9 +173,10 @@ def kill_seen(seen: dict[int, int]) -> None:
 Tree = dict[int, tuple[int, str, float]]
 
 
-def descendants(root: int) -> Tree:
-    """``root`` and every process under it now."""
-    table = proc_table()
+def descendants(root: int, table: dict[int, tuple[int, int, str, float]] | None = None) -> Tree:
+    """``root`` and every process under it now (in ``table``, a ``proc_table`` read by
+    the caller, when given)."""
+    table = proc_table() if table is None else table
     children: dict[int, list[int]] = {}
     for pid, (ppid, *_) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -266,11 +267,12 @@ class Service:
                 raise BenchError(f"{self.name} did not answer in {timeout_s:.0f} s; see {self.log}")
             time.sleep(0.2)
 
-    def tree(self) -> Tree:
-        """Every process under the server now (each noted, to be stopped with it)."""
+    def tree(self, table: dict[int, tuple[int, int, str, float]] | None = None) -> Tree:
+        """Every process under the server now, or in ``table`` (each noted, to be stopped
+        with it)."""
         if self.process is None:
             return {}
-        found = descendants(self.process.pid)
+        found = descendants(self.process.pid, table)
         self.seen.update((pid, start) for pid, (start, _, _) in found.items())
         return found
 

@@ -46,6 +46,8 @@ from _common import (  # what the benches share
     BenchError,
     LocalFarm,
     Processes,
+    Tree,
+    cpu_by_name,
     machine,
     make_scene,
     proc_table,
@@ -93,37 +95,26 @@ def role_of(pid: int, table: dict[int, tuple[int, int, str, float]]) -> str:
 
 
 class Snapshot:
-    """Every process under the farm now: pid -> (start ticks, role, CPU seconds)."""
+    """Every process under the farm now (noted, to be stopped with it), named by role:
+    pid -> (start ticks, role, CPU seconds)."""
 
     def __init__(self, farm: LocalFarm) -> None:
         assert farm.process is not None
-        table = proc_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, *_) in table.items():
-            children.setdefault(ppid, []).append(pid)
+        table = proc_table()  # one read for the tree and the parents role_of looks at
         self.at = time.perf_counter()
-        self.processes: dict[int, tuple[int, str, float]] = {}
-        todo = [farm.process.pid]
-        while todo:
-            pid = todo.pop()
-            if pid in table:
-                _, start, _, seconds = table[pid]
-                self.processes[pid] = (start, role_of(pid, table), seconds)
-                farm.seen[pid] = start  # stopped with the farm, whatever its session
-            todo.extend(children.get(pid, []))
+        self.processes: Tree = {
+            pid: (start, role_of(pid, table), seconds)
+            for pid, (start, _, seconds) in farm.tree(table).items()
+        }
 
     def since(self, before: Snapshot) -> dict[str, Any]:
         """CPU seconds by role between ``before`` and this snapshot."""
-        by_role: dict[str, float] = {}
-        for pid, (start, role, seconds) in self.processes.items():
-            old = before.processes.get(pid)
-            used = seconds - (old[2] if old is not None and old[0] == start else 0.0)
-            by_role[role] = by_role.get(role, 0.0) + used
+        by_role = cpu_by_name(before.processes, self.processes)  # most first
         farm = sum(s for r, s in by_role.items() if r not in RENDER_ROLES)
         return {
             "seconds": round(self.at - before.at, 2),
             "farm_cpu_s": round(farm, 2),
-            "by_role": {r: round(s, 2) for r, s in sorted(by_role.items(), key=lambda kv: -kv[1])},
+            "by_role": {r: round(s, 2) for r, s in by_role.items()},
         }
 
 
