@@ -325,8 +325,9 @@ class Dispatcher(Planning, Execution, Failures):
     async def _sync_runs(self) -> None:
         """Drop runs whose job left PROCESSING (cancelled through the API); their renders
         in progress are stopped. Follow an admin's urgent mark."""
-        for run in list(self.runs.values()):
-            state, urgent = await self.redis.hmget(keys.job(run.id), ["state", "urgent"])
+        runs = list(self.runs.values())
+        found = await self.store.fields_of([run.id for run in runs], ["state", "urgent"])
+        for run, (state, urgent) in zip(runs, found, strict=True):
             if state != JobState.PROCESSING:
                 self._stop(run, halt=f"the job is {str(state or 'gone').lower()}")
             run.urgent = urgent == "1"

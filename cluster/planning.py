@@ -15,7 +15,6 @@ import logging
 import time
 from dataclasses import replace
 
-from rayfarm.cluster import keys
 from rayfarm.cluster.demand import demand
 from rayfarm.cluster.dispatch_state import DispatchState, failure_cause, task_fields
 from rayfarm.cluster.job_index import is_urgent_score, queue_score
@@ -111,10 +110,9 @@ class Planning(DispatchState):
             self._queued_at = now
         unknown = [job_id for job_id, _ in head if job_id not in self._queued]
         if unknown:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in unknown:
-                    pipe.hmget(keys.job(job_id), ["owner", "spec", "tasks_total", "rendered_by"])
-                found = await pipe.execute()
+            found = await self.store.fields_of(
+                unknown, ["owner", "spec", "tasks_total", "rendered_by"]
+            )
             for job_id, (owner, spec_json, tasks, blender) in zip(unknown, found, strict=True):
                 if spec_json is None:
                     continue  # deleted meanwhile

@@ -180,13 +180,20 @@ class JobStore(EventLog, TaskProgress, JobIndex):
         project = json.loads(spec).get("project") if spec else None
         return owner, project
 
-    async def specs(self, job_ids: Sequence[str]) -> list[str | None]:
-        """Each job's spec as JSON (None: no such job), in one round trip."""
+    async def fields_of(
+        self, job_ids: Sequence[str], names: Sequence[str]
+    ) -> list[list[str | None]]:
+        """The fields ``names`` of each job (None where absent, all None for no such
+        job), in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hget(keys.job(job_id), "spec")
-            found: list[str | None] = await pipe.execute()
+                pipe.hmget(keys.job(job_id), list(names))
+            found: list[list[str | None]] = await pipe.execute()
         return found
+
+    async def specs(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Each job's spec as JSON (None: no such job), in one round trip."""
+        return [spec for (spec,) in await self.fields_of(job_ids, ["spec"])]
 
     async def replace_pending_spec(self, job_id: str, spec: JobSpec) -> None:
         """Store ``spec`` as the job's while it is still PENDING (``InvalidTransition``
@@ -321,11 +328,8 @@ class JobStore(EventLog, TaskProgress, JobIndex):
     async def states(self, job_ids: Sequence[str]) -> dict[str, str | None]:
         """Each job's state (None: no such job), in one round trip."""
         ids = list(dict.fromkeys(job_ids))
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.job(job_id), "state")
-            found = await pipe.execute()
-        return dict(zip(ids, found, strict=True))
+        found = await self.fields_of(ids, ["state"])
+        return {job_id: state for job_id, (state,) in zip(ids, found, strict=True)}
 
     async def set_detail(self, job_id: str, reason: str | None) -> bool:
         """Say why the job waits (a ``waiting`` event and its ``detail``), or, with None,
