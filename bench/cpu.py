@@ -47,6 +47,7 @@ from _common import (  # what the benches share
     LocalFarm,
     Processes,
     Tree,
+    add_output_options,
     cpu_by_name,
     machine,
     make_scene,
@@ -213,8 +214,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--variant", type=_variant, action="append", default=[],
                    help="NAME:VAR=VALUE,... a farm with these too (repeatable)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="the job renders a tiny scene")
-    p.add_argument("--out", type=Path, help="scenes, logs, farm data (a temp dir)")
-    p.add_argument("--json", type=Path, help="also write the results here as JSON")
+    add_output_options(p, "scenes, logs, farm data (a temp dir)")
     args = p.parse_args(argv)
     if args.frames < 1 or args.idle <= 0 or args.settle < 0:
         p.error("--frames must be at least 1, --idle above 0, --settle not negative")
