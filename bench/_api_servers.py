@@ -218,10 +218,12 @@ class Server(Service):
         self.url = ""
         self.direct: list[str] = []
 
-    def start(self, cmd: list[Any], ready: Path | None, url: str = "") -> None:
-        """Start ``cmd``; its URL is ``url``, or what it writes to ``ready`` once up.
-        Up when the job's status answers there."""
-        self.launch(cmd, bench_env())
+    def start(
+        self, cmd: list[Any], ready: Path | None, url: str = "", env: dict[str, str] | None = None
+    ) -> None:
+        """Start ``cmd`` with ``env`` added to the bench's environment; its URL is ``url``,
+        or what it writes to ``ready`` once up. Up when the job's status answers there."""
+        self.launch(cmd, {**bench_env(), **(env or {})})
         if ready is not None:
             self.wait_for(ready.exists, SERVER_START_S)
             info = json.loads(ready.read_text())
@@ -252,20 +254,26 @@ def candidate_config(args: argparse.Namespace) -> dict[str, Any]:
 def start_server(
     name: str, args: argparse.Namespace, procs: Processes, out: Path, candidate: dict[str, Any]
 ) -> Server:
-    """Server ``name`` (one of SERVERS) over ``args.redis_url``, up and answering."""
+    """Server ``name`` (one of SERVERS) over ``args.redis_url``, up and answering.
+
+    The bench is one user: the farm's per-user cap on event streams
+    (``RAYFARM_MAX_STREAMS_PER_USER``, 64 by default: a security limit, tested on its own)
+    is raised to the most streams the bench opens, so a level measures what the server
+    holds, not the cap."""
     server = Server(name, procs, out / f"{name}.log")
     port = free_port()
     url = f"http://{HOST}:{port}"
+    env = {"RAYFARM_MAX_STREAMS_PER_USER": str(max([1, *args.sse]))}
     if name == "echo":
         server.start([PYTHON, SCRIPT, "echo", "--port", port], None, url)
     elif name == "bare":
         cmd = [PYTHON, SCRIPT, "bare", "--port", port, "--redis-url", args.redis_url]
-        server.start([*cmd, "--data-dir", out / "bare"], None, url)
+        server.start([*cmd, "--data-dir", out / "bare"], None, url, env)
     else:
         config = {"proxy": PROXY, "serve": {"env": {}}, "fast": FAST, "candidate": candidate}[name]
         ready = out / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
-        server.start(_serve_cmd(args, config, port, out / name, ready), ready)
+        server.start(_serve_cmd(args, config, port, out / name, ready), ready, env=env)
     return server
 
 

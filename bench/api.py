@@ -38,7 +38,8 @@ Then the event stream: K simultaneous ``GET /jobs/{id}/events`` streams on the j
 (``--sse`` levels, opened 50 at a time, each read up to the job's first event), one
 event appended with ``JobStore.event``, and the time until every stream got it. A level
 passes when every stream opened and got the event within 1 s; the levels stop at the
-first that fails.
+first that fails. The bench is one user, so its servers run with the farm's per-user cap
+on streams (``RAYFARM_MAX_STREAMS_PER_USER``) raised to the highest level.
 
 Targets (issue 6) for Serve: at 8 clients at least 0.8x bare uvicorn's throughput with
 p99 at most 20 ms, and no failed request at 32 clients. The table says PASS or FAIL for
